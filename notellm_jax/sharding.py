@@ -1,0 +1,96 @@
+"""The one place where logical tensor axes meet the device mesh.
+
+Parameters are created with logical axis names (`("embed", "mlp")`); activations are constrained with
+`act_*` names at block boundaries. `LOGICAL_RULES` maps both to the mesh axes `data`, `fsdp` and
+`tensor`, so changing the parallelism of a run is a config change (the mesh shape), never a code change.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axis (or axes). Weights are split over fsdp along the model dimension and
+# over tensor along heads / mlp / vocab (Megatron style); batches over data x fsdp.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+    ("emb_proj", None),
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+logger = logging.getLogger(__name__)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one axis may be -1 to take every remaining device."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh axes {sizes}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
+                         f"{math.prod(sizes)} devices, have {len(devices)}")
+    try:
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(sizes, devices=devices)
+    except (ValueError, AssertionError, NotImplementedError):
+        grid = np.array(devices).reshape(sizes)
+    return Mesh(grid, MESH_AXES)
+
+
+def _fit_to_shape(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Drop mesh axes from dimensions they do not divide (e.g. 3 KV heads over 2-way tensor)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names) if names else 1
+        if names and dim % size:
+            logger.info("dimension %d not divisible by mesh axes %s (size %d): replicated", dim, names, size)
+            fitted.append(None)
+        else:
+            fitted.append(axes)
+    return P(*fitted)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+    """NamedShardings for a tree of (possibly boxed) logically partitioned values or ShapeDtypeStructs."""
+    specs = nn.get_partition_spec(abstract_tree)
+    mesh_specs = nn.logical_to_mesh(specs, rules)
+    unboxed = nn.meta.unbox(abstract_tree)
+    return jax.tree.map(lambda spec, leaf: NamedSharding(mesh, _fit_to_shape(spec, leaf.shape, mesh)),
+                        mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Batch-major arrays: the leading axis over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
