@@ -60,6 +60,8 @@ class DataConfig:
     seed: int = 0
     # TFRecord shards of tokenised pairs.
     num_shards: int = 4
+    # Pair shuffle buffer per host (0 = the host's whole split, a full shuffle each epoch).
+    shuffle_buffer: int = 0
 
 
 @dataclasses.dataclass
@@ -78,6 +80,8 @@ class PromptConfig:
     # Padding side for model inputs: "right" or "left" (positions come from the mask either way).
     padding_side: str = "right"
     emb_token: str = "[EMB]"
+    # Supervised positions per sequence (output tokens + EOS); the LM head runs only at these.
+    max_targets: int = 32
 
 
 @dataclasses.dataclass
@@ -96,6 +100,9 @@ class ModelConfig:
     # Train only the top k decoder layers (0 = all). The frozen bottom's hidden states are computed
     # once per note and reused (ENVIRONMENT.md's CPU budget).
     train_top_layers: int = 0
+    # With train_top_layers: cache the frozen bottom's hidden states per distinct sequence on the host
+    # (one process only). Off: the bottom runs in every step (forward only).
+    cache_frozen_features: bool = True
 
 
 @dataclasses.dataclass
@@ -124,6 +131,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0             # 0 = only at the end
+    eval_batches: int = 4           # validation batches per evaluation (0 = no validation)
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     async_checkpoint: bool = True

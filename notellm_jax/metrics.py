@@ -1,0 +1,92 @@
+"""Training metrics: model FLOPs (for MFU), and a writer for the console, JSONL and TensorBoard.
+
+Only process 0 writes; the other processes get a writer that drops everything.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from notellm_jax.model.llama import LlamaConfig
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device, for MFU. CPU: the measured jitted fp32 matmul peak of this
+# project's 2-core machines (ENVIRONMENT.md), per process (all cores form one device).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5p": 459e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v6 lite": 918e12, "cpu": 2.0e11}
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float:
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return PEAK_FLOPS["cpu"] / max(1, len(jax.local_devices()))
+    kind = getattr(device, "device_kind", "")
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    logger.warning("unknown device kind %r: MFU is reported against the H100 peak", kind)
+    return PEAK_FLOPS["H100"]
+
+
+def forward_flops_per_token(cfg: LlamaConfig, seq_len: int, layers: int) -> float:
+    """Matmul FLOPs of one token through `layers` decoder layers (weights + attention scores)."""
+    x, m, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    weights = x * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + 3 * x * m
+    attention = 2 * seq_len * cfg.num_attention_heads * d  # QK^T and PV, each seq_len * heads * head_dim MACs
+    return 2.0 * layers * (weights + attention)
+
+
+def train_step_flops(cfg: LlamaConfig, *, sequences: int, seq_len: int, targets: int, emb_dim: int,
+                     trained_layers: int, forward_only_layers: int) -> float:
+    """Model FLOPs of one NoteLLM step: trained layers cost forward + backward (3x), frozen layers that
+    are run (not read from the feature cache) cost a forward; plus the LM head at the `targets` supervised
+    positions per sequence and the embedding projection."""
+    per_token_trained = forward_flops_per_token(cfg, seq_len, trained_layers)
+    per_token_frozen = forward_flops_per_token(cfg, seq_len, forward_only_layers)
+    head = 2.0 * cfg.hidden_size * cfg.vocab_size * targets + 2.0 * cfg.hidden_size * emb_dim
+    return sequences * (seq_len * (3 * per_token_trained + per_token_frozen) + 3 * head)
+
+
+class MetricsWriter:
+    """Progress line on the console, one JSON object per line in metrics.jsonl, TensorBoard scalars."""
+
+    def __init__(self, log_dir: Path, total_steps: int, enabled: bool = True):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.start = time.time()
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(log_dir / "metrics.jsonl", "a", buffering=1)
+        try:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(log_dir / "tensorboard"))
+        except ImportError:
+            logger.warning("tensorboardX not installed: no TensorBoard summaries (metrics.jsonl is still written)")
+
+    def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time() - self.start, **scalars}) + "\n")
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(f"{prefix}/{key}", value, step)
+        elapsed = time.time() - self.start
+        shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+        print(f"[{prefix} {step}/{self.total_steps} {elapsed:6.0f}s] {shown}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,108 @@
+"""NoteLLM: the LLaMA decoder plus the [EMB] projection, the learnable temperature and both losses.
+
+One forward pass over a batch of prompts gives
+  * the note embedding: the final hidden state (after the last norm) at the token just before [EMB],
+    projected without bias to `emb_dim` and L2-normalised (METHOD.md 1);
+  * the generation logits, but only at the supervised positions (`target_positions`), so no
+    [batch, length, vocab] float32 tensor is ever built.
+The losses (METHOD.md 2-3) are computed on the global, sharded arrays: the contrastive similarity is
+`z @ z.T` over all 2B notes of the global batch, so gradients reach every negative (as in SigLIP/big_vision).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from notellm_jax.model.llama import Llama, LlamaConfig
+
+OBJECTIVES = ("notellm", "gcl_only", "csft_only")
+
+
+class NoteLLM(nn.Module):
+    llama: LlamaConfig
+    emb_dim: int = 128
+    tau_init: float = 3.0
+
+    def setup(self):
+        self.decoder = Llama(self.llama)
+        self.proj = nn.Dense(self.emb_dim, use_bias=False, dtype=jnp.float32,
+                             param_dtype=jnp.dtype(self.llama.param_dtype),
+                             kernel_init=nn.with_logical_partitioning(
+                                 nn.initializers.normal(stddev=self.llama.hidden_size ** -0.5),
+                                 ("embed", "emb_proj")))
+        self.tau = self.param("tau", nn.with_logical_partitioning(nn.initializers.constant(self.tau_init), ()),
+                              (), jnp.float32)
+
+    def __call__(self, batch: dict[str, jax.Array], *, first_layer: int = 0, last_layer: int | None = None,
+                 with_logits: bool = True) -> dict[str, jax.Array]:
+        """batch: input_ids [N, T] (or hidden_in [N, T, H] = output of frozen layers [0, first_layer)),
+        attention_mask [N, T], emb_index [N], and for generation target_positions [N, M]."""
+        if "hidden_in" in batch:
+            hidden = self.decoder(None, batch["attention_mask"], inputs_embeds=batch["hidden_in"],
+                                  first_layer=first_layer, last_layer=last_layer)
+        else:
+            hidden = self.decoder(batch["input_ids"], batch["attention_mask"], first_layer=first_layer,
+                                  last_layer=last_layer)
+        out = {"embedding": self.embed_hidden(hidden, batch["emb_index"]), "tau": self.tau}
+        if with_logits:
+            gathered = jnp.take_along_axis(hidden, batch["target_positions"][..., None], axis=1)  # [N, M, H]
+            out["gen_logits"] = self.decoder.logits(gathered).astype(jnp.float32)
+        return out
+
+    def embed_hidden(self, hidden: jax.Array, emb_index: jax.Array) -> jax.Array:
+        """[N, T, H] final hidden states -> [N, emb_dim] unit vectors taken at `emb_index`."""
+        h = jnp.take_along_axis(hidden, emb_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        z = self.proj(h.astype(jnp.float32))
+        return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-12))
+
+    def bottom(self, input_ids: jax.Array, attention_mask: jax.Array, num_layers: int) -> jax.Array:
+        """Hidden states after the first `num_layers` decoder layers (no final norm): frozen-layer features."""
+        return self.decoder(input_ids, attention_mask, last_layer=num_layers, final_norm=False)
+
+
+def contrastive_loss(embedding: jax.Array, pair_id: jax.Array, tau: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric in-batch InfoNCE over all N = 2B notes (METHOD.md 2).
+
+    Row i's positive is the other row with the same pair_id; every other row j != i is a negative
+    (self-similarity masked). Returns (mean loss, top-1 accuracy of finding the positive).
+    """
+    n = embedding.shape[0]
+    sim = jnp.einsum("id,jd->ij", embedding, embedding, preferred_element_type=jnp.float32) * jnp.exp(tau)
+    eye = jnp.eye(n, dtype=bool)
+    sim = jnp.where(eye, -jnp.inf, sim)
+    positive = (pair_id[:, None] == pair_id[None, :]) & ~eye
+    log_denominator = jax.nn.logsumexp(sim, axis=-1)
+    positive_logit = jnp.sum(jnp.where(positive, sim, 0.0), axis=-1) / jnp.maximum(positive.sum(-1), 1)
+    loss = jnp.mean(log_denominator - positive_logit)
+    accuracy = jnp.mean(jnp.take_along_axis(positive, jnp.argmax(sim, axis=-1)[:, None], axis=1)[:, 0])
+    return loss, accuracy
+
+
+def generation_loss(logits: jax.Array, target_ids: jax.Array, target_mask: jax.Array) -> jax.Array:
+    """Next-token cross-entropy on the supervised (output + EOS) tokens, mean over those tokens."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, target_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = target_mask.astype(jnp.float32)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def combine_losses(l_cl: jax.Array, l_gen: jax.Array, alpha: float, objective: str) -> jax.Array:
+    """L = (L_cl + alpha L_gen) / (1 + alpha); the ablations keep one term."""
+    if objective == "notellm":
+        return (l_cl + alpha * l_gen) / (1.0 + alpha)
+    if objective == "gcl_only":
+        return l_cl
+    if objective == "csft_only":
+        return l_gen
+    raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+
+
+def notellm_losses(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], alpha: float,
+                   objective: str) -> dict[str, Any]:
+    l_cl, accuracy = contrastive_loss(outputs["embedding"], batch["pair_id"], outputs["tau"])
+    l_gen = generation_loss(outputs["gen_logits"], batch["target_ids"], batch["target_mask"])
+    return {"loss": combine_losses(l_cl, l_gen, alpha, objective), "loss_cl": l_cl, "loss_gen": l_gen,
+            "accuracy": accuracy, "tau": outputs["tau"]}
