@@ -179,6 +179,26 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
     return rotated.astype(x.dtype)
 
 
+class Projection(nn.Module):
+    """x[..., *in] @ kernel[*in, *out] with a logically partitioned N-d kernel.
+
+    (flax's DenseGeneral initialises a flat 2-d kernel and reshapes it, which breaks N-d logical
+    partitioning once axis rules are active.)
+    """
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    contract: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        shape = x.shape[x.ndim - self.contract:] + tuple(self.features)
+        kernel = self.param("kernel", _dense_init(self.axes), shape, self.param_dtype)
+        dims = ((tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))), ((), ()))
+        return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims)
+
+
 class Attention(nn.Module):
     config: LlamaConfig
 
@@ -188,9 +208,8 @@ class Attention(nn.Module):
         """cache: this layer's {"k", "v"} [B, S, kv_heads, head_dim]; new entries go to the query slots."""
         cfg = self.config
         h, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        dense = lambda feats, axes, name: nn.DenseGeneral(  # noqa: E731
-            feats, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-            kernel_init=_dense_init(axes), name=name)
+        dense = lambda feats, axes, name, contract=1: Projection(  # noqa: E731
+            feats, axes, contract, cfg.dtype, jnp.dtype(cfg.param_dtype), name=name)
         q = dense((h, d), ("embed", "heads", "head_dim"), "q_proj")(x)
         key = dense((k, d), ("embed", "kv_heads", "head_dim"), "k_proj")(x)
         value = dense((k, d), ("embed", "kv_heads", "head_dim"), "v_proj")(x)
@@ -214,9 +233,7 @@ class Attention(nn.Module):
         scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min / 2)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, value.astype(cfg.dtype)).reshape(b, t, h, d)
-        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
-                              param_dtype=jnp.dtype(cfg.param_dtype),
-                              kernel_init=_dense_init(("heads", "head_dim", "embed")), name="o_proj")(out)
+        out = dense((cfg.hidden_size,), ("heads", "head_dim", "embed"), "o_proj", contract=2)(out)
         return out, cache
 
 
@@ -346,6 +363,10 @@ class Llama(nn.Module):
         stack = (lambda xs: xs) if cfg.scan_layers else jnp.stack
         return x, {"k": stack(new_k), "v": stack(new_v), "mask": key_mask, "index": cache["index"] + t}
 
+    def init_all(self, input_ids: Array) -> Array:
+        """Touches every parameter (the head too) so `init(..., method=Llama.init_all)` creates them all."""
+        return self.logits(self(input_ids))
+
     def logits(self, hidden: Array) -> Array:
         """The LM head, for any [..., H] hidden states (apply it only where logits are needed)."""
         if self.config.tie_word_embeddings:
@@ -365,13 +386,13 @@ def abstract_params(config: LlamaConfig) -> Any:
     """Boxed (logically partitioned) ShapeDtypeStructs of the parameters; nothing is allocated."""
     model = Llama(config)
     ids = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda rng: model.init(rng, ids)["params"], jax.random.key(0))
+    return jax.eval_shape(lambda rng: model.init(rng, ids, method=Llama.init_all)["params"], jax.random.key(0))
 
 
 def init_params(config: LlamaConfig, rng: Array) -> Any:
     """Randomly initialised, unboxed parameters (small models and tests; big ones: see train.py)."""
     ids = jnp.zeros((1, 1), jnp.int32)
-    return nn.meta.unbox(Llama(config).init(rng, ids)["params"])
+    return nn.meta.unbox(Llama(config).init(rng, ids, method=Llama.init_all)["params"])
 
 
 _LAYER_KEY = re.compile(r"layers_(\d+)$")
