@@ -42,6 +42,11 @@ class DataConfig:
     # (0 = the whole path).
     csv_category_depth: int = 1
     # Co-occurrence (METHOD.md 2). Window in days between touching A and then B (0 = unbounded).
+    # Defaults measured on the 16 Stack Exchange dumps (5,930 notes, 41k events, N_u median 1, max 213):
+    # s never exceeds ~1.4, so u=30 removes nothing (kept: the paper's value, a guard for bigger logs);
+    # l=0.01 drops the pairs that only users with more than 100 notes support (392k -> 248k candidates);
+    # t=10 then keeps ~48k pairs, ~8 per note. No window: the sites are short-lived (htw lasted a week)
+    # and each split period is its own log already; a 30-day window would cut 43% of candidates.
     cooc_window_days: float = 0.0
     cooc_upper: float = 30.0
     cooc_lower: float = 0.01

@@ -1,0 +1,219 @@
+"""Co-occurrence scores from a behaviour log and the related-note pairs they select (METHOD.md 2).
+
+    s(A->B) = sum over users u who touched A and later touched B of 1 / N_u
+
+- N_u is the number of distinct notes u touched in the log given (the paper's "notes that user
+  clicked"); the 1/N_u weight damps hyperactive users.
+- "Later" is strict: u counts for (A, B) if some touch of B has a timestamp strictly greater than
+  some touch of A (and at most `window_seconds` greater, if a window is set). Touches with equal
+  timestamps are not ordered, so they do not pair (old dumps store favourites by day only: two
+  favourites on one day do not pair).
+- Repeated touches count once: u adds 1/N_u to s(A->B) at most once however often u touched A or B.
+  A user who touched A, then B, then A again contributes to both s(A->B) and s(B->A).
+- A != B always; users with a single note contribute nothing (but their events count in stats).
+
+Vectorised with numpy: events are sorted by (user, note, time); all candidate (A, B) positions of a
+user are generated with `np.repeat` arithmetic in chunks of whole users (bounded memory), filtered,
+and summed into a scipy.sparse CSR matrix. No Python loop runs over pairs or events.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
+
+from notellm_jax.config import DataConfig
+from notellm_jax.data import store
+
+# Upper bound on candidate pairs materialised at once (about 16 bytes each in the main arrays).
+DEFAULT_CHUNK_PAIRS = 1 << 23
+
+
+@dataclasses.dataclass(frozen=True)
+class CooccurrenceScores:
+    """s(A->B) as a CSR matrix: row A, column B, indices into `note_ids` (sorted ascending)."""
+    matrix: sp.csr_matrix
+    note_ids: np.ndarray
+    num_users: int
+    num_events: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Touches:
+    """Events sorted by (user, note, time) with their distinct (user, note) rows."""
+    user: np.ndarray         # per event, sorted
+    time: np.ndarray         # per event
+    row: np.ndarray          # per event: index of its (user, note) row
+    row_user: np.ndarray     # per row
+    row_note: np.ndarray     # per row
+    row_first: np.ndarray    # per row: first touch time
+    row_last: np.ndarray     # per row: last touch time
+    row_weight: np.ndarray   # per row: 1 / N_u of the row's user
+    row_user_start: np.ndarray  # per row: first row of the same user
+    row_user_count: np.ndarray  # per row: N_u
+
+
+def _encode(events: pa.Table | Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(user index, note index, timestamp, sorted note ids); note indices follow the sorted ids."""
+    columns = {}
+    for name in ("user_id", "note_id", "timestamp"):
+        if name not in (events.column_names if isinstance(events, pa.Table) else events):
+            raise ValueError(f"events: missing column {name!r}")
+        column = events[name]
+        columns[name] = column if isinstance(column, pa.ChunkedArray) else pa.chunked_array([pa.array(column)])
+    if len(columns["user_id"]) == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, np.zeros(0, object)
+    users = pc.dictionary_encode(columns["user_id"]).combine_chunks()
+    notes = pc.dictionary_encode(columns["note_id"]).combine_chunks()
+    note_ids = notes.dictionary.to_numpy(zero_copy_only=False)
+    order = np.argsort(note_ids, kind="stable")
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    note_index = rank[notes.indices.to_numpy(zero_copy_only=False)]
+    times = columns["timestamp"].to_numpy().astype(np.int64)
+    return users.indices.to_numpy(zero_copy_only=False).astype(np.int64), note_index, times, note_ids[order]
+
+
+def _touches(user: np.ndarray, note: np.ndarray, time: np.ndarray) -> _Touches:
+    order = np.lexsort((time, note, user))
+    user, note, time = user[order], note[order], time[order]
+    new_row = np.ones(len(user), bool)
+    new_row[1:] = (user[1:] != user[:-1]) | (note[1:] != note[:-1])
+    row_start = np.flatnonzero(new_row)
+    row_end = np.append(row_start[1:], len(user))
+    row_user = user[row_start]
+    new_user = np.ones(len(row_start), bool)
+    new_user[1:] = row_user[1:] != row_user[:-1]
+    user_start = np.flatnonzero(new_user)
+    user_count = np.diff(np.append(user_start, len(row_start)))
+    user_of_row = np.cumsum(new_user) - 1
+    return _Touches(user=user, time=time, row=np.cumsum(new_row) - 1, row_user=row_user, row_note=note[row_start],
+                    row_first=time[row_start], row_last=time[row_end - 1],
+                    row_weight=1.0 / user_count[user_of_row], row_user_start=user_start[user_of_row],
+                    row_user_count=user_count[user_of_row])
+
+
+def _expand(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For items i with ranges [starts[i], starts[i] + counts[i]): (item index, position) per element."""
+    item = np.repeat(np.arange(len(counts)), counts)
+    offsets = np.arange(len(item)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return item, starts[item] + offsets
+
+
+def _chunks(item_user: np.ndarray, counts: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Split items (grouped by user) into [lo, hi) ranges of whole users with about `budget` elements each."""
+    if len(counts) == 0:
+        return []
+    user_end = np.append(np.flatnonzero(item_user[1:] != item_user[:-1]) + 1, len(item_user))
+    bins = np.cumsum(counts)[user_end - 1] // max(budget, 1)
+    ends = user_end[np.append(np.flatnonzero(bins[1:] != bins[:-1]), len(bins) - 1)]
+    return list(zip(np.append(0, ends[:-1]).tolist(), ends.tolist()))
+
+
+def _unbounded_pairs(t: _Touches, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row A, row B) for rows lo..hi: every other note of the user touched last after A's first touch."""
+    rows = np.arange(lo, hi)
+    item, row_b = _expand(t.row_user_start[rows], t.row_user_count[rows])
+    row_a = rows[item]
+    keep = (row_a != row_b) & (t.row_first[row_a] < t.row_last[row_b])
+    return row_a[keep], row_b[keep]
+
+
+def _window_pairs(t: _Touches, by_time: np.ndarray, later: tuple[np.ndarray, np.ndarray], lo: int, hi: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(row A, row B), deduplicated, for events lo..hi in (user, time) order: B touched in (t_A, t_A + w]."""
+    events = np.arange(lo, hi)
+    later_start = later[0][events]
+    item, partner = _expand(later_start, later[1][events] - later_start)
+    row_a, row_b = t.row[by_time[events[item]]], t.row[by_time[partner]]
+    keep = row_a != row_b
+    keys = np.unique(row_a[keep] * len(t.row_note) + row_b[keep])
+    return keys // len(t.row_note), keys % len(t.row_note)
+
+
+def _window_ranges(t: _Touches, window_seconds: float) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Events in (user, time) order and, per event, the [start, end) range of same-user events in (t, t + w]."""
+    by_time = np.lexsort((t.time, t.user))
+    user, time = t.user[by_time], t.time[by_time] - t.time.min()
+    window = int(np.floor(window_seconds))
+    span = int(time.max()) + window + 1
+    if int(user.max()) + 1 > np.iinfo(np.int64).max // span:
+        raise ValueError(f"window_seconds={window_seconds} is too large for int64 time keys; use None")
+    key = user * span + time
+    return by_time, (np.searchsorted(key, key, "right"), np.searchsorted(key, key + window, "right"))
+
+
+def cooccurrence_scores(events: pa.Table | Mapping[str, Any], window_seconds: float | None = None,
+                        chunk_pairs: int = DEFAULT_CHUNK_PAIRS) -> CooccurrenceScores:
+    """s(A->B) for every ordered pair of notes (rules in the module docstring).
+
+    events: a Table or dict of arrays with user_id, note_id, timestamp (int seconds; extra columns
+    ignored). window_seconds: B must follow A by at most this much (None or <= 0: unbounded).
+    chunk_pairs bounds the candidate pairs held in memory at once (a chunk always holds whole users).
+    """
+    user, note, time, note_ids = _encode(events)
+    n = len(note_ids)
+    if n == 0:
+        return CooccurrenceScores(sp.csr_matrix((0, 0)), note_ids, 0, 0)
+    t = _touches(user, note, time)
+    if window_seconds is None or window_seconds <= 0:
+        ranges = _chunks(t.row_user, t.row_user_count, chunk_pairs)
+        pair_chunks = (_unbounded_pairs(t, lo, hi) for lo, hi in ranges)
+    else:
+        by_time, later = _window_ranges(t, window_seconds)
+        ranges = _chunks(t.user[by_time], later[1] - later[0], chunk_pairs)
+        pair_chunks = (_window_pairs(t, by_time, later, lo, hi) for lo, hi in ranges)
+    parts = [sp.csr_matrix((t.row_weight[a], (t.row_note[a], t.row_note[b])), shape=(n, n))
+             for a, b in pair_chunks]
+    matrix = _tree_sum(parts) if parts else sp.csr_matrix((n, n))
+    return CooccurrenceScores(matrix=matrix, note_ids=note_ids, num_users=int(len(np.unique(user))),
+                              num_events=len(user))
+
+
+def _tree_sum(parts: list[sp.csr_matrix]) -> sp.csr_matrix:
+    """Sum sparse matrices pairwise (sequential summing would re-copy the growing total per chunk)."""
+    while len(parts) > 1:
+        parts = [parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+    return parts[0].tocsr()
+
+
+def select_related(scores: CooccurrenceScores, upper: float, lower: float, top_t: int
+                   ) -> tuple[pa.Table, dict[str, int]]:
+    """Related pairs: drop s > upper and s < lower, then keep each A's top_t by score (0 = no cap).
+
+    Ties in score are broken by B's note id (ascending), so the result is deterministic. Returns the
+    pairs (note_a, note_b, score; sorted by A, score desc, B) and the pair counts after each filter.
+    """
+    coo = scores.matrix.tocoo()
+    a, b, s = coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data
+    counts = {"candidates": len(s)}
+    keep = s <= upper
+    counts["after_upper"] = int(keep.sum())
+    keep &= s >= lower
+    counts["after_lower"] = int(keep.sum())
+    a, b, s = a[keep], b[keep], s[keep]
+    order = np.lexsort((b, -s, a))
+    a, b, s = a[order], b[order], s[order]
+    group_start = np.flatnonzero(np.append(True, a[1:] != a[:-1])) if len(a) else np.zeros(0, np.int64)
+    rank = np.arange(len(a)) - np.repeat(group_start, np.diff(np.append(group_start, len(a))))
+    keep = rank < top_t if top_t > 0 else np.ones(len(a), bool)
+    counts["after_top_t"] = int(keep.sum())
+    ids = scores.note_ids
+    pairs = store.to_table({"note_a": ids[a[keep]].astype(str), "note_b": ids[b[keep]].astype(str),
+                            "score": s[keep]}, store.PAIRS_SCHEMA, "related pairs")
+    return pairs, counts
+
+
+def related_pairs(events: pa.Table | Mapping[str, Any], data: DataConfig) -> tuple[pa.Table, dict[str, int]]:
+    """cooccurrence_scores + select_related with config.data's window, bounds and top-t; pairs and counts."""
+    window = data.cooc_window_days * 86_400 if data.cooc_window_days > 0 else None
+    scores = cooccurrence_scores(events, window)
+    pairs, counts = select_related(scores, data.cooc_upper, data.cooc_lower, data.cooc_top_t)
+    return pairs, {"events": scores.num_events, "users": scores.num_users, "notes": len(scores.note_ids),
+                   **counts}

@@ -1,0 +1,171 @@
+"""The canonical note store: Parquet files with fixed schemas (pyarrow).
+
+A prepared data folder holds (see `notellm_jax.data.prepare`):
+- `notes.parquet`   one row per note: note_id, title, content, topics, category, created_at, exposure.
+- `events.parquet`  the behaviour log: user_id, note_id, timestamp, action.
+- `pairs_*.parquet` related-note pairs: note_a, note_b, score (s(A->B), or 1.0 for given pairs).
+- `pairs_postlinks.parquet` explicit links between two notes: note_a, note_b, link_type.
+
+Parquet is columnar (co-occurrence and splits read two or three columns of millions of events) and
+streams: `NoteWriter` writes notes in row groups while an importer is still reading its source.
+Timestamps are int64 unix seconds (UTC); `exposure` is the view count, -1 when the source has none.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+NOTES_SCHEMA = pa.schema([
+    ("note_id", pa.string()),
+    ("title", pa.string()),
+    ("content", pa.string()),
+    ("topics", pa.list_(pa.string())),
+    ("category", pa.string()),
+    ("created_at", pa.int64()),
+    ("exposure", pa.int64()),
+])
+EVENTS_SCHEMA = pa.schema([
+    ("user_id", pa.string()),
+    ("note_id", pa.string()),
+    ("timestamp", pa.int64()),
+    ("action", pa.string()),
+])
+PAIRS_SCHEMA = pa.schema([
+    ("note_a", pa.string()),
+    ("note_b", pa.string()),
+    ("score", pa.float64()),
+])
+LINKS_SCHEMA = pa.schema([
+    ("note_a", pa.string()),
+    ("note_b", pa.string()),
+    ("link_type", pa.string()),
+])
+
+TableLike = pa.Table | Mapping[str, Any] | Iterable[Mapping[str, Any]]
+
+
+class StoreFormatError(ValueError):
+    """A store file or in-memory table does not match its schema (the message names file and field)."""
+
+
+def to_table(data: TableLike, schema: pa.Schema, what: str = "table") -> pa.Table:
+    """Coerce a pyarrow Table, a dict of columns or an iterable of record dicts to `schema`.
+
+    Extra columns are dropped; a missing column or a value of the wrong type raises StoreFormatError
+    naming `what` (usually the file being written) and the field.
+    """
+    if isinstance(data, pa.Table):
+        columns = {name: data.column(name) for name in data.column_names}
+    elif isinstance(data, Mapping):
+        columns = dict(data)
+    else:
+        records = list(data)
+        for field in schema:
+            missing = sum(field.name not in r for r in records)
+            if missing:
+                raise StoreFormatError(f"{what}: {missing} record(s) lack field {field.name!r}")
+        columns = {field.name: [r[field.name] for r in records] for field in schema}
+    arrays = []
+    for field in schema:
+        if field.name not in columns:
+            raise StoreFormatError(f"{what}: missing column {field.name!r} (expected {schema.names})")
+        column = columns[field.name]
+        try:
+            if isinstance(column, pa.ChunkedArray | pa.Array):
+                arrays.append(column.cast(field.type))
+            else:
+                arrays.append(pa.array(column, type=field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise StoreFormatError(f"{what}: column {field.name!r} is not {field.type}: {e}") from None
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _write(data: TableLike, schema: pa.Schema, path: str | Path) -> pa.Table:
+    table = to_table(data, schema, str(path))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return table
+
+
+def _read(path: str | Path, schema: pa.Schema) -> pa.Table:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"store file not found: {path}")
+    table = pq.read_table(path)
+    return to_table(table, schema, str(path))
+
+
+def write_notes(data: TableLike, path: str | Path) -> pa.Table:
+    """Write notes (Table, dict of columns, or records with NOTES_SCHEMA's fields) to Parquet."""
+    return _write(data, NOTES_SCHEMA, path)
+
+
+def read_notes(path: str | Path) -> pa.Table:
+    """Read a notes Parquet file as a Table with NOTES_SCHEMA (missing column -> StoreFormatError)."""
+    return _read(path, NOTES_SCHEMA)
+
+
+def write_events(data: TableLike, path: str | Path) -> pa.Table:
+    """Write behaviour events (user_id, note_id, timestamp, action) to Parquet."""
+    return _write(data, EVENTS_SCHEMA, path)
+
+
+def read_events(path: str | Path) -> pa.Table:
+    """Read an events Parquet file as a Table with EVENTS_SCHEMA."""
+    return _read(path, EVENTS_SCHEMA)
+
+
+def write_pairs(data: TableLike, path: str | Path) -> pa.Table:
+    """Write scored pairs (note_a, note_b, score) to Parquet, keeping row order."""
+    return _write(data, PAIRS_SCHEMA, path)
+
+
+def read_pairs(path: str | Path) -> pa.Table:
+    """Read a pairs Parquet file as a Table with PAIRS_SCHEMA, in stored row order."""
+    return _read(path, PAIRS_SCHEMA)
+
+
+def write_links(data: TableLike, path: str | Path) -> pa.Table:
+    """Write explicit links (note_a, note_b, link_type) to Parquet."""
+    return _write(data, LINKS_SCHEMA, path)
+
+
+def read_links(path: str | Path) -> pa.Table:
+    """Read an explicit-links Parquet file as a Table with LINKS_SCHEMA."""
+    return _read(path, LINKS_SCHEMA)
+
+
+class NoteWriter:
+    """Streams note records into one Parquet file in row groups, so a dump never sits in memory.
+
+    Writes to `<path>.tmp` and renames on `close()`, so an interrupted import leaves no notes file
+    that a later stage (or a skipped stage) would take for complete.
+    """
+
+    def __init__(self, path: str | Path, row_group_size: int = 10_000):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._writer = pq.ParquetWriter(self._tmp, NOTES_SCHEMA)
+        self._buffer: list[dict[str, Any]] = []
+        self._row_group_size = row_group_size
+        self.rows = 0
+
+    def add(self, note: Mapping[str, Any]) -> None:
+        self._buffer.append(dict(note))
+        if len(self._buffer) >= self._row_group_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._writer.write_table(to_table(self._buffer, NOTES_SCHEMA, str(self.path)))
+            self.rows += len(self._buffer)
+            self._buffer = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._tmp.replace(self.path)

@@ -1,0 +1,122 @@
+"""The tokenizer that belongs to each weight format, plus the NoteLLM `[EMB]` token.
+
+Every format goes through a transformers 4.57 tokenizer so all of them behave alike:
+sentencepiece `.model` files (llama2.c, LLaMA-2) through the slow `LlamaTokenizer` in its
+non-legacy mode (it matches the `sentencepiece` library on plain text and does not insert a
+space after an added special token, so `is:"[EMB]".` keeps its quotes tight), Hugging Face
+folders through `AutoTokenizer`, GGUF files through transformers' GGUF tokenizer conversion.
+`[EMB]` is appended as a special token at id == base vocabulary size, so the embedding table
+grows by exactly one row (checkpoints.py owns that growth).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import notellm_jax  # noqa: F401  (sets USE_TF=0 and offline flags before transformers loads)
+
+
+class NoteTokenizer:
+    """A transformers tokenizer with `[EMB]` appended; encodes without adding BOS/EOS."""
+
+    def __init__(self, hf, emb_token: str = "[EMB]", source: str = ""):
+        from transformers import AddedToken
+
+        self.hf = hf
+        self.source = source
+        self.emb_token = emb_token
+        existing = hf.convert_tokens_to_ids(emb_token) if emb_token in hf.get_vocab() else None
+        if existing is not None and existing != len(hf) - 1:
+            raise ValueError(f"{source}: {emb_token!r} already exists at id {existing}, not at the end of the "
+                             f"vocabulary ({len(hf)} tokens); cannot use it as the appended [EMB] token")
+        self.base_vocab_size = len(hf) if existing is None else len(hf) - 1
+        if existing is None:
+            hf.add_special_tokens(
+                {"additional_special_tokens": [AddedToken(emb_token, special=True, normalized=False)]},
+                replace_additional_special_tokens=False)
+        self.emb_id = hf.convert_tokens_to_ids(emb_token)
+        if self.emb_id != self.base_vocab_size:
+            raise ValueError(f"{source}: {emb_token!r} got id {self.emb_id}, expected {self.base_vocab_size}")
+        if hf.eos_token_id is None:
+            raise ValueError(f"{source}: tokenizer defines no EOS token")
+        self.bos_id: int | None = hf.bos_token_id
+        self.eos_id: int = hf.eos_token_id
+        self.pad_id: int = hf.pad_token_id if hf.pad_token_id is not None else self.eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_vocab_size + 1
+
+    def encode(self, text: str, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text` with no BOS/EOS added.
+
+        Special-token strings in `text` (such as `[EMB]`) become their ids unless
+        `split_special_tokens` is set: user text is encoded with it set, so a note that
+        literally contains "</s>" or "[EMB]" cannot inject control tokens.
+        """
+        return self.hf.encode(text, add_special_tokens=False, split_special_tokens=split_special_tokens)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens,
+                              clean_up_tokenization_spaces=False, spaces_between_special_tokens=False)
+
+    def chat_prompt(self, user_message: str) -> list[int]:
+        """The model's chat template around one user turn, ending with the assistant's generation prompt."""
+        if not self.hf.chat_template:
+            raise ValueError(f"{self.source}: tokenizer has no chat template (not an instruct model)")
+        ids = self.hf.apply_chat_template([{"role": "user", "content": user_message}],
+                                          add_generation_prompt=True, tokenize=True)
+        return list(ids)
+
+
+def _sentencepiece_tokenizer(model_file: Path):
+    from transformers import LlamaTokenizer
+
+    return LlamaTokenizer(vocab_file=str(model_file), legacy=False, add_bos_token=False, add_eos_token=False)
+
+
+def _tokenizer_beside_llama2c(bin_file: Path) -> Path:
+    """llama2.c checkpoints carry no tokenizer: use `tokenizer.model` or the single `tok*.model` beside it."""
+    folder = bin_file.parent
+    if (folder / "tokenizer.model").is_file():
+        return folder / "tokenizer.model"
+    candidates = sorted(folder.glob("tok*.model"))
+    if len(candidates) != 1:
+        found = ", ".join(c.name for c in candidates) or "none"
+        raise FileNotFoundError(f"{bin_file}: llama2.c checkpoint needs exactly one tokenizer.model or tok*.model "
+                                f"beside it (found: {found}); set model.tokenizer")
+    return candidates[0]
+
+
+def _load_hf_tokenizer(path: Path):
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if (path / "tokenizer.model").is_file():
+            return _sentencepiece_tokenizer(path / "tokenizer.model")
+        raise FileNotFoundError(f"{path}: folder has no tokenizer.json, tokenizer_config.json or tokenizer.model")
+    suffix = path.suffix.lower()
+    if suffix == ".model":
+        return _sentencepiece_tokenizer(path)
+    if suffix == ".gguf":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    if suffix == ".bin":
+        return _sentencepiece_tokenizer(_tokenizer_beside_llama2c(path))
+    raise ValueError(f"{path}: unknown tokenizer format (expected a folder, .model, .gguf or llama2.c .bin)")
+
+
+def load_tokenizer(path: str | Path, emb_token: str = "[EMB]") -> NoteTokenizer:
+    """Load the tokenizer for a weight file or folder and append `emb_token` at id == base vocab size."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer path not found: {path}")
+    try:
+        hf = _load_hf_tokenizer(path)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as e:  # parse failures inside transformers/sentencepiece: name the file
+        raise ValueError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})") from e
+    return NoteTokenizer(hf, emb_token=emb_token, source=str(path))
