@@ -1,0 +1,111 @@
+"""ScaNN cosine index: tree partitioning + asymmetric hashing + exact float reordering.
+
+`scann` is imported inside the functions that need it: the model and training path, and GPU
+machines without ScaNN, import this package without it. Parameters come from config.eval.scann_*;
+0 means "chosen from the index size" (`choose_params`), following ScaNN's own guidance: about
+sqrt(N) leaves, search ~10% of them, score with 2-dimension AH blocks, reorder a few hundred
+candidates exactly. Tiny pools (< TREE_MIN_POINTS) get exact brute-force scoring: a tree there
+costs more than it saves and only loses recall.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from notellm_jax.config import EvalConfig
+from notellm_jax.eval.retrieval import l2_normalise
+
+TREE_MIN_POINTS = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class ScannParams:
+    num_leaves: int          # 0 = no tree: exact brute-force scoring
+    leaves_to_search: int
+    reorder: int             # candidates re-scored exactly after AH scoring
+    dims_per_block: int = 2  # AH block size (ScaNN's recommendation for dot product)
+    anisotropic_threshold: float = 0.2  # AH noise shaping for maximum inner product (ScaNN's example)
+
+    @property
+    def brute_force(self) -> bool:
+        return self.num_leaves == 0
+
+
+def choose_params(num_points: int, k: int, cfg: EvalConfig) -> ScannParams:
+    """Index parameters for `num_points` vectors and k neighbours: config values, 0 = by size."""
+    if num_points < 1:
+        raise ValueError("cannot build a ScaNN index over zero vectors")
+    if not 1 <= k <= num_points:
+        raise ValueError(f"k={k} is outside 1..{num_points}, the number of indexed vectors")
+    num_leaves = cfg.scann_num_leaves or (0 if num_points < TREE_MIN_POINTS else round(math.sqrt(num_points)))
+    if num_leaves > num_points:
+        raise ValueError(f"eval.scann_num_leaves={num_leaves} exceeds the {num_points} indexed vectors")
+    leaves_to_search = cfg.scann_leaves_to_search or max(1, math.ceil(num_leaves / 10))
+    if num_leaves and leaves_to_search > num_leaves:
+        raise ValueError(f"eval.scann_leaves_to_search={leaves_to_search} exceeds num_leaves={num_leaves}")
+    reorder = cfg.scann_reorder or min(num_points, max(250, 10 * k))
+    if reorder < k:
+        raise ValueError(f"eval.scann_reorder={reorder} is smaller than k={k}")
+    return ScannParams(num_leaves, leaves_to_search if num_leaves else 0, reorder)
+
+
+def build_index(database: np.ndarray, k: int, params: ScannParams, threads: int | None = None):
+    """A ScaNN searcher over the unit-normalised rows of `database` (dot product = cosine)."""
+    from scann import scann_ops_pybind  # lazy: TensorFlow-free numpy API, absent on GPU machines
+
+    database = l2_normalise(database)
+    builder = scann_ops_pybind.builder(database, k, "dot_product")
+    if params.brute_force:
+        builder = builder.score_brute_force()
+    else:
+        builder = builder.tree(num_leaves=params.num_leaves, num_leaves_to_search=params.leaves_to_search,
+                               training_sample_size=len(database))
+        builder = builder.score_ah(params.dims_per_block,
+                                   anisotropic_quantization_threshold=params.anisotropic_threshold)
+        builder = builder.reorder(params.reorder)
+    return builder.set_n_training_threads(threads or os.cpu_count() or 1).build()
+
+
+def search(searcher, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (indices [Q, k] int64, cosine scores [Q, k]) for unit-normalised queries, multi-threaded."""
+    if len(queries) == 0:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    indices, scores = searcher.search_batched_parallel(l2_normalise(queries), final_num_neighbors=k)
+    indices = np.asarray(indices, np.int64)
+    if indices.shape != (len(queries), k):
+        raise ValueError(f"ScaNN returned neighbour lists of shape {indices.shape}, expected {(len(queries), k)} "
+                         "(is k larger than the index?)")
+    return indices, np.asarray(scores, np.float32)
+
+
+def save_index(searcher, directory: str | os.PathLike) -> Path:
+    """Serialise the searcher (ScaNN's own asset files) into `directory`, created if needed."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    searcher.serialize(str(directory))
+    return directory
+
+
+def load_index(directory: str | os.PathLike):
+    """Reload a searcher written by `save_index`; a folder without ScaNN assets is an error."""
+    from scann import scann_ops_pybind
+
+    if not (Path(directory) / "scann_assets.pbtxt").is_file():
+        raise FileNotFoundError(f"{directory} holds no ScaNN index (scann_assets.pbtxt missing)")
+    return scann_ops_pybind.load_searcher(str(directory), assets_backcompat_shim=False)
+
+
+def clustered_vectors(num: int, dim: int, num_clusters: int, seed: int, noise: float = 0.15) -> np.ndarray:
+    """Unit vectors scattered around random unit centres: benchmark/test data with real neighbourhoods.
+
+    noise is the per-dimension std; at d=128 and 0.15 the offset from the centre (norm ~1.7) is larger
+    than the centre itself, so clusters overlap and ANN search is not trivially easy.
+    """
+    rng = np.random.default_rng(seed)
+    centres = l2_normalise(rng.normal(size=(num_clusters, dim)))
+    points = centres[rng.integers(0, num_clusters, num)] + rng.normal(scale=noise, size=(num, dim))
+    return l2_normalise(points)

@@ -1,0 +1,366 @@
+"""Recall@k with the paper's protocol (METHOD.md 5), exact search in jnp, and bootstrap intervals.
+
+Protocol: read the test pairs in order and keep (q, g) only if neither note appeared in an earlier
+kept pair, so every query has exactly one positive; the candidate pool is every test note minus
+every kept query (the ground truths stay in it); rank by cosine; R@k is the share of queries whose
+ground truth is among the top k candidates.
+
+Decisions (documented here, tested in tests/test_retrieval.py):
+- Ties in score are broken by candidate position (lower first), the order `jax.lax.top_k` and a
+  stable numpy argsort both use, so exact ranks and exact neighbour lists always agree.
+- k larger than the candidate pool is an error (a recall there would be 1.0 by definition and
+  would hide a misconfigured pool); the paper's k/N ratios give k = max(1, round(r * N)) <= N.
+- Within-category recall restricts the candidates to the query's own category and uses only pairs
+  whose two notes share a category (the others are counted, not hidden). A category with fewer
+  candidates than k cannot be judged at that k: those queries are left out of R@k and the number
+  of queries behind every R@k is reported next to it.
+- Exposure buckets follow the paper's split: ground truths in the lowest 30% of test-note view
+  counts ("low") and in the top 10% ("high"), thresholds taken over all test notes.
+- Bootstrap intervals resample queries with replacement (seeded) and take the 2.5/97.5 percentiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Pair = tuple[Hashable, Hashable]
+_SHOW = 5  # how many offending ids an error message names
+
+
+def _some(items: Iterable[Any]) -> str:
+    items = list(items)
+    more = f" (and {len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+    return ", ".join(repr(i) for i in items[:_SHOW]) + more
+
+
+def disjoint_pairs(pairs: Iterable[Pair]) -> list[Pair]:
+    """Pairs kept by the paper's rule: (q, g) survives only if neither note is in an earlier kept pair.
+
+    Reading in order and testing against *kept* pairs only (not every pair read) is what gives one
+    positive per query. A pair of a note with itself is malformed input and raises.
+    """
+    seen: set[Hashable] = set()
+    kept: list[Pair] = []
+    for position, (query, target) in enumerate(pairs):
+        if query == target:
+            raise ValueError(f"test pair #{position} pairs note {query!r} with itself")
+        if query in seen or target in seen:
+            continue
+        seen.update((query, target))
+        kept.append((query, target))
+    return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallSetup:
+    """Row indices of one protocol run into the test-note embedding matrix (ordered like test_ids)."""
+    query_rows: np.ndarray      # [Q] kept queries
+    target_pos: np.ndarray      # [Q] position of each ground truth inside candidate_rows
+    candidate_rows: np.ndarray  # [C] every test note that is not a kept query, in test_ids order
+    pairs_read: int
+    pairs_kept: int
+
+    @property
+    def target_rows(self) -> np.ndarray:
+        return self.candidate_rows[self.target_pos]
+
+
+def _index_of(ids: Sequence[Hashable], what: str) -> dict[Hashable, int]:
+    index = {note_id: row for row, note_id in enumerate(ids)}
+    if len(index) != len(ids):
+        counts: dict[Hashable, int] = {}
+        for note_id in ids:
+            counts[note_id] = counts.get(note_id, 0) + 1
+        raise ValueError(f"{what} contain duplicated ids: {_some(i for i, c in counts.items() if c > 1)}")
+    return index
+
+
+def build_protocol(test_ids: Sequence[Hashable], pairs: Iterable[Pair]) -> RecallSetup:
+    """Apply the disjoint-pair and pool rules to `pairs` over the notes `test_ids`."""
+    if len(test_ids) == 0:
+        raise ValueError("the test set is empty: no notes to evaluate")
+    row_of = _index_of(test_ids, "test note ids")
+    pairs = list(pairs)
+    unknown = [i for pair in pairs for i in pair if i not in row_of]
+    if unknown:
+        raise ValueError(f"test pairs name notes that are not test notes: {_some(dict.fromkeys(unknown))}; "
+                         "filter the pairs to the test notes first")
+    kept = disjoint_pairs(pairs)
+    if not kept:
+        raise ValueError(f"no test pairs to evaluate ({len(pairs)} pairs read)")
+    query_rows = np.array([row_of[q] for q, _ in kept], dtype=np.int64)
+    is_query = np.zeros(len(test_ids), dtype=bool)
+    is_query[query_rows] = True
+    candidate_rows = np.flatnonzero(~is_query)
+    position_in_pool = np.full(len(test_ids), -1, dtype=np.int64)
+    position_in_pool[candidate_rows] = np.arange(len(candidate_rows))
+    target_pos = position_in_pool[[row_of[g] for _, g in kept]]
+    return RecallSetup(query_rows, target_pos, candidate_rows, len(pairs), len(kept))
+
+
+def align_embeddings(test_ids: Sequence[Hashable], embedding_ids: Sequence[Hashable],
+                     embeddings: np.ndarray) -> tuple[np.ndarray, int]:
+    """Rows of `embeddings` in `test_ids` order, and how many embedded notes are not test notes.
+
+    The embedding file may hold more notes than the test set (training notes too): those rows are
+    not used and their number is returned. Missing or duplicated ids are errors naming the ids.
+    """
+    if len(test_ids) == 0:
+        raise ValueError("the test set is empty: no notes to evaluate")
+    if len(embedding_ids) != len(embeddings):
+        raise ValueError(f"{len(embedding_ids)} embedding ids for {len(embeddings)} embedding rows")
+    row_of = _index_of(embedding_ids, "embedding ids")
+    _index_of(test_ids, "test note ids")
+    missing = [i for i in test_ids if i not in row_of]
+    if missing:
+        raise ValueError(f"{len(missing)} test notes have no embedding: {_some(missing)}")
+    rows = np.array([row_of[i] for i in test_ids], dtype=np.int64)
+    return np.asarray(embeddings)[rows], len(embedding_ids) - len(test_ids)
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Unit rows (cosine = dot). Embeddings should already be unit length; a zero row is an error."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a [notes, dim] matrix, got shape {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    bad = np.flatnonzero(~(norms[:, 0] > 0) | ~np.isfinite(norms[:, 0]))
+    if bad.size:
+        raise ValueError(f"{bad.size} embedding rows are zero or not finite (rows {_some(bad.tolist())})")
+    return x / norms
+
+
+def _pad_to(x: np.ndarray, length: int) -> np.ndarray:
+    """Zero-pad axis 0 to `length`, so every jitted block has one static shape (one compile)."""
+    return np.pad(x, [(0, length - len(x))] + [(0, 0)] * (x.ndim - 1))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _scores(queries: jax.Array, candidates: jax.Array) -> jax.Array:
+    return jnp.einsum("qd,cd->qc", queries, candidates, precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _merge_topk(best_scores, best_idx, queries, chunk, offset, num_valid, k: int):
+    """Fold one candidate chunk into the running top k (earlier = lower index first, so ties stay stable)."""
+    columns = offset + jnp.arange(chunk.shape[0])
+    scores = jnp.where(columns < num_valid, _scores(queries, chunk), -jnp.inf)
+    all_scores = jnp.concatenate([best_scores, scores], axis=1)
+    all_idx = jnp.concatenate([best_idx, jnp.broadcast_to(columns, scores.shape)], axis=1)
+    top_scores, where = jax.lax.top_k(all_scores, k)
+    return top_scores, jnp.take_along_axis(all_idx, where, axis=1)
+
+
+def _check_k(k: int, pool: int) -> None:
+    if not 1 <= k <= pool:
+        raise ValueError(f"k={k} is outside 1..{pool}, the size of the candidate pool")
+
+
+def exact_topk(queries: np.ndarray, candidates: np.ndarray, k: int, batch_size: int = 1024,
+               chunk_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k candidates by dot product for every query: (indices [Q, k], scores [Q, k]).
+
+    Works on [batch_size, chunk_size] score blocks merged with `jax.lax.top_k`, so memory is bounded
+    by the block and k, not by Q x C (a million notes fit). Inputs are used as given: normalise first
+    for cosine.
+    """
+    _check_k(k, len(candidates))
+    if len(queries) == 0:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    chunk_size = min(chunk_size, len(candidates))
+    padded = jnp.asarray(_pad_to(np.asarray(candidates, np.float32), _round_up(len(candidates), chunk_size)))
+    out_idx, out_scores = [], []
+    for start in range(0, len(queries), batch_size):
+        batch = np.asarray(queries[start:start + batch_size], np.float32)
+        q = jnp.asarray(_pad_to(batch, batch_size))
+        best_scores = jnp.full((batch_size, k), -jnp.inf, jnp.float32)
+        best_idx = jnp.full((batch_size, k), -1, jnp.int32)
+        for offset in range(0, padded.shape[0], chunk_size):
+            best_scores, best_idx = _merge_topk(best_scores, best_idx, q, padded[offset:offset + chunk_size],
+                                                offset, len(candidates), k=k)
+        out_idx.append(np.asarray(best_idx)[:len(batch)].astype(np.int64))
+        out_scores.append(np.asarray(best_scores)[:len(batch)])
+    return np.concatenate(out_idx), np.concatenate(out_scores)
+
+
+@jax.jit
+def _count_above(queries, target_scores, target_pos, query_groups, chunk, chunk_groups, offset, num_valid):
+    """Per query: candidates in this chunk (same group, valid) ranked before its target."""
+    columns = offset + jnp.arange(chunk.shape[0])
+    scores = _scores(queries, chunk)
+    target = target_pos[:, None]
+    before = (scores > target_scores[:, None]) | ((scores == target_scores[:, None]) & (columns[None, :] < target))
+    counted = (before & (columns[None, :] != target) & (columns < num_valid)[None, :]
+               & (chunk_groups[None, :] == query_groups[:, None]))
+    return counted.sum(axis=1)
+
+
+def exact_target_ranks(queries: np.ndarray, candidates: np.ndarray, target_pos: np.ndarray,
+                       query_groups: np.ndarray | None = None, candidate_groups: np.ndarray | None = None,
+                       batch_size: int = 1024, chunk_size: int = 16384) -> np.ndarray:
+    """0-based rank of each query's target among the candidates (same-group candidates only if groups given).
+
+    Counting candidates that score above the target gives the rank for every k at once, which
+    neighbour lists cannot do at the paper's large k (39% of the pool). Same tie rule as exact_topk;
+    the target's own score comes from a row-wise dot, so a rival within float rounding of it may
+    land on either side.
+    """
+    num = len(candidates)
+    if len(queries) == 0:
+        return np.zeros(0, np.int64)
+    if query_groups is None or candidate_groups is None:
+        query_groups, candidate_groups = np.zeros(len(queries), np.int32), np.zeros(num, np.int32)
+    chunk_size = min(chunk_size, num)
+    cands = np.asarray(candidates, np.float32)
+    padded = jnp.asarray(_pad_to(cands, _round_up(num, chunk_size)))
+    groups = jnp.asarray(_pad_to(np.asarray(candidate_groups, np.int32), padded.shape[0]))
+    ranks = []
+    for start in range(0, len(queries), batch_size):
+        stop = min(start + batch_size, len(queries))
+        q = np.asarray(queries[start:stop], np.float32)
+        target_scores = np.asarray(jnp.einsum("qd,qd->q", q, cands[target_pos[start:stop]],
+                                              precision=jax.lax.Precision.HIGHEST))
+        block = (q, target_scores, np.asarray(target_pos[start:stop], np.int32),
+                 np.asarray(query_groups[start:stop], np.int32))
+        args = [jnp.asarray(_pad_to(a, batch_size)) for a in block]
+        count = jnp.zeros(batch_size, jnp.int32)
+        for offset in range(0, padded.shape[0], chunk_size):
+            count = count + _count_above(*args, padded[offset:offset + chunk_size],
+                                         groups[offset:offset + chunk_size], offset, num)
+        ranks.append(np.asarray(count)[:stop - start])
+    return np.concatenate(ranks).astype(np.int64)
+
+
+def ranks_from_neighbours(neighbours: np.ndarray, target_pos: np.ndarray) -> np.ndarray:
+    """Rank of each target inside its neighbour list (exact or ANN); list length when it is absent."""
+    neighbours = np.asarray(neighbours)
+    found = neighbours == np.asarray(target_pos)[:, None]
+    return np.where(found.any(axis=1), found.argmax(axis=1), neighbours.shape[1])
+
+
+def neighbour_overlap(approx: np.ndarray, exact: np.ndarray) -> float:
+    """ANN recall relative to exact search: share of the exact top-k that the ANN list also returns."""
+    approx, exact = np.asarray(approx), np.asarray(exact)
+    if approx.shape[0] != exact.shape[0]:
+        raise ValueError(f"{approx.shape[0]} ANN lists vs {exact.shape[0]} exact lists")
+    hits = sum(len(np.intersect1d(a, e)) for a, e in zip(approx, exact))
+    return hits / exact.size
+
+
+def resolve_ks(ks: Sequence[int], ratios: Sequence[float], pool_size: int) -> tuple[list[int], dict[str, int]]:
+    """Small ks plus k = max(1, round(r * pool)) for each paper ratio r; every k must fit the pool."""
+    paper = {f"{r:.6g}": max(1, round(r * pool_size)) for r in ratios}
+    all_ks = sorted(set(ks) | set(paper.values()))
+    for k in all_ks:
+        _check_k(k, pool_size)
+    return all_ks, paper
+
+
+def bootstrap_interval(hits: np.ndarray, samples: int, seed: int, level: float = 0.95) -> np.ndarray:
+    """Percentile interval of the mean of each column of `hits` [Q, K], resampling queries (rows)."""
+    hits = np.asarray(hits, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.stack([hits[rng.integers(0, len(hits), len(hits))].mean(axis=0) for _ in range(samples)])
+    tail = (1 - level) / 2 * 100
+    return np.percentile(means, [tail, 100 - tail], axis=0)
+
+
+def recall_table(ranks: np.ndarray, ks: Sequence[int], samples: int, seed: int,
+                 pool_sizes: np.ndarray | None = None, rank_limit: int | None = None) -> dict[str, dict]:
+    """R@k with a bootstrap interval for each k: {str(k): {recall, ci_low, ci_high, queries}}.
+
+    pool_sizes: per-query pool size; queries whose pool is smaller than k are not counted at that k.
+    rank_limit: ranks come from neighbour lists of this length, so only k <= rank_limit is known.
+    """
+    ranks = np.asarray(ranks)
+    table = {}
+    for k in ks:
+        if rank_limit is not None and k > rank_limit:
+            raise ValueError(f"R@{k} needs neighbour lists of length >= {k}, got {rank_limit}")
+        judged = np.ones(len(ranks), bool) if pool_sizes is None else np.asarray(pool_sizes) >= k
+        hits = (ranks[judged] < k)[:, None]
+        entry: dict[str, Any] = {"recall": None, "ci_low": None, "ci_high": None, "queries": int(judged.sum())}
+        if hits.size:
+            low, high = bootstrap_interval(hits, samples, seed)[:, 0]
+            entry.update(recall=float(hits.mean()), ci_low=float(low), ci_high=float(high))
+        table[str(k)] = entry
+    return table
+
+
+def exposure_masks(target_views: np.ndarray, all_views: np.ndarray, low_quantile: float = 0.3,
+                   high_quantile: float = 0.9) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(low, high, low_max, high_min): ground truths at or below the 30% view-count quantile of the
+    test notes, and at or above the 90% quantile (the paper's 30% low / top 10% high exposure)."""
+    low_max, high_min = np.quantile(np.asarray(all_views, np.float64), [low_quantile, high_quantile])
+    target_views = np.asarray(target_views, np.float64)
+    return target_views <= low_max, target_views >= high_min, float(low_max), float(high_min)
+
+
+def _codes(labels: Sequence[Hashable]) -> np.ndarray:
+    _, codes = np.unique(np.asarray([str(label) for label in labels]), return_inverse=True)
+    return codes.astype(np.int32)
+
+
+def evaluate_recall(test_ids: Sequence[Hashable], embedding_ids: Sequence[Hashable], embeddings: np.ndarray,
+                    pairs: Iterable[Pair], ks: Sequence[int], paper_k_ratios: Sequence[float] = (),
+                    bootstrap_samples: int = 1000, seed: int = 0,
+                    categories: Mapping[Hashable, Hashable] | None = None,
+                    views: Mapping[Hashable, float] | None = None) -> dict[str, Any]:
+    """The whole exact-search protocol for one relevance set (co-occurrence pairs, PostLinks, ...).
+
+    Returns a JSON-ready dict: counts, the ks used, the overall recall table and, when categories /
+    views are given, the within-category and exposure-bucket tables.
+    """
+    setup = build_protocol(test_ids, pairs)
+    vectors, unused = align_embeddings(test_ids, embedding_ids, embeddings)
+    vectors = l2_normalise(vectors)
+    queries, candidates = vectors[setup.query_rows], vectors[setup.candidate_rows]
+    all_ks, paper_ks = resolve_ks(ks, paper_k_ratios, len(candidates))
+    ranks = exact_target_ranks(queries, candidates, setup.target_pos)
+    result: dict[str, Any] = {
+        "test_notes": len(test_ids), "embeddings_not_in_test_set": unused, "pairs_read": setup.pairs_read,
+        "pairs_kept": setup.pairs_kept, "pairs_skipped_overlap": setup.pairs_read - setup.pairs_kept,
+        "pool_size": len(candidates), "ks": all_ks, "paper_ks": paper_ks,
+        "recall": recall_table(ranks, all_ks, bootstrap_samples, seed),
+    }
+    if categories is not None:
+        result["within_category"] = _within_category(setup, test_ids, categories, queries, candidates,
+                                                     all_ks, bootstrap_samples, seed)
+    if views is not None:
+        result["exposure"] = _exposure(setup, test_ids, views, ranks, all_ks, bootstrap_samples, seed)
+    return result
+
+
+def _lookup(mapping: Mapping[Hashable, Any], ids: Sequence[Hashable], what: str) -> list[Any]:
+    missing = [i for i in ids if i not in mapping]
+    if missing:
+        raise ValueError(f"{len(missing)} test notes have no {what}: {_some(missing)}")
+    return [mapping[i] for i in ids]
+
+
+def _within_category(setup: RecallSetup, test_ids, categories, queries, candidates, ks, samples, seed) -> dict:
+    codes = _codes(_lookup(categories, test_ids, "category"))
+    query_codes, pool_codes = codes[setup.query_rows], codes[setup.candidate_rows]
+    same = query_codes == pool_codes[setup.target_pos]
+    ranks = exact_target_ranks(queries[same], candidates, setup.target_pos[same],
+                               query_codes[same], pool_codes)
+    pool_sizes = np.bincount(pool_codes, minlength=codes.max() + 1)[query_codes[same]]
+    return {"queries": int(same.sum()), "excluded_cross_category": int((~same).sum()),
+            "recall": recall_table(ranks, ks, samples, seed, pool_sizes=pool_sizes)}
+
+
+def _exposure(setup: RecallSetup, test_ids, views, ranks, ks, samples, seed) -> dict:
+    all_views = np.asarray(_lookup(views, test_ids, "view count"), np.float64)
+    low, high, low_max, high_min = exposure_masks(all_views[setup.target_rows], all_views)
+    return {"low_max_views": low_max, "high_min_views": high_min,
+            "low": recall_table(ranks[low], ks, samples, seed),
+            "high": recall_table(ranks[high], ks, samples, seed)}
