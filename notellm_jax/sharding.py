@@ -6,6 +6,7 @@ Parameters are created with logical axis names (`("embed", "mlp")`); activations
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -40,6 +41,14 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh):
+    """Use inside a traced function: `nn.with_logical_constraint` on activations then resolves through
+    LOGICAL_RULES against `mesh` (without it those constraints are silently no-ops)."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:

@@ -191,8 +191,9 @@ def create_state(spec: StateSpec, params: dict) -> TrainState:
 # The step
 
 
-def _loss_and_metrics(model: NoteLLM, params: dict, batch: dict, config: Config, first_layer: int):
-    outputs = model.apply({"params": params}, batch, first_layer=first_layer)
+def _loss_and_metrics(model: NoteLLM, params: dict, batch: dict, config: Config, first_layer: int, mesh):
+    with shd.axis_rules(mesh):
+        outputs = model.apply({"params": params}, batch, first_layer=first_layer)
     metrics = notellm_losses(outputs, batch, config.train.alpha, config.train.objective)
     return metrics["loss"], metrics
 
@@ -201,7 +202,8 @@ def train_step(state: TrainState, batch: dict, *, spec: StateSpec, config: Confi
     first_layer = spec.frozen_layers if "hidden_in" in batch else 0
 
     def loss_fn(trainable):
-        return _loss_and_metrics(spec.model, merge_params(trainable, state.frozen), batch, config, first_layer)
+        return _loss_and_metrics(spec.model, merge_params(trainable, state.frozen), batch, config, first_layer,
+                                 spec.mesh)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
@@ -212,7 +214,8 @@ def train_step(state: TrainState, batch: dict, *, spec: StateSpec, config: Confi
 
 def eval_step(state: TrainState, batch: dict, *, spec: StateSpec, config: Config) -> dict:
     first_layer = spec.frozen_layers if "hidden_in" in batch else 0
-    _, metrics = _loss_and_metrics(spec.model, merge_params(state.params, state.frozen), batch, config, first_layer)
+    _, metrics = _loss_and_metrics(spec.model, merge_params(state.params, state.frozen), batch, config, first_layer,
+                                   spec.mesh)
     return metrics
 
 
@@ -246,24 +249,30 @@ class FeatureCache:
     runs through the bottom once, and every later batch that contains it reads it back.
     """
 
-    def __init__(self, spec: StateSpec):
+    def __init__(self, spec: StateSpec, chunk: int = 8):
         self.spec = spec
+        self.chunk = chunk  # missing rows run through the bottom in fixed-size chunks (one compilation)
         self.store: dict[int, np.ndarray] = {}
         self.hits = 0
         self.misses = 0
         frozen_layers = spec.frozen_layers
-        self._bottom = jax.jit(lambda frozen, ids, mask: spec.model.apply(
-            {"params": frozen}, ids, mask, frozen_layers, method=NoteLLM.bottom))
+
+        def bottom(frozen, ids, mask):
+            with shd.axis_rules(spec.mesh):
+                return spec.model.apply({"params": frozen}, ids, mask, frozen_layers, method=NoteLLM.bottom)
+        self._bottom = jax.jit(bottom)
 
     def __call__(self, frozen: dict, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seq_ids = batch["seq_id"].tolist()
-        missing = [i for i, s in enumerate(seq_ids) if s not in self.store]
+        missing = list({s: i for i, s in reversed(list(enumerate(seq_ids))) if s not in self.store}.values())
         self.misses += len(missing)
         self.hits += len(seq_ids) - len(missing)
-        if missing:
-            features = np.asarray(self._bottom(frozen, batch["input_ids"], batch["attention_mask"]))
-            for i in missing:
-                self.store[seq_ids[i]] = features[i]
+        for start in range(0, len(missing), self.chunk):
+            rows = missing[start:start + self.chunk]
+            padded = rows + [rows[-1]] * (self.chunk - len(rows))
+            features = np.asarray(self._bottom(frozen, batch["input_ids"][padded], batch["attention_mask"][padded]))
+            for i, row in enumerate(rows):
+                self.store[seq_ids[row]] = features[i]
         out = {k: v for k, v in batch.items() if k != "input_ids"}
         out["hidden_in"] = np.stack([self.store[s] for s in seq_ids])
         return out
@@ -416,23 +425,30 @@ def train(config: Config) -> dict[str, Any]:
     n_notes = 2 * config.train.batch_pairs
     peak = peak_flops_per_device() * jax.device_count()
 
-    def step_flops(run_frozen: bool) -> float:
-        return train_step_flops(llama_cfg, sequences=n_notes, seq_len=config.prompt.max_length,
-                                targets=config.prompt.max_targets, emb_dim=config.model.emb_dim,
-                                trained_layers=llama_cfg.num_hidden_layers - spec.frozen_layers,
-                                forward_only_layers=spec.frozen_layers if run_frozen else 0)
+    def step_flops(frozen_rows: int) -> float:
+        """Trained layers for every row; the frozen bottom only for rows it actually ran on."""
+        length = config.prompt.max_length
+        trained = train_step_flops(llama_cfg, sequences=n_notes, seq_len=length, targets=config.prompt.max_targets,
+                                   emb_dim=config.model.emb_dim,
+                                   trained_layers=llama_cfg.num_hidden_layers - spec.frozen_layers,
+                                   forward_only_layers=0)
+        bottom = train_step_flops(llama_cfg, sequences=frozen_rows, seq_len=length, targets=0, emb_dim=0,
+                                  trained_layers=0, forward_only_layers=spec.frozen_layers)
+        return trained + bottom
 
     data = batches(config, llama_cfg, "train", start_step)
     last: dict[str, Any] = {}
     window_start, window_flops, window_tokens = time.time(), 0.0, 0
     for step in range(start_step, total_steps):
         local = next(data)
-        misses_before = cache.misses if cache else 0
         if cache:
+            misses_before = cache.misses
             local = cache(state.frozen, local)
-        ran_frozen = spec.frozen_layers > 0 and (cache is None or cache.misses > misses_before)
+            frozen_rows = cache.misses - misses_before
+        else:
+            frozen_rows = n_notes if spec.frozen_layers else 0
         state, metrics = step_fn(state, to_global_batch(spec, local))
-        window_flops += step_flops(ran_frozen)
+        window_flops += step_flops(frozen_rows)
         window_tokens += int(local["attention_mask"].sum()) * jax.process_count()
         done = step + 1
         if done % config.train.log_every == 0 or done == total_steps:

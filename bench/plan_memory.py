@@ -1,0 +1,46 @@
+"""Planning table for the LLaMA-2-7B NoteLLM step: per-device memory from ahead-of-time compilation with
+abstract parameters, for the slices users train on, under each remat policy. Prints one JSON document.
+
+    python bench/plan_memory.py [--policies full,dots_with_no_batch_dims_saveable] [--config configs/llama2_7b.py:aot]
+
+Each target runs `python -m notellm_jax.plan` in a subprocess with that many fake CPU devices. Memory is
+XLA's CPU buffer assignment for the sharded program (bf16 compute, fp32 params + AdamW state): a planning
+estimate; CPU has no native bf16 matmul, so activation figures lean high.
+"""
+import argparse
+import json
+import subprocess
+import sys
+
+# (name, chips, HBM GiB per chip, mesh data x fsdp x tensor)
+TARGETS = [
+    ("v5p-8", 4, 95, (1, 4, 1)),
+    ("v4-32", 16, 32, (1, 16, 1)),
+    ("8xH100-80GB", 8, 80, (1, 8, 1)),
+    ("16xH100-80GB", 16, 80, (2, 8, 1)),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/llama2_7b.py:aot")
+    parser.add_argument("--policies", default="full,dots_with_no_batch_dims_saveable")
+    args = parser.parse_args()
+    rows = []
+    for name, chips, hbm, (data, fsdp, tensor) in TARGETS:
+        for policy in args.policies.split(","):
+            cmd = [sys.executable, "-m", "notellm_jax.plan", "--config", args.config, "--devices", str(chips),
+                   "--set", f"mesh.data={data}", "--set", f"mesh.fsdp={fsdp}", "--set", f"mesh.tensor={tensor}",
+                   "--set", f"model.remat_policy={policy}"]
+            print(f"[plan] {name} {policy} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            result.update(target=name, hbm_gib=hbm, fits=result["per_device_gib"] <= 0.9 * hbm)
+            rows.append(result)
+    print(json.dumps({"benchmark": "plan_memory", "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Train-step throughput of the default config: this project's JAX step vs the same model and losses in
+PyTorch (transformers LlamaForCausalLM layers, torch CPU/GPU), the reference implementation's stack.
+
+    python bench/train_step.py [--config configs/smollm2_se.py] [--steps 5] [--torch/--no-torch] [--set ...]
+
+Both sides run the step the config trains: the top `model.train_top_layers` decoder layers (all layers
+when 0) on the cached output of the frozen bottom, the [EMB] projection, the in-batch InfoNCE, the LM head
+at the supervised positions and the generation loss, backward, AdamW. Random weights of the config's
+architecture and random batches of its shapes: speed does not depend on the values. Prints JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import notellm_jax  # noqa: F401
+import jax
+import numpy as np
+
+
+def _batch(config, llama_cfg, frozen_layers: int, seed: int = 0) -> dict[str, np.ndarray]:
+    from notellm_jax.train import synthetic_batches
+    batch = next(synthetic_batches(config, llama_cfg, seed))
+    if frozen_layers:
+        rng = np.random.default_rng(seed)
+        n, t = batch["input_ids"].shape
+        batch["hidden_in"] = rng.normal(0, 1, (n, t, llama_cfg.hidden_size)).astype(np.float32)
+        del batch["input_ids"]
+    return batch
+
+
+def bench_jax(config, steps: int) -> tuple[dict, object, int]:
+    from notellm_jax import sharding as shd
+    from notellm_jax.metrics import peak_flops_per_device, train_step_flops
+    from notellm_jax.train import (compile_steps, create_state, load_initial_params, make_state_spec,
+                                   to_global_batch)
+    params, llama_cfg = load_initial_params(config, emb_vocab_size=None)
+    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    spec = make_state_spec(config, llama_cfg, mesh, total_steps=1000)
+    state = create_state(spec, params)
+    step_fn, _ = compile_steps(spec, config)
+    batch = to_global_batch(spec, _batch(config, llama_cfg, spec.frozen_layers))
+    start = time.time()
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.time() - start
+    times = []
+    for _ in range(steps):
+        start = time.time()
+        state, metrics = step_fn(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.time() - start)
+    step_s = float(np.median(times))
+    n, t = 2 * config.train.batch_pairs, config.prompt.max_length
+    flops = train_step_flops(llama_cfg, sequences=n, seq_len=t, targets=config.prompt.max_targets,
+                             emb_dim=config.model.emb_dim,
+                             trained_layers=llama_cfg.num_hidden_layers - spec.frozen_layers, forward_only_layers=0)
+    peak = peak_flops_per_device() * jax.device_count()
+    return ({"framework": "jax", "version": jax.__version__, "device": jax.devices()[0].device_kind,
+             "compile_plus_first_step_s": compile_s, "step_s": step_s, "tokens_per_s": n * t / step_s,
+             "model_tflop_per_step": flops / 1e12, "achieved_tflop_s": flops / step_s / 1e12,
+             "mfu": flops / step_s / peak, "loss": float(metrics["loss"])}, llama_cfg, spec.frozen_layers)
+
+
+def bench_torch(config, llama_cfg, frozen_layers: int, steps: int) -> dict:
+    import torch
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaModel
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if config.model.compute_dtype == "bfloat16" else torch.float32
+    trained = llama_cfg.num_hidden_layers - frozen_layers
+    hf_cfg = HFLlamaConfig(**{**llama_cfg.to_hf_dict(), "num_hidden_layers": trained, "torch_dtype": None})
+    hf_cfg._attn_implementation = "sdpa"
+    top = LlamaModel(hf_cfg).to(device)
+    embed = top.embed_tokens  # the (tied) head; frozen like the bottom when layers are frozen
+    if frozen_layers:
+        embed.weight.requires_grad_(False)
+    proj = torch.nn.Linear(llama_cfg.hidden_size, config.model.emb_dim, bias=False).to(device)
+    tau = torch.nn.Parameter(torch.tensor(config.model.tau_init, device=device))
+    params = [p for p in list(top.parameters()) + list(proj.parameters()) + [tau] if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
+    batch = {k: torch.as_tensor(v).to(device) for k, v in _batch(config, llama_cfg, frozen_layers).items()}
+    alpha = config.train.alpha
+
+    def step():
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+            if frozen_layers:
+                hidden = top(inputs_embeds=batch["hidden_in"], attention_mask=batch["attention_mask"]).last_hidden_state
+            else:
+                hidden = top(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            rows = torch.arange(hidden.shape[0], device=device)
+            z = torch.nn.functional.normalize(proj(hidden[rows, batch["emb_index"]].float()), dim=-1)
+            sim = (z @ z.T) * tau.exp()
+            sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=device), float("-inf"))
+            pid = batch["pair_id"]
+            positive = (pid[:, None] == pid[None, :]) & ~torch.eye(len(z), dtype=torch.bool, device=device)
+            l_cl = (torch.logsumexp(sim, -1) - sim[positive].view(len(z))).mean()
+            gathered = hidden[rows[:, None], batch["target_positions"]]
+            logits = (gathered @ embed.weight.T).float()
+            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["target_ids"].long().flatten(),
+                                                    reduction="none")
+            mask = batch["target_mask"].flatten()
+            l_gen = (nll * mask).sum() / mask.sum()
+            loss = (l_cl + alpha * l_gen) / (1 + alpha)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip)
+        opt.step()
+        return loss
+
+    start = time.time()
+    step()
+    first = time.time() - start
+    times = []
+    for _ in range(steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.time()
+        loss = step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.time() - start)
+    step_s = float(np.median(times))
+    n, t = 2 * config.train.batch_pairs, config.prompt.max_length
+    return {"framework": "torch", "version": torch.__version__, "device": device, "threads": torch.get_num_threads(),
+            "first_step_s": first, "step_s": step_s, "tokens_per_s": n * t / step_s, "loss": float(loss)}
+
+
+def main() -> None:
+    from notellm_jax.config import load_config
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/smollm2_se.py")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    config = load_config(args.config, args.overrides)
+    if not config.model.checkpoint.startswith("random:"):
+        # Speed does not depend on the weights: use the architecture the checkpoint would give.
+        from notellm_jax.checkpoints import load_params
+        _, cfg = load_params(config.resolve(config.model.checkpoint))
+        from notellm_jax.model.llama import PRESETS
+        match = [k for k, v in PRESETS.items() if all(getattr(cfg, f) == x for f, x in v.items())]
+        if not match:
+            raise SystemExit(f"no preset matches {config.model.checkpoint}; pass --set model.checkpoint=random:<preset>")
+        config.model.checkpoint = f"random:{match[0]}"
+    config.train.synthetic_data = True
+    result = {"benchmark": "train_step", "config": args.config, "machine": platform.node(),
+              "cpu_count": os.cpu_count(), "batch_notes": 2 * config.train.batch_pairs,
+              "seq_len": config.prompt.max_length, "train_top_layers": config.model.train_top_layers,
+              "compute_dtype": config.model.compute_dtype}
+    jax_result, llama_cfg, frozen = bench_jax(config, args.steps)
+    result["jax"] = jax_result
+    if args.torch:
+        result["torch"] = bench_torch(config, llama_cfg, frozen, args.steps)
+        result["jax_speedup_vs_torch"] = result["torch"]["step_s"] / result["jax"]["step_s"]
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

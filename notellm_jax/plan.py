@@ -1,0 +1,94 @@
+"""Ahead-of-time planning: compile the NoteLLM train step for a mesh with abstract (unallocated) state
+and report XLA's per-device memory and the model FLOPs per step.
+
+    python -m notellm_jax.plan --config configs/llama2_7b.py:aot --devices 8 [--set mesh.fsdp=...]
+
+`--devices N` fakes N CPU devices (it must come before jax is imported, so this module sets XLA_FLAGS
+itself when run as a script). The figures are the CPU backend's buffer assignment for the sharded
+program: a planning estimate of what each accelerator holds, not a measurement on one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _set_fake_devices(argv: list[str]) -> None:
+    if "--devices" in argv:
+        n = argv[argv.index("--devices") + 1]
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={n}")
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def abstract_batch(config, spec) -> dict:
+    """ShapeDtypeStructs of one global batch with its sharding (what the pipeline would deliver)."""
+    import jax
+    import jax.numpy as jnp
+
+    from notellm_jax import sharding as shd
+    n, length, targets = 2 * config.train.batch_pairs, config.prompt.max_length, config.prompt.max_targets
+    shapes = {"input_ids": ((n, length), jnp.int32), "attention_mask": ((n, length), jnp.int32),
+              "emb_index": ((n,), jnp.int32), "target_positions": ((n, targets), jnp.int32),
+              "target_ids": ((n, targets), jnp.int32), "target_mask": ((n, targets), jnp.float32),
+              "pair_id": ((n,), jnp.int32)}
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(spec.mesh, len(s))) for k, (s, d) in shapes.items()}
+
+
+def plan(config) -> dict:
+    """Compile the train step for `config` on the current devices; nothing of the model is allocated."""
+    import jax
+
+    from notellm_jax import sharding as shd
+    from notellm_jax.metrics import train_step_flops
+    from notellm_jax.model.llama import preset
+    from notellm_jax.train import compile_steps, make_state_spec, runtime_llama_config
+
+    name = config.model.checkpoint.split(":", 1)[1] if config.model.checkpoint.startswith("random:") else None
+    if name is None:
+        raise ValueError("planning needs model.checkpoint='random:<preset>' (shapes only, no weights)")
+    llama_cfg = runtime_llama_config(config, preset(name))
+    llama_cfg = llama_cfg.replace(vocab_size=llama_cfg.vocab_size + 1)  # [EMB]
+    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    spec = make_state_spec(config, llama_cfg, mesh, total_steps=1000)
+    step_fn, _ = compile_steps(spec, config)
+    start = time.time()
+    compiled = step_fn.lower(spec.abstract_state, abstract_batch(config, spec)).compile()
+    compile_s = time.time() - start
+    mem = compiled.memory_analysis()
+    gib = 1024 ** 3
+    out = {"model": name, "params_b": llama_cfg.num_params() / 1e9, "devices": jax.device_count(),
+           "mesh": dict(mesh.shape), "remat_policy": llama_cfg.remat_policy, "compute_dtype": llama_cfg.compute_dtype,
+           "batch_pairs": config.train.batch_pairs, "seq_len": config.prompt.max_length, "compile_s": round(compile_s, 1)}
+    if mem is not None:
+        out.update(argument_gib=mem.argument_size_in_bytes / gib, output_gib=mem.output_size_in_bytes / gib,
+                   temp_gib=mem.temp_size_in_bytes / gib, alias_gib=mem.alias_size_in_bytes / gib,
+                   generated_code_gib=mem.generated_code_size_in_bytes / gib)
+        # Donated state aliases its output, so live memory = arguments + temporaries (+ unaliased outputs).
+        out["per_device_gib"] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
+                                 mem.output_size_in_bytes - mem.alias_size_in_bytes) / gib
+    out["model_tflops_per_step"] = train_step_flops(
+        llama_cfg, sequences=2 * config.train.batch_pairs, seq_len=config.prompt.max_length,
+        targets=config.prompt.max_targets, emb_dim=config.model.emb_dim,
+        trained_layers=llama_cfg.num_hidden_layers, forward_only_layers=0) / 1e12
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    _set_fake_devices(argv)
+    import notellm_jax  # noqa: F401
+    from notellm_jax.config import add_config_args, config_from_args
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_args(parser)
+    parser.add_argument("--devices", type=int, default=0, help="fake this many CPU devices")
+    result = plan(config_from_args(parser.parse_args(argv)))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
