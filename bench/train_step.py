@@ -6,7 +6,8 @@ PyTorch (transformers LlamaForCausalLM layers, torch CPU/GPU), the reference imp
 Both sides run the step the config trains: the top `model.train_top_layers` decoder layers (all layers
 when 0) on the cached output of the frozen bottom, the [EMB] projection, the in-batch InfoNCE, the LM head
 at the supervised positions and the generation loss, backward, AdamW. Random weights of the config's
-architecture and random batches of its shapes: speed does not depend on the values. Prints JSON.
+architecture (the same on both sides, so the first-step losses agree) and random batches of its shapes.
+Prints JSON.
 """
 from __future__ import annotations
 
@@ -33,12 +34,13 @@ def _batch(config, llama_cfg, frozen_layers: int, seed: int = 0) -> dict[str, np
     return batch
 
 
-def bench_jax(config, steps: int) -> tuple[dict, object, int]:
+def bench_jax(config, steps: int) -> tuple[dict, dict, object, int]:
     from notellm_jax import sharding as shd
     from notellm_jax.metrics import peak_flops_per_device, train_step_flops
     from notellm_jax.train import (compile_steps, create_state, load_initial_params, make_state_spec,
                                    to_global_batch)
     params, llama_cfg = load_initial_params(config, emb_vocab_size=None)
+    host_params = jax.tree.map(np.array, params)
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     spec = make_state_spec(config, llama_cfg, mesh, total_steps=1000)
     state = create_state(spec, params)
@@ -46,7 +48,7 @@ def bench_jax(config, steps: int) -> tuple[dict, object, int]:
     batch = to_global_batch(spec, _batch(config, llama_cfg, spec.frozen_layers))
     start = time.time()
     state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
+    first_loss = float(metrics["loss"])
     compile_s = time.time() - start
     times = []
     for _ in range(steps):
@@ -63,10 +65,30 @@ def bench_jax(config, steps: int) -> tuple[dict, object, int]:
     return ({"framework": "jax", "version": jax.__version__, "device": jax.devices()[0].device_kind,
              "compile_plus_first_step_s": compile_s, "step_s": step_s, "tokens_per_s": n * t / step_s,
              "model_tflop_per_step": flops / 1e12, "achieved_tflop_s": flops / step_s / 1e12,
-             "mfu": flops / step_s / peak, "loss": float(metrics["loss"])}, llama_cfg, spec.frozen_layers)
+             "mfu": flops / step_s / peak, "first_step_loss": first_loss}, host_params, llama_cfg, spec.frozen_layers)
 
 
-def bench_torch(config, llama_cfg, frozen_layers: int, steps: int) -> dict:
+def _torch_state_dict(params: dict, llama_cfg, frozen_layers: int) -> dict:
+    """The JAX model's weights for the trained top layers, named and numbered as a transformers LlamaModel."""
+    import re
+
+    import torch
+
+    from notellm_jax.checkpoints import params_to_hf
+    from notellm_jax.model.llama import unstack_layers
+    hf = params_to_hf(unstack_layers(params["decoder"]), llama_cfg)
+    out = {}
+    for name, value in hf.items():
+        match = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        if match:
+            if int(match.group(1)) >= frozen_layers:
+                out[f"layers.{int(match.group(1)) - frozen_layers}.{match.group(2)}"] = torch.from_numpy(np.array(value))
+        elif name.startswith("model."):
+            out[name[len("model."):]] = torch.from_numpy(np.array(value))
+    return out
+
+
+def bench_torch(config, params: dict, llama_cfg, frozen_layers: int, steps: int) -> dict:
     import torch
     from transformers import LlamaConfig as HFLlamaConfig
     from transformers import LlamaModel
@@ -77,12 +99,18 @@ def bench_torch(config, llama_cfg, frozen_layers: int, steps: int) -> dict:
     trained = llama_cfg.num_hidden_layers - frozen_layers
     hf_cfg = HFLlamaConfig(**{**llama_cfg.to_hf_dict(), "num_hidden_layers": trained, "torch_dtype": None})
     hf_cfg._attn_implementation = "sdpa"
-    top = LlamaModel(hf_cfg).to(device)
+    top = LlamaModel(hf_cfg)
+    missing, unexpected = top.load_state_dict(_torch_state_dict(params, llama_cfg, frozen_layers), strict=False)
+    if unexpected or [m for m in missing if "rotary" not in m]:
+        raise RuntimeError(f"weight transfer to torch failed: missing {missing}, unexpected {unexpected}")
+    top = top.to(device)
     embed = top.embed_tokens  # the (tied) head; frozen like the bottom when layers are frozen
     if frozen_layers:
         embed.weight.requires_grad_(False)
-    proj = torch.nn.Linear(llama_cfg.hidden_size, config.model.emb_dim, bias=False).to(device)
-    tau = torch.nn.Parameter(torch.tensor(config.model.tau_init, device=device))
+    proj = torch.nn.Linear(llama_cfg.hidden_size, config.model.emb_dim, bias=False)
+    proj.weight.data = torch.from_numpy(np.array(params["proj"]["kernel"]).T.copy())
+    proj = proj.to(device)
+    tau = torch.nn.Parameter(torch.tensor(float(params["tau"]), device=device))
     params = [p for p in list(top.parameters()) + list(proj.parameters()) + [tau] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
     batch = {k: torch.as_tensor(v).to(device) for k, v in _batch(config, llama_cfg, frozen_layers).items()}
@@ -115,7 +143,7 @@ def bench_torch(config, llama_cfg, frozen_layers: int, steps: int) -> dict:
         return loss
 
     start = time.time()
-    step()
+    first_loss = float(step())
     first = time.time() - start
     times = []
     for _ in range(steps):
@@ -129,7 +157,7 @@ def bench_torch(config, llama_cfg, frozen_layers: int, steps: int) -> dict:
     step_s = float(np.median(times))
     n, t = 2 * config.train.batch_pairs, config.prompt.max_length
     return {"framework": "torch", "version": torch.__version__, "device": device, "threads": torch.get_num_threads(),
-            "first_step_s": first, "step_s": step_s, "tokens_per_s": n * t / step_s, "loss": float(loss)}
+            "first_step_s": first, "step_s": step_s, "tokens_per_s": n * t / step_s, "first_step_loss": first_loss}
 
 
 def main() -> None:
@@ -155,10 +183,11 @@ def main() -> None:
               "cpu_count": os.cpu_count(), "batch_notes": 2 * config.train.batch_pairs,
               "seq_len": config.prompt.max_length, "train_top_layers": config.model.train_top_layers,
               "compute_dtype": config.model.compute_dtype}
-    jax_result, llama_cfg, frozen = bench_jax(config, args.steps)
+    jax_result, params, llama_cfg, frozen = bench_jax(config, args.steps)
     result["jax"] = jax_result
     if args.torch:
-        result["torch"] = bench_torch(config, llama_cfg, frozen, args.steps)
+        # Same weights and batch on both sides, so the first-step losses must agree (a correctness check).
+        result["torch"] = bench_torch(config, params, llama_cfg, frozen, args.steps)
         result["jax_speedup_vs_torch"] = result["torch"]["step_s"] / result["jax"]["step_s"]
     print(json.dumps(result, indent=1))
 

@@ -119,4 +119,30 @@ def load_tokenizer(path: str | Path, emb_token: str = "[EMB]") -> NoteTokenizer:
         raise
     except Exception as e:  # parse failures inside transformers/sentencepiece: name the file
         raise ValueError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})") from e
-    return NoteTokenizer(hf, emb_token=emb_token, source=str(path))
+    tokenizer = NoteTokenizer(hf, emb_token=emb_token, source=str(path))
+    if path.suffix.lower() == ".gguf":
+        _apply_gguf_special_tokens(tokenizer, path)
+    return tokenizer
+
+
+def _apply_gguf_special_tokens(tokenizer: NoteTokenizer, path: Path) -> None:
+    """Take BOS/EOS/PAD and whether BOS is prepended from the GGUF metadata itself.
+
+    transformers' GGUF tokenizer conversion gets these wrong for some files (SmolLM2-135M-Instruct: EOS
+    becomes <|im_start|> instead of <|im_end|>, so generation would never stop at the end of a turn).
+    """
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+
+    def value(key: str):
+        field = fields.get(key)
+        return None if field is None else field.parts[field.data[0]][0].item()
+
+    eos, pad, bos = (value(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "padding_token_id", "bos_token_id"))
+    if eos is not None:
+        tokenizer.eos_id = int(eos)
+    if pad is not None:
+        tokenizer.pad_id = int(pad)
+    add_bos = value("tokenizer.ggml.add_bos_token")
+    tokenizer.bos_id = None if add_bos is False or bos is None else int(bos)

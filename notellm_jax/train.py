@@ -286,23 +286,35 @@ def data_dir(config: Config) -> Path:
     return config.work_dir / "data"
 
 
-def synthetic_batches(config: Config, llama_cfg: LlamaConfig, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-    """Random token batches with the pipeline's shapes and layout, for performance runs (no TF needed)."""
-    b = config.train.batch_pairs // jax.process_count()
+def synthetic_batches(config: Config, llama_cfg: LlamaConfig, start_step: int, *, process_index: int | None = None,
+                      process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Random token batches with the pipeline's shapes and layout, for performance runs (no TF needed).
+
+    A step's GLOBAL batch depends on (seed, step) alone; host h keeps pairs [h*b, (h+1)*b), laid out
+    [a..., b...] like the pipeline, so any process count trains on the same global batch (up to row order).
+    """
+    host = jax.process_index() if process_index is None else process_index
+    b = config.train.batch_pairs // (jax.process_count() if process_count is None else process_count)
     n, length, targets = 2 * b, config.prompt.max_length, config.prompt.max_targets
     step = start_step
     while True:
-        rng = np.random.default_rng([config.train.seed, step, jax.process_index()])
+        rng = np.random.default_rng([config.train.seed, step])
+
+        def draw(high: int, *shape: int, dtype=np.int64) -> np.ndarray:
+            """This host's rows of a global (side, pair, *shape) draw."""
+            full = rng.integers(0, high, (2, config.train.batch_pairs, *shape), dtype=dtype)
+            return full[:, host * b:(host + 1) * b].reshape(n, *shape)
+
         emb_index = np.full((n,), length - targets - 2, np.int32)
         positions = (emb_index[:, None] + 2 + np.arange(targets)[None, :]).astype(np.int32)
         positions = np.minimum(positions, length - 1)
-        pair = np.arange(b, dtype=np.int32) + jax.process_index() * b
-        yield {"input_ids": rng.integers(0, llama_cfg.vocab_size - 1, (n, length), dtype=np.int32),
+        pair = np.arange(b, dtype=np.int32) + host * b
+        yield {"input_ids": draw(llama_cfg.vocab_size - 1, length, dtype=np.int32),
                "attention_mask": np.ones((n, length), np.int32), "emb_index": emb_index,
                "target_positions": positions,
-               "target_ids": rng.integers(0, llama_cfg.vocab_size - 1, (n, targets), dtype=np.int32),
+               "target_ids": draw(llama_cfg.vocab_size - 1, targets, dtype=np.int32),
                "target_mask": np.ones((n, targets), np.float32), "pair_id": np.concatenate([pair, pair]),
-               "seq_id": rng.integers(0, 2**62, (n,), dtype=np.int64)}
+               "seq_id": draw(2**62)}
         step += 1
 
 
@@ -321,7 +333,8 @@ def total_train_steps(config: Config) -> int:
     if config.train.synthetic_data:
         raise ValueError("train.synthetic_data needs train.max_steps > 0")
     from notellm_jax.data import pipeline
-    steps = int(np.ceil(config.train.epochs * pipeline.steps_per_epoch(config, data_dir(config))))
+    per_epoch = pipeline.steps_per_epoch(config, data_dir(config), process_count=jax.process_count())
+    steps = int(np.ceil(config.train.epochs * per_epoch))
     if steps <= 0:
         raise ValueError(f"no training steps: check the training pairs under {data_dir(config)}")
     return steps
@@ -331,23 +344,31 @@ def total_train_steps(config: Config) -> int:
 # Checkpoints
 
 
+def checkpoint_dir(config: Config):
+    """`train.checkpoint_dir` (a local path or an orbax URL like gs://...) or <work_dir>/checkpoints."""
+    from etils import epath
+    if "://" in config.train.checkpoint_dir:
+        return epath.Path(config.train.checkpoint_dir)
+    return Path(config.train.checkpoint_dir or config.work_dir / "checkpoints").absolute()
+
+
 def checkpoint_manager(config: Config):
     import orbax.checkpoint as ocp
     options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
                                            enable_async_checkpointing=config.train.async_checkpoint)
-    return ocp.CheckpointManager((config.work_dir / "checkpoints").absolute(), options=options,
-                                 item_names=("state", "meta"))
+    return ocp.CheckpointManager(checkpoint_dir(config), options=options, item_names=("state", "meta"))
 
 
-def save_checkpoint(manager, state: TrainState, config: Config, force: bool = False) -> None:
+def save_checkpoint(manager, state: TrainState, config: Config, total_steps: int, force: bool = False) -> None:
     import orbax.checkpoint as ocp
     step = int(state.step)
-    meta = {"step": step, "seed": config.train.seed, "data_position": step, "config": config.to_dict()}
+    meta = {"step": step, "seed": config.train.seed, "data_position": step, "total_steps": total_steps,
+            "config": config.to_dict()}
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                  force=force)
 
 
-def restore_checkpoint(manager, spec: StateSpec, config: Config) -> TrainState | None:
+def restore_checkpoint(manager, spec: StateSpec, config: Config, total_steps: int) -> TrainState | None:
     """The latest checkpoint restored onto this run's mesh (any mesh shape), or None."""
     import orbax.checkpoint as ocp
     step = manager.latest_step()
@@ -359,13 +380,23 @@ def restore_checkpoint(manager, spec: StateSpec, config: Config) -> TrainState |
     if meta["seed"] != config.train.seed:
         raise ValueError(f"checkpoint at step {step} was trained with seed {meta['seed']}, this run has "
                          f"seed {config.train.seed}: resuming would not reproduce the data order")
+    if meta.get("total_steps", total_steps) != total_steps:
+        logger.warning("resuming a run planned for %d steps with %d steps: the learning-rate schedule changes, "
+                       "so the result will differ from an uninterrupted run", meta["total_steps"], total_steps)
     return restored["state"]
 
 
 def export_params(config: Config, state: TrainState, llama_cfg: LlamaConfig, tokenizer_path: str) -> Path:
-    """Param-only export for the embedding / eval tools: orbax params + notellm.json."""
+    """Param-only export for the embedding / eval tools: orbax params + notellm.json.
+
+    Called by every process: the parameters are gathered to host arrays (a collective) and orbax saves
+    them from process 0, with barriers that every process must reach.
+    """
+    from jax.experimental import multihost_utils
     from notellm_jax.model.export import save_notellm
     params = merge_params(state.params, state.frozen)
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
     return save_notellm(config.work_dir / "export", params, llama_cfg, config, tokenizer_path)
 
 
@@ -404,7 +435,7 @@ def train(config: Config) -> dict[str, Any]:
         raise ValueError("model.cache_frozen_features works in one process; set it False for multi-host runs")
 
     manager = checkpoint_manager(config)
-    state = restore_checkpoint(manager, spec, config)
+    state = restore_checkpoint(manager, spec, config, total_steps)
     if state is None:
         state = create_state(spec, params)
     del params
@@ -464,14 +495,14 @@ def train(config: Config) -> dict[str, Any]:
         if config.train.eval_every and done % config.train.eval_every == 0 and done != total_steps:
             writer.write(done, validate(config, spec, state, eval_fn, cache, llama_cfg), prefix="val")
         if done % config.train.checkpoint_every == 0 and done != total_steps:
-            save_checkpoint(manager, state, config)
+            save_checkpoint(manager, state, config, total_steps)
     if int(state.step) > start_step or manager.latest_step() != int(state.step):
-        save_checkpoint(manager, state, config, force=True)
+        save_checkpoint(manager, state, config, total_steps, force=True)
     manager.wait_until_finished()
     if config.train.eval_batches > 0 and not config.train.synthetic_data:
         last.update({f"val_{k}": v for k, v in validate(config, spec, state, eval_fn, cache, llama_cfg).items()})
         writer.write(int(state.step), {k[4:]: v for k, v in last.items() if k.startswith("val_")}, prefix="val")
-    if primary and not config.train.synthetic_data:
+    if not config.train.synthetic_data:
         export_params(config, state, llama_cfg, tokenizer_path(config))
     writer.close()
     return last

@@ -33,9 +33,8 @@ class NoteLLM(nn.Module):
                              kernel_init=nn.with_logical_partitioning(
                                  nn.initializers.normal(stddev=self.llama.hidden_size ** -0.5),
                                  ("embed", "emb_proj")))
-        self.tau = self.param("tau", nn.with_logical_partitioning(nn.initializers.constant(self.tau_init), ()),
-                              (), jnp.float32)
 
+    @nn.compact  # tau is declared here, not in setup, so `bottom` runs on the frozen decoder params alone
     def __call__(self, batch: dict[str, jax.Array], *, first_layer: int = 0, last_layer: int | None = None,
                  with_logits: bool = True) -> dict[str, jax.Array]:
         """batch: input_ids [N, T] (or hidden_in [N, T, H] = output of frozen layers [0, first_layer)),
@@ -46,7 +45,9 @@ class NoteLLM(nn.Module):
         else:
             hidden = self.decoder(batch["input_ids"], batch["attention_mask"], first_layer=first_layer,
                                   last_layer=last_layer)
-        out = {"embedding": self.embed_hidden(hidden, batch["emb_index"]), "tau": self.tau}
+        tau = self.param("tau", nn.with_logical_partitioning(nn.initializers.constant(self.tau_init), ()),
+                         (), jnp.float32)
+        out = {"embedding": self.embed_hidden(hidden, batch["emb_index"]), "tau": tau}
         if with_logits:
             gathered = jnp.take_along_axis(hidden, batch["target_positions"][..., None], axis=1)  # [N, M, H]
             out["gen_logits"] = self.decoder.logits(gathered).astype(jnp.float32)

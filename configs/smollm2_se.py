@@ -1,0 +1,53 @@
+"""The default main job: SmolLM2-135M-Instruct (real weights, from its GGUF) on the Stack Exchange data.
+
+Sized for the project's 2-core CPU machines (ENVIRONMENT.md: a full fine-tune of even 135M parameters over
+all ~36k pairs takes hours there): the top `train_top_layers` decoder layers, the final norm, the [EMB]
+projection and tau train; the frozen bottom's hidden states are computed once per distinct sequence and
+cached; notes are cut to 16 title + 48 content tokens; two epochs over a seeded sample of 1,024 training pairs.
+On a GPU use `get_config("full")`: every layer trains, all pairs, bf16 compute.
+"""
+from notellm_jax.config import Config
+
+
+def get_config(arg: str = "") -> Config:
+    c = Config(name="smollm2_se")
+    c.paths.work_dir = "runs/smollm2_se"
+    c.data.source = "stackexchange"
+    c.data.input_path = "data/stackexchange"
+    c.data.num_shards = 4
+    c.data.max_train_pairs = 1024
+    c.model.checkpoint = "SmolLM2-135M-Instruct.Q4_1.gguf"  # under paths.cache_dir (launch/setup.sh)
+    c.model.emb_dim = 128
+    c.model.train_top_layers = 2
+    c.prompt.layout = "paper"
+    c.prompt.title_max_tokens = 16
+    c.prompt.content_max_tokens = 48
+    c.prompt.max_length = 144
+    c.prompt.max_targets = 16
+    c.prompt.hashtag_fraction = 0.4
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.train.batch_pairs = 16
+    c.train.epochs = 2.0  # the second epoch reads the frozen-layer cache: ~4x cheaper per step
+    c.train.learning_rate = 1e-4
+    c.train.warmup_fraction = 0.1
+    c.train.alpha = 0.01
+    c.train.log_every = 8
+    c.train.checkpoint_every = 64
+    c.train.eval_batches = 4
+    c.eval.embed_batch_size = 32
+    if arg == "full":  # accelerator setting: every layer, every pair, bf16
+        c.name = "smollm2_se_full"
+        c.paths.work_dir = "runs/smollm2_se_full"
+        c.data.max_train_pairs = 0
+        c.train.epochs = 1.0
+        c.model.train_top_layers = 0
+        c.model.compute_dtype = "bfloat16"
+        c.model.scan_layers = True
+        c.model.remat_policy = "dots_with_no_batch_dims_saveable"
+        c.prompt.title_max_tokens = 20
+        c.prompt.content_max_tokens = 80
+        c.prompt.max_length = 192
+        c.prompt.max_targets = 32
+        c.train.batch_pairs = 64
+        c.train.learning_rate = 3e-5
+    return c
