@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from notellm_jax.model.llama import Llama, LlamaConfig, init_cache, stack_layers, unstack_layers
+from notellm_jax.model.decode import greedy_decode
+from notellm_jax.model.llama import Llama, LlamaConfig, stack_layers, unstack_layers
 
 logger = logging.getLogger(__name__)
 
@@ -495,10 +496,8 @@ class CausalLM:
         once every row has finished."""
         ids, mask, single = _as_batch(input_ids, attention_mask)
         eos = self.config.eos_token_id if eos_id is None else eos_id
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        new = _greedy_decode(self.model, self.params, ids, mask, int(max_new_tokens), np.int32(eos))
-        out = np.concatenate([ids, np.asarray(new, np.int32)], axis=1)
+        new = greedy_decode(self.model, self.params, ids, mask, int(max_new_tokens), int(eos))
+        out = np.concatenate([ids, new], axis=1)
         return out[0] if single else out
 
 
@@ -506,35 +505,6 @@ class CausalLM:
 def _forward_logits(model: Llama, params: Params, ids: jax.Array, mask: jax.Array) -> jax.Array:
     hidden = model.apply({"params": params}, ids, mask)
     return model.apply({"params": params}, hidden, method=Llama.logits).astype(jnp.float32)
-
-
-@partial(jax.jit, static_argnums=(0, 4))
-def _greedy_decode(model: Llama, params: Params, ids: jax.Array, mask: jax.Array, max_new_tokens: int,
-                   eos_id: jax.Array) -> jax.Array:
-    """Prefill the cache with the prompt, then feed back one argmax token per step."""
-    batch, length = ids.shape
-    variables = {"params": params}
-    cache = init_cache(model.config, batch, length + max_new_tokens)
-    hidden, cache = model.apply(variables, ids, mask, cache=cache)
-    last_real = length - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # right padding: last real token, not slot T-1
-    last_hidden = hidden[jnp.arange(batch), last_real][:, None]
-
-    def next_token(hidden_1: jax.Array, done: jax.Array) -> tuple[jax.Array, jax.Array]:
-        token = jnp.argmax(model.apply(variables, hidden_1, method=Llama.logits)[:, 0], axis=-1).astype(jnp.int32)
-        token = jnp.where(done, eos_id, token)
-        return token, done | (token == eos_id)
-
-    def step(state):
-        i, out, token, done, cache = state
-        hidden_1, cache = model.apply(variables, token[:, None], jnp.ones((batch, 1), jnp.int32), cache=cache)
-        token, done = next_token(hidden_1, done)
-        return i + 1, out.at[:, i].set(token), token, done, cache
-
-    token, done = next_token(last_hidden, jnp.zeros((batch,), bool))
-    out = jnp.full((batch, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(token)
-    state = (jnp.int32(1), out, token, done, cache)
-    state = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens) & ~jnp.all(s[3]), step, state)
-    return state[1]
 
 
 def load_causal_lm(path: str | Path, **runtime: Any) -> CausalLM:

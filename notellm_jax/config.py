@@ -27,6 +27,8 @@ class PathsConfig:
     cache_dir: str = os.environ.get("NOTELLM_CACHE", os.path.expanduser("~/.cache/notellm_jax"))
     # Everything a run writes: prepared data, checkpoints, embeddings, reports.
     work_dir: str = "runs/default"
+    # Prepared data (parquet + shards); empty = <work_dir>/data. Ablation runs point here to share it.
+    data_dir: str = ""
 
 
 @dataclasses.dataclass
@@ -108,6 +110,8 @@ class ModelConfig:
     # With train_top_layers: cache the frozen bottom's hidden states per distinct sequence on the host
     # (one process only). Off: the bottom runs in every step (forward only).
     cache_frozen_features: bool = True
+    # Keep that cache on disk beside the prepared data (shared by ablation runs and embedding).
+    persist_feature_cache: bool = True
 
 
 @dataclasses.dataclass
@@ -140,6 +144,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
+    # Where every process writes its part of each checkpoint: "" = <work_dir>/checkpoints. Multi-host runs
+    # need a path all hosts share: a shared file system or an orbax-supported URL such as gs://bucket/run.
+    checkpoint_dir: str = ""
     # Synthetic batches (no data files, no TensorFlow): for performance runs on accelerators.
     synthetic_data: bool = False
 
@@ -151,8 +158,22 @@ class EvalConfig:
     paper_k_ratios: list[float] = dataclasses.field(
         default_factory=lambda: [100 / 258_000, 1_000 / 258_000, 10_000 / 258_000, 100_000 / 258_000])
     bootstrap_samples: int = 1000
+    bootstrap_seed: int = 0
     embed_batch_size: int = 32
+    # Embedding files: notes per .npy shard (at most one shard is held in memory while writing/reading).
+    embed_shard_size: int = 65536
+    # Sequences are padded to the smallest of this many evenly spaced lengths up to prompt.max_length
+    # (one compile per length; short notes do not pay for the longest).
+    embed_length_buckets: int = 4
+    # SentenceBERT baselines (notellm_jax.baselines): token cap, and the fine-tune kept CPU-sized
+    # (ENVIRONMENT.md: ~17.8 s per 32 x 256-token step here). Seeded by train.seed.
+    sbert_max_tokens: int = 128
+    sbert_finetune_steps: int = 64
+    sbert_finetune_batch_pairs: int = 16
+    sbert_learning_rate: float = 2e-5
     generate_max_new_tokens: int = 24
+    # Prompts per decode batch (fixed shape; the last batch is filled with copies and trimmed).
+    generate_batch_size: int = 32
     repetition_penalty: float = 1.0
     constrain_categories: bool = False
     # ScaNN parameters; 0 = chosen from the index size.
@@ -179,16 +200,20 @@ class Config:
         """Absolute path for `path`: as is if absolute or existing, else under cache_dir or shared_dir."""
         p = Path(os.path.expanduser(path))
         if p.is_absolute() or p.exists():
-            return p
+            return p.absolute()
         for root in (self.paths.cache_dir, self.paths.shared_dir):
             candidate = Path(os.path.expanduser(root)) / p
             if candidate.exists():
-                return candidate
-        return Path(os.path.expanduser(self.paths.shared_dir)) / p
+                return candidate.absolute()
+        return (Path(os.path.expanduser(self.paths.shared_dir)) / p).absolute()
 
     @property
     def work_dir(self) -> Path:
         return Path(self.paths.work_dir)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.paths.data_dir) if self.paths.data_dir else self.work_dir / "data"
 
 
 def _parse_value(text: str, annotation: Any) -> Any:

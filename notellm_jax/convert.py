@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", choices=sorted(WRITERS), default="hf", help="output format (default hf)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    notellm_jax.configure_logging()
 
     dst = Path(args.dst)
     if dst.is_file() or (dst.is_dir() and any(dst.iterdir()) and not args.overwrite):

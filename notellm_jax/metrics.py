@@ -57,14 +57,18 @@ def train_step_flops(cfg: LlamaConfig, *, sequences: int, seq_len: int, targets:
 class MetricsWriter:
     """Progress line on the console, one JSON object per line in metrics.jsonl, TensorBoard scalars."""
 
-    def __init__(self, log_dir: Path, total_steps: int, enabled: bool = True):
+    def __init__(self, log_dir: Path, total_steps: int, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.total_steps = total_steps
         self.start = time.time()
         self._jsonl = None
         self._tb = None
+        self._bar = None
         if not enabled:
             return
+        from tqdm import tqdm
+        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                         mininterval=5.0)
         log_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(log_dir / "metrics.jsonl", "a", buffering=1)
         try:
@@ -83,9 +87,15 @@ class MetricsWriter:
                 self._tb.add_scalar(f"{prefix}/{key}", value, step)
         elapsed = time.time() - self.start
         shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-        print(f"[{prefix} {step}/{self.total_steps} {elapsed:6.0f}s] {shown}", file=sys.stderr, flush=True)
+        self._bar.write(f"[{prefix} {step}/{self.total_steps} {elapsed:6.0f}s] {shown}", file=sys.stderr)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
 
     def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:

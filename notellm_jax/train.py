@@ -33,6 +33,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from notellm_jax import sharding as shd
 from notellm_jax.config import Config, add_config_args, config_from_args
 from notellm_jax.distributed import init_distributed, is_primary
+from notellm_jax.feature_cache import FeatureCache, cache_path
 from notellm_jax.metrics import MetricsWriter, peak_flops_per_device, train_step_flops
 from notellm_jax.model.llama import LlamaConfig, init_params, preset, stack_layers
 from notellm_jax.model.notellm import NoteLLM, notellm_losses
@@ -239,51 +240,7 @@ def to_global_batch(spec: StateSpec, local: dict[str, np.ndarray]) -> dict[str, 
 
 
 # --------------------------------------------------------------------------------------------------
-# Frozen-layer feature cache
-
-
-class FeatureCache:
-    """Host cache of the frozen bottom's hidden states, keyed by the exact token sequence (`seq_id`).
-
-    The frozen layers see only token ids, so a note's features never change: each distinct sequence
-    runs through the bottom once, and every later batch that contains it reads it back.
-    """
-
-    def __init__(self, spec: StateSpec, chunk: int = 8):
-        self.spec = spec
-        self.chunk = chunk  # missing rows run through the bottom in fixed-size chunks (one compilation)
-        self.store: dict[int, np.ndarray] = {}
-        self.hits = 0
-        self.misses = 0
-        frozen_layers = spec.frozen_layers
-
-        def bottom(frozen, ids, mask):
-            with shd.axis_rules(spec.mesh):
-                return spec.model.apply({"params": frozen}, ids, mask, frozen_layers, method=NoteLLM.bottom)
-        self._bottom = jax.jit(bottom)
-
-    def __call__(self, frozen: dict, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        seq_ids = batch["seq_id"].tolist()
-        missing = list({s: i for i, s in reversed(list(enumerate(seq_ids))) if s not in self.store}.values())
-        self.misses += len(missing)
-        self.hits += len(seq_ids) - len(missing)
-        for start in range(0, len(missing), self.chunk):
-            rows = missing[start:start + self.chunk]
-            padded = rows + [rows[-1]] * (self.chunk - len(rows))
-            features = np.asarray(self._bottom(frozen, batch["input_ids"][padded], batch["attention_mask"][padded]))
-            for i, row in enumerate(rows):
-                self.store[seq_ids[row]] = features[i]
-        out = {k: v for k, v in batch.items() if k != "input_ids"}
-        out["hidden_in"] = np.stack([self.store[s] for s in seq_ids])
-        return out
-
-
-# --------------------------------------------------------------------------------------------------
 # Data
-
-
-def data_dir(config: Config) -> Path:
-    return config.work_dir / "data"
 
 
 def synthetic_batches(config: Config, llama_cfg: LlamaConfig, start_step: int, *, process_index: int | None = None,
@@ -322,7 +279,7 @@ def batches(config: Config, llama_cfg: LlamaConfig, split: str, start_step: int)
     if config.train.synthetic_data:
         return synthetic_batches(config, llama_cfg, start_step)
     from notellm_jax.data import pipeline
-    return iter(pipeline.make_train_dataset(config, data_dir(config), split=split,
+    return iter(pipeline.make_train_dataset(config, config.data_dir, split=split,
                                             process_index=jax.process_index(),
                                             process_count=jax.process_count(), start_step=start_step))
 
@@ -333,10 +290,10 @@ def total_train_steps(config: Config) -> int:
     if config.train.synthetic_data:
         raise ValueError("train.synthetic_data needs train.max_steps > 0")
     from notellm_jax.data import pipeline
-    per_epoch = pipeline.steps_per_epoch(config, data_dir(config), process_count=jax.process_count())
+    per_epoch = pipeline.steps_per_epoch(config, config.data_dir, process_count=jax.process_count())
     steps = int(np.ceil(config.train.epochs * per_epoch))
     if steps <= 0:
-        raise ValueError(f"no training steps: check the training pairs under {data_dir(config)}")
+        raise ValueError(f"no training steps: check the training pairs under {config.data_dir}")
     return steps
 
 
@@ -441,7 +398,11 @@ def train(config: Config) -> dict[str, Any]:
     del params
     start_step = int(state.step)
     step_fn, eval_fn = compile_steps(spec, config)
-    cache = FeatureCache(spec) if use_cache else None
+    cache = None
+    if use_cache:
+        path = (cache_path(config.data_dir, config.model.checkpoint, spec.frozen_layers, state.frozen)
+                if config.model.persist_feature_cache else None)
+        cache = FeatureCache(spec.model, spec.mesh, spec.frozen_layers, path=path)
 
     primary = is_primary()
     if primary:
@@ -452,7 +413,7 @@ def train(config: Config) -> dict[str, Any]:
         print(f"[train] {config.name}: {n_all / 1e6:.1f}M parameters ({n_train / 1e6:.1f}M trained), "
               f"mesh {dict(mesh.shape)}, steps {start_step}->{total_steps}, "
               f"{2 * config.train.batch_pairs} notes x {config.prompt.max_length} tokens per step", flush=True)
-    writer = MetricsWriter(config.work_dir / "logs", total_steps, enabled=primary)
+    writer = MetricsWriter(config.work_dir / "logs", total_steps, enabled=primary, start_step=start_step)
     n_notes = 2 * config.train.batch_pairs
     peak = peak_flops_per_device() * jax.device_count()
 
@@ -482,6 +443,7 @@ def train(config: Config) -> dict[str, Any]:
         window_flops += step_flops(frozen_rows)
         window_tokens += int(local["attention_mask"].sum()) * jax.process_count()
         done = step + 1
+        writer.advance()
         if done % config.train.log_every == 0 or done == total_steps:
             metrics = jax.device_get(metrics)
             elapsed = time.time() - window_start
@@ -489,7 +451,7 @@ def train(config: Config) -> dict[str, Any]:
             last.update(tokens_per_s=window_tokens / elapsed, step_time_s=elapsed / config.train.log_every
                         if done % config.train.log_every == 0 else elapsed, mfu=window_flops / elapsed / peak)
             if cache:
-                last["cache_hit_rate"] = cache.hits / max(1, cache.hits + cache.misses)
+                last["cache_hit_rate"] = cache.hit_rate()
             writer.write(done, last)
             window_start, window_flops, window_tokens = time.time(), 0.0, 0
         if config.train.eval_every and done % config.train.eval_every == 0 and done != total_steps:
@@ -499,6 +461,8 @@ def train(config: Config) -> dict[str, Any]:
     if int(state.step) > start_step or manager.latest_step() != int(state.step):
         save_checkpoint(manager, state, config, total_steps, force=True)
     manager.wait_until_finished()
+    if cache and primary:
+        cache.save()
     if config.train.eval_batches > 0 and not config.train.synthetic_data:
         last.update({f"val_{k}": v for k, v in validate(config, spec, state, eval_fn, cache, llama_cfg).items()})
         writer.write(int(state.step), {k[4:]: v for k, v in last.items() if k.startswith("val_")}, prefix="val")
@@ -525,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    notellm_jax.configure_logging()
     return train(config_from_args(args))
 
 

@@ -18,7 +18,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 import notellm_jax  # noqa: F401
 from notellm_jax.config import Config, load_config
 from notellm_jax.sharding import make_mesh
-from notellm_jax.train import (FeatureCache, TrainState, compile_steps, create_state, load_initial_params,
+from notellm_jax.feature_cache import FeatureCache
+from notellm_jax.train import (TrainState, compile_steps, create_state, load_initial_params,
                                make_state_spec, split_params, synthetic_batches, to_global_batch)
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py") + ":random"
@@ -63,7 +64,7 @@ def run_steps(config: Config, mesh: Mesh, step_indices, use_cache: bool = False)
     spec = make_state_spec(config, llama_cfg, mesh, config.train.max_steps)
     state = create_state(spec, params)
     step_fn, _ = compile_steps(spec, config)
-    cache = FeatureCache(spec) if use_cache else None
+    cache = FeatureCache(spec.model, spec.mesh, spec.frozen_layers) if use_cache else None
     stream = list(itertools.islice(synthetic_batches(config, llama_cfg, 0), max(step_indices) + 1))
     history = []
     for index in step_indices:

@@ -78,7 +78,7 @@ def _parse_stages(text: str) -> list[str]:
 
 def prepare(config: Config, stages: Sequence[str] = tuple(STAGES), force: bool = False) -> dict[str, Any]:
     """Run the selected stages in order into <work_dir>/data; returns (and writes) stats.json's content."""
-    data_dir = config.work_dir / "data"
+    data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     stats_path = data_dir / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
