@@ -153,6 +153,12 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
+    # The main job (notellm_jax.pipeline): variants to train (train.objective values) and baselines to embed.
+    train_variants: list[str] = dataclasses.field(default_factory=lambda: ["notellm", "gcl_only", "csft_only"])
+    baselines: list[str] = dataclasses.field(
+        default_factory=lambda: ["llm_last_token", "prompteol", "sbert_zeroshot", "sbert_finetuned"])
+    # Test notes per generation run (0 = all); generation is the slowest eval on a CPU.
+    generation_limit: int = 0
     ks: list[int] = dataclasses.field(default_factory=lambda: [1, 5, 10, 20, 50, 100])
     # Also report the paper's k/N ratios (R@100, 1k, 10k, 100k over ~258k notes).
     paper_k_ratios: list[float] = dataclasses.field(

@@ -38,8 +38,10 @@ def save_notellm(out_dir: Path, params: dict, llama_cfg: LlamaConfig, config: Co
         ckptr.save(out_dir / "params", host, force=True)
     meta = {"format": FORMAT, "llama": dataclasses.asdict(llama_cfg), "emb_dim": config.model.emb_dim,
             "prompt": dataclasses.asdict(config.prompt), "tokenizer_path": tokenizer_path,
-            "objective": config.train.objective, "run": config.name}
-    (out_dir / "notellm.json").write_text(json.dumps(meta, indent=2))
+            "objective": config.train.objective, "run": config.name, "checkpoint": config.model.checkpoint,
+            "train_top_layers": config.model.train_top_layers}
+    if jax.process_index() == 0:
+        (out_dir / "notellm.json").write_text(json.dumps(meta, indent=2))
     return out_dir
 
 
