@@ -87,7 +87,7 @@ def _note_json(note: Note, title: str, content: str, with_topic: bool) -> str:
     return f"{{'title': '{title}', {topic}'content': '{content}'}}"
 
 
-def _cut(tokenizer: NoteTokenizer, text: str, budget: int) -> str:
+def cut_to_tokens(tokenizer: NoteTokenizer, text: str, budget: int) -> str:
     """`text` cut to at most `budget` tokens without splitting a character."""
     ids = tokenizer.encode(text, split_special_tokens=True)
     if len(ids) <= budget:
@@ -101,8 +101,8 @@ def _cut(tokenizer: NoteTokenizer, text: str, budget: int) -> str:
 def _texts(note: Note, tokenizer: NoteTokenizer, cfg: PromptConfig, task: str, topics, title_budget: int,
            content_budget: int) -> tuple[str, str]:
     """(text before [EMB], text after [EMB] up to the guidance) for the given budgets."""
-    title = _cut(tokenizer, note.title, title_budget)
-    content = _cut(tokenizer, note.content, content_budget)
+    title = cut_to_tokens(tokenizer, note.title, title_budget)
+    content = cut_to_tokens(tokenizer, note.content, content_budget)
     clause, guidance = _task_texts(task, topics)
     if cfg.layout == "paper":
         before = INSTRUCTION_HEAD + clause + " " + _note_json(note, title, content, task == "category")
