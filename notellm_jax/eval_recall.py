@@ -23,6 +23,7 @@ import notellm_jax  # noqa: F401  (environment defaults before transformers is i
 import numpy as np
 
 from notellm_jax.config import Config, add_config_args, config_from_args
+from notellm_jax.data import store
 from notellm_jax.embed import load_test_note_ids, read_embeddings, read_meta
 from notellm_jax.eval import ann
 from notellm_jax.eval.retrieval import (build_protocol, evaluate_recall, exact_topk, l2_normalise,
@@ -31,27 +32,15 @@ from notellm_jax.eval.retrieval import (build_protocol, evaluate_recall, exact_t
 Pair = tuple[str, str]
 
 
-def _read_columns(path: Path, columns: Sequence[str]) -> dict[str, list]:
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run notellm_jax.data.prepare first")
-    names = pq.read_schema(path).names
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing} (has {names})")
-    return pq.read_table(path, columns=list(columns)).to_pydict()
-
-
 def _pairs(path: Path) -> list[Pair]:
-    table = _read_columns(path, ("note_a", "note_b"))
+    table = store.read_columns(path, ("note_a", "note_b")).to_pydict()
     return [(str(a), str(b)) for a, b in zip(table["note_a"], table["note_b"])]
 
 
 def load_test_data(data_dir: Path) -> dict[str, Any]:
     """Test note ids, their categories and view counts, the test pairs and the PostLinks pairs among test notes."""
     test_ids = load_test_note_ids(data_dir)
-    notes = _read_columns(data_dir / "notes.parquet", ("note_id", "category", "exposure"))
+    notes = store.read_columns(data_dir / "notes.parquet", ("note_id", "category", "exposure")).to_pydict()
     test_set = set(test_ids)
     info = {str(i): (c, v) for i, c, v in zip(notes["note_id"], notes["category"], notes["exposure"])
             if str(i) in test_set}

@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from notellm_jax.config import Config
+from notellm_jax.data import store
 from notellm_jax.data.prompts import (Example, Note, PromptTooLongError, build_example, draw_topics,
                                       example_from_tokens, pad_batch)
 
@@ -38,22 +39,10 @@ def _tf():
     return tf
 
 
-def _read_parquet(path: Path, columns: tuple[str, ...]) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (run the import step of notellm_jax.data.prepare)")
-    names = pq.read_schema(path).names
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing} (has {names})")
-    return pq.read_table(path, columns=list(columns)).to_pylist()
-
-
 def read_notes(path: Path) -> list[Note]:
     """Notes in file order (= note_index); duplicate ids are an error, missing text becomes ""."""
     notes, seen = [], {}
-    for row_number, row in enumerate(_read_parquet(path, NOTE_COLUMNS)):
+    for row_number, row in enumerate(store.read_columns(path, NOTE_COLUMNS).to_pylist()):
         note_id = str(row["note_id"])
         if note_id in seen:
             raise ValueError(f"{path}: duplicate note_id {note_id!r} at rows {seen[note_id]} and {row_number}")
@@ -130,7 +119,7 @@ def _pair_records(tf, path: Path, index_of: dict[str, int], encoded: list[dict],
                   counts: Counter, split: str) -> list[bytes]:
     """Pair records in a seeded random order (so contiguous files are random samples); drops are counted."""
     records = []
-    for row in _read_parquet(path, PAIR_COLUMNS):
+    for row in store.read_columns(path, PAIR_COLUMNS).to_pylist():
         a, b = index_of.get(str(row["note_a"])), index_of.get(str(row["note_b"]))
         if a is None or b is None:
             counts[f"{split}_pairs_dropped_unknown_note"] += 1

@@ -98,6 +98,17 @@ def _read(path: str | Path, schema: pa.Schema) -> pa.Table:
     return to_table(table, schema, str(path))
 
 
+def read_columns(path: str | Path, columns: tuple[str, ...] | list[str]) -> pa.Table:
+    """Only `columns` of a store file (they must exist): for readers that need a few fields of big files."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found (run notellm_jax.data.prepare first)")
+    names = pq.read_schema(path).names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise StoreFormatError(f"{path}: missing column(s) {missing} (has {names})")
+    return pq.read_table(path, columns=list(columns))
+
+
 def write_notes(data: TableLike, path: str | Path) -> pa.Table:
     """Write notes (Table, dict of columns, or records with NOTES_SCHEMA's fields) to Parquet."""
     return _write(data, NOTES_SCHEMA, path)
