@@ -112,8 +112,9 @@ def evaluate_embeddings(config: Config, emb_dir: str | Path, name: str | None = 
     ids, vectors = read_embeddings(emb_dir, test_ids)
     views, views_missing = _exposure_views(data["views"])
     ev = config.eval
+    # eval.ks are defaults meant to scale with the pool: those beyond a small test pool are dropped (listed).
     common = dict(ks=ev.ks, paper_k_ratios=ev.paper_k_ratios, bootstrap_samples=ev.bootstrap_samples,
-                  seed=ev.bootstrap_seed, categories=data["categories"])
+                  seed=ev.bootstrap_seed, categories=data["categories"], clip_ks=True)
     result: dict[str, Any] = {
         "model": name or meta.get("model"), "embeddings": str(emb_dir), "dim": meta["dim"],
         "embedded_notes": meta["count"],

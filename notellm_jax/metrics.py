@@ -68,7 +68,7 @@ class MetricsWriter:
             return
         from tqdm import tqdm
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True,
-                         mininterval=5.0)
+                         mininterval=5.0, disable=not sys.stderr.isatty())  # logs get the metric lines only
         log_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(log_dir / "metrics.jsonl", "a", buffering=1)
         try:

@@ -64,8 +64,10 @@ def _fmt(entry: dict[str, Any] | None, with_ci: bool = True) -> str:
 
 
 def _recall_table(models: list[str], recalls: dict[str, Any], labels: dict[str, str], section: str,
-                  ks: list[int], paper_ks: list[int]) -> list[str]:
-    head = [f"R@{k}" for k in ks] + [f"R@{k} (k/N≈{r})" for k, r in zip(paper_ks, ["0.04%", "0.4%", "4%", "39%"])]
+                  ks: list[int], paper_ks: dict[str, int]) -> list[str]:
+    """paper_ks: {ratio: k} (k = ratio x pool, the paper's k/N for R@100, 1k, 10k, 100k of ~258k notes)."""
+    head = [f"R@{k}" for k in ks] + [f"R@{k} (k/N={100 * float(r):.2g}%)" for r, k in paper_ks.items()]
+    paper_ks = list(paper_ks.values())
     lines = ["| model | " + " | ".join(head) + " | Avg. (paper ks) |", "|---" * (len(head) + 2) + "|"]
     for model in models:
         result = (recalls.get(model) or {}).get(section) or {}
@@ -159,7 +161,7 @@ def write_report(config: Config, labels: dict[str, str], generating: tuple[str, 
     projected = _plot_projection(config, models[0], labels.get(models[0], models[0]), out / "embedding_projection.png")
 
     first = recalls[models[0]]["cooccurrence"]
-    ks, paper_ks = [k for k in first["ks"] if k not in first["paper_ks"]], first["paper_ks"]
+    ks, paper_ks = [k for k in config.eval.ks if k in first["ks"]], first["paper_ks"]
     lines = [f"# NoteLLM report: {config.name}", "",
              f"Commit `{info['commit']}`, {info['date']}, {info['machine']}, jax {info['jax']} on {', '.join(info['devices'])}.",
              f"Model `{config.model.checkpoint}`, prompt layout `{config.prompt.layout}`, "
@@ -176,7 +178,7 @@ def write_report(config: Config, labels: dict[str, str], generating: tuple[str, 
     lines += _recall_table(models, recalls, labels, "cooccurrence", ks, paper_ks)
     lines += ["", "Explicit PostLinks between test questions (a second relevance set):", ""]
     lines += _recall_table(models, recalls, labels, "postlinks", ks, paper_ks)
-    k_small = ks[min(2, len(ks) - 1)] if ks else paper_ks[0]
+    k_small = ks[min(2, len(ks) - 1)] if ks else min(paper_ks.values())
     lines += ["", f"Exposure buckets and within-category recall at k={k_small}:", "",
               "| model | low exposure | high exposure | within category |", "|---|---|---|---|"]
     for m in models:
@@ -187,8 +189,10 @@ def write_report(config: Config, labels: dict[str, str], generating: tuple[str, 
                      f"{_fmt((exposure.get('high') or {}).get(str(k_small)))} | {_fmt(within.get(str(k_small)))} |")
     scann = recalls[models[0]].get("scann") or {}
     if scann:
+        overlap = {k: round(v, 3) for k, v in (scann.get("overlap_with_exact") or {}).items()}
+        timing = {k: round(v, 4) for k, v in (scann.get("timing") or {}).items()}
         lines += ["", f"ScaNN ({labels.get(models[0], models[0])}): params {scann.get('params')}, "
-                  f"neighbour overlap with exact top-k {scann.get('overlap_with_exact')}, timing {scann.get('timing')}."]
+                  f"neighbour overlap with exact top-k {overlap}, timing (s, queries/s) {timing}."]
     lines += ["", "![recall](recall_at_k.png)", ""]
     if projected:
         lines += ["![projection](embedding_projection.png)", ""]

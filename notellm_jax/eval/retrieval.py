@@ -314,22 +314,25 @@ def evaluate_recall(test_ids: Sequence[Hashable], embedding_ids: Sequence[Hashab
                     pairs: Iterable[Pair], ks: Sequence[int], paper_k_ratios: Sequence[float] = (),
                     bootstrap_samples: int = 1000, seed: int = 0,
                     categories: Mapping[Hashable, Hashable] | None = None,
-                    views: Mapping[Hashable, float] | None = None) -> dict[str, Any]:
+                    views: Mapping[Hashable, float] | None = None, clip_ks: bool = False) -> dict[str, Any]:
     """The whole exact-search protocol for one relevance set (co-occurrence pairs, PostLinks, ...).
 
     Returns a JSON-ready dict: counts, the ks used, the overall recall table and, when categories /
-    views are given, the within-category and exposure-bucket tables.
+    views are given, the within-category and exposure-bucket tables. A k larger than the candidate pool
+    is an error, unless `clip_ks` (default ks that should scale with the pool): then it is left out and
+    listed under "ks_dropped".
     """
     setup = build_protocol(test_ids, pairs)
     vectors, unused = align_embeddings(test_ids, embedding_ids, embeddings)
     vectors = l2_normalise(vectors)
     queries, candidates = vectors[setup.query_rows], vectors[setup.candidate_rows]
-    all_ks, paper_ks = resolve_ks(ks, paper_k_ratios, len(candidates))
+    dropped = sorted(k for k in ks if k > len(candidates)) if clip_ks else []
+    all_ks, paper_ks = resolve_ks([k for k in ks if k not in dropped], paper_k_ratios, len(candidates))
     ranks = exact_target_ranks(queries, candidates, setup.target_pos)
     result: dict[str, Any] = {
         "test_notes": len(test_ids), "embeddings_not_in_test_set": unused, "pairs_read": setup.pairs_read,
         "pairs_kept": setup.pairs_kept, "pairs_skipped_overlap": setup.pairs_read - setup.pairs_kept,
-        "pool_size": len(candidates), "ks": all_ks, "paper_ks": paper_ks,
+        "pool_size": len(candidates), "ks": all_ks, "paper_ks": paper_ks, "ks_dropped": dropped,
         "recall": recall_table(ranks, all_ks, bootstrap_samples, seed),
     }
     if categories is not None:
