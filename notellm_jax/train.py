@@ -430,7 +430,7 @@ def train(config: Config) -> dict[str, Any]:
 
     data = batches(config, llama_cfg, "train", start_step)
     last: dict[str, Any] = {}
-    window_start, window_flops, window_tokens = time.time(), 0.0, 0
+    window_start, window_flops, window_tokens, window = time.time(), 0.0, 0, []
     for step in range(start_step, total_steps):
         local = next(data)
         if cache:
@@ -440,20 +440,23 @@ def train(config: Config) -> dict[str, Any]:
         else:
             frozen_rows = n_notes if spec.frozen_layers else 0
         state, metrics = step_fn(state, to_global_batch(spec, local))
+        window.append(metrics)  # device arrays: fetched (one sync) only when the window is logged
         window_flops += step_flops(frozen_rows)
         window_tokens += int(local["attention_mask"].sum()) * jax.process_count()
         done = step + 1
         writer.advance()
         if done % config.train.log_every == 0 or done == total_steps:
-            metrics = jax.device_get(metrics)
+            fetched = jax.device_get(window)
             elapsed = time.time() - window_start
-            last = {k: float(v) for k, v in metrics.items()}
-            last.update(tokens_per_s=window_tokens / elapsed, step_time_s=elapsed / config.train.log_every
-                        if done % config.train.log_every == 0 else elapsed, mfu=window_flops / elapsed / peak)
+            # Means over the window (single-step contrastive losses are noisy); the schedule's current value.
+            last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+            last["learning_rate"] = float(fetched[-1]["learning_rate"])
+            last.update(tokens_per_s=window_tokens / elapsed, step_time_s=elapsed / len(fetched),
+                        mfu=window_flops / elapsed / peak)
             if cache:
                 last["cache_hit_rate"] = cache.hit_rate()
             writer.write(done, last)
-            window_start, window_flops, window_tokens = time.time(), 0.0, 0
+            window_start, window_flops, window_tokens, window = time.time(), 0.0, 0, []
         if config.train.eval_every and done % config.train.eval_every == 0 and done != total_steps:
             writer.write(done, validate(config, spec, state, eval_fn, cache, llama_cfg), prefix="val")
         if done % config.train.checkpoint_every == 0 and done != total_steps:
