@@ -27,6 +27,7 @@ import notellm_jax  # noqa: F401  (USE_TF=0 etc. before sentence-transformers / 
 import numpy as np
 
 from notellm_jax.config import Config, PromptConfig, add_config_args, config_from_args
+from notellm_jax.distributed import init_distributed
 from notellm_jax.data.prompts import Note, PromptTooLongError, cut_to_tokens
 from notellm_jax.embed import (CHUNK_BATCHES, BatchEmbedder, ChunkEmbedder, bucket_lengths, load_test_note_ids,
                                read_meta, select_notes, token_chunk_embedder, write_embeddings)
@@ -218,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--split", choices=("test", "all"), default="test")
     parser.add_argument("--out", help="output folder (default <work_dir>/embeddings/<name>)")
     args = parser.parse_args(argv)
+    init_distributed()  # every entry point joins the cluster the same way (no-op for one process)
     config = config_from_args(args)
     out = Path(args.out) if args.out else config.work_dir / "embeddings" / args.name
     try:

@@ -32,6 +32,7 @@ from flax.traverse_util import flatten_dict
 
 from notellm_jax import sharding as shd
 from notellm_jax.config import Config, add_config_args, config_from_args
+from notellm_jax.distributed import init_distributed
 from notellm_jax.data.prompts import Note, PromptTooLongError, build_example, example_from_tokens, pad_batch
 
 FORMAT = "notellm_jax.embeddings/1"
@@ -421,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--name", default="notellm", help="model name recorded in embeddings.json")
     parser.add_argument("--out", help="output folder (default <work_dir>/embeddings/<name>)")
     args = parser.parse_args(argv)
+    init_distributed()  # every entry point joins the cluster the same way (no-op for one process)
     config = config_from_args(args)
     out = Path(args.out) if args.out else config.work_dir / "embeddings" / args.name
     try:

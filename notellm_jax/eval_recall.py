@@ -23,6 +23,7 @@ import notellm_jax  # noqa: F401  (environment defaults before transformers is i
 import numpy as np
 
 from notellm_jax.config import Config, add_config_args, config_from_args
+from notellm_jax.distributed import init_distributed
 from notellm_jax.data import store
 from notellm_jax.embed import load_test_note_ids, read_embeddings, read_meta
 from notellm_jax.eval import ann
@@ -149,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", help="model name in the output (default: the one in embeddings.json)")
     parser.add_argument("--out", help="metrics JSON (default <embeddings>/metrics.json)")
     args = parser.parse_args(argv)
+    init_distributed()  # every entry point joins the cluster the same way (no-op for one process)
     config = config_from_args(args)
     try:
         metrics = evaluate_embeddings(config, args.embeddings, args.name)

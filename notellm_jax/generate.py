@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from notellm_jax.config import Config, PromptConfig, add_config_args, config_from_args
+from notellm_jax.distributed import init_distributed
 from notellm_jax.data.pipeline import read_notes
 from notellm_jax.data.prompts import TASKS, Example, Note, build_example, pad_batch
 from notellm_jax.eval.generation_metrics import category_metrics, hashtag_prf, parse_hashtags, text_metrics, tokenize
@@ -225,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="decode categories through the closed-set trie (default: eval.constrain_categories)")
     parser.add_argument("--limit", type=int, default=None, help="only the split's first N notes")
     args = parser.parse_args(argv)
+    init_distributed()  # every entry point joins the cluster the same way (no-op for one process)
     config = config_from_args(args)
     constrain = config.eval.constrain_categories if args.constrain_categories is None else True
     out = Path(args.out) if args.out else config.work_dir / "generation"

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import notellm_jax
 from notellm_jax.config import Config, add_config_args, config_from_args
+from notellm_jax.distributed import init_distributed
 
 STAGES = ("prepare", "train", "embed", "recall", "generate", "report")
 
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--only", help=f"comma-separated stages to run (default all: {','.join(STAGES)})")
     parser.add_argument("--force", help="comma-separated stages to redo even if their outputs exist")
     args = parser.parse_args(argv)
+    init_distributed()  # every entry point joins the cluster the same way (no-op for one process)
     notellm_jax.configure_logging()
     config = config_from_args(args)
     only = _stage_list(args.only, STAGES)
