@@ -22,7 +22,7 @@ from typing import Any
 import notellm_jax  # noqa: F401  (environment defaults before transformers is imported)
 import numpy as np
 
-from notellm_jax.config import Config, add_config_args, config_from_args
+from notellm_jax.config import Config, EvalConfig, add_config_args, config_from_args
 from notellm_jax.distributed import init_distributed
 from notellm_jax.data import store
 from notellm_jax.embed import load_test_note_ids, read_embeddings, read_meta
@@ -113,9 +113,11 @@ def evaluate_embeddings(config: Config, emb_dir: str | Path, name: str | None = 
     ids, vectors = read_embeddings(emb_dir, test_ids)
     views, views_missing = _exposure_views(data["views"])
     ev = config.eval
-    # eval.ks are defaults meant to scale with the pool: those beyond a small test pool are dropped (listed).
+    # The default ks scale down to a small test pool (those beyond it are dropped and listed); ks a user
+    # set explicitly must all fit, else it is an error.
+    clip = list(ev.ks) == EvalConfig().ks
     common = dict(ks=ev.ks, paper_k_ratios=ev.paper_k_ratios, bootstrap_samples=ev.bootstrap_samples,
-                  seed=ev.bootstrap_seed, categories=data["categories"], clip_ks=True)
+                  seed=ev.bootstrap_seed, categories=data["categories"], clip_ks=clip)
     result: dict[str, Any] = {
         "model": name or meta.get("model"), "embeddings": str(emb_dir), "dim": meta["dim"],
         "embedded_notes": meta["count"],
