@@ -55,3 +55,15 @@ def test_param_rules_and_errors(tmp_path):
         ann.choose_params(1000, 10, EvalConfig(scann_num_leaves=50, scann_leaves_to_search=60))
     with pytest.raises(FileNotFoundError, match="holds no ScaNN index"):
         ann.load_index(tmp_path)
+
+
+def test_index_saved_under_a_relative_path_reloads(tmp_path, monkeypatch):
+    """ScaNN records asset paths as given: a relative folder (the main job's default) must still reload."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    database = rng.normal(size=(300, 16)).astype(np.float32)
+    queries = rng.normal(size=(20, 16)).astype(np.float32)
+    searcher = ann.build_index(database, 5, ann.choose_params(len(database), 5, EvalConfig()))
+    ann.save_index(searcher, "runs/x/scann_index")
+    reloaded = ann.load_index("runs/x/scann_index")
+    np.testing.assert_array_equal(ann.search(reloaded, queries, 5)[0], ann.search(searcher, queries, 5)[0])

@@ -84,7 +84,8 @@ def search(searcher, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
 
 def save_index(searcher, directory: str | os.PathLike) -> Path:
     """Serialise the searcher (ScaNN's own asset files) into `directory`, created if needed."""
-    directory = Path(directory)
+    # Absolute: ScaNN records asset paths as given, and a relative one does not reload.
+    directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     searcher.serialize(str(directory))
     return directory
@@ -96,7 +97,7 @@ def load_index(directory: str | os.PathLike):
 
     if not (Path(directory) / "scann_assets.pbtxt").is_file():
         raise FileNotFoundError(f"{directory} holds no ScaNN index (scann_assets.pbtxt missing)")
-    return scann_ops_pybind.load_searcher(str(directory), assets_backcompat_shim=False)
+    return scann_ops_pybind.load_searcher(str(Path(directory).absolute()), assets_backcompat_shim=False)
 
 
 def clustered_vectors(num: int, dim: int, num_clusters: int, seed: int, noise: float = 0.15) -> np.ndarray:
