@@ -117,9 +117,10 @@ def _plot_projection(config: Config, model: str, label: str, out: Path) -> bool:
     xy = centred @ vt[:2].T
     categories = [data["categories"][i] for i in ids]
     fig, ax = plt.subplots(figsize=(7, 6))
-    for category in sorted(set(categories)):
-        rows = [i for i, c in enumerate(categories) if c == category]
-        ax.scatter(xy[rows, 0], xy[rows, 1], s=6, alpha=0.7, label=f"{category} ({len(rows)})")
+    palette = plt.get_cmap("tab20")  # 20 distinct colours: the default cycle repeats after 10 categories
+    for i, category in enumerate(sorted(set(categories))):
+        rows = [j for j, c in enumerate(categories) if c == category]
+        ax.scatter(xy[rows, 0], xy[rows, 1], s=6, alpha=0.7, color=palette(i % 20), label=f"{category} ({len(rows)})")
     ax.set_title(f"{label}: test-note embeddings, first two principal components")
     ax.legend(fontsize=7, markerscale=2)
     fig.tight_layout()
