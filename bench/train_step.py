@@ -143,7 +143,7 @@ def bench_torch(config, params: dict, llama_cfg, frozen_layers: int, steps: int)
         return loss
 
     start = time.time()
-    first_loss = float(step())
+    first_loss = float(step().detach())
     first = time.time() - start
     times = []
     for _ in range(steps):
