@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -25,7 +26,7 @@ def run_info() -> dict[str, Any]:
         commit = "unknown"
     import jax
     return {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "python": platform.python_version(), "jax": jax.__version__,
             "devices": sorted({d.device_kind for d in jax.devices()})}
 
