@@ -13,6 +13,8 @@ import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("NOTELLM_SHARED", REPO_ROOT.parent / "shared")).resolve()
+# Configs and CLI subprocesses default to this too (config.py reads it when first imported).
+os.environ["NOTELLM_SHARED"] = str(SHARED_DIR)
 CACHE_DIR = Path(os.environ.get("NOTELLM_CACHE", Path.home() / ".cache" / "notellm_jax"))
 
 
