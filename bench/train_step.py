@@ -150,7 +150,7 @@ def bench_torch(config, params: dict, llama_cfg, frozen_layers: int, steps: int)
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.time()
-        loss = step()
+        step()
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.time() - start)

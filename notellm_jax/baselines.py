@@ -30,7 +30,8 @@ from notellm_jax.config import Config, PromptConfig, add_config_args, config_fro
 from notellm_jax.distributed import init_distributed
 from notellm_jax.data.prompts import Note, PromptTooLongError, cut_to_tokens
 from notellm_jax.embed import (CHUNK_BATCHES, BatchEmbedder, ChunkEmbedder, bucket_lengths, load_test_note_ids,
-                               read_meta, select_notes, token_chunk_embedder, write_embeddings)
+                               embedding_dir, select_notes, token_chunk_embedder, write_embeddings,
+                               written_summary)
 from notellm_jax.eval.retrieval import l2_normalise
 
 BASELINES = ("llm_last_token", "prompteol", "sbert_zeroshot", "sbert_finetuned")
@@ -221,15 +222,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     init_distributed()  # every entry point joins the cluster the same way (no-op for one process)
     config = config_from_args(args)
-    out = Path(args.out) if args.out else config.work_dir / "embeddings" / args.name
+    out = Path(args.out) if args.out else embedding_dir(config, args.name)
     try:
         note_ids = None if args.split == "test" else [n.note_id for n in select_notes(config, "all")]
         path = embed_baseline(config, args.name, out, note_ids)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         parser.exit(2, f"baselines: error: {e}\n")
-    meta = read_meta(path)
-    print(f"[baselines] wrote {meta['count']} x {meta['dim']} {args.name} embeddings to {path} "
-          f"({meta['notes_per_s']} notes/s, skipped {meta['skipped'] or 'none'})")
+    print(f"[baselines] {written_summary(path)}")
     return path
 
 

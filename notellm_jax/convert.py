@@ -8,7 +8,6 @@ written dequantised (float32).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path

@@ -100,6 +100,18 @@ class EmbeddingWriter:
         return self.out_dir
 
 
+def embedding_dir(config: Config, model: str) -> Path:
+    """Where the tools and the main job keep one model's embeddings: <work_dir>/embeddings/<model>."""
+    return config.work_dir / "embeddings" / model
+
+
+def written_summary(emb_dir: str | Path) -> str:
+    """One line for the CLIs: what an embeddings folder holds."""
+    meta = read_meta(emb_dir)
+    return (f"wrote {meta['count']} x {meta['dim']} {meta['model']} embeddings to {emb_dir} "
+            f"({meta['notes_per_s']} notes/s, skipped {meta['skipped'] or 'none'})")
+
+
 def read_meta(emb_dir: str | Path) -> dict[str, Any]:
     path = Path(emb_dir) / META_FILE
     if not path.is_file():
@@ -424,15 +436,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     init_distributed()  # every entry point joins the cluster the same way (no-op for one process)
     config = config_from_args(args)
-    out = Path(args.out) if args.out else config.work_dir / "embeddings" / args.name
+    out = Path(args.out) if args.out else embedding_dir(config, args.name)
     try:
         notes = select_notes(config, args.split)
         path = embed_notes(config, args.checkpoint or config.work_dir / "export", notes, out, name=args.name)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"embed: error: {e}\n")
-    meta = read_meta(path)
-    print(f"[embed] wrote {meta['count']} x {meta['dim']} embeddings to {path} ({meta['notes_per_s']} notes/s, "
-          f"skipped {meta['skipped'] or 'none'})")
+    print(f"[embed] {written_summary(path)}")
     return path
 
 

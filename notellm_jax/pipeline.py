@@ -86,16 +86,12 @@ def stage_train(config: Config, force: bool, timer: Timer) -> None:
         timer.run(f"train {objective}", lambda sub=sub: train.train(sub))
 
 
-def _embedding_dir(config: Config, model: str) -> Path:
-    return config.work_dir / "embeddings" / model
-
-
 def stage_embed(config: Config, force: bool, timer: Timer) -> None:
     from notellm_jax.baselines import embed_baseline
-    from notellm_jax.embed import embed_notes, select_notes
+    from notellm_jax.embed import embed_notes, embedding_dir, select_notes
     test_notes = None
     for objective in config.eval.train_variants:
-        out = _embedding_dir(config, objective)
+        out = embedding_dir(config, objective)
         if (out / "embeddings.json").is_file() and not force:
             continue
         test_notes = test_notes or select_notes(config, "test")
@@ -103,7 +99,7 @@ def stage_embed(config: Config, force: bool, timer: Timer) -> None:
         timer.run(f"embed {objective}", lambda sub=sub, out=out, o=objective:
                   embed_notes(sub, _export_dir(config, o), test_notes, out, name=o))
     for name in config.eval.baselines:
-        out = _embedding_dir(config, name)
+        out = embedding_dir(config, name)
         if (out / "embeddings.json").is_file() and not force:
             continue
         timer.run(f"embed {name}", lambda name=name, out=out: embed_baseline(config, name, out))
@@ -114,6 +110,7 @@ def _models(config: Config) -> list[str]:
 
 
 def stage_recall(config: Config, force: bool, timer: Timer) -> None:
+    from notellm_jax.embed import embedding_dir
     from notellm_jax.eval_recall import evaluate_embeddings
     out_dir = config.work_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +119,7 @@ def stage_recall(config: Config, force: bool, timer: Timer) -> None:
         if path.is_file() and not force:
             continue
         result = timer.run(f"recall {model}", lambda model=model: evaluate_embeddings(
-            config, _embedding_dir(config, model), name=model))
+            config, embedding_dir(config, model), name=model))
         path.write_text(json.dumps(result, indent=1))
 
 
