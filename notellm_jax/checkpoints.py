@@ -18,6 +18,7 @@ Public API: `load_causal_lm(path) -> CausalLM` (logits, greedy generate with the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -237,7 +238,26 @@ def _gguf_hf_name(name: str, path: Path) -> str:
     raise CheckpointError(f"{path}: GGUF tensor {name!r} is not part of the supported LLaMA architecture")
 
 
-def _gguf_field(fields: dict, key: str, path: Path, default: Any = ...) -> Any:
+@functools.lru_cache(maxsize=2)
+def _cached_gguf_reader(path: str, mtime_ns: int):
+    import gguf
+    return gguf.GGUFReader(path)
+
+
+def open_gguf(path: str | Path):
+    """A `gguf.GGUFReader` for `path`, parsed once per process (the tokenizer and the weights both read it;
+    parsing SmolLM2's 49k-token vocabulary takes seconds)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        return _cached_gguf_reader(str(path.absolute()), path.stat().st_mtime_ns)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable GGUF file, truncated or corrupt ({e})") from e
+
+
+def gguf_field(fields: dict, key: str, path: Path, default: Any = ...) -> Any:
+    """A metadata value of a GGUF file; without `default`, a missing key is a CheckpointError."""
     if key not in fields:
         if default is ...:
             raise CheckpointError(f"{path}: GGUF metadata lacks {key}")
@@ -246,30 +266,30 @@ def _gguf_field(fields: dict, key: str, path: Path, default: Any = ...) -> Any:
 
 
 def _gguf_config(fields: dict, path: Path) -> dict[str, Any]:
-    arch = _gguf_field(fields, "general.architecture", path)
+    arch = gguf_field(fields, "general.architecture", path)
     if arch != "llama":
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    scaling = _gguf_field(fields, "llama.rope.scaling.type", path, "none")
+    scaling = gguf_field(fields, "llama.rope.scaling.type", path, "none")
     if scaling != "none":
         raise CheckpointError(f"{path}: unsupported GGUF field llama.rope.scaling.type={scaling!r}")
-    n_heads = _gguf_field(fields, "llama.attention.head_count", path)
-    hidden = _gguf_field(fields, "llama.embedding_length", path)
-    head_dim = _gguf_field(fields, "llama.attention.key_length", path, hidden // n_heads)
-    rope_dims = _gguf_field(fields, "llama.rope.dimension_count", path, head_dim)
+    n_heads = gguf_field(fields, "llama.attention.head_count", path)
+    hidden = gguf_field(fields, "llama.embedding_length", path)
+    head_dim = gguf_field(fields, "llama.attention.key_length", path, hidden // n_heads)
+    rope_dims = gguf_field(fields, "llama.rope.dimension_count", path, head_dim)
     if rope_dims != head_dim:
         raise CheckpointError(f"{path}: partial RoPE (llama.rope.dimension_count={rope_dims}, head_dim {head_dim}) "
                               "is not supported")
     return {"model_type": "llama", "hidden_size": hidden, "num_attention_heads": n_heads, "head_dim": head_dim,
             "vocab_size": len(fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in fields
-            else _gguf_field(fields, "llama.vocab_size", path),
-            "num_hidden_layers": _gguf_field(fields, "llama.block_count", path),
-            "intermediate_size": _gguf_field(fields, "llama.feed_forward_length", path),
-            "num_key_value_heads": _gguf_field(fields, "llama.attention.head_count_kv", path, n_heads),
-            "rope_theta": float(_gguf_field(fields, "llama.rope.freq_base", path, 10000.0)),
-            "rms_norm_eps": float(_gguf_field(fields, "llama.attention.layer_norm_rms_epsilon", path)),
-            "max_position_embeddings": _gguf_field(fields, "llama.context_length", path, 2048),
-            "bos_token_id": _gguf_field(fields, "tokenizer.ggml.bos_token_id", path, 1),
-            "eos_token_id": _gguf_field(fields, "tokenizer.ggml.eos_token_id", path, 2)}
+            else gguf_field(fields, "llama.vocab_size", path),
+            "num_hidden_layers": gguf_field(fields, "llama.block_count", path),
+            "intermediate_size": gguf_field(fields, "llama.feed_forward_length", path),
+            "num_key_value_heads": gguf_field(fields, "llama.attention.head_count_kv", path, n_heads),
+            "rope_theta": float(gguf_field(fields, "llama.rope.freq_base", path, 10000.0)),
+            "rms_norm_eps": float(gguf_field(fields, "llama.attention.layer_norm_rms_epsilon", path)),
+            "max_position_embeddings": gguf_field(fields, "llama.context_length", path, 2048),
+            "bos_token_id": gguf_field(fields, "tokenizer.ggml.bos_token_id", path, 1),
+            "eos_token_id": gguf_field(fields, "tokenizer.ggml.eos_token_id", path, 2)}
 
 
 def read_gguf(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
@@ -277,12 +297,7 @@ def read_gguf(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
     import gguf
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: unreadable GGUF file, truncated or corrupt ({e})") from e
+    reader = open_gguf(path)
     config = _gguf_config(reader.fields, path)
     state: StateDict = {}
     for tensor in reader.tensors:

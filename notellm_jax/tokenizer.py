@@ -131,14 +131,10 @@ def _apply_gguf_special_tokens(tokenizer: NoteTokenizer, path: Path) -> None:
     transformers' GGUF tokenizer conversion gets these wrong for some files (SmolLM2-135M-Instruct: EOS
     becomes <|im_start|> instead of <|im_end|>, so generation would never stop at the end of a turn).
     """
-    import gguf
+    from notellm_jax.checkpoints import gguf_field, open_gguf
 
-    fields = gguf.GGUFReader(str(path)).fields
-
-    def value(key: str):
-        field = fields.get(key)
-        return None if field is None else field.parts[field.data[0]][0].item()
-
+    fields = open_gguf(path).fields
+    value = lambda key: gguf_field(fields, key, path, default=None)  # noqa: E731
     eos, pad, bos = (value(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "padding_token_id", "bos_token_id"))
     if eos is not None:
         tokenizer.eos_id = int(eos)
