@@ -261,6 +261,25 @@ def apply_override(config: Config, assignment: str) -> None:
         raise ValueError(f"override {dotted!r}: {e}") from None
 
 
+def override(config: Config, updates: dict[str, Any]) -> Config:
+    """A copy of `config` with `{"section.field": value}` updates applied; `config` is not changed.
+
+    The one way to derive a variant of a config (configs are treated as immutable values)."""
+    import copy
+    new = copy.deepcopy(config)
+    for dotted, value in updates.items():
+        *parents, leaf = dotted.split(".")
+        target: Any = new
+        for name in parents:
+            if not dataclasses.is_dataclass(target) or not hasattr(target, name):
+                raise ValueError(f"override {dotted!r}: no config section {name!r}")
+            target = getattr(target, name)
+        if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
+            raise ValueError(f"override {dotted!r}: no field {leaf!r}")
+        setattr(target, leaf, value)
+    return new
+
+
 def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load `path/to/config.py[:arg]` (its `get_config(arg)`), then apply overrides."""
     path, _, arg = spec.partition(":")
