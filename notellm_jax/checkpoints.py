@@ -324,7 +324,8 @@ class _TensorSpec:
     tree_path: tuple[str, ...]
     hf_shape: tuple[int, ...]
     kernel_shape: tuple[int, ...]
-    # torch Linear weight [out, in] <-> Flax kernel: kernel = W.T reshaped (heads split out).
+    # torch Linear weight [out, in] <-> Flax kernel: kernel = W.T reshaped (heads split out); any other
+    # tensor is only reshaped (q/k/v biases [h * d] <-> [h, d]).
     linear: bool
 
 
@@ -345,9 +346,26 @@ def _tensor_specs(cfg: LlamaConfig) -> list[_TensorSpec]:
             _TensorSpec(hf + "mlp.up_proj.weight", (tree, "mlp", "up_proj", "kernel"), (m, x), (x, m), True),
             _TensorSpec(hf + "mlp.down_proj.weight", (tree, "mlp", "down_proj", "kernel"), (x, m), (m, x), True),
         ]
+        specs += _attention_extras(cfg, hf + "self_attn.", (tree, "attn"))
     specs.append(_TensorSpec("model.norm.weight", ("norm", "scale"), (x,), (x,), False))
     if not cfg.tie_word_embeddings:
         specs.append(_TensorSpec("lm_head.weight", ("lm_head", "kernel"), (v, x), (x, v), True))
+    return specs
+
+
+def _attention_extras(cfg: LlamaConfig, hf: str, tree: tuple[str, ...]) -> list[_TensorSpec]:
+    """Projection biases (Qwen2; LLaMA/Qwen3 with attention_bias) and Qwen3's per-head q/k norms."""
+    h, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    specs = []
+    if cfg.attention_bias:
+        specs += [_TensorSpec(f"{hf}{proj}.bias", (*tree, proj, "bias"), (n * d,), (n, d), False)
+                  for proj, n in (("q_proj", h), ("k_proj", k), ("v_proj", k))]
+    if cfg.attention_out_bias:
+        specs.append(_TensorSpec(hf + "o_proj.bias", (*tree, "o_proj", "bias"), (cfg.hidden_size,),
+                                 (cfg.hidden_size,), False))
+    if cfg.qk_norm:
+        specs += [_TensorSpec(f"{hf}{norm}.weight", (*tree, norm, "scale"), (d,), (d,), False)
+                  for norm in ("q_norm", "k_norm")]
     return specs
 
 
@@ -371,7 +389,7 @@ def hf_to_params(state: StateDict, cfg: LlamaConfig, source: str = "checkpoint")
         if w.shape != spec.hf_shape:
             raise CheckpointError(f"{source}: tensor {spec.hf_name} has shape {w.shape}, the config implies "
                                   f"{spec.hf_shape}")
-        value = np.ascontiguousarray(w.T.reshape(spec.kernel_shape)) if spec.linear else w
+        value = np.ascontiguousarray(w.T.reshape(spec.kernel_shape)) if spec.linear else w.reshape(spec.kernel_shape)
         node = params
         for key in spec.tree_path[:-1]:
             node = node.setdefault(key, {})
@@ -399,7 +417,8 @@ def params_to_hf(params: Params, cfg: LlamaConfig) -> StateDict:
         if value.shape != spec.kernel_shape:
             raise ValueError(f"param {'/'.join(spec.tree_path)} has shape {value.shape}, config implies "
                              f"{spec.kernel_shape}")
-        state[spec.hf_name] = np.ascontiguousarray(value.reshape(spec.hf_shape[::-1]).T if spec.linear else value)
+        state[spec.hf_name] = np.ascontiguousarray(
+            value.reshape(spec.hf_shape[::-1]).T if spec.linear else value.reshape(spec.hf_shape))
     return state
 
 
@@ -408,7 +427,8 @@ def params_to_hf(params: Params, cfg: LlamaConfig) -> StateDict:
 
 
 def save_hf(params: Params, cfg: LlamaConfig, out_dir: str | Path) -> Path:
-    """config.json + generation_config.json + model.safetensors loadable by transformers.LlamaForCausalLM."""
+    """config.json + generation_config.json + model.safetensors loadable by the family's transformers class
+    (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM: `cfg.model_type`)."""
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
