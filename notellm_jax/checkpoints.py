@@ -567,8 +567,30 @@ def add_tokens(params: Params, cfg: LlamaConfig, n_new: int = 1) -> tuple[Params
         mean = jnp.mean(jnp.asarray(table, jnp.float32), axis=axis, keepdims=True).astype(table.dtype)
         return jnp.concatenate([jnp.asarray(table), jnp.repeat(mean, n_new, axis=axis)], axis=axis)
 
+    return _map_token_tables(params, cfg, grow), cfg.replace(vocab_size=cfg.vocab_size + n_new)
+
+
+def init_unused_token(params: Params, cfg: LlamaConfig, token_id: int) -> Params:
+    """Give an existing but unused row `token_id` (an embedding table padded beyond its tokenizer, as
+    Qwen's: 151,936 rows for 151,665 tokens) the value `add_tokens` gives a new token: the mean of the
+    rows [0, token_id), and an untied head column the mean of those columns. Only that token's logit
+    changes."""
+    if not 0 < token_id < cfg.vocab_size:
+        raise ValueError(f"token id {token_id} is not an existing row of the {cfg.vocab_size}-row table")
+
+    def reset(table: jax.Array, axis: int) -> jax.Array:
+        table = jnp.asarray(table)
+        used = jax.lax.slice_in_dim(table, 0, token_id, axis=axis).astype(jnp.float32)
+        mean = jnp.mean(used, axis=axis, keepdims=True).astype(table.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(table, mean, token_id, axis=axis)
+
+    return _map_token_tables(params, cfg, reset)
+
+
+def _map_token_tables(params: Params, cfg: LlamaConfig, fn: Callable[[jax.Array, int], jax.Array]) -> Params:
+    """`fn(table, token_axis)` applied to the input embedding and, if untied, the head kernel."""
     params = dict(params)
-    params["embed_tokens"] = {"embedding": grow(params["embed_tokens"]["embedding"], 0)}
+    params["embed_tokens"] = {"embedding": fn(params["embed_tokens"]["embedding"], 0)}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": grow(params["lm_head"]["kernel"], 1)}
-    return params, cfg.replace(vocab_size=cfg.vocab_size + n_new)
+        params["lm_head"] = {"kernel": fn(params["lm_head"]["kernel"], 1)}
+    return params

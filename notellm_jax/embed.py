@@ -315,9 +315,10 @@ def write_embeddings(notes: Iterable[Note], embed_chunk: ChunkEmbedder, out_dir:
 
 def check_export(export, tokenizer, source: str) -> None:
     """The export must have been trained with this tokenizer. NoteTokenizer always appends [EMB] at
-    id = base vocabulary size, so equal vocabulary sizes also mean [EMB] sits on the export's last row."""
+    id = base vocabulary size: the export's last row, or an unused row of a table padded beyond its
+    tokenizer (Qwen), so the tokenizer, [EMB] included, must fit the table."""
     vocab = export.llama.vocab_size
-    if vocab != tokenizer.vocab_size:
+    if tokenizer.vocab_size > vocab:
         raise ValueError(f"{source}: the model has a {vocab}-row embedding table but the tokenizer "
                          f"{tokenizer.source} has {tokenizer.vocab_size} tokens ({tokenizer.base_vocab_size} + "
                          f"{tokenizer.emb_token}): the export was trained with another model or tokenizer")

@@ -77,11 +77,16 @@ def load_initial_params(config: Config, emb_vocab_size: int | None) -> tuple[dic
         decoder, base = load_params(config.resolve(ckpt))
         base = runtime_llama_config(config, base)
     if emb_vocab_size is not None:
-        if emb_vocab_size != base.vocab_size + 1:
-            raise ValueError(f"tokenizer has {emb_vocab_size - 1} base tokens but the checkpoint {ckpt} has a "
+        emb_id = emb_vocab_size - 1
+        if emb_id > base.vocab_size:
+            raise ValueError(f"tokenizer has {emb_id} base tokens but the checkpoint {ckpt} has a "
                              f"{base.vocab_size}-row embedding table: they do not belong together")
-        from notellm_jax.checkpoints import add_tokens
-        decoder, base = add_tokens(decoder, base, 1)
+        from notellm_jax.checkpoints import add_tokens, init_unused_token
+        if emb_id == base.vocab_size:
+            decoder, base = add_tokens(decoder, base, 1)
+        else:  # a table padded beyond its tokenizer (Qwen): [EMB] takes the first unused row
+            logger.info("[EMB] = id %d, an unused row of the %d-row embedding table", emb_id, base.vocab_size)
+            decoder = init_unused_token(decoder, base, emb_id)
     decoder = jax.tree.map(np.asarray, decoder)
     if base.scan_layers:
         decoder = jax.tree.map(np.asarray, stack_layers(decoder))
