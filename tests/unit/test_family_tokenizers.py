@@ -14,8 +14,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from notellm_jax.config import load_config
-from notellm_jax.tokenizer import load_tokenizer
-from notellm_jax.train import load_initial_params
+from notellm_jax.weights.tokenizer import load_tokenizer
+from notellm_jax.weights.loading import load_initial_params
 
 CORPUS = ["How do I descale an espresso machine?", "Best budget headphones for running in the rain",
           "The compression word is the last token.", "Tea, coffee and gadgets: a weekend of questions."] * 20
@@ -67,9 +67,9 @@ def test_llama3_style_folder(tmp_path):
     ids = tok.encode('is:"[EMB]".')
     assert ids == ref.encode('is:"', add_special_tokens=False) + [300] + ref.encode('".', add_special_tokens=False)
     assert 300 not in tok.encode("a [EMB] b", split_special_tokens=True)
-    messages = [{"role": "user", "content": CORPUS[1]}]
-    prompt = tok.chat_prompt(CORPUS[1])
-    assert prompt == ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # The chat template is the folder's own (written by save_pretrained, read back by AutoTokenizer).
+    assert tok.hf.chat_template == LLAMA3_CHAT
+    prompt = tok.hf.apply_chat_template([{"role": "user", "content": CORPUS[1]}], add_generation_prompt=True)
     assert prompt[0] == tok.bos_id and prompt.count(tok.bos_id) == 1
 
 
@@ -79,8 +79,8 @@ def test_qwen_style_folder_has_no_bos(tmp_path):
     assert tok.emb_id == len(ref) == 300
     assert tok.bos_id is None
     assert (tok.eos_id, tok.pad_id) == (ref.convert_tokens_to_ids("<|im_end|>"), ref.convert_tokens_to_ids("<|endoftext|>"))
-    prompt = tok.chat_prompt("hello")
-    assert prompt[0] == ref.convert_tokens_to_ids("<|im_start|>")
+    assert tok.hf.chat_template == CHATML
+    prompt = tok.hf.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
     assert tok.decode(prompt, skip_special_tokens=False) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
 
 

@@ -12,7 +12,9 @@ import notellm_jax  # noqa: F401
 import torch
 import transformers
 
-from notellm_jax.checkpoints import CausalLM, CheckpointError, load_causal_lm, save_hf
+from notellm_jax.errors import CheckpointError
+from notellm_jax.model.decode import CausalLM
+from notellm_jax.weights.formats import load_causal_lm, save_hf
 
 VOCAB, LENGTH, PAD = 97, 40, 0
 # Rows: unpadded (positions 0..39), right-padded (30 real), left-padded (27 real).
