@@ -232,12 +232,28 @@ def _parse_value(text: str, annotation: Any) -> Any:
         raise ValueError(f"expected a boolean, got {text!r}")
     if annotation in (int, float, str):
         return annotation(text)
-    if origin in (list, dict):
-        value = json.loads(text)
-        if not isinstance(value, origin):
-            raise ValueError(f"expected a JSON {origin.__name__}, got {text!r}")
-        return value
+    if origin in (list, tuple, dict):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"expected JSON, got {text!r} ({e.msg})") from None
+        expected = dict if origin is dict else list
+        if not isinstance(value, expected):
+            raise ValueError(f"expected a JSON {'object' if origin is dict else 'list'}, got {text!r}")
+        if origin is dict:
+            return value
+        item_type = typing.get_args(annotation)[0]
+        return origin(_check_item(item, i, item_type) for i, item in enumerate(value))
     raise ValueError(f"cannot parse a value of type {annotation!r}")
+
+
+def _check_item(item: Any, index: int, item_type: type) -> Any:
+    """A JSON list item of a `list[item_type]` field; ints are accepted for floats, nothing else is converted."""
+    if item_type is float and isinstance(item, int) and not isinstance(item, bool):
+        return float(item)
+    if not isinstance(item, item_type) or (isinstance(item, bool) and item_type is not bool):
+        raise ValueError(f"item {index} is {type(item).__name__} {item!r}, expected {item_type.__name__}")
+    return item
 
 
 def apply_override(config: Config, assignment: str) -> None:
