@@ -76,6 +76,10 @@ class EmbeddingWriter:
         bad = [i for i in ids if "\n" in i or "\r" in i]
         if bad:
             raise ValueError(f"note ids with line breaks cannot be stored one per line: {bad[:5]!r}")
+        nonfinite = [i for i, row in zip(ids, vectors) if not np.isfinite(row).all()]
+        if nonfinite:
+            raise ValueError(f"{len(nonfinite)} of {len(ids)} embeddings are not finite (notes {nonfinite[:5]}): "
+                             f"the model produced NaN/inf; nothing is written to {self.out_dir}")
         self._ids.extend(ids)
         self._vectors.append(vectors)
         while len(self._ids) >= self.shard_size:
@@ -90,6 +94,13 @@ class EmbeddingWriter:
         self.shards.append({"embeddings": emb_name, "ids": ids_name, "count": rows})
         self.count += rows
         self._ids, self._vectors = self._ids[rows:], [matrix[rows:]]
+
+    def abort(self) -> None:
+        """Remove the shards written so far (a failed run leaves no partial folder behind)."""
+        for shard in self.shards:
+            for name in (shard["embeddings"], shard["ids"]):
+                (self.out_dir / name).unlink(missing_ok=True)
+        self.shards, self._ids, self._vectors = [], [], []
 
     def close(self, meta: dict[str, Any]) -> Path:
         """Write what is left and embeddings.json (written last: its presence means the folder is complete)."""
@@ -294,14 +305,18 @@ def write_embeddings(notes: Iterable[Note], embed_chunk: ChunkEmbedder, out_dir:
     writer = EmbeddingWriter(out_dir, shard_size)
     skipped: Counter = Counter()
     start, done = time.time(), 0
-    for chunk in _chunks(notes, chunk_size):
-        ids, vectors, chunk_skipped = embed_chunk(chunk)
-        if ids:
-            writer.add(ids, vectors)
-        skipped.update(chunk_skipped)
-        done += len(chunk)
-        elapsed = time.time() - start
-        print(f"[embed] {meta.get('model', '?')}: {done} notes, {done / elapsed:.1f} notes/s", flush=True)
+    try:
+        for chunk in _chunks(notes, chunk_size):
+            ids, vectors, chunk_skipped = embed_chunk(chunk)
+            if ids:
+                writer.add(ids, vectors)
+            skipped.update(chunk_skipped)
+            done += len(chunk)
+            elapsed = time.time() - start
+            print(f"[embed] {meta.get('model', '?')}: {done} notes, {done / elapsed:.1f} notes/s", flush=True)
+    except BaseException:
+        writer.abort()
+        raise
     elapsed = time.time() - start
     if writer.dim is None:
         raise ValueError(f"no note could be embedded ({done} read, skipped: {dict(skipped) or 'none'})")
