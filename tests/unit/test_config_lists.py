@@ -26,3 +26,13 @@ def test_well_typed_lists_are_taken():
     config = load_config(TINY, ["eval.ks=[3, 7]", "eval.paper_k_ratios=[1, 0.25]", 'data.sites=["x"]'])
     assert config.eval.ks == [3, 7] and config.data.sites == ["x"]
     assert config.eval.paper_k_ratios == [1.0, 0.25] and isinstance(config.eval.paper_k_ratios[0], float)
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("train.learning_rat=1e-5", r"override 'train.learning_rat': no field 'learning_rat' \(fields: .*learning_rate"),
+    ("trian.seed=1", r"override 'trian.seed': no config section 'trian'"),
+    ("train.seed", r"override 'train.seed' is not of the form section.field=value"),
+])
+def test_unknown_override_names_are_refused(assignment, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(TINY, [assignment])
