@@ -149,6 +149,12 @@ class TrainConfig:
     checkpoint_dir: str = ""
     # Synthetic batches (no data files, no TensorFlow): for performance runs on accelerators.
     synthetic_data: bool = False
+    # A step whose loss or gradient norm is not finite is discarded (no update). The run stops (no export,
+    # exit code 3) at the first such step, or once more than this many have been discarded.
+    max_nonfinite_steps: int = 0
+    # Resume when the latest checkpoint cannot be restored: "fallback" to the newest one that can (the
+    # damaged step folder is renamed <step>.damaged), or "stop" with an error.
+    on_bad_checkpoint: str = "fallback"
 
 
 @dataclasses.dataclass

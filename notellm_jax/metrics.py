@@ -54,8 +54,33 @@ def train_step_flops(cfg: LlamaConfig, *, sequences: int, seq_len: int, targets:
     return sequences * (seq_len * (3 * per_token_trained + per_token_frozen) + 3 * head)
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the rows after `step` from a metrics.jsonl (a run resumed from the checkpoint at `step` logs them
+    again), so each step appears once; a cut last line (a killed writer) goes too."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+        logger.info("%s: dropped %d rows after step %d (resumed there)", path, dropped, step)
+
+
 class MetricsWriter:
-    """Progress line on the console, one JSON object per line in metrics.jsonl, TensorBoard scalars."""
+    """Progress line on the console, one JSON object per line in metrics.jsonl, TensorBoard scalars.
+
+    metrics.jsonl is cut back to `start_step` first, so a resumed run's file has each step once."""
 
     def __init__(self, log_dir: Path, total_steps: int, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
@@ -70,6 +95,7 @@ class MetricsWriter:
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True,
                          mininterval=5.0, disable=not sys.stderr.isatty())  # logs get the metric lines only
         log_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(log_dir / "metrics.jsonl", start_step)
         self._jsonl = open(log_dir / "metrics.jsonl", "a", buffering=1)
         try:
             from tensorboardX import SummaryWriter

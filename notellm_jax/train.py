@@ -207,9 +207,15 @@ def train_step(state: TrainState, batch: dict, *, spec: StateSpec, config: Confi
                                  spec.mesh)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "learning_rate": spec.schedule(state.step)}
+    # A step with a non-finite loss or gradient norm changes nothing but the step (its batch is consumed);
+    # the loop's NonFiniteGuard decides whether training may go on.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                     (state.params, state.opt_state))
+    metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": spec.schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -325,22 +331,83 @@ def save_checkpoint(manager, state: TrainState, config: Config, total_steps: int
                  force=force)
 
 
-def restore_checkpoint(manager, spec: StateSpec, config: Config, total_steps: int) -> TrainState | None:
-    """The latest checkpoint restored onto this run's mesh (any mesh shape), or None."""
+def report_committed(manager, config: Config, pending: list[int]) -> list[int]:
+    """Report the saves orbax has committed (an async save is only complete once its thread finishes and
+    the step folder is finalised); returns the steps still in flight."""
+    if not pending or manager.is_saving_in_progress():
+        return pending
+    manager.check_for_errors()
+    for step in pending:
+        logger.info("checkpoint step %d committed: %s", step, checkpoint_dir(config) / str(step))
+    return []
+
+
+def _restore_step(manager, step: int, spec: StateSpec) -> tuple[TrainState, dict]:
+    """(state, meta) of one checkpoint step, validated: the meta names this step, the state is finite."""
     import orbax.checkpoint as ocp
-    step = manager.latest_step()
-    if step is None:
-        return None
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(spec.abstract_state),
                                                              meta=ocp.args.JsonRestore()))
-    meta = restored["meta"]
+    meta, state = restored["meta"], restored["state"]
+    if not isinstance(meta, dict) or meta.get("step") != step or int(state.step) != step:
+        raise ValueError(f"metadata {meta!r:.200} / state step {int(state.step)} do not describe step {step}")
+    leaves = jax.tree.leaves((state.params, state.opt_state))
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)):
+        raise ValueError("the restored state holds non-finite values")
+    return state, meta
+
+
+def _set_aside(manager, config: Config, step: int) -> None:
+    """Rename a damaged step folder to <step>.damaged (kept for inspection, no longer a step to orbax)."""
+    if is_primary():
+        folder = checkpoint_dir(config) / str(step)
+        target = folder.parent / f"{step}.damaged"
+        if target.exists():
+            target = folder.parent / f"{step}.damaged.{int(time.time())}"
+        folder.rename(target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    manager.reload()
+
+
+def restore_checkpoint(manager, spec: StateSpec, config: Config, total_steps: int) -> TrainState | None:
+    """The newest restorable checkpoint on this run's mesh (any mesh shape), or None when there is none.
+
+    A step that cannot be restored (a truncated data file, cut metadata, another model's shapes,
+    non-finite values) is logged with its path and cause; with train.on_bad_checkpoint="fallback" it is
+    set aside and the next older step is tried, with "stop" it is a CheckpointError."""
+    from notellm_jax.checkpoints import CheckpointError
+    if config.train.on_bad_checkpoint not in ("fallback", "stop"):
+        raise ValueError(f"train.on_bad_checkpoint must be 'fallback' or 'stop', got {config.train.on_bad_checkpoint!r}")
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+        path = checkpoint_dir(config) / str(step)
+        try:
+            state, meta = _restore_step(manager, step, spec)
+        except Exception as e:  # noqa: BLE001 (orbax/TensorStore raise many types for damaged files)
+            cause = f"{type(e).__name__}: {str(e)[:500]}"
+            if config.train.on_bad_checkpoint == "stop":
+                raise CheckpointError(f"{path}: checkpoint step {step} cannot be restored ({cause}); "
+                                      "train.on_bad_checkpoint=stop") from e
+            logger.warning("checkpoint step %d at %s cannot be restored (%s); set aside as %s.damaged, trying the "
+                           "previous one", step, path, cause, step)
+            _set_aside(manager, config, step)
+            continue
+        break
+    else:
+        if steps:
+            raise CheckpointError(f"{checkpoint_dir(config)}: none of the checkpoint steps {steps} can be restored "
+                                  "(see the warnings above); move the folder away to start afresh")
+        return None
+    if steps[0] != step:
+        logger.warning("resuming from checkpoint step %d (newer steps were damaged)", step)
     if meta["seed"] != config.train.seed:
         raise ValueError(f"checkpoint at step {step} was trained with seed {meta['seed']}, this run has "
                          f"seed {config.train.seed}: resuming would not reproduce the data order")
     if meta.get("total_steps", total_steps) != total_steps:
         logger.warning("resuming a run planned for %d steps with %d steps: the learning-rate schedule changes, "
                        "so the result will differ from an uninterrupted run", meta["total_steps"], total_steps)
-    return restored["state"]
+    return state
 
 
 def export_params(config: Config, state: TrainState, llama_cfg: LlamaConfig, tokenizer_path: str) -> Path:
@@ -355,6 +422,49 @@ def export_params(config: Config, state: TrainState, llama_cfg: LlamaConfig, tok
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     return save_notellm(config.work_dir / "export", params, llama_cfg, config, tokenizer_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite guard
+
+
+class TrainingDivergedError(RuntimeError):
+    """A training step had a non-finite loss or gradient norm beyond `train.max_nonfinite_steps`."""
+
+
+class NonFiniteGuard:
+    """Checks each step's loss and gradient norm (fetched in batches, so steps still dispatch ahead).
+
+    The step itself discards a non-finite update; `check()` counts those steps, logs each, and raises
+    TrainingDivergedError once more than `allowed` were discarded. Call it before logging or saving.
+    """
+
+    def __init__(self, allowed: int):
+        self.allowed = allowed
+        self.discarded: list[int] = []
+        self._pending: list[tuple[int, Any]] = []
+
+    def add(self, step: int, metrics: dict) -> None:
+        self._pending.append((step, (metrics["loss"], metrics["grad_norm"])))
+
+    def check(self) -> set[int]:
+        """Steps found non-finite since the last check (1-based step numbers, as logged)."""
+        bad = set()
+        for step, (loss, grad_norm) in jax.device_get(self._pending):
+            what = [f"{name} {float(v)}" for name, v in (("loss", loss), ("gradient norm", grad_norm))
+                    if not np.isfinite(v)]
+            if not what:
+                continue
+            bad.add(step)
+            self.discarded.append(step)
+            if len(self.discarded) > self.allowed:
+                raise TrainingDivergedError(
+                    f"step {step}: non-finite {' and '.join(what)}; stopping after {len(self.discarded)} "
+                    f"non-finite step(s) (train.max_nonfinite_steps={self.allowed}; discarded: {self.discarded})")
+            logger.warning("step %d: non-finite %s, update discarded (%d of %d allowed)", step, " and ".join(what),
+                           len(self.discarded), self.allowed)
+        self._pending = []
+        return bad
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,40 +540,60 @@ def train(config: Config) -> dict[str, Any]:
 
     data = batches(config, llama_cfg, "train", start_step)
     last: dict[str, Any] = {}
+    guard = NonFiniteGuard(config.train.max_nonfinite_steps)
+    saving: list[int] = []  # checkpoint steps saved but not yet reported committed
     window_start, window_flops, window_tokens, window = time.time(), 0.0, 0, []
-    for step in range(start_step, total_steps):
-        local = next(data)
-        if cache:
-            misses_before = cache.misses
-            local = cache(state.frozen, local)
-            frozen_rows = cache.misses - misses_before
-        else:
-            frozen_rows = n_notes if spec.frozen_layers else 0
-        state, metrics = step_fn(state, to_global_batch(spec, local))
-        window.append(metrics)  # device arrays: fetched (one sync) only when the window is logged
-        window_flops += step_flops(frozen_rows)
-        window_tokens += int(local["attention_mask"].sum()) * jax.process_count()
-        done = step + 1
-        writer.advance()
-        if done % config.train.log_every == 0 or done == total_steps:
-            fetched = jax.device_get(window)
-            elapsed = time.time() - window_start
-            # Means over the window (single-step contrastive losses are noisy); the schedule's current value.
-            last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-            last["learning_rate"] = float(fetched[-1]["learning_rate"])
-            last.update(tokens_per_s=window_tokens / elapsed, step_time_s=elapsed / len(fetched),
-                        mfu=window_flops / elapsed / peak)
+    try:
+        for step in range(start_step, total_steps):
+            local = next(data)
             if cache:
-                last["cache_hit_rate"] = cache.hit_rate()
-            writer.write(done, last)
-            window_start, window_flops, window_tokens, window = time.time(), 0.0, 0, []
-        if config.train.eval_every and done % config.train.eval_every == 0 and done != total_steps:
-            writer.write(done, validate(config, spec, state, eval_fn, cache, llama_cfg), prefix="val")
-        if done % config.train.checkpoint_every == 0 and done != total_steps:
-            save_checkpoint(manager, state, config, total_steps)
+                misses_before = cache.misses
+                local = cache(state.frozen, local)
+                frozen_rows = cache.misses - misses_before
+            else:
+                frozen_rows = n_notes if spec.frozen_layers else 0
+            state, metrics = step_fn(state, to_global_batch(spec, local))
+            done = step + 1
+            guard.add(done, metrics)
+            window.append((done, metrics))  # device arrays: fetched (one sync) only when the window is logged
+            window_flops += step_flops(frozen_rows)
+            window_tokens += int(local["attention_mask"].sum()) * jax.process_count()
+            writer.advance()
+            if done % config.train.log_every == 0 or done == total_steps:
+                discarded = guard.check()
+                fetched = jax.device_get(window)
+                elapsed = time.time() - window_start
+                # Means over the window's kept steps (single-step contrastive losses are noisy); the
+                # schedule's current value.
+                rows = [m for n, m in fetched if n not in discarded] or [m for _, m in fetched]
+                last = {k: float(np.mean([m[k] for m in rows])) for k in rows[-1]}
+                last["learning_rate"] = float(fetched[-1][1]["learning_rate"])
+                last.update(tokens_per_s=window_tokens / elapsed, step_time_s=elapsed / len(fetched),
+                            mfu=window_flops / elapsed / peak)
+                if cache:
+                    last["cache_hit_rate"] = cache.hit_rate()
+                writer.write(done, last)
+                window_start, window_flops, window_tokens, window = time.time(), 0.0, 0, []
+            if config.train.eval_every and done % config.train.eval_every == 0 and done != total_steps:
+                writer.write(done, validate(config, spec, state, eval_fn, cache, llama_cfg), prefix="val")
+            if done % config.train.checkpoint_every == 0 and done != total_steps:
+                guard.check()
+                save_checkpoint(manager, state, config, total_steps)
+                saving.append(done)
+            saving = report_committed(manager, config, saving)
+        guard.check()
+    except TrainingDivergedError as e:
+        manager.wait_until_finished()  # a save in flight is of an earlier, checked step: let it commit
+        writer.close()
+        kept = manager.latest_step()
+        raise TrainingDivergedError(f"{e}. Last good checkpoint: "
+                                    f"{'none' if kept is None else f'step {kept} in {checkpoint_dir(config)}'}; "
+                                    "no export written") from None
     if int(state.step) > start_step or manager.latest_step() != int(state.step):
         save_checkpoint(manager, state, config, total_steps, force=True)
+        saving.append(int(state.step))
     manager.wait_until_finished()
+    report_committed(manager, config, saving)
     if cache and primary:
         cache.save()
     if config.train.eval_batches > 0 and not config.train.synthetic_data:
@@ -493,7 +623,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_config_args(parser)
     args = parser.parse_args(argv)
     notellm_jax.configure_logging()
-    return train(config_from_args(args))
+    from notellm_jax.checkpoints import CheckpointError
+    try:
+        return train(config_from_args(args))
+    except TrainingDivergedError as e:
+        parser.exit(3, f"train: error: {e}\n")
+    except CheckpointError as e:
+        parser.exit(2, f"train: error: {e}\n")
 
 
 if __name__ == "__main__":
