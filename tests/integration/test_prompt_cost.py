@@ -9,7 +9,7 @@ import pytest
 
 from notellm_jax.config import PromptConfig
 from notellm_jax.data.prompts import CHARS_PER_TOKEN, CUT_SLACK_TOKENS, Note, build_example, cut_to_tokens
-from notellm_jax.tokenizer import load_tokenizer
+from notellm_jax.weights.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 SENTENCE = "Lily saw a big red ball in the park and she wanted to play with it. "

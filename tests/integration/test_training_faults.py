@@ -19,10 +19,14 @@ import numpy as np
 import pytest
 
 import notellm_jax  # noqa: F401
-from notellm_jax import train as trainer
-from notellm_jax.checkpoints import CheckpointError
 from notellm_jax.config import Config, load_config
+from notellm_jax.errors import CheckpointError, TrainingDivergedError
 from notellm_jax.sharding import make_mesh
+from notellm_jax.train import trainer
+from notellm_jax.train.checkpointing import _restore_step, checkpoint_manager
+from notellm_jax.train.metrics import truncate_metrics
+from notellm_jax.train.step import make_train_setup
+from notellm_jax.weights.loading import load_initial_params
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -44,11 +48,11 @@ def train_rows(work_dir: Path) -> list[dict]:
 
 def restored(config: Config, step: int) -> dict:
     """One checkpoint step's params and optimiser state, on one device, as host arrays."""
-    params, llama_cfg = trainer.load_initial_params(config, None)
-    spec = trainer.make_state_spec(config, llama_cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]),
-                                   config.train.max_steps)
-    manager = trainer.checkpoint_manager(config)
-    state, _ = trainer._restore_step(manager, step, spec)
+    _, llama_cfg = load_initial_params(config, None)
+    setup = make_train_setup(config, llama_cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]),
+                             config.train.max_steps)
+    manager = checkpoint_manager(config)
+    state, _ = _restore_step(manager, step, setup)
     manager.close()
     return jax.tree.map(np.asarray, jax.device_get({"params": state.params, "opt_state": state.opt_state}))
 
@@ -92,7 +96,7 @@ def test_damaged_latest_steps_fall_back_to_the_newest_good_one(whole, tmp_path, 
         return REAL_BATCHES(config, llama_cfg, split, start_step)
 
     monkeypatch.setattr(trainer, "batches", batches)
-    with caplog.at_level(logging.WARNING, logger="notellm_jax.train"):
+    with caplog.at_level(logging.WARNING, logger="notellm_jax.train.checkpointing"):
         trainer.train(synthetic_config(run))
     assert starts == [STEPS - 2]
     warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
@@ -127,7 +131,6 @@ def test_metrics_after_resume_from_an_earlier_checkpoint(whole, tmp_path):
     run = _copy(whole, tmp_path)
     path = run / "logs" / "metrics.jsonl"
     path.write_text(path.read_text() + '{"step": 6, "spl')
-    from notellm_jax.metrics import truncate_metrics
     truncate_metrics(path, 2)
     assert [r["step"] for r in train_rows(run)] == [1, 2]
     assert path.read_text().splitlines() == (whole / "logs" / "metrics.jsonl").read_text().splitlines()[:2]
@@ -140,7 +143,7 @@ def test_metrics_after_resume_from_an_earlier_checkpoint(whole, tmp_path):
 def test_nonfinite_steps_are_discarded_then_the_run_stops(tmp_path):
     config = synthetic_config(tmp_path, "train.learning_rate=1e6", "train.warmup_fraction=0",
                               "train.max_nonfinite_steps=2", "train.max_steps=12")
-    with pytest.raises(trainer.TrainingDivergedError) as info:
+    with pytest.raises(TrainingDivergedError) as info:
         trainer.train(config)
     message = str(info.value)
     match = re.match(r"step (\d+): non-finite (loss|gradient norm) .*stopping after 3 non-finite step\(s\) "

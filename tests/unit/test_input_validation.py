@@ -12,7 +12,7 @@ import pytest
 import notellm_jax  # noqa: F401
 from notellm_jax.config import Config, override
 from notellm_jax.data import importers, store
-from notellm_jax.data.importers import InputFormatError
+from notellm_jax.errors import InputFormatError
 
 NOTE = {"note_id": "a", "title": "A", "content": "x", "topics": ["t"], "category": "c", "created_at": 1}
 EVENT = {"user_id": "u", "note_id": "a", "timestamp": 3, "action": "click"}
@@ -98,7 +98,7 @@ def test_accepted_types_are_converted(tmp_path):
     _jsonl(src / "events.jsonl", [{**EVENT, "user_id": 5, "note_id": 17, "timestamp": "2021-06-01T00:00:00Z"}])
     stats, data_dir = _import("generic", src, tmp_path)
     utc = int(datetime(2020, 1, 2, 3, 4, 5, tzinfo=timezone.utc).timestamp())
-    notes = store.read_notes(data_dir / "notes.parquet").to_pylist()
+    notes = store.read_note_table(data_dir / "notes.parquet").to_pylist()
     assert [(n["note_id"], n["title"], n["content"], n["created_at"], n["exposure"]) for n in notes] == [
         ("17", "A", "x", utc, -1), ("b", "", "x", utc, 4),
         ("c", "A", "", int(datetime(2020, 1, 2, tzinfo=timezone.utc).timestamp()), -1)]
@@ -185,5 +185,5 @@ def test_csv_iso_created_at_and_bad_score(tmp_path):
         _import("reference_csv", tmp_path, tmp_path)
     (tmp_path / "note_pairs_x.csv").write_text("a,b,score\nn1,n2,0.5\n")
     _, data_dir = _import("reference_csv", tmp_path, tmp_path)
-    created = store.read_notes(data_dir / "notes.parquet")["created_at"].to_pylist()
+    created = store.read_note_table(data_dir / "notes.parquet")["created_at"].to_pylist()
     assert created == [int(datetime(2020, 1, 2, tzinfo=timezone.utc).timestamp()), 7]

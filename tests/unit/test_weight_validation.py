@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 import notellm_jax  # noqa: F401
-from notellm_jax.checkpoints import CheckpointError, load_causal_lm, load_params, save_hf, save_orbax
-from notellm_jax.model.llama import init_params, preset
+from notellm_jax.errors import CheckpointError
+from notellm_jax.model.llama import preset
+from notellm_jax.model.params import init_params
+from notellm_jax.weights.formats import load_causal_lm, load_params, save_hf, save_orbax
 
 IDS = np.array([[1, 7, 42, 99, 3, 250]])
 
