@@ -96,7 +96,7 @@ def test_damaged_latest_steps_fall_back_to_the_newest_good_one(whole, tmp_path, 
         return REAL_BATCHES(config, llama_cfg, split, start_step)
 
     monkeypatch.setattr(trainer, "batches", batches)
-    with caplog.at_level(logging.WARNING, logger="notellm_jax.train.checkpointing"):
+    with caplog.at_level(logging.INFO, logger="notellm_jax.train.checkpointing"):
         trainer.train(synthetic_config(run))
     assert starts == [STEPS - 2]
     warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
@@ -104,6 +104,8 @@ def test_damaged_latest_steps_fall_back_to_the_newest_good_one(whole, tmp_path, 
     for warning, step in zip(warnings, (STEPS, STEPS - 1)):
         assert warning.startswith(f"checkpoint step {step} at {ckpt / str(step)} cannot be restored (")
     assert "resuming from checkpoint step 3" in caplog.text
+    for step in (STEPS - 1, STEPS):  # the re-made steps are reported once orbax has committed them
+        assert f"checkpoint step {step} committed: {ckpt / str(step)}" in caplog.text
     assert (ckpt / f"{STEPS}.damaged").is_dir() and (ckpt / f"{STEPS - 1}.damaged").is_dir()
 
     # Each step once in metrics.jsonl, and the re-run steps equal the uninterrupted run's.
