@@ -112,7 +112,7 @@ def test_damaged_latest_steps_fall_back_to_the_newest_good_one(whole, tmp_path, 
     rows, reference = train_rows(run), train_rows(whole)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for mine, theirs in zip(rows, reference):
-        for key in ("loss", "loss_cl", "loss_gen", "grad_norm", "learning_rate", "tau"):
+        for key in ("loss", "loss_cl", "loss_gen", "grad_norm", "learning_rate", "log_logit_scale"):
             assert mine[key] == theirs[key], (mine["step"], key)
     final, expected = restored(synthetic_config(run), STEPS), restored(synthetic_config(whole), STEPS)
     jax.tree.map(np.testing.assert_array_equal, final, expected)
