@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from notellm_jax.config import Config
 from notellm_jax.distributed import is_primary
-from notellm_jax.errors import CheckpointError, ConfigError
+from notellm_jax.errors import CheckpointError
 from notellm_jax.model.llama import LlamaConfig
 from notellm_jax.model.params import merge_params
 from notellm_jax.train.step import TrainSetup, TrainState
@@ -113,9 +113,6 @@ def restore_checkpoint(manager, setup: TrainSetup, config: Config, total_steps: 
     A step that cannot be restored (a truncated data file, cut metadata, another model's shapes,
     non-finite values) is logged with its path and cause; with train.on_bad_checkpoint="fallback" it is
     set aside and the next older step is tried, with "stop" it is a CheckpointError."""
-    if config.train.on_bad_checkpoint not in ("fallback", "stop"):
-        raise ConfigError(f"train.on_bad_checkpoint must be 'fallback' or 'stop', got "
-                          f"{config.train.on_bad_checkpoint!r}")
     latest = manager.latest_step()
     found = _newest_restorable(manager, setup, config)
     if found is None:
