@@ -36,7 +36,8 @@ REAL_BATCHES = trainer.batches
 
 def synthetic_config(work_dir: Path, *extra: str) -> Config:
     return load_config(TINY + ":random", [
-        "train.synthetic_data=true", "prompt.max_length=32", "prompt.max_targets=4", "train.batch_pairs=8",
+        "train.synthetic_data=true", "prompt.max_length=32", "prompt.max_targets=4", "prompt.title_max_tokens=8",
+        "prompt.content_max_tokens=16", "train.batch_pairs=8",
         f"train.max_steps={STEPS}", "train.checkpoint_every=1", "train.keep_checkpoints=10", "train.log_every=1",
         "train.async_checkpoint=false", f"paths.work_dir={work_dir}", *extra])
 
