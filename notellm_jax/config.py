@@ -153,6 +153,12 @@ class TrainConfig:
     checkpoint_dir: str = ""
     # Synthetic batches (no data files, no TensorFlow): for performance runs on accelerators.
     synthetic_data: bool = False
+    # A step whose loss or gradient norm is not finite is discarded (no update). The run stops (no export,
+    # exit code 3) at the first such step, or once more than this many have been discarded.
+    max_nonfinite_steps: int = 0
+    # Resume when the latest checkpoint cannot be restored: "fallback" to the newest one that can (the
+    # damaged step folder is renamed <step>.damaged), or "stop" with an error.
+    on_bad_checkpoint: str = "fallback"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +279,9 @@ class Config:
              f"model.compute_dtype / param_dtype must be one of {DTYPES}"),
             (self.retrieval.ks is None or all(k >= 1 for k in self.retrieval.ks), "retrieval.ks must be >= 1"),
             (self.train.batch_pairs >= 1, "train.batch_pairs must be >= 1"),
+            (self.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps must be >= 0"),
+            (self.train.on_bad_checkpoint in ("fallback", "stop"),
+             f"train.on_bad_checkpoint {self.train.on_bad_checkpoint!r}: fallback | stop"),
         ]
         for ok, message in checks:
             if not ok:

@@ -12,7 +12,8 @@ and argument errors cost nothing and `plan --devices` can fake devices before ja
     notellm plan      --config C --devices N
     notellm convert   SRC DST [--to hf|orbax] [--overwrite]
 
-User-input errors (the project's own `errors.NotellmError`s) end with one line and exit status 2;
+User-input errors (the project's own `errors.NotellmError`s) end with one line and exit status 2 (3 for
+a training run that diverged: `TrainingDivergedError`);
 anything else propagates with its traceback.
 """
 from __future__ import annotations
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> Any:
         return importlib.import_module(module).run(args, config)
     except NotellmError as e:
         print(f"notellm {args.command}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(getattr(e, "exit_code", 2)) from None
 
 
 if __name__ == "__main__":

@@ -161,14 +161,18 @@ def write_embeddings(notes: Iterable[Note], embed_chunk: ChunkEmbedder, out_dir:
     writer = EmbeddingWriter(out_dir, shard_size)
     skipped: Counter = Counter()
     start, done = time.time(), 0
-    for chunk in _chunks(notes, chunk_size):
-        ids, vectors, chunk_skipped = embed_chunk(chunk)
-        if ids:
-            writer.add(ids, vectors)
-        skipped.update(chunk_skipped)
-        done += len(chunk)
-        elapsed = time.time() - start
-        print(f"[embed] {meta.get('model', '?')}: {done} notes, {done / elapsed:.1f} notes/s", flush=True)
+    try:
+        for chunk in _chunks(notes, chunk_size):
+            ids, vectors, chunk_skipped = embed_chunk(chunk)
+            if ids:
+                writer.add(ids, vectors)
+            skipped.update(chunk_skipped)
+            done += len(chunk)
+            elapsed = time.time() - start
+            print(f"[embed] {meta.get('model', '?')}: {done} notes, {done / elapsed:.1f} notes/s", flush=True)
+    except BaseException:
+        writer.abort()  # e.g. non-finite vectors: no partial folder is left behind
+        raise
     elapsed = time.time() - start
     if writer.dim is None:
         raise ValueError(f"no note could be embedded ({done} read, skipped: {dict(skipped) or 'none'})")

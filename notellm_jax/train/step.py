@@ -118,9 +118,15 @@ def train_step(state: TrainState, batch: dict, *, setup: TrainSetup) -> tuple[Tr
         return _loss_and_metrics(setup, merge_params(trainable, state.frozen), batch)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "learning_rate": setup.schedule(state.step)}
+    # A step with a non-finite loss or gradient norm changes nothing but the step (its batch is consumed);
+    # the loop's NonFiniteGuard decides whether training may go on.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                     (state.params, state.opt_state))
+    metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": setup.schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
