@@ -69,6 +69,16 @@ class DataConfig:
     num_shards: int = 4
     # Pair shuffle buffer per host (0 = the host's whole split, a full shuffle each epoch).
     shuffle_buffer: int = 0
+    # Engine of the cooccurrence and splits stages: "memory" (numpy, one machine) or "beam" (Apache
+    # Beam, data/beam_prepare.py; same files and counts). Beam runner and its pipeline flags, e.g.
+    # ["--direct_num_workers=2", "--direct_running_mode=multi_processing"] or Dataflow's (README).
+    engine: str = "memory"
+    beam_runner: str = "DirectRunner"
+    beam_options: list[str] = dataclasses.field(default_factory=list)
+    # Beam hot keys: CombinePerKey fanout for popular notes (0 = off; results unchanged), and a cap on
+    # one user's distinct notes (0 = off; a cap CHANGES scores: see beam_prepare.py).
+    beam_hot_key_fanout: int = 0
+    beam_max_user_notes: int = 0
 
 
 @dataclasses.dataclass

@@ -11,6 +11,10 @@
 - Repeated touches count once: u adds 1/N_u to s(A->B) at most once however often u touched A or B.
   A user who touched A, then B, then A again contributes to both s(A->B) and s(B->A).
 - A != B always; users with a single note contribute nothing (but their events count in stats).
+- Each 1/N_u is rounded to a multiple of 2^-32 (WEIGHT_QUANTUM, about 2.3e-10) before summing. Sums of
+  such numbers below 2^21 are exact in float64, so s(A->B) does not depend on the order of summation:
+  this path and the Beam path (beam_prepare.py), which adds in whatever order its workers finish,
+  give bit-identical scores, hence identical bounds, ranks and top-t ties.
 
 Vectorised with numpy: events are sorted by (user, note, time); all candidate (A, B) positions of a
 user are generated with `np.repeat` arithmetic in chunks of whole users (bounded memory), filtered,
@@ -32,6 +36,13 @@ from notellm_jax.data import store
 
 # Upper bound on candidate pairs materialised at once (about 16 bytes each in the main arrays).
 DEFAULT_CHUNK_PAIRS = 1 << 23
+# Weights 1/N_u are multiples of this (see the module docstring: order-independent exact sums).
+WEIGHT_QUANTUM = 2.0 ** -32
+
+
+def user_weight(num_notes: np.ndarray) -> np.ndarray:
+    """1/N_u rounded to a multiple of WEIGHT_QUANTUM."""
+    return np.round(1.0 / (num_notes * WEIGHT_QUANTUM)) * WEIGHT_QUANTUM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +106,7 @@ def _touches(user: np.ndarray, note: np.ndarray, time: np.ndarray) -> _Touches:
     user_of_row = np.cumsum(new_user) - 1
     return _Touches(user=user, time=time, row=np.cumsum(new_row) - 1, row_user=row_user, row_note=note[row_start],
                     row_first=time[row_start], row_last=time[row_end - 1],
-                    row_weight=1.0 / user_count[user_of_row], row_user_start=user_start[user_of_row],
+                    row_weight=user_weight(user_count)[user_of_row], row_user_start=user_start[user_of_row],
                     row_user_count=user_count[user_of_row])
 
 

@@ -11,7 +11,9 @@ Everything is written to `<paths.work_dir>/data/`:
                 splits compute each period's pairs from that period's own log)
 - splits:       pairs_train.parquet, pairs_val.parquet, pairs_test.parquet, split.json
 - shards:       shards/ (TFRecords, by notellm_jax.data.pipeline.write_shards)
-and stats.json: each stage's counts under its name, plus the config used.
+and stats.json: each stage's counts under its name, plus the config used. With data.engine="beam" the
+cooccurrence and splits stages run on Apache Beam (data/beam_prepare.py) and write the same files
+(the pipeline's own files go to beam/).
 
 A stage whose outputs all exist is skipped unless --force; once a stage runs, every later selected
 stage runs too, since its inputs changed.
@@ -26,7 +28,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 import notellm_jax  # noqa: F401  (environment defaults before anything imports transformers)
+
 from notellm_jax.config import Config, add_config_args, config_from_args
 from notellm_jax.data import importers, splits, store
 
@@ -35,20 +40,39 @@ def run_import(config: Config, data_dir: Path) -> dict[str, Any]:
     return importers.import_source(config, data_dir)
 
 
+def _use_beam(config: Config, given: pa.Table) -> bool:
+    """Beam mines co-occurrence; a source that supplies its own pairs has none to mine."""
+    if config.data.engine not in ("memory", "beam"):
+        raise ValueError(f"data.engine={config.data.engine!r}: expected 'memory' or 'beam'")
+    return config.data.engine == "beam" and len(given) == 0
+
+
 def run_cooccurrence(config: Config, data_dir: Path) -> dict[str, Any]:
     notes = store.read_notes(data_dir / "notes.parquet")
-    events = store.read_events(data_dir / "events.parquet")
     given = store.read_pairs(data_dir / "pairs_given.parquet")
-    pairs, counts = splits.period_pairs(events, given, notes["note_id"].combine_chunks(), config.data)
+    if _use_beam(config, given):
+        from notellm_jax.data import beam_prepare  # Apache Beam only for this engine
+
+        pairs, counts = beam_prepare.related_pairs(data_dir / "events.parquet", config.data,
+                                                   data_dir / "beam" / "cooccurrence")
+    else:
+        events = store.read_events(data_dir / "events.parquet")
+        pairs, counts = splits.period_pairs(events, given, notes["note_id"].combine_chunks(), config.data)
     store.write_pairs(pairs, data_dir / "pairs_all.parquet")
     return counts
 
 
 def run_splits(config: Config, data_dir: Path) -> dict[str, Any]:
     notes = store.read_notes(data_dir / "notes.parquet")
-    events = store.read_events(data_dir / "events.parquet")
     given = store.read_pairs(data_dir / "pairs_given.parquet")
-    pairs, split, counts = splits.make_splits(notes, events, given, config.data)
+    if _use_beam(config, given):
+        from notellm_jax.data import beam_prepare
+
+        pairs, split, counts = beam_prepare.make_splits(notes, data_dir / "events.parquet", config.data,
+                                                        data_dir / "beam" / "splits")
+    else:
+        events = store.read_events(data_dir / "events.parquet")
+        pairs, split, counts = splits.make_splits(notes, events, given, config.data)
     for name, table in pairs.items():
         store.write_pairs(table, data_dir / f"pairs_{name}.parquet")
     (data_dir / "split.json").write_text(json.dumps(split, indent=1))
