@@ -54,7 +54,6 @@ NAMESPACE = "notellm_prepare"
 SLICE_ROWS = 65_536
 # Compact a row accumulator once it holds this many (B, weight) entries.
 _COMPACT_AT = 1 << 16
-EVENT_COLUMNS = ("user_id", "note_id", "timestamp")
 
 
 def _counter(name: str):
@@ -83,26 +82,11 @@ def _read_slices(element: tuple[str, int, int]) -> Iterator[tuple[str, int, pa.T
     path, group, offset = element
     try:
         with FileSystems.open(path) as f:
-            table = pq.ParquetFile(f).read_row_group(group, columns=list(EVENT_COLUMNS))
+            table = pq.ParquetFile(f).read_row_group(group, columns=list(store.EVENT_KEYS))
     except (pa.ArrowInvalid, OSError) as e:
         raise store.StoreFormatError(f"{path}: row group {group} unreadable: {e}") from None
     for start in range(0, len(table), SLICE_ROWS):
         yield path, offset + start, table.slice(start, SLICE_ROWS)
-
-
-def check_events(table: pa.Table, path: str, first_row: int) -> None:
-    """StoreFormatError naming file, column and row for a missing column, a wrong type or a null value."""
-    for field in store.EVENTS_SCHEMA:
-        if field.name not in EVENT_COLUMNS:
-            continue
-        if field.name not in table.column_names:
-            raise store.StoreFormatError(f"{path}: missing column {field.name!r}")
-        column = table[field.name]
-        if not column.type.equals(field.type):
-            raise store.StoreFormatError(f"{path}: column {field.name!r} is {column.type}, not {field.type}")
-        if column.null_count:
-            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-            raise store.StoreFormatError(f"{path}: row {first_row + row}: {field.name} is null")
 
 
 class _Fragments(beam.DoFn):
@@ -134,7 +118,7 @@ class _Fragments(beam.DoFn):
 
     def process(self, element: tuple[str, int, pa.Table]) -> Iterator[Any]:
         path, first_row, table = element
-        check_events(table, path, first_row)
+        store.check_events(table, path, first_row)
         users = table["user_id"].to_numpy(zero_copy_only=False)
         notes = table["note_id"].to_numpy(zero_copy_only=False)
         times = table["timestamp"].to_numpy()
