@@ -2,30 +2,36 @@
 
 Same inputs, rules and outputs as the in-memory path (`cooccurrence.py`, `splits.py`): the Beam
 pipeline replaces only the part that touches every event; its pairs and stats.json counts equal the
-in-memory ones (scores to float rounding), see tests/integration/test_beam_prepare.py.
+in-memory ones (scores bit for bit), see tests/integration/test_beam_prepare.py.
 
     events.parquet row groups -> slices of 65,536 rows (Reshuffle: slices spread over workers)
-      -> per slice: null checks (StoreFormatError naming file and row), the event's period (test note;
-         train note, before its cut-off if train_events_before_cutoff; else counted not_in_a_period),
-         one fragment per (period, user) with its (note, time) touches
-      -> GroupByKey (period, user): each user's whole period log, so N_u is exact
-      -> BatchElements of users -> cooccurrence.cooccurrence_scores on the batch (the one definition of
-         Eq. 1: strict later touch, window, each user once per pair), one element per (period, A) row
-      -> CombinePerKey(RowSum): s(A->B) summed over batches per source note A
-      -> bounds l <= s <= u and top-t by (score desc, B asc) on each complete row (select_related's rule)
-      -> WriteToParquet, one file set per period
+      -> per slice: null/type checks (StoreFormatError naming file and row), the event's period (test
+         note; train note, before its cut-off if train_events_before_cutoff; else counted
+         not_in_a_period), its events per (period, user bucket) -- crc32(user) % B, B = events / 200k,
+         so a user's whole period log lands in one bucket and N_u is exact
+      -> GroupByKey (period, user bucket)
+      -> per bucket: cooccurrence.cooccurrence_scores (the one definition of Eq. 1: strict later touch,
+         window, each user once per pair), its (A, B, 1/N_u sums) split by A's note shard crc32(A) % B
+      -> CombinePerKey(PairSum): s(A->B) per note shard, summed over buckets (exact: WEIGHT_QUANTUM)
+      -> per shard (complete rows of its notes A): cooccurrence.select_coo, select_related's rule
+         (l <= s <= u, then top-t by score desc, B asc) -> WriteToParquetBatched, one file set per period
+
+Work is vectorised per slice, bucket and shard (numpy/Arrow), not per event: Python-per-element costs
+are what make naive Beam pipelines slow.
+
 The driver then sorts each period's pairs into select_related's row order and finishes the splits
 with splits.finish_splits (validation hold-out, train cap, evaluation order): those steps read only
 the selected pairs (at most top_t per note), which fit one machine.
 
 Hot keys:
-- Power users: a user with N_u notes emits O(N_u^2) candidate pairs in one element.
+- Power users: a user with N_u notes makes O(N_u^2) candidate pairs inside one bucket.
   `data.beam_max_user_notes` > 0 keeps only each user's first that many distinct notes (by first touch
   in the period) and drops the user's other events (counted: skipped.power_user_events). This CHANGES
   the scores (the user's N_u becomes the cap, later notes lose the user's pairs): 0, off, is the default.
-- Hot notes: a popular A's row receives partial rows from every batch. `data.beam_hot_key_fanout` > 0
-  uses CombinePerKey(...).with_hot_key_fanout(n): rows are first summed under n random sub-keys, then
-  the n partial rows are summed. Only the addition order changes (results equal to float rounding).
+- Hot notes: a popular A's shard receives partial scores from every bucket. `data.beam_hot_key_fanout`
+  > 0 uses CombinePerKey(...).with_hot_key_fanout(n): a shard's partials are first summed under n
+  random sub-keys on different workers, then the n partial sums are summed. Only the order of
+  additions changes, and the sums are exact (cooccurrence.WEIGHT_QUANTUM): results are identical.
 
 Every skipped record is counted with a Beam metrics counter (namespace "notellm_prepare") and reported
 in stats.json like the in-memory path's counts.
@@ -36,6 +42,7 @@ import dataclasses
 import json
 import shutil
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,8 +59,10 @@ from notellm_jax.data import cooccurrence, splits, store
 
 NAMESPACE = "notellm_prepare"
 SLICE_ROWS = 65_536
-# Compact a row accumulator once it holds this many (B, weight) entries.
-_COMPACT_AT = 1 << 16
+# Compact a score accumulator once it holds this many (A, B, weight) entries.
+_COMPACT_AT = 1 << 20
+# Users are hashed into buckets of about this many events (a bucket's pairs are computed at once).
+EVENTS_PER_BUCKET = 200_000
 
 
 def _counter(name: str):
@@ -89,11 +98,18 @@ def _read_slices(element: tuple[str, int, int]) -> Iterator[tuple[str, int, pa.T
         yield path, offset + start, table.slice(start, SLICE_ROWS)
 
 
-class _Fragments(beam.DoFn):
-    """DoFn: one slice of events -> ((period, user), (notes, times)) per user and period, counted."""
+def stable_bucket(ids: np.ndarray, buckets: int) -> np.ndarray:
+    """crc32(id) % buckets: the same on every worker (Python's str hash is salted per process)."""
+    return np.fromiter((zlib.crc32(i.encode()) % buckets for i in ids), np.int64, len(ids))
 
-    def __init__(self, periods: Periods):
+
+class _Fragments(beam.DoFn):
+    """One slice of events -> its events per (period, user bucket), and its distinct notes per
+    (period, note shard) on the "notes" output; counted."""
+
+    def __init__(self, periods: Periods, buckets: int):
         self.periods = periods
+        self.buckets = buckets
         self._index: dict[str, int] | None = None
 
     def setup(self) -> None:
@@ -123,138 +139,151 @@ class _Fragments(beam.DoFn):
         notes = table["note_id"].to_numpy(zero_copy_only=False)
         times = table["timestamp"].to_numpy()
         period = self._period_of(notes, times)
-        names = ("train", "test") if self._index is not None else ("all",)
         _counter("events.all").inc(len(table))
         _counter("events.not_in_a_period").inc(int((period < 0).sum()))
-        for p, name in enumerate(names):
-            mine = np.flatnonzero(period == p)
-            _counter(f"{name}.events").inc(len(mine))
-            order = mine[np.argsort(users[mine], kind="stable")]
-            u = users[order]
-            cuts = np.flatnonzero(u[1:] != u[:-1]) + 1
-            for chunk in np.split(order, cuts) if len(order) else []:
-                yield (name, users[chunk[0]]), (tuple(notes[chunk]), tuple(times[chunk].tolist()))
-            for note in np.unique(notes[mine]) if len(mine) else []:
-                yield beam.pvalue.TaggedOutput("notes", (name, note))
+        bucket = stable_bucket(users, self.buckets)
+        for p, name in enumerate(("train", "test") if self._index is not None else ("all",)):
+            mine = period == p
+            _counter(f"{name}.events").inc(int(mine.sum()))
+            for b in np.unique(bucket[mine]):
+                rows = np.flatnonzero(mine & (bucket == b))
+                yield (name, int(b)), (users[rows], notes[rows], times[rows])
+            distinct = np.unique(notes[mine])
+            shard = stable_bucket(distinct, self.buckets)
+            for b in np.unique(shard):
+                yield beam.pvalue.TaggedOutput("notes", ((name, int(b)), distinct[shard == b]))
 
 
-def _cap_user(notes: np.ndarray, times: np.ndarray, cap: int) -> np.ndarray:
-    """Mask of the touches on the user's first `cap` distinct notes (by first touch, then note id)."""
-    order = np.lexsort((notes, times))
-    _, first = np.unique(notes[order], return_index=True)
-    keep_notes = notes[order][np.sort(first)[:cap]]
-    return np.isin(notes, keep_notes)
+def cap_user_notes(user: np.ndarray, note: np.ndarray, time: np.ndarray, cap: int) -> np.ndarray:
+    """Mask of the events on each user's first `cap` distinct notes (by first touch, then note id)."""
+    order = np.lexsort((time, note, user))
+    u, n = user[order], note[order]
+    first = np.append(True, (u[1:] != u[:-1]) | (n[1:] != n[:-1]))   # first touch of each (user, note)
+    rows = order[first]
+    rows = rows[np.lexsort((note[rows], time[rows], user[rows]))]    # per user by first touch, note id
+    ru = user[rows]
+    start = np.flatnonzero(np.append(True, ru[1:] != ru[:-1]))
+    rank = np.arange(len(rows)) - np.repeat(start, np.diff(np.append(start, len(rows))))
+    kept = set(zip(user[rows[rank < cap]].tolist(), note[rows[rank < cap]].tolist()))
+    return np.fromiter(((a, b) in kept for a, b in zip(user.tolist(), note.tolist())), bool, len(user))
 
 
-class _PairRows(beam.DoFn):
-    """DoFn: a batch of (period, user) logs -> ((period, A), (B ids, weights)) partial rows."""
+class _BucketPairs(beam.DoFn):
+    """All events of one (period, user bucket) -> partial scores per (period, A's note shard)."""
 
-    def __init__(self, window_seconds: float | None, max_user_notes: int):
+    def __init__(self, window_seconds: float | None, max_user_notes: int, shards: int):
         self.window = window_seconds
         self.cap = max_user_notes
+        self.shards = shards
 
-    def process(self, batch: list) -> Iterator[tuple[tuple[str, str], tuple[np.ndarray, np.ndarray]]]:
-        by_period: dict[str, list] = {}
-        for (period, user), fragments in batch:
-            by_period.setdefault(period, []).append((user, fragments))
-        for period, users in by_period.items():
-            _counter(f"{period}.users").inc(len(users))
-            columns = self._columns(users)
-            scores = cooccurrence.cooccurrence_scores(columns, self.window)
-            matrix, ids = scores.matrix, scores.note_ids
-            for row in np.flatnonzero(np.diff(matrix.indptr)):
-                lo, hi = matrix.indptr[row], matrix.indptr[row + 1]
-                yield (period, ids[row]), (ids[matrix.indices[lo:hi]], matrix.data[lo:hi].copy())
-
-    def _columns(self, users: list) -> dict[str, np.ndarray]:
-        user_col, note_col, time_col = [], [], []
-        for i, (_, fragments) in enumerate(users):
-            notes = np.array([n for f in fragments for n in f[0]], dtype=object)
-            times = np.array([t for f in fragments for t in f[1]], dtype=np.int64)
-            if self.cap > 0 and len(set(notes)) > self.cap:
-                keep = _cap_user(notes, times, self.cap)
-                _counter("skipped.power_user_events").inc(int((~keep).sum()))
-                notes, times = notes[keep], times[keep]
-            user_col.append(np.full(len(notes), i, np.int64))
-            note_col.append(notes)
-            time_col.append(times)
-        return {"user_id": np.concatenate(user_col), "note_id": np.concatenate(note_col),
-                "timestamp": np.concatenate(time_col)}
+    def process(self, element: tuple[tuple[str, int], Iterable[tuple]]) -> Iterator[Any]:
+        (period, _), fragments = element
+        parts = list(fragments)
+        user, note, time = (np.concatenate([f[k] for f in parts]) for k in range(3))
+        if self.cap > 0:
+            keep = cap_user_notes(user, note, time, self.cap)
+            _counter("skipped.power_user_events").inc(int((~keep).sum()))
+            user, note, time = user[keep], note[keep], time[keep]
+        scores = cooccurrence.cooccurrence_scores({"user_id": user, "note_id": note, "timestamp": time}, self.window)
+        _counter(f"{period}.users").inc(scores.num_users)
+        coo = scores.matrix.tocoo()
+        a, b = scores.note_ids[coo.row], scores.note_ids[coo.col]
+        shard = stable_bucket(scores.note_ids, self.shards)[coo.row]
+        for s in np.unique(shard):
+            rows = shard == s
+            yield (period, int(s)), (a[rows], b[rows], coo.data[rows])
 
 
-def _sum_row(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Partial rows (B ids, weights) -> one row with unique B (sorted) and summed weights."""
-    ids = np.concatenate([p[0] for p in parts])
-    weights = np.concatenate([p[1] for p in parts])
-    unique, inverse = np.unique(ids, return_inverse=True)
-    return unique, np.bincount(inverse.ravel(), weights=weights, minlength=len(unique))
+def _sum_pairs(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Partial (A, B, weight) triples -> one per distinct (A, B) with the weights summed (exact, any order)."""
+    table = pa.table({"a": pa.array(np.concatenate([p[0] for p in parts]), pa.string()),
+                      "b": pa.array(np.concatenate([p[1] for p in parts]), pa.string()),
+                      "w": np.concatenate([p[2] for p in parts])})
+    summed = table.group_by(["a", "b"]).aggregate([("w", "sum")])
+    return (summed["a"].to_numpy(zero_copy_only=False), summed["b"].to_numpy(zero_copy_only=False),
+            summed["w_sum"].to_numpy())
 
 
-class RowSum(beam.CombineFn):
-    """s(A->B) for one A: partial rows summed; the accumulator is compacted once it grows large."""
+class PairSum(beam.CombineFn):
+    """s(A->B) for the notes A of one shard: partial triples summed, compacted once they grow large."""
 
     def create_accumulator(self) -> list:
         return []
 
-    def add_input(self, acc: list, row: tuple[np.ndarray, np.ndarray]) -> list:
-        acc.append(row)
-        return [_sum_row(acc)] if sum(len(p[0]) for p in acc) > _COMPACT_AT else acc
+    def add_input(self, acc: list, part: tuple) -> list:
+        acc.append(part)
+        return [_sum_pairs(acc)] if len(acc) > 1 and sum(len(p[0]) for p in acc) > _COMPACT_AT else acc
 
     def merge_accumulators(self, accs: Iterable[list]) -> list:
         parts = [p for acc in accs for p in acc]
-        return [_sum_row(parts)] if parts else []
+        return [_sum_pairs(parts)] if parts else []
 
-    def extract_output(self, acc: list) -> tuple[np.ndarray, np.ndarray]:
-        return _sum_row(acc) if acc else (np.zeros(0, object), np.zeros(0))
-
-
-def _select(element: tuple[tuple[str, str], tuple[np.ndarray, np.ndarray]], upper: float, lower: float,
-            top_t: int) -> Iterator[dict[str, Any]]:
-    """select_related's rule on one complete row: upper, lower bound, then top_t by (score desc, B asc)."""
-    (period, a), (b, s) = element
-    _counter(f"{period}.candidates").inc(len(s))
-    keep = s <= upper
-    _counter(f"{period}.after_upper").inc(int(keep.sum()))
-    keep &= s >= lower
-    _counter(f"{period}.after_lower").inc(int(keep.sum()))
-    b, s = b[keep], s[keep]
-    order = np.lexsort((b, -s))
-    if top_t > 0:
-        order = order[:top_t]
-    _counter(f"{period}.after_top_t").inc(len(order))
-    for i in order:
-        yield {"period": period, "note_a": str(a), "note_b": str(b[i]), "score": float(s[i])}
+    def extract_output(self, acc: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return _sum_pairs(acc) if acc else (np.zeros(0, object), np.zeros(0, object), np.zeros(0))
 
 
-def _count_note(element: tuple[str, str]) -> None:
-    _counter(f"{element[0]}.notes").inc()
+def _select(element: tuple[tuple[str, int], tuple], upper: float, lower: float, top_t: int
+            ) -> Iterator[tuple[str, pa.Table]]:
+    """cooccurrence.select_coo on one shard's complete rows; its counts go to the counters."""
+    (period, _), (a, b, s) = element
+    ids, codes = np.unique(np.concatenate([a, b]), return_inverse=True)  # codes sort like the ids
+    codes = codes.ravel()
+    ka, kb, ks, counts = cooccurrence.select_coo(codes[:len(a)], codes[len(a):], s, upper, lower, top_t)
+    for name, value in counts.items():
+        _counter(f"{period}.{name}").inc(value)
+    yield period, pa.table({"note_a": pa.array(ids[ka], pa.string()), "note_b": pa.array(ids[kb], pa.string()),
+                            "score": pa.array(ks, pa.float64())})
 
 
-def _pair_record(row: dict[str, Any]) -> dict[str, Any]:
-    return {"note_a": row["note_a"], "note_b": row["note_b"], "score": row["score"]}
+class NoteUnion(beam.CombineFn):
+    """The distinct note ids of one (period, note shard)."""
+
+    def create_accumulator(self) -> np.ndarray:
+        return np.zeros(0, object)
+
+    def add_input(self, acc: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return np.union1d(acc, ids)
+
+    def merge_accumulators(self, accs: Iterable[np.ndarray]) -> np.ndarray:
+        return np.unique(np.concatenate(list(accs))) if accs else np.zeros(0, object)
+
+    def extract_output(self, acc: np.ndarray) -> int:
+        return len(acc)
+
+
+def _count_notes(element: tuple[tuple[str, int], int]) -> None:
+    _counter(f"{element[0][0]}.notes").inc(element[1])
+
+
+def num_buckets(events_path: str) -> int:
+    """User buckets (= note shards): about EVENTS_PER_BUCKET events each, from the parquet metadata."""
+    with FileSystems.open(events_path) as f:
+        rows = pq.ParquetFile(f).metadata.num_rows
+    return max(1, -(-rows // EVENTS_PER_BUCKET))
 
 
 def build(p: beam.Pipeline, events_path: str, periods: Periods, names: tuple[str, ...], data: DataConfig,
           out_dir: str) -> None:
     """Add the co-occurrence transforms (module docstring) to `p`: pairs_<period>-*.parquet in out_dir."""
     window = data.cooc_window_days * 86_400 if data.cooc_window_days > 0 else None
+    buckets = num_buckets(events_path)
     fragments = (p | "Events" >> beam.Create([events_path]) | "RowGroups" >> beam.FlatMap(_slices)
                  | "Spread" >> beam.Reshuffle() | "Slices" >> beam.FlatMap(_read_slices)
-                 | "Fragments" >> beam.ParDo(_Fragments(periods)).with_outputs("notes", main="users"))
-    _ = fragments.notes | "DistinctNotes" >> beam.Distinct() | "CountNotes" >> beam.Map(_count_note)
-    combine = beam.CombinePerKey(RowSum())
+                 | "Fragments" >> beam.ParDo(_Fragments(periods, buckets)).with_outputs("notes", main="users"))
+    _ = (fragments.notes | "DistinctNotes" >> beam.CombinePerKey(NoteUnion())
+         | "CountNotes" >> beam.Map(_count_notes))
+    combine = beam.CombinePerKey(PairSum())
     if data.beam_hot_key_fanout > 0:
         combine = combine.with_hot_key_fanout(data.beam_hot_key_fanout)
-    selected = (fragments.users | "PerUser" >> beam.GroupByKey()
-                | "UserBatches" >> beam.BatchElements(min_batch_size=16, max_batch_size=4096)
-                | "PairRows" >> beam.ParDo(_PairRows(window, data.beam_max_user_notes))
+    selected = (fragments.users | "PerUserBucket" >> beam.GroupByKey()
+                | "Pairs" >> beam.ParDo(_BucketPairs(window, data.beam_max_user_notes, buckets))
                 | "Scores" >> combine
                 | "Select" >> beam.FlatMap(_select, data.cooc_upper, data.cooc_lower, data.cooc_top_t))
     for name in names:
-        _ = (selected | f"Only_{name}" >> beam.Filter(lambda row, n=name: row["period"] == n)
-             | f"Record_{name}" >> beam.Map(_pair_record)
-             | f"Write_{name}" >> beam.io.WriteToParquet(f"{out_dir}/pairs_{name}", store.PAIRS_SCHEMA,
-                                                         file_name_suffix=".parquet"))
+        _ = (selected | f"Only_{name}" >> beam.Filter(lambda row, n=name: row[0] == n)
+             | f"Table_{name}" >> beam.Map(lambda row: row[1])
+             | f"Write_{name}" >> beam.io.WriteToParquetBatched(f"{out_dir}/pairs_{name}", store.PAIRS_SCHEMA,
+                                                                file_name_suffix=".parquet"))
 
 
 def _options(data: DataConfig):

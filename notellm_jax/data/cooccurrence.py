@@ -202,7 +202,17 @@ def select_related(scores: CooccurrenceScores, upper: float, lower: float, top_t
     pairs (note_a, note_b, score; sorted by A, score desc, B) and the pair counts after each filter.
     """
     coo = scores.matrix.tocoo()
-    a, b, s = coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data
+    a, b, s, counts = select_coo(coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data, upper, lower, top_t)
+    ids = scores.note_ids
+    pairs = store.to_table({"note_a": ids[a].astype(str), "note_b": ids[b].astype(str), "score": s},
+                           store.PAIRS_SCHEMA, "related pairs")
+    return pairs, counts
+
+
+def select_coo(a: np.ndarray, b: np.ndarray, s: np.ndarray, upper: float, lower: float, top_t: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """select_related on (A, B, score) arrays whose integer codes sort like the note ids; the kept
+    triples in (A, score desc, B) order and the counts. The Beam engine selects with this too."""
     counts = {"candidates": len(s)}
     keep = s <= upper
     counts["after_upper"] = int(keep.sum())
@@ -215,10 +225,7 @@ def select_related(scores: CooccurrenceScores, upper: float, lower: float, top_t
     rank = np.arange(len(a)) - np.repeat(group_start, np.diff(np.append(group_start, len(a))))
     keep = rank < top_t if top_t > 0 else np.ones(len(a), bool)
     counts["after_top_t"] = int(keep.sum())
-    ids = scores.note_ids
-    pairs = store.to_table({"note_a": ids[a[keep]].astype(str), "note_b": ids[b[keep]].astype(str),
-                            "score": s[keep]}, store.PAIRS_SCHEMA, "related pairs")
-    return pairs, counts
+    return a[keep], b[keep], s[keep], counts
 
 
 def related_pairs(events: pa.Table | Mapping[str, Any], data: DataConfig) -> tuple[pa.Table, dict[str, int]]:

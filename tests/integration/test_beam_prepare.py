@@ -8,12 +8,13 @@ costs ~8 s of graph set-up here, so the property test packs several random logs 
 """
 import json
 import shutil
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import notellm_jax  # noqa: F401
@@ -79,15 +80,21 @@ def _disjoint_union(logs):
     return [(f"{k}{u}", f"{k}{n}", t) for k, log in enumerate(logs) for u, n, t in log]
 
 
+@example(logs=[[("u0", "n0", 0), ("u0", "n1", 1), ("u1", "n1", 0), ("u1", "n0", 2), ("u1", "n2", 3)],
+               [("u0", "n0", 5), ("u0", "n1", 5), ("u2", "n3", 1), ("u2", "n1", 4)]],
+         window_days=0.0, top_t=2, lower=0.0, fanout=3, bucket_events=7)
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(logs=st.lists(event_logs, min_size=1, max_size=5), window_days=st.sampled_from([0.0, 2 / 86_400]),
-       top_t=st.integers(0, 3), lower=st.sampled_from([0.0, 0.2]), fanout=st.sampled_from([0, 3]))
-def test_random_logs_beam_equals_memory(tmp_path, logs, window_days, top_t, lower, fanout):
+       top_t=st.integers(0, 3), lower=st.sampled_from([0.0, 0.2]), fanout=st.sampled_from([0, 3]),
+       bucket_events=st.sampled_from([7, 200_000]))
+def test_random_logs_beam_equals_memory(tmp_path, logs, window_days, top_t, lower, fanout, bucket_events):
+    """bucket_events=7: many user buckets and note shards, so scores are summed across buckets."""
     data = DataConfig(cooc_window_days=window_days, cooc_top_t=top_t, cooc_lower=lower, cooc_upper=0.9,
                       beam_hot_key_fanout=fanout)
     _write_events(_disjoint_union(logs), tmp_path / "events.parquet")
     expected, expected_counts = cooccurrence.related_pairs(store.read_events(tmp_path / "events.parquet"), data)
-    got, counts = beam_prepare.related_pairs(tmp_path / "events.parquet", data, tmp_path / "beam")
+    with mock.patch.object(beam_prepare, "EVENTS_PER_BUCKET", bucket_events):
+        got, counts = beam_prepare.related_pairs(tmp_path / "events.parquet", data, tmp_path / "beam")
     assert_same_pairs(got, expected)
     assert _without_timing(counts) == expected_counts
 
