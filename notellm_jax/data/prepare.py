@@ -1,7 +1,7 @@
 """Prepare a run's data: import -> co-occurrence -> splits -> tokenised shards.
 
     python -m notellm_jax.data.prepare --config configs/<name>.py [--set section.field=value ...]
-        [--stages import,cooccurrence,splits,shards] [--force]
+        [--stages import,cooccurrence,splits,shards,tfds] [--force]
 
 Everything is written to `<paths.work_dir>/data/`:
 - import:       notes.parquet, events.parquet, pairs_postlinks.parquet (explicit Stack Exchange links
@@ -11,6 +11,8 @@ Everything is written to `<paths.work_dir>/data/`:
                 splits compute each period's pairs from that period's own log)
 - splits:       pairs_train.parquet, pairs_val.parquet, pairs_test.parquet, split.json
 - shards:       shards/ (TFRecords, by notellm_jax.data.pipeline.write_shards)
+- tfds:         tfds/ (the notellm_prepared TensorFlow Datasets dataset of those shards, built on Beam;
+                run by default only with data.train_input="tfds")
 and stats.json: each stage's counts under its name, plus the config used. With data.engine="beam" the
 cooccurrence and splits stages run on Apache Beam (data/beam_prepare.py) and write the same files
 (the pipeline's own files go to beam/).
@@ -84,12 +86,24 @@ def run_shards(config: Config, data_dir: Path) -> dict[str, Any]:
     return write_shards(config, data_dir)
 
 
+def run_tfds(config: Config, data_dir: Path) -> dict[str, Any]:
+    from notellm_jax.data import tfds_dataset  # TensorFlow Datasets + Beam only for this stage
+
+    return tfds_dataset.build(data_dir, config.data.beam_runner, config.data.beam_options)
+
+
 STAGES: dict[str, tuple[Callable[[Config, Path], dict[str, Any]], tuple[str, ...]]] = {
     "import": (run_import, ("notes.parquet", "events.parquet", "pairs_postlinks.parquet", "pairs_given.parquet")),
     "cooccurrence": (run_cooccurrence, ("pairs_all.parquet",)),
     "splits": (run_splits, ("pairs_train.parquet", "pairs_val.parquet", "pairs_test.parquet", "split.json")),
     "shards": (run_shards, ("shards",)),
+    "tfds": (run_tfds, ("tfds",)),
 }
+
+
+def default_stages(config: Config) -> list[str]:
+    """Every stage; the TFDS dataset only when training reads it (data.train_input = "tfds")."""
+    return [s for s in STAGES if s != "tfds" or config.data.train_input == "tfds"]
 
 
 def _parse_stages(text: str) -> list[str]:
@@ -100,8 +114,10 @@ def _parse_stages(text: str) -> list[str]:
     return [s for s in STAGES if s in names]  # always in pipeline order
 
 
-def prepare(config: Config, stages: Sequence[str] = tuple(STAGES), force: bool = False) -> dict[str, Any]:
-    """Run the selected stages in order into <work_dir>/data; returns (and writes) stats.json's content."""
+def prepare(config: Config, stages: Sequence[str] | None = None, force: bool = False) -> dict[str, Any]:
+    """Run the selected stages (default_stages if None) in order into <work_dir>/data; returns (and
+    writes) stats.json's content."""
+    stages = default_stages(config) if stages is None else stages
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     stats_path = data_dir / "stats.json"
@@ -132,8 +148,9 @@ def _headline(counts: dict[str, Any]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_args(parser)
-    parser.add_argument("--stages", type=_parse_stages, default=list(STAGES),
-                        help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
+    parser.add_argument("--stages", type=_parse_stages, default=None,
+                        help=f"comma-separated subset of {','.join(STAGES)} (default: all; tfds only "
+                             "with data.train_input=tfds)")
     parser.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     args = parser.parse_args(argv)
     stats = prepare(config_from_args(args), args.stages, args.force)
