@@ -42,7 +42,7 @@ def run_one(engine: str, num_events: int) -> dict:
         _, events = generate(SyntheticLog(num_events=num_events))
         store.write_events(events, path)
         del events
-        data = DataConfig(beam_options=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+        data = DataConfig(beam_options=("--direct_num_workers=2", "--direct_running_mode=multi_processing"))
         print("READY", flush=True)  # the parent's memory sampler starts its peak here
         start, cpu = time.perf_counter(), time.process_time()
         if engine == "memory":

@@ -1,7 +1,7 @@
 """Prepare a run's data: import -> co-occurrence -> splits -> tokenised shards.
 
     python -m notellm_jax.data.prepare --config configs/<name>.py [--set section.field=value ...]
-        [--stages import,cooccurrence,splits,shards,tfds] [--force]
+        [--stages import,cooccurrence,splits,shards] [--force]
 
 Everything is written to `<paths.work_dir>/data/`:
 - import:       notes.parquet, events.parquet, pairs_postlinks.parquet (explicit Stack Exchange links
@@ -10,7 +10,7 @@ Everything is written to `<paths.work_dir>/data/`:
 - cooccurrence: pairs_all.parquet, related pairs over the whole log (for inspection and stats; the
                 splits compute each period's pairs from that period's own log)
 - splits:       pairs_train.parquet, pairs_val.parquet, pairs_test.parquet, split.json
-- shards:       shards/ (TFRecords, by notellm_jax.data.pipeline.write_shards)
+- shards:       shards/ (TFRecords of the tokenised pairs, by `data.input_pipeline.write_shards`)
 - tfds:         tfds/ (the notellm_prepared TensorFlow Datasets dataset of those shards, built on Beam;
                 run by default only with data.train_input="tfds")
 and stats.json: each stage's counts under its name, plus the config used. With data.engine="beam" the
@@ -22,9 +22,7 @@ stage runs too, since its inputs changed.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,10 +30,9 @@ from typing import Any
 
 import pyarrow as pa
 
-import notellm_jax  # noqa: F401  (environment defaults before anything imports transformers)
-
-from notellm_jax.config import Config, add_config_args, config_from_args
+from notellm_jax.config import Config
 from notellm_jax.data import importers, splits, store
+from notellm_jax.errors import ConfigError
 
 
 def run_import(config: Config, data_dir: Path) -> dict[str, Any]:
@@ -45,12 +42,12 @@ def run_import(config: Config, data_dir: Path) -> dict[str, Any]:
 def _use_beam(config: Config, given: pa.Table) -> bool:
     """Beam mines co-occurrence; a source that supplies its own pairs has none to mine."""
     if config.data.engine not in ("memory", "beam"):
-        raise ValueError(f"data.engine={config.data.engine!r}: expected 'memory' or 'beam'")
+        raise ConfigError(f"data.engine={config.data.engine!r}: expected 'memory' or 'beam'")
     return config.data.engine == "beam" and len(given) == 0
 
 
 def run_cooccurrence(config: Config, data_dir: Path) -> dict[str, Any]:
-    notes = store.read_notes(data_dir / "notes.parquet")
+    notes = store.read_note_table(data_dir / "notes.parquet")
     given = store.read_pairs(data_dir / "pairs_given.parquet")
     if _use_beam(config, given):
         from notellm_jax.data import beam_prepare  # Apache Beam only for this engine
@@ -65,7 +62,7 @@ def run_cooccurrence(config: Config, data_dir: Path) -> dict[str, Any]:
 
 
 def run_splits(config: Config, data_dir: Path) -> dict[str, Any]:
-    notes = store.read_notes(data_dir / "notes.parquet")
+    notes = store.read_note_table(data_dir / "notes.parquet")
     given = store.read_pairs(data_dir / "pairs_given.parquet")
     if _use_beam(config, given):
         from notellm_jax.data import beam_prepare
@@ -82,7 +79,7 @@ def run_splits(config: Config, data_dir: Path) -> dict[str, Any]:
 
 
 def run_shards(config: Config, data_dir: Path) -> dict[str, Any]:
-    from notellm_jax.data.pipeline import write_shards  # TensorFlow only when shards are written
+    from notellm_jax.data.input_pipeline import write_shards  # TensorFlow only when shards are written
     return write_shards(config, data_dir)
 
 
@@ -106,11 +103,14 @@ def default_stages(config: Config) -> list[str]:
     return [s for s in STAGES if s != "tfds" or config.data.train_input == "tfds"]
 
 
-def _parse_stages(text: str) -> list[str]:
+def parse_stages(text: str | None) -> list[str] | None:
+    """`--stages a,b` -> the named stages in pipeline order (None = default_stages)."""
+    if text is None:
+        return None
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown stage(s) {unknown}; stages: {','.join(STAGES)}")
+        raise ConfigError(f"--stages: unknown stage(s) {unknown}; stages: {','.join(STAGES)}")
     return [s for s in STAGES if s in names]  # always in pipeline order
 
 
@@ -145,18 +145,16 @@ def _headline(counts: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in counts.items() if k != "sites"}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_args(parser)
-    parser.add_argument("--stages", type=_parse_stages, default=None,
-                        help=f"comma-separated subset of {','.join(STAGES)} (default: all; tfds only "
-                             "with data.train_input=tfds)")
-    parser.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
-    args = parser.parse_args(argv)
-    stats = prepare(config_from_args(args), args.stages, args.force)
+def run(args, config: Config) -> dict[str, Any]:
+    """`notellm prepare`: the selected stages; prints stats.json's counts."""
+    stats = prepare(config, parse_stages(args.stages), args.force)
     print(json.dumps({k: v for k, v in stats.items() if k != "config"}, indent=1))
-    return 0
+    return stats
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import sys
+
+    from notellm_jax.main import main
+
+    main(["prepare", *sys.argv[1:]])

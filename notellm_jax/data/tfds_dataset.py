@@ -1,23 +1,24 @@
 """The prepared data as a TensorFlow Datasets dataset, `notellm_prepared`, built on Apache Beam.
 
-Two builder configs, read from a prepared data folder (passed as TFDS's manual_dir) whose shards/ were
-written by `input pipeline.write_shards`:
-- `notellm_prepared/pairs`: splits train, val, test (those with pairs); one example per related pair,
-  in the shard files' order (the seeded order write_shards chose; disable_shuffling keeps it).
-- `notellm_prepared/notes`: split "notes"; one example per note in note_index order.
-Features (int64 unless said; <v> is `cat` = category task, `hash` = hashtag task):
-- pairs: for side s in a_, b_: `<s>note_index`; `<s><v>_ids` (token ids, variable length: prompt +
-  output + EOS), `<s><v>_emb` (position of the [EMB] token; -1 = the note has no such variant),
-  `<s><v>_prefix` (prompt length: the tokens before the output).
-- notes: the same without the side prefix, plus `note_id` (string).
+Two builder configs, read from a prepared data folder (passed as TFDS's manual_dir):
+- `notellm_prepared/pairs`: splits train, val, test (those with pairs), from shards/ (written by
+  `input_pipeline.write_shards`); one example per related pair, in the shard files' order (the seeded
+  order write_shards chose; disable_shuffling keeps it). Features, int64, for side s in a_, b_ and
+  task variant v in cat (category), hash (hashtag): `<s>note_index` (row of the note in
+  notes.parquet); `<s><v>_ids` (token ids, variable length: prompt + output + EOS); `<s><v>_emb`
+  (the [EMB] read position stored in the shards; -1 = the note has no such variant); `<s><v>_prefix`
+  (prompt length: the tokens before the output).
+- `notellm_prepared/notes`: split "notes", from notes.parquet in its row order (= note_index): the
+  store's fields note_id, title, content (text), topics (list of text), category (text),
+  created_at (int64 unix seconds), exposure (int64 view count, -1 unknown).
 The shards' meta.json (counts, special token ids, prompt hash) is stored in the dataset's metadata,
 so a reader checks it against its config as it does for shards.
 
 Building: `prepare --stages tfds` (or `build(config)`), or the TFDS CLI, e.g.
     tfds build notellm_jax/data/tfds_dataset.py --config pairs --manual_dir <data_dir> \
         --data_dir <data_dir>/tfds --beam_pipeline_options="direct_num_workers=2,direct_running_mode=multi_processing"
-The Beam work is reading shard files in parallel (one element per file) and TFDS's own shuffle-free
-writing; Dataflow/Flink/Spark run it by pipeline options alone (README, Data). The tokenisation itself
+The Beam work is reading shard files in parallel (one element per file) and TFDS's own writing
+(disable_shuffling: examples in key order); Dataflow/Flink/Spark run it by pipeline options alone (README, Data). The tokenisation itself
 is write_shards' (one process).
 """
 from __future__ import annotations
@@ -31,34 +32,45 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from notellm_jax.data.pipeline import SPLITS, VARIANTS, _parse_spec
+from notellm_jax.data import store
+from notellm_jax.errors import MissingInputError
+from notellm_jax.data.input_pipeline import SPLITS, VARIANTS, _parse_spec
 
 NAME = "notellm_prepared"
 
 
-def _features(sides: tuple[str, ...], with_id: bool) -> tfds.features.FeaturesDict:
+def _pair_features() -> tfds.features.FeaturesDict:
     spec: dict[str, Any] = {}
-    for side in sides:
+    for side in ("a_", "b_"):
         spec[f"{side}note_index"] = tfds.features.Scalar(np.int64)
         for short in VARIANTS:
             spec[f"{side}{short}_ids"] = tfds.features.Tensor(shape=(None,), dtype=np.int64)
             spec[f"{side}{short}_emb"] = tfds.features.Scalar(np.int64)
             spec[f"{side}{short}_prefix"] = tfds.features.Scalar(np.int64)
-    if with_id:
-        spec["note_id"] = tfds.features.Text()
     return tfds.features.FeaturesDict(spec)
 
 
-def _read_file(element: tuple[str, int, bool]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(global record index, example) for every record of one shard file."""
-    path, first, with_id = element
-    sides = ("",) if with_id else ("a_", "b_")
-    spec = _parse_spec(tf, sides)
-    if with_id:
-        spec["note_id"] = tf.io.FixedLenFeature([], tf.string)
+def _note_features() -> tfds.features.FeaturesDict:
+    text = tfds.features.Text()
+    return tfds.features.FeaturesDict({
+        "note_id": text, "title": text, "content": text, "topics": tfds.features.Sequence(text),
+        "category": text, "created_at": tfds.features.Scalar(np.int64), "exposure": tfds.features.Scalar(np.int64)})
+
+
+def _read_pair_file(element: tuple[str, int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(global record index, example) for every record of one pair shard file."""
+    path, first = element
+    spec = _parse_spec(tf, ("a_", "b_"))
     for i, record in enumerate(tf.data.TFRecordDataset(path)):
         parsed = tf.io.parse_single_example(record, spec)
         yield first + i, {k: v.numpy() for k, v in parsed.items()}
+
+
+def _read_notes(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row, note) for every row of notes.parquet."""
+    for i, row in enumerate(store.read_note_table(path).to_pylist()):
+        yield i, {**row, "topics": row["topics"] or [], "title": row["title"] or "",
+                  "content": row["content"] or "", "category": row["category"] or ""}
 
 
 class NotellmPrepared(tfds.core.GeneratorBasedBuilder):
@@ -73,26 +85,27 @@ class NotellmPrepared(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         notes = self.builder_config.name == "notes"
         return tfds.core.DatasetInfo(builder=self, description=__doc__.split("\n\n")[0],
-                                     features=_features(("",) if notes else ("a_", "b_"), notes),
+                                     features=_note_features() if notes else _pair_features(),
                                      disable_shuffling=True, metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager):
-        shards = Path(dl_manager.manual_dir) / "shards"
+        beam = tfds.core.lazy_imports.apache_beam
+        data_dir = Path(dl_manager.manual_dir)
+        if self.builder_config.name == "notes":
+            return {"notes": beam.Create([str(data_dir / "notes.parquet")]) | beam.FlatMap(_read_notes)}
+        shards = data_dir / "shards"
         meta = json.loads((shards / "meta.json").read_text())
         self.info.metadata["shards_meta"] = meta
-        notes = self.builder_config.name == "notes"
-        stems = ("notes",) if notes else tuple(s for s in SPLITS if sum(meta["files"].get(s, [])) > 0)
         n = meta["num_shards"]
         generators = {}
-        for stem in stems:
-            starts = np.concatenate([[0], np.cumsum(meta["files"][stem])[:-1]]).tolist()
-            files = [(str(shards / f"{stem}-{i:05d}-of-{n:05d}.tfrecord"), int(starts[i]), notes) for i in range(n)]
-            generators[stem] = self._generate_examples(files)
+        for split in (s for s in SPLITS if sum(meta["files"].get(s, [])) > 0):
+            starts = np.concatenate([[0], np.cumsum(meta["files"][split])[:-1]]).tolist()
+            files = [(str(shards / f"{split}-{i:05d}-of-{n:05d}.tfrecord"), int(starts[i])) for i in range(n)]
+            generators[split] = beam.Create(files) | beam.FlatMap(_read_pair_file)
         return generators
 
-    def _generate_examples(self, files):
-        beam = tfds.core.lazy_imports.apache_beam
-        return beam.Create(files) | beam.FlatMap(_read_file)
+    def _generate_examples(self):  # every split above is a Beam transform
+        raise NotImplementedError
 
 
 def tfds_dir(data_dir: Path) -> Path:
@@ -117,5 +130,5 @@ def load_builder(data_dir: Path, name: str = "pairs") -> tfds.core.DatasetBuilde
     """The built dataset under data_dir/tfds (FileNotFoundError if the tfds stage has not run)."""
     builder = tfds.builder(f"{NAME}/{name}", data_dir=str(tfds_dir(data_dir)))
     if not builder.is_prepared():
-        raise FileNotFoundError(f"{tfds_dir(data_dir)}: no {NAME}/{name}; run prepare --stages tfds")
+        raise MissingInputError(f"{tfds_dir(data_dir)}: no {NAME}/{name}; run prepare --stages tfds")
     return builder

@@ -52,7 +52,7 @@ def test_stackexchange_beam_equals_memory(imported):
     for name in ("notes", "events", "pairs_postlinks", "pairs_given"):
         shutil.copy(memory.data_dir / f"{name}.parquet", beam_dir / f"{name}.parquet")
     beam = override(memory, {"paths.work_dir": str(root / "beam"), "data.engine": "beam", "data.beam_options":
-                             ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]})
+                             ("--direct_num_workers=2", "--direct_running_mode=multi_processing")})
     expected, got = prepare.prepare(memory, ["splits"]), prepare.prepare(beam, ["splits"])
     for name in ("train", "val", "test"):
         assert_same_pairs(store.read_pairs(beam_dir / f"pairs_{name}.parquet"),

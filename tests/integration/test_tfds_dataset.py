@@ -7,7 +7,7 @@ import pytest
 
 from notellm_jax.config import Config, override
 from notellm_jax.data import prepare
-from notellm_jax.data.pipeline import make_train_dataset, write_shards
+from notellm_jax.data.input_pipeline import make_train_dataset
 
 pytestmark = pytest.mark.slow
 N_NOTES, N_PAIRS = 16, 30
@@ -32,22 +32,23 @@ def built(tmp_path_factory, stories_dir):
         "model.tokenizer": str(stories_dir / "tok512.model"), "prompt.layout": "reference", "prompt.max_length": 128,
         "prompt.max_targets": 16, "train.batch_pairs": 4, "data.num_shards": 4, "paths.data_dir": str(data_dir),
         })
-    write_shards(config, data_dir)
-    stats = prepare.prepare(override(config, {"data.train_input": "tfds"}), ["tfds"])
+    stats = prepare.prepare(override(config, {"data.train_input": "tfds"}), ["shards", "tfds"])
     return data_dir, config, stats, tfds
 
 
 def test_as_dataset_loads_the_shard_records(built):
     data_dir, _, stats, tfds = built
     assert stats["tfds"]["pairs"] == {"train": N_PAIRS, "val": 6} and stats["tfds"]["notes"] == {"notes": N_NOTES}
+    assert stats["tfds"]["pairs"]["train"] == stats["shards"]["train_pairs_written"]
     builder = tfds.builder("notellm_prepared/pairs", data_dir=str(data_dir / "tfds"))
     train = list(tfds.as_numpy(builder.as_dataset(split="train", shuffle_files=False)))
     assert len(train) == N_PAIRS and set(train[0]) >= {"a_note_index", "a_cat_ids", "b_hash_emb", "b_cat_prefix"}
     notes = list(tfds.as_numpy(tfds.builder("notellm_prepared/notes", data_dir=str(data_dir / "tfds"))
                                .as_dataset(split="notes", shuffle_files=False)))
-    assert [n["note_index"] for n in notes] == list(range(N_NOTES))
-    assert [n["note_id"].decode() for n in notes] == [f"q{i}" for i in range(N_NOTES)]
-    assert notes[3]["hash_emb"] == -1 and notes[4]["hash_emb"] > 0   # note 3 has no topics
+    stored = pq.read_table(data_dir / "notes.parquet").to_pylist()
+    assert [n["note_id"].decode() for n in notes] == [r["note_id"] for r in stored]
+    assert [[t.decode() for t in n["topics"]] for n in notes] == [r["topics"] for r in stored]
+    assert [n["created_at"] for n in notes] == [r["created_at"] for r in stored]
     assert builder.info.metadata["shards_meta"]["counts"]["train_pairs_written"] == N_PAIRS
 
 
