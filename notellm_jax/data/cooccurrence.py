@@ -183,7 +183,8 @@ def cooccurrence_scores(events: pa.Table | Mapping[str, Any], window_seconds: fl
     parts = [sp.csr_matrix((t.row_weight[a], (t.row_note[a], t.row_note[b])), shape=(n, n))
              for a, b in pair_chunks]
     matrix = _tree_sum(parts) if parts else sp.csr_matrix((n, n))
-    return CooccurrenceScores(matrix=matrix, note_ids=note_ids, num_users=int(len(np.unique(user))),
+    # user holds dictionary indices 0..k-1, every one used: k = max + 1 (np.unique cost 15% of the run).
+    return CooccurrenceScores(matrix=matrix, note_ids=note_ids, num_users=int(user.max()) + 1,
                               num_events=len(user))
 
 
