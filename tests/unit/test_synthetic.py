@@ -26,7 +26,7 @@ def test_generate_is_seeded_and_consistent():
 
 
 def test_skew_follows_the_parameters():
-    log = SyntheticLog(num_events=200_000, seed=0, note_exponent=0.9, user_alpha=2.0, max_user_events=500)
+    log = SyntheticLog(num_events=100_000, seed=0, note_exponent=0.9, user_alpha=2.0, max_user_events=500)
     _, events = generate(log)
     per_user = np.array([c["counts"] for c in pc.value_counts(events["user_id"]).to_pylist()])
     # Pareto(alpha) + 1, floored: P(X >= k) = k^-alpha, so about 1 - 2^-2 = 75% of users act once.
@@ -47,6 +47,6 @@ def test_skew_follows_the_parameters():
 def test_write_store_writes_the_import_files(tmp_path):
     counts = write_store(SyntheticLog(num_events=5_000), tmp_path)
     assert counts["events"] == 5_000 and len(store.read_events(tmp_path / "events.parquet")) == 5_000
-    assert len(store.read_notes(tmp_path / "notes.parquet")) == counts["notes"]
+    assert len(store.read_note_table(tmp_path / "notes.parquet")) == counts["notes"]
     assert len(store.read_pairs(tmp_path / "pairs_given.parquet")) == 0
     assert len(store.read_links(tmp_path / "pairs_postlinks.parquet")) == 0
