@@ -73,6 +73,19 @@ class DataConfig:
     num_shards: int = 4
     # Pair shuffle buffer per host (0 = the host's whole split, a full shuffle each epoch).
     shuffle_buffer: int = 0
+    # Training pairs from "shards" (shards/*.tfrecord) or "tfds" (the notellm_prepared/pairs TFDS
+    # dataset under <data_dir>/tfds, built by prepare's tfds stage; same records, same batches).
+    train_input: str = "shards"
+    # Engine of the cooccurrence and splits stages: "memory" (numpy, one machine) or "beam" (Apache
+    # Beam, data/beam_prepare.py; same files and counts). Beam runner and its pipeline flags, e.g.
+    # ["--direct_num_workers=2", "--direct_running_mode=multi_processing"] or Dataflow's (README).
+    engine: str = "memory"
+    beam_runner: str = "DirectRunner"
+    beam_options: tuple[str, ...] = ()
+    # Beam hot keys: CombinePerKey fanout for popular notes (0 = off; results unchanged), and a cap on
+    # one user's distinct notes (0 = off; a cap CHANGES scores: see beam_prepare.py).
+    beam_hot_key_fanout: int = 0
+    beam_max_user_notes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,8 @@ def _tool_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--name", default="notellm", help="model name recorded in embeddings.json")
         p.add_argument("--out", help="output folder (default <work_dir>/embeddings/<name>)")
     elif name == "prepare":
-        p.add_argument("--stages", help="comma-separated subset of import,cooccurrence,splits,shards (default all)")
+        p.add_argument("--stages", help="comma-separated subset of import,cooccurrence,splits,shards,tfds "
+                       "(default all; tfds only with data.train_input=tfds)")
         p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     elif name == "recall":
         p.add_argument("--embeddings", required=True, help="folder written by embed or baselines")

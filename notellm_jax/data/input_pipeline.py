@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from notellm_jax.config import Config
-from notellm_jax.errors import MissingInputError
+from notellm_jax.errors import ConfigError, MissingInputError, StoreFormatError
 from notellm_jax.data import store
 from notellm_jax.model.llama import LlamaConfig
 from notellm_jax.data.prompts import (Example, Note, PromptTooLongError, build_example, draw_topics,
@@ -269,6 +269,33 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint32)[0])
 
 
+def _pair_source(tf, config: Config, data_dir: Path, split: str, paths: list[Path], file_ids: list[int],
+                 meta: dict):
+    """(records(): this host's records in file order, parse(ds, b): batches of parsed features).
+
+    data.train_input "tfds" reads the same records from the notellm_prepared/pairs dataset: the host's
+    files become TFDS index ranges (file i = records [start_i, start_i + count_i)), read in order."""
+    if config.data.train_input == "shards":
+        spec = _parse_spec(tf, ("a_", "b_"))
+        return (lambda: tf.data.TFRecordDataset([str(paths[i]) for i in file_ids]),
+                lambda ds, b: ds.batch(b, drop_remainder=True).map(lambda x: tf.io.parse_example(x, spec)))
+    if config.data.train_input != "tfds":
+        raise ConfigError(f"data.train_input={config.data.train_input!r}: expected 'shards' or 'tfds'")
+    import tensorflow_datasets as tfds
+
+    from notellm_jax.data.tfds_dataset import load_builder
+
+    builder = load_builder(data_dir, "pairs")
+    if builder.info.metadata["shards_meta"]["prompt_hash"] != meta["prompt_hash"]:
+        raise StoreFormatError(f"{builder.data_dir}: built from other shards than {Path(data_dir) / 'shards'}; "
+                               "rerun prepare --stages tfds --force")
+    starts = np.concatenate([[0], np.cumsum(meta["files"][split])]).tolist()
+    ranges = "+".join(f"{split}[{starts[i]}:{starts[i + 1]}]" for i in file_ids if starts[i + 1] > starts[i])
+    read = tfds.ReadConfig(interleave_cycle_length=1, shuffle_seed=None)
+    return (lambda: builder.as_dataset(split=ranges, shuffle_files=False, read_config=read),
+            lambda ds, b: ds.ragged_batch(b, drop_remainder=True))
+
+
 def make_train_dataset(config: Config, data_dir: Path, split: str = "train", process_index: int | None = None,
                        process_count: int | None = None, start_step: int = 0) -> Iterator[dict]:
     """Endless iterator of this host's numpy batches from global step `start_step` on (epochs repeat)."""
@@ -282,17 +309,16 @@ def make_train_dataset(config: Config, data_dir: Path, split: str = "train", pro
     if steps == 0:
         raise ValueError(f"{split}: {sum(meta['files'][split])} pairs give no full batch of "
                          f"{config.train.batch_pairs} pairs over {process_count} host(s)")
-    spec = _parse_spec(tf, ("a_", "b_"))
+    records, parse = _pair_source(tf, config, data_dir, split, paths, file_ids, meta)
     buffer = config.data.shuffle_buffer or host_records
     epoch, offset = divmod(start_step, steps)
     step = start_step
     while True:
-        ds = tf.data.TFRecordDataset([str(paths[i]) for i in file_ids])
+        ds = records()
         if shard_records:
             ds = ds.shard(process_count, process_index)
-        ds = (ds.shuffle(buffer, seed=_epoch_seed(config.train.seed, epoch), reshuffle_each_iteration=False)
-              .take(steps * b).skip(offset * b).batch(b, drop_remainder=True)
-              .map(lambda x: tf.io.parse_example(x, spec)).prefetch(2))
+        ds = parse(ds.shuffle(buffer, seed=_epoch_seed(config.train.seed, epoch), reshuffle_each_iteration=False)
+                   .take(steps * b).skip(offset * b), b).prefetch(2)
         for parsed in ds:
             yield _assemble(_to_numpy(parsed), config, meta, step, process_index, b)
             step += 1
