@@ -189,6 +189,20 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class ServeConfig:
+    # The service (notellm_jax.serve): concurrent requests are coalesced into one jitted call of at most
+    # max_batch_size notes per length bucket; the first request of a batch waits at most max_wait_ms for others.
+    max_batch_size: int = 8
+    max_wait_ms: float = 5.0
+    max_k: int = 100                # largest k a /similar request may ask for
+    max_notes_per_request: int = 64  # /embed
+    # A rebuilt index replaces the live one only if its recall@k vs exact search on this many stored
+    # vectors reaches rebuild_min_recall (k = max_k, capped by the index size).
+    rebuild_min_recall: float = 0.95
+    rebuild_sample: int = 1000
+
+
+@dataclasses.dataclass
 class Config:
     name: str = "default"
     paths: PathsConfig = dataclasses.field(default_factory=PathsConfig)
@@ -198,6 +212,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -212,7 +212,7 @@ class BatchEmbedder:
         _check_params(params, boxed_abstract, source)
         param_shardings = shd.logical_shardings(boxed_abstract, mesh)
         self.params = jax.device_put(params, param_shardings)
-        self.batch_size, self.buckets = batch_size, sorted(buckets)
+        self.batch_size, self.buckets, self.devices = batch_size, sorted(buckets), mesh.devices.size
         self.pad_id, self.padding_side = pad_id, padding_side
 
         def sharded_apply(p, input_ids, attention_mask, read_index):
@@ -224,7 +224,8 @@ class BatchEmbedder:
         self._features = features
         self._fn = jax.jit(sharded_apply, in_shardings=(param_shardings, inputs, matrix, rows), out_shardings=matrix)
 
-    def _bucket(self, length: int) -> int:
+    def bucket(self, length: int) -> int:
+        """The padded length a sequence of `length` tokens runs at."""
         for bucket in self.buckets:
             if length <= bucket:
                 return bucket
@@ -232,7 +233,7 @@ class BatchEmbedder:
 
     def _batch(self, token_lists: list[list[int]]) -> dict[str, np.ndarray]:
         """Padded arrays (the read index travels in pad_batch's emb_index); filler rows are all padding."""
-        length = self._bucket(max(len(t) for t in token_lists))
+        length = self.bucket(max(len(t) for t in token_lists))
         examples = [example_from_tokens(t, len(t) - 1, len(t), "category") for t in token_lists]
         padded = pad_batch(examples, length, self.padding_side, self.pad_id, max_targets=0)
         fill = self.batch_size - len(token_lists)
@@ -353,15 +354,39 @@ def notellm_embedder(export, mesh, batch_size: int, buckets: Sequence[int], pad_
     return embedder, cache
 
 
-def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: str | Path, name: str = "notellm",
-                mesh=None) -> Path:
-    """Embed `note_source` with a NoteLLM export (a folder or a loaded `NoteLLMExport`) into `out_dir`.
+@dataclasses.dataclass
+class NoteEncoder:
+    """A NoteLLM export ready to embed notes: the export's prompt (with the config's padding side), the
+    tokenizer checked against the export, and the jitted, bucketed embedder. Shared by `embed_notes` and
+    the service (`notellm_jax.serve`)."""
+    export: Any
+    embedder: BatchEmbedder
+    cache: Any                 # the frozen bottom's FeatureCache, or None
+    tokenizer: Any
+    prompt: Any
+    tokenizer_path: str
+    buckets: list[int]
+    source: str
 
-    Prompt budgets and layout come from the export (what the model was trained with); the padding side,
-    batch size, buckets and shard size from `config`; the tokenizer from `config.model`, checked against
-    the export.
-    """
-    from notellm_jax.data.pipeline import prompt_hash
+    def tokens(self, note: Note) -> list[int]:
+        """The category prompt of `note` up to the token before [EMB] (PromptTooLongError if it cannot fit)."""
+        return self.encode(note)[0]
+
+    def encode(self, note: Note, report_cuts: bool = False) -> tuple[list[int], bool]:
+        """(tokens, whether title or content was cut: over its token budget or shrunk to fit max_length);
+        the cut flag is only computed with `report_cuts` (two more encodes)."""
+        example = build_example(note, self.tokenizer, self.prompt, "category", with_output=False)
+        cut = report_cuts and (example.shrunk or any(
+            len(self.tokenizer.encode(text, split_special_tokens=True)) > budget
+            for text, budget in ((note.title, self.prompt.title_max_tokens),
+                                 (note.content, self.prompt.content_max_tokens))))
+        return example.input_ids[:example.emb_index + 1], bool(cut)
+
+
+def note_encoder(config: Config, export, mesh=None, batch_size: int | None = None) -> NoteEncoder:
+    """Load (if a folder) and check a NoteLLM export; prompt budgets and layout come from the export (what
+    the model was trained with); the padding side, buckets and batch size (default eval.embed_batch_size)
+    from `config`; the tokenizer from `config.model`, checked against the export."""
     from notellm_jax.model.export import load_notellm
     from notellm_jax.tokenizer import load_tokenizer
     from notellm_jax.train import tokenizer_path
@@ -375,24 +400,29 @@ def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: st
     check_export(export, tokenizer, source)
     mesh = mesh or shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     buckets = bucket_lengths(prompt.max_length, config.eval.embed_length_buckets)
-    batch_size = config.eval.embed_batch_size
     cache_dir = config.data_dir if config.model.cache_frozen_features and config.model.persist_feature_cache else None
-    embedder, cache = notellm_embedder(export, mesh, batch_size, buckets, tokenizer.pad_id, prompt.padding_side,
-                                       source, cache_dir=cache_dir)
+    embedder, cache = notellm_embedder(export, mesh, batch_size or config.eval.embed_batch_size, buckets,
+                                       tokenizer.pad_id, prompt.padding_side, source, cache_dir=cache_dir)
+    return NoteEncoder(export, embedder, cache, tokenizer, prompt, tok_path, buckets, source)
 
-    def tokens_of(note: Note) -> list[int]:
-        example = build_example(note, tokenizer, prompt, "category", with_output=False)
-        return example.input_ids[:example.emb_index + 1]
 
-    meta = {"model": name, "kind": "notellm", "source": source, "run": export.meta.get("run"),
-            "objective": export.meta.get("objective"), "tokenizer": tok_path,
-            "prompt_hash": prompt_hash(dataclasses.replace(config, prompt=prompt), tok_path),
-            "prompt": dataclasses.asdict(prompt), "buckets": buckets, "batch_size": batch_size,
-            "devices": int(mesh.devices.size)}
-    out = write_embeddings(note_source, token_chunk_embedder(embedder, tokens_of), out_dir,
+def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: str | Path, name: str = "notellm",
+                mesh=None) -> Path:
+    """Embed `note_source` with a NoteLLM export (a folder or a loaded `NoteLLMExport`) into `out_dir`
+    (prompt, tokenizer and batching: `note_encoder`)."""
+    from notellm_jax.data.pipeline import prompt_hash
+
+    encoder = note_encoder(config, export, mesh)
+    export, prompt, batch_size = encoder.export, encoder.prompt, encoder.embedder.batch_size
+    meta = {"model": name, "kind": "notellm", "source": encoder.source, "run": export.meta.get("run"),
+            "objective": export.meta.get("objective"), "tokenizer": encoder.tokenizer_path,
+            "prompt_hash": prompt_hash(dataclasses.replace(config, prompt=prompt), encoder.tokenizer_path),
+            "prompt": dataclasses.asdict(prompt), "buckets": encoder.buckets, "batch_size": batch_size,
+            "devices": int(encoder.embedder.devices)}
+    out = write_embeddings(note_source, token_chunk_embedder(encoder.embedder, encoder.tokens), out_dir,
                            config.eval.embed_shard_size, batch_size * CHUNK_BATCHES, meta)
-    if cache is not None and jax.process_index() == 0:
-        cache.save()
+    if encoder.cache is not None and jax.process_index() == 0:
+        encoder.cache.save()
     return out
 
 

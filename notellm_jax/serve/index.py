@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from notellm_jax.config import EvalConfig
+from notellm_jax.data.prompts import Note
 from notellm_jax.data.store import StoreFormatError
 from notellm_jax.eval import ann
 from notellm_jax.eval.retrieval import l2_normalise, neighbour_overlap
@@ -334,3 +335,13 @@ class LiveIndex:
                 self._raw, self.params = candidate, params
                 report["snapshot"] = self.snapshot()
             return report
+
+
+def index_from_embeddings(emb_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: EvalConfig, k: int,
+                          notes: Sequence[Note] = ()) -> LiveIndex:
+    """A new live index over an embeddings folder (`notellm_jax.embed`); titles and categories from `notes`."""
+    from notellm_jax.embed import read_embeddings
+
+    ids, vectors = read_embeddings(emb_dir)
+    info = {n.note_id: {"title": n.title, "category": n.category} for n in notes}
+    return LiveIndex.create(out_dir, ids, vectors, {i: info[i] for i in ids if i in info}, cfg, k)
