@@ -7,6 +7,7 @@ concurrent requests can wait together for one batched model call (`batching.Batc
     POST   /embed        {"notes": [{title, content, topics, category}]} -> unit vectors
     POST   /similar      {"note_id": ...} or {"note": {...}}, "k" -> k nearest (id, score, title, category)
     PUT    /notes/{id}   a note -> embedded and upserted; acknowledged only once its log record is fsynced
+    GET    /notes/{id}   its title and category (404 if unknown)
     DELETE /notes/{id}   removed (durable once acknowledged)
     GET    /healthz, GET /metrics (Prometheus text format), GET / (the page)
 A note over its token budgets is cut exactly as in training (`prompts.build_example`) and the response says
@@ -193,6 +194,12 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         await asyncio.to_thread(index.upsert, note_id, vectors[0], note.title, note.category)
         return {"id": note_id, "acknowledged": True, "created": created, "truncated": cuts[0],
                 "index_size": len(index)}
+
+    @app.get("/notes/{note_id}")
+    async def get_note(note_id: str = NoteId):
+        if note_id not in index:
+            raise HTTPException(404, f"unknown note id {note_id!r}")
+        return {"id": note_id, **index.note(note_id)}
 
     @app.delete("/notes/{note_id}")
     async def delete_note(note_id: str = NoteId):
