@@ -171,6 +171,9 @@ class EvalConfig:
     # Sequences are padded to the smallest of this many evenly spaced lengths up to prompt.max_length
     # (one compile per length; short notes do not pay for the longest).
     embed_length_buckets: int = 4
+    # Every category prompt starts with the same instruction tokens: compute their key/value cache once and
+    # run only each note's own tokens on top of it (same embeddings; not with a frozen-bottom feature cache).
+    embed_prefix_cache: bool = True
     # SentenceBERT baselines (notellm_jax.baselines): token cap, and the fine-tune kept CPU-sized
     # (ENVIRONMENT.md: ~17.8 s per 32 x 256-token step here). Seeded by train.seed.
     sbert_max_tokens: int = 128

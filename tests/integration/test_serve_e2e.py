@@ -16,13 +16,14 @@ import httpx
 import numpy as np
 import pytest
 
+from notellm_jax.data import store
 from notellm_jax.embed import embed_notes, read_embeddings
 from notellm_jax.model.export import save_notellm
 from notellm_jax.sharding import make_mesh
 from notellm_jax.tokenizer import load_tokenizer
 from notellm_jax.train import load_initial_params, tokenizer_path
 
-from .test_serve_api import TINY, make_notes, note_json, tiny_config
+from test_serve_api import TINY, make_notes, note_json, tiny_config  # noqa: E402  (same folder, on sys.path)
 
 pytest.importorskip("scann")
 pytestmark = pytest.mark.slow
@@ -85,6 +86,9 @@ def server(tmp_path_factory):
     params, llama_cfg = load_initial_params(config, tokenizer.vocab_size)
     export = save_notellm(work / "export", params, llama_cfg, config, tokenizer_path(config))
     notes = make_notes(12)
+    # The titles and categories the server shows come from the prepared notes file, as in a real run.
+    store.write_notes([{**note_json(n), "note_id": n.note_id, "created_at": 0, "exposure": 0} for n in notes],
+                      config.data_dir / "notes.parquet")
     emb = embed_notes(config, export, notes, work / "emb", mesh=make_mesh(1, -1, 1))
     srv = Server(work, export, emb)
     srv.start()
@@ -139,6 +143,7 @@ def test_page_in_headless_chromium(server, tmp_path):
         driver.get(f"http://127.0.0.1:{srv.port}/")
         driver.find_element(By.ID, "title").send_keys(notes[4].title)
         driver.find_element(By.ID, "content").send_keys(notes[4].content)
+        driver.find_element(By.ID, "topics").send_keys(", ".join(notes[4].topics))
         driver.find_element(By.ID, "k").clear()
         driver.find_element(By.ID, "k").send_keys("5")
         driver.find_element(By.ID, "search").click()
