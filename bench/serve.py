@@ -115,7 +115,7 @@ def offline(config, export, notes) -> dict:
     from notellm_jax.config import override
     from notellm_jax.data.prompts import Note
 
-    from notellm_jax.embed import note_encoder
+    from notellm_jax.eval.embed import note_encoder
 
     out = {}
     for prefix in (True, False):
@@ -170,16 +170,16 @@ def main() -> None:
 
     from notellm_jax.config import load_config
     from notellm_jax.data.prompts import Note
-    from notellm_jax.embed import embed_notes
-    from notellm_jax.model.export import save_notellm
-    from notellm_jax.tokenizer import load_tokenizer
-    from notellm_jax.train import load_initial_params, tokenizer_path
+    from notellm_jax.eval.embed import embed_notes
+    from notellm_jax.weights.export import save_notellm
+    from notellm_jax.weights.tokenizer import resolve_tokenizer
+    from notellm_jax.weights.loading import load_initial_params
 
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     config = load_config(args.config, [f"paths.work_dir={work}"])
-    tokenizer = load_tokenizer(tokenizer_path(config), config.prompt.emb_token)
+    tokenizer = resolve_tokenizer(config)
     params, llama_cfg = load_initial_params(config, tokenizer.vocab_size)
-    export = save_notellm(work / "export", params, llama_cfg, config, tokenizer_path(config))
+    export = save_notellm(work / "export", params, llama_cfg, config)
     stored = [Note(f"s{i}", n["title"], n["content"], [], "coffee")
               for i, n in enumerate(bench_notes(args.index_notes, seed=1))]
     emb = embed_notes(config, export, stored, work / "emb")

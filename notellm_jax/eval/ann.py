@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from notellm_jax.config import EvalConfig
-from notellm_jax.data.store import StoreFormatError
+from notellm_jax.errors import StoreFormatError
 from notellm_jax.eval.retrieval import l2_normalise
+from notellm_jax.errors import MissingInputError
 
 TREE_MIN_POINTS = 10_000
 
@@ -112,7 +113,7 @@ def load_index(directory: str | os.PathLike):
     directory = Path(directory).absolute()
     assets = directory / "scann_assets.pbtxt"
     if not assets.is_file():
-        raise FileNotFoundError(f"{directory} holds no ScaNN index (scann_assets.pbtxt missing)")
+        raise MissingInputError(f"{directory} holds no ScaNN index (scann_assets.pbtxt missing)")
     refuse_pickles(directory)
     raw = scann_ops_pybind.scann_pybind.ScannNumpy(str(directory), assets.read_text())
     return scann_ops_pybind.ScannSearcher(raw)

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from notellm_jax.config import ServeConfig
 from notellm_jax.data.prompts import Note, PromptTooLongError
+from notellm_jax.errors import StoreFormatError
 from notellm_jax.serve.batching import Batcher
 from notellm_jax.serve.index import LiveIndex, UnknownNoteError
 
@@ -97,7 +98,7 @@ class Service:
 
     def __init__(self, encoder, index: LiveIndex, cfg: ServeConfig):
         if encoder.export.emb_dim != index.dim:
-            raise ValueError(f"the export embeds in {encoder.export.emb_dim} dimensions, the index holds "
+            raise StoreFormatError(f"the export embeds in {encoder.export.emb_dim} dimensions, the index holds "
                              f"{index.dim}: the index was built from another model's embeddings")
         self.encoder, self.index, self.cfg = encoder, index, cfg
         self.metrics = Metrics(index)

@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from notellm_jax.errors import ConfigError
+
 
 @dataclasses.dataclass
 class _Item:
@@ -27,7 +29,7 @@ class Batcher:
     def __init__(self, embed: Callable[[Sequence[list[int]]], np.ndarray], bucket_of: Callable[[int], int],
                  max_batch: int, max_wait_s: float, on_batch: Callable[[int, int], None] = lambda size, bucket: None):
         if max_batch < 1 or max_wait_s < 0:
-            raise ValueError(f"serve.max_batch_size must be >= 1 and serve.max_wait_ms >= 0, got {max_batch}, "
+            raise ConfigError(f"serve.max_batch_size must be >= 1 and serve.max_wait_ms >= 0, got {max_batch}, "
                              f"{max_wait_s * 1e3}")
         self._embed, self._bucket_of, self._on_batch = embed, bucket_of, on_batch
         self.max_batch, self.max_wait_s = max_batch, max_wait_s

@@ -35,7 +35,7 @@ import numpy as np
 
 from notellm_jax.config import EvalConfig
 from notellm_jax.data.prompts import Note
-from notellm_jax.data.store import StoreFormatError
+from notellm_jax.errors import MissingInputError, StoreFormatError
 from notellm_jax.eval import ann
 from notellm_jax.eval.retrieval import l2_normalise, neighbour_overlap
 
@@ -134,8 +134,8 @@ class LiveIndex:
         directory = Path(directory).absolute()
         ann.refuse_pickles(directory)
         if not (directory / CURRENT).is_file():
-            raise FileNotFoundError(f"{directory} holds no live index (no {CURRENT}); build one with "
-                                    "`python -m notellm_jax.serve.index --embeddings DIR --out DIR`")
+            raise MissingInputError(f"{directory} holds no live index (no {CURRENT}); `notellm serve --embeddings "
+                                    "DIR` builds one from offline embeddings")
         name = (directory / CURRENT).read_text().strip()
         snap = directory / name
         meta = json.loads((snap / "index.json").read_text())
@@ -339,8 +339,8 @@ class LiveIndex:
 
 def index_from_embeddings(emb_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: EvalConfig, k: int,
                           notes: Sequence[Note] = ()) -> LiveIndex:
-    """A new live index over an embeddings folder (`notellm_jax.embed`); titles and categories from `notes`."""
-    from notellm_jax.embed import read_embeddings
+    """A new live index over an embeddings folder (`notellm_jax.eval.embed`); titles and categories from `notes`."""
+    from notellm_jax.eval.embeddings import read_embeddings
 
     ids, vectors = read_embeddings(emb_dir)
     info = {n.note_id: {"title": n.title, "category": n.category} for n in notes}

@@ -12,13 +12,14 @@ import pytest
 import notellm_jax  # noqa: F401
 from notellm_jax.config import load_config
 from notellm_jax.data.prompts import Note
-from notellm_jax.embed import embed_notes, note_encoder, read_embeddings
-from notellm_jax.model.export import save_notellm
+from notellm_jax.eval.embed import embed_notes, note_encoder
+from notellm_jax.eval.embeddings import read_embeddings
+from notellm_jax.weights.export import save_notellm
 from notellm_jax.serve.app import Service, create_app
 from notellm_jax.serve.index import index_from_embeddings
 from notellm_jax.sharding import make_mesh
-from notellm_jax.tokenizer import load_tokenizer
-from notellm_jax.train import load_initial_params, tokenizer_path
+from notellm_jax.weights.tokenizer import resolve_tokenizer
+from notellm_jax.weights.loading import load_initial_params
 
 pytest.importorskip("scann")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -48,9 +49,9 @@ def setup(tmp_path_factory):
     embeddings of 12 notes, and an index over them."""
     work = tmp_path_factory.mktemp("serve")
     config = tiny_config(work)
-    tokenizer = load_tokenizer(tokenizer_path(config), config.prompt.emb_token)
+    tokenizer = resolve_tokenizer(config)
     params, llama_cfg = load_initial_params(config, tokenizer.vocab_size)
-    export = save_notellm(work / "export", params, llama_cfg, config, tokenizer_path(config))
+    export = save_notellm(work / "export", params, llama_cfg, config)
     notes = make_notes(12)
     mesh = make_mesh(1, -1, 1)
     emb = embed_notes(config, export, notes, work / "emb", mesh=mesh)

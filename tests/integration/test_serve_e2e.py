@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 
 from notellm_jax.data import store
-from notellm_jax.embed import embed_notes, read_embeddings
-from notellm_jax.model.export import save_notellm
+from notellm_jax.eval.embed import embed_notes
+from notellm_jax.eval.embeddings import read_embeddings
+from notellm_jax.weights.export import save_notellm
 from notellm_jax.sharding import make_mesh
-from notellm_jax.tokenizer import load_tokenizer
-from notellm_jax.train import load_initial_params, tokenizer_path
+from notellm_jax.weights.tokenizer import resolve_tokenizer
+from notellm_jax.weights.loading import load_initial_params
 
 from test_serve_api import TINY, make_notes, note_json, tiny_config  # noqa: E402  (same folder, on sys.path)
 
@@ -82,9 +83,9 @@ class Server:
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("serve_e2e")
     config = tiny_config(work)
-    tokenizer = load_tokenizer(tokenizer_path(config), config.prompt.emb_token)
+    tokenizer = resolve_tokenizer(config)
     params, llama_cfg = load_initial_params(config, tokenizer.vocab_size)
-    export = save_notellm(work / "export", params, llama_cfg, config, tokenizer_path(config))
+    export = save_notellm(work / "export", params, llama_cfg, config)
     notes = make_notes(12)
     # The titles and categories the server shows come from the prepared notes file, as in a real run.
     store.write_notes([{**note_json(n), "note_id": n.note_id, "created_at": 0, "exposure": 0} for n in notes],

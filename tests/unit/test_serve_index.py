@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from notellm_jax.config import EvalConfig
-from notellm_jax.data.store import StoreFormatError
+from notellm_jax.errors import StoreFormatError
 from notellm_jax.eval import ann
 from notellm_jax.serve.index import LiveIndex, UnknownNoteError
 
