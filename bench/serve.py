@@ -81,7 +81,9 @@ def serve_and_load(args, work: Path, export: Path, emb: Path, batch: int, prefix
 
     port = free_port()
     index = work / f"index-b{batch}-p{int(prefix)}"
+    overrides = [x for o in args.overrides for x in ("--set", o)]
     cmd = [sys.executable, "-m", "notellm_jax.serve", "--config", args.config, "--set", f"paths.work_dir={work}",
+           "--set", "model.persist_feature_cache=false", *overrides,
            "--set", f"serve.max_batch_size={batch}", "--set", f"eval.embed_prefix_cache={str(prefix).lower()}",
            "--export", str(export), "--index", str(index), "--embeddings", str(emb), "--port", str(port)]
     log = open(work / f"server-b{batch}-p{int(prefix)}.log", "wb")
@@ -98,7 +100,7 @@ def serve_and_load(args, work: Path, export: Path, emb: Path, batch: int, prefix
             except httpx.TransportError:
                 time.sleep(0.5)
         startup = time.perf_counter() - start
-        levels = [asyncio.run(load(port, c, args.requests, notes[c:])) for c in (1, 8, 32)]
+        levels = [asyncio.run(load(port, c, args.requests, notes[c:])) for c in args.levels]
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         batches = [line for line in metrics.splitlines() if line.startswith("notellm_embed_batch_size_")
                    and ("_sum" in line or "_count" in line)]
@@ -164,7 +166,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--index-notes", type=int, default=256)
     parser.add_argument("--recall-base", type=int, default=20_000)
-    parser.add_argument("--recall-upserts", type=int, default=5_000)
+    parser.add_argument("--recall-upserts", type=int, default=5_000, help="0 = skip the live-index recall part")
+    parser.add_argument("--levels", type=lambda t: [int(x) for x in t.split(",")], default=[1, 8, 32],
+                        help="concurrent clients per level")
+    parser.add_argument("--settings", default="on/on,off/on,on/off",
+                        help="batching/prefix-cache settings to serve, e.g. on/on,off/on,on/off")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
     parser.add_argument("--out")
     args = parser.parse_args()
 
@@ -176,7 +183,7 @@ def main() -> None:
     from notellm_jax.weights.loading import load_initial_params
 
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    config = load_config(args.config, [f"paths.work_dir={work}"])
+    config = load_config(args.config, [f"paths.work_dir={work}", "model.persist_feature_cache=false", *args.overrides])
     tokenizer = resolve_tokenizer(config)
     params, llama_cfg = load_initial_params(config, tokenizer.vocab_size)
     export = save_notellm(work / "export", params, llama_cfg, config)
@@ -187,9 +194,12 @@ def main() -> None:
     result = {"benchmark": "serve", "config": args.config, "model": config.model.checkpoint,
               "machine": f"{platform.node()} ({os.cpu_count()} CPUs, shared with other jobs)",
               "index_notes": args.index_notes, "offline": offline(config, export, notes[:64]), "settings": []}
-    for batch, prefix in ((config.serve.max_batch_size, True), (1, True), (config.serve.max_batch_size, False)):
+    for setting in args.settings.split(","):
+        batching, prefix = (part == "on" for part in setting.split("/"))
+        batch = config.serve.max_batch_size if batching else 1
         result["settings"].append(serve_and_load(args, work, export, emb, batch, prefix, notes))
-    result["live_index"] = live_index_recall(args.recall_base, args.recall_upserts, 128, work)
+    if args.recall_upserts:
+        result["live_index"] = live_index_recall(args.recall_base, args.recall_upserts, 128, work)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

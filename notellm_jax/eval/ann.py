@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from notellm_jax.config import EvalConfig
-from notellm_jax.errors import StoreFormatError
+from notellm_jax.errors import MissingInputError, StoreFormatError
 from notellm_jax.eval.retrieval import l2_normalise
-from notellm_jax.errors import MissingInputError
 
 TREE_MIN_POINTS = 10_000
 

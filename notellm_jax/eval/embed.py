@@ -219,6 +219,7 @@ def notellm_embedder(export, mesh, batch_size: int, buckets: Sequence[int], pad_
                              path=cache_path(cache_dir, export.meta.get("checkpoint", "model"), frozen_layers, frozen))
     boxed = abstract_boxed_params(model)
     if prefix and cache is None:
+        _check_params(export.params, boxed, source)  # before the prefix runs through them
         kv = prefix_kv(model, export.params, prefix)
         return BatchEmbedder(partial(prefix_apply, model), export.params, boxed, mesh, batch_size, buckets, pad_id,
                              padding_side, source, extra=kv), None

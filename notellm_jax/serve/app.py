@@ -158,11 +158,12 @@ def create_app(service: Service) -> FastAPI:
         metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
         return response
 
-    _add_routes(app, service)
+    _add_query_routes(app, service)
+    _add_note_routes(app, service.index, service)
     return app
 
 
-def _add_routes(app: FastAPI, service: Service) -> None:
+def _add_query_routes(app: FastAPI, service: Service) -> None:
     index, cfg = service.index, service.cfg
 
     @app.post("/embed")
@@ -188,6 +189,22 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         hits = (await asyncio.to_thread(index.search, query[None], request.k, [request.note_id]))[0]
         return {"k": request.k, "results": _hits(hits), "truncated": truncated}
 
+    @app.get("/healthz")
+    async def healthz():
+        export = service.encoder.export
+        return {"status": "ok", "index_size": len(index), "dim": index.dim, "run": export.meta.get("run"),
+                "buckets": service.encoder.embedder.buckets, "max_batch_size": cfg.max_batch_size}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE.read_text()
+
+
+def _add_note_routes(app: FastAPI, index: LiveIndex, service: Service) -> None:
     @app.put("/notes/{note_id}")
     async def put_note(note: NoteIn, note_id: str = NoteId):
         vectors, cuts = await service.embed([note])
@@ -209,17 +226,3 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         except UnknownNoteError:
             raise HTTPException(404, f"unknown note id {note_id!r}") from None
         return {"id": note_id, "deleted": True, "index_size": len(index)}
-
-    @app.get("/healthz")
-    async def healthz():
-        export = service.encoder.export
-        return {"status": "ok", "index_size": len(index), "dim": index.dim, "run": export.meta.get("run"),
-                "buckets": service.encoder.embedder.buckets, "max_batch_size": cfg.max_batch_size}
-
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return PAGE.read_text()
