@@ -197,14 +197,15 @@ def check_export(export, tokenizer, source: str) -> None:
                          f"{tokenizer.emb_token}): the export was trained with another model or tokenizer")
 
 
-def notellm_embedder(export, mesh, batch_size: int, buckets: Sequence[int], pad_id: int, padding_side: str,
-                     source: str, cache_dir: Path | None = None,
+def notellm_embedder(export, mesh, batch_size: int, max_length: int, bucket_count: int, pad_id: int,
+                     padding_side: str, source: str, cache_dir: Path | None = None,
                      prefix: Sequence[int] = ()) -> tuple[BatchEmbedder, Any]:
     """(embedder, feature cache or None). With `cache_dir` and an export trained with frozen lower layers,
     the frozen bottom runs through the shared FeatureCache (every fine-tuned variant of one base model
     embeds the same test prompts: the bottom runs once for all of them). Otherwise, with `prefix` (the
     tokens every prompt starts with), their key/value cache is computed once here and the embedder takes
-    each note's tokens after the prefix only (`prefix_apply`)."""
+    each note's tokens after the prefix only (`prefix_apply`; its buckets then cover max_length less the
+    prefix)."""
     from notellm_jax.model.notellm import NoteLLM
     from notellm_jax.model.params import frozen_layer_count, split_params
     from notellm_jax.train.feature_cache import FeatureCache, cache_path
@@ -221,8 +222,10 @@ def notellm_embedder(export, mesh, batch_size: int, buckets: Sequence[int], pad_
     if prefix and cache is None:
         _check_params(export.params, boxed, source)  # before the prefix runs through them
         kv = prefix_kv(model, export.params, prefix)
+        buckets = bucket_lengths(max_length - len(prefix), bucket_count)
         return BatchEmbedder(partial(prefix_apply, model), export.params, boxed, mesh, batch_size, buckets, pad_id,
                              padding_side, source, extra=kv), None
+    buckets = bucket_lengths(max_length, bucket_count)
 
     def apply(params, inputs, attention_mask, read_index):
         key = "hidden_in" if cache is not None else "input_ids"
@@ -331,12 +334,10 @@ def note_encoder(config: Config, export, mesh=None, batch_size: int | None = Non
     check_export(export, tokenizer, source)
     mesh = mesh or shd.mesh_from_config(config.mesh)
     prefix = shared_prefix(tokenizer, prompt) if config.eval.embed_prefix_cache else []
-    # With a cached prefix the buckets cover the notes' own tokens only.
-    buckets = bucket_lengths(prompt.max_length - len(prefix), config.eval.embed_length_buckets)
     cache_dir = config.data_dir if config.model.cache_frozen_features and config.model.persist_feature_cache else None
-    embedder, cache = notellm_embedder(export, mesh, batch_size or config.eval.embed_batch_size, buckets,
-                                       tokenizer.pad_id, prompt.padding_side, source, cache_dir=cache_dir,
-                                       prefix=prefix)
+    embedder, cache = notellm_embedder(export, mesh, batch_size or config.eval.embed_batch_size, prompt.max_length,
+                                       config.eval.embed_length_buckets, tokenizer.pad_id, prompt.padding_side,
+                                       source, cache_dir=cache_dir, prefix=prefix)
     if cache is not None:  # the frozen bottom's features cover whole prompts: no prefix cache there
         prefix = []
     return NoteEncoder(export, embedder, cache, tokenizer, prompt, embedder.buckets, source, prefix)

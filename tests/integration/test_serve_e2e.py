@@ -45,7 +45,7 @@ class Server:
         self.work, self.export, self.emb = work, export, emb
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 240) -> None:
+    def start(self, timeout: float = 900) -> None:
         self.port = free_port()
         env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
         cmd = [sys.executable, "-m", "notellm_jax.serve", "--config", TINY, "--set", f"paths.work_dir={self.work}",
@@ -63,6 +63,7 @@ class Server:
                     return
             except httpx.TransportError:
                 time.sleep(0.5)
+        self.kill9()  # never leave a server behind
         raise TimeoutError(f"server not ready after {timeout} s: {(self.work / 'server.log').read_text()}")
 
     def kill9(self) -> None:
