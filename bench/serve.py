@@ -84,7 +84,7 @@ def serve_and_load(args, work: Path, export: Path, emb: Path, batch: int, prefix
     overrides = [x for o in args.overrides for x in ("--set", o)]
     cmd = [sys.executable, "-m", "notellm_jax.serve", "--config", args.config, "--set", f"paths.work_dir={work}",
            "--set", "model.persist_feature_cache=false", *overrides,
-           "--set", f"serve.max_batch_size={batch}", "--set", f"eval.embed_prefix_cache={str(prefix).lower()}",
+           "--set", f"serve.max_batch_size={batch}", "--set", f"embed.prefix_cache={str(prefix).lower()}",
            "--export", str(export), "--index", str(index), "--embeddings", str(emb), "--port", str(port)]
     log = open(work / f"server-b{batch}-p{int(prefix)}.log", "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log,
@@ -121,7 +121,7 @@ def offline(config, export, notes) -> dict:
 
     out = {}
     for prefix in (True, False):
-        encoder = note_encoder(override(config, {"eval.embed_prefix_cache": prefix}), export,
+        encoder = note_encoder(override(config, {"embed.prefix_cache": prefix}), export,
                                batch_size=config.serve.max_batch_size)
         tokens = [encoder.tokens(Note(f"b{i}", n["title"], n["content"], [], "c")) for i, n in enumerate(notes)]
         encoder.embedder(tokens)  # warm-up: compiles every bucket used
@@ -142,12 +142,12 @@ def offline(config, export, notes) -> dict:
 
 def live_index_recall(num: int, upserts: int, dim: int, work: Path) -> dict:
     """Recall@10 vs exact of a live tree index built on `num` vectors after `upserts` more arrive."""
-    from notellm_jax.config import EvalConfig
+    from notellm_jax.config import RetrievalConfig
     from notellm_jax.eval import ann
     from notellm_jax.serve.index import LiveIndex
 
     vectors = ann.clustered_vectors(num + upserts, dim, round((num + upserts) ** 0.5), seed=0)
-    index = LiveIndex.create(work / "recall-index", [f"n{i}" for i in range(num)], vectors[:num], {}, EvalConfig(), k=10)
+    index = LiveIndex.create(work / "recall-index", [f"n{i}" for i in range(num)], vectors[:num], {}, RetrievalConfig(), k=10)
     built_with = dataclasses.asdict(index.params)
     start = time.perf_counter()
     for i in range(num, num + upserts):
@@ -183,7 +183,8 @@ def main() -> None:
     from notellm_jax.weights.loading import load_initial_params
 
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    config = load_config(args.config, [f"paths.work_dir={work}", "model.persist_feature_cache=false", *args.overrides])
+    config = load_config(args.config, [f"paths.work_dir={work}", "model.persist_feature_cache=false", *args.overrides],
+                         environ=os.environ)
     tokenizer = resolve_tokenizer(config)
     params, llama_cfg = load_initial_params(config, tokenizer.vocab_size)
     export = save_notellm(work / "export", params, llama_cfg, config)

@@ -43,7 +43,7 @@ ChunkEmbedder = Callable[[list[Note]], tuple[list[str], np.ndarray, Counter]]
 def bucket_lengths(max_length: int, count: int) -> list[int]:
     """`count` evenly spaced lengths up to max_length, rounded up to multiples of 8 (the last covers max_length)."""
     if count < 1:
-        raise ValueError(f"eval.embed_length_buckets must be >= 1, got {count}")
+        raise ValueError(f"embed.length_buckets must be >= 1, got {count}")
     ceil_div = lambda a, b: -(-a // b)  # noqa: E731
     return sorted({8 * ceil_div(ceil_div(max_length * (i + 1), count), 8) for i in range(count)})
 
@@ -78,7 +78,7 @@ class BatchEmbedder:
         prefix's key/value cache)."""
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if batch_size < 1 or batch_size % shards:
-            raise ValueError(f"eval.embed_batch_size={batch_size} must be a positive multiple of the "
+            raise ValueError(f"embed.batch_size={batch_size} must be a positive multiple of the "
                              f"{shards} devices on the mesh's data x fsdp axes")
         _check_params(params, boxed_abstract, source)
         param_shardings = shd.logical_shardings(boxed_abstract, mesh)
@@ -309,7 +309,7 @@ class NoteEncoder:
         if self.prefix:
             if tokens[:len(self.prefix)] != self.prefix:
                 raise ValueError(f"note {note.note_id!r}: its prompt does not start with the cached prefix "
-                                 "(a tokenizer merge across the boundary); embed with eval.embed_prefix_cache=false")
+                                 "(a tokenizer merge across the boundary); embed with embed.prefix_cache=false")
             tokens = tokens[len(self.prefix):]
         cut = report_cuts and (example.shrunk or any(
             len(self.tokenizer.encode(text, split_special_tokens=True)) > budget
@@ -320,7 +320,7 @@ class NoteEncoder:
 
 def note_encoder(config: Config, export, mesh=None, batch_size: int | None = None) -> NoteEncoder:
     """Load (if a folder) and check a NoteLLM export. Prompt budgets and layout come from the export (what
-    the model was trained with); the padding side, buckets and batch size (default eval.embed_batch_size)
+    the model was trained with); the padding side, buckets and batch size (default embed.batch_size)
     from `config`; the tokenizer is the one the export recorded, resolved against `config`'s roots, and
     checked against the export."""
     from notellm_jax.weights.export import load_notellm
@@ -333,10 +333,10 @@ def note_encoder(config: Config, export, mesh=None, batch_size: int | None = Non
     tokenizer = resolve_tokenizer(config, export.tokenizer, prompt.emb_token)
     check_export(export, tokenizer, source)
     mesh = mesh or shd.mesh_from_config(config.mesh)
-    prefix = shared_prefix(tokenizer, prompt) if config.eval.embed_prefix_cache else []
+    prefix = shared_prefix(tokenizer, prompt) if config.embed.prefix_cache else []
     cache_dir = config.data_dir if config.model.cache_frozen_features and config.model.persist_feature_cache else None
-    embedder, cache = notellm_embedder(export, mesh, batch_size or config.eval.embed_batch_size, prompt.max_length,
-                                       config.eval.embed_length_buckets, tokenizer.pad_id, prompt.padding_side,
+    embedder, cache = notellm_embedder(export, mesh, batch_size or config.embed.batch_size, prompt.max_length,
+                                       config.embed.length_buckets, tokenizer.pad_id, prompt.padding_side,
                                        source, cache_dir=cache_dir, prefix=prefix)
     if cache is not None:  # the frozen bottom's features cover whole prompts: no prefix cache there
         prefix = []
@@ -357,7 +357,7 @@ def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: st
             "prompt": dataclasses.asdict(prompt), "buckets": encoder.buckets, "batch_size": batch_size,
             "prefix_tokens": len(encoder.prefix), "devices": int(encoder.embedder.devices)}
     out = write_embeddings(note_source, token_chunk_embedder(encoder.embedder, encoder.tokens), out_dir,
-                           config.eval.embed_shard_size, batch_size * CHUNK_BATCHES, meta)
+                           config.embed.shard_size, batch_size * CHUNK_BATCHES, meta)
     if encoder.cache is not None and jax.process_index() == 0:
         encoder.cache.save()
     return out

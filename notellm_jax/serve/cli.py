@@ -26,12 +26,12 @@ def open_index(config, index_dir: Path, emb_dir: str | None):
     from notellm_jax.serve.index import CURRENT, LiveIndex, index_from_embeddings
 
     if (index_dir / CURRENT).exists():
-        return LiveIndex.open(index_dir, config.eval)
+        return LiveIndex.open(index_dir, config.retrieval)
     if not emb_dir:
         raise MissingInputError(f"{index_dir} holds no live index yet: give --embeddings to build one")
     notes_file = config.data_dir / "notes.parquet"
     notes = store.load_notes(notes_file) if notes_file.is_file() else []
-    return index_from_embeddings(emb_dir, index_dir, config.eval, config.serve.max_k, notes)
+    return index_from_embeddings(emb_dir, index_dir, config.retrieval, config.serve.max_k, notes)
 
 
 def run(args: argparse.Namespace, config) -> None:

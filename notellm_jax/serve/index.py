@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from notellm_jax.config import EvalConfig
+from notellm_jax.config import RetrievalConfig
 from notellm_jax.data.prompts import Note
 from notellm_jax.errors import MissingInputError, StoreFormatError
 from notellm_jax.eval import ann
@@ -98,7 +98,7 @@ class LiveIndex:
     for a search during an update)."""
 
     def __init__(self, directory: Path, raw, params: ann.ScannParams, ids: list[str], vectors: np.ndarray,
-                 notes: dict[str, dict[str, str]], snapshot: str, cfg: EvalConfig):
+                 notes: dict[str, dict[str, str]], snapshot: str, cfg: RetrievalConfig):
         """In memory only: the log is opened by `open` (after replay) or by the first `snapshot`."""
         self.directory, self._raw, self.params, self._cfg = directory, raw, params, cfg
         self._ids, self._pos = list(ids), {note_id: i for i, note_id in enumerate(ids)}
@@ -115,7 +115,7 @@ class LiveIndex:
 
     @classmethod
     def create(cls, directory: str | os.PathLike, ids: Sequence[str], vectors: np.ndarray,
-               notes: dict[str, dict[str, str]], cfg: EvalConfig, k: int) -> LiveIndex:
+               notes: dict[str, dict[str, str]], cfg: RetrievalConfig, k: int) -> LiveIndex:
         """A new index folder over (ids, vectors); refuses a folder that already holds an index."""
         directory = Path(directory).absolute()
         if (directory / CURRENT).exists():
@@ -129,7 +129,7 @@ class LiveIndex:
         return index
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, cfg: EvalConfig) -> LiveIndex:
+    def open(cls, directory: str | os.PathLike, cfg: RetrievalConfig) -> LiveIndex:
         """Load the snapshot CURRENT names, replay its log (dropping a torn last record), clear leftovers."""
         directory = Path(directory).absolute()
         ann.refuse_pickles(directory)
@@ -337,7 +337,7 @@ class LiveIndex:
             return report
 
 
-def index_from_embeddings(emb_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: EvalConfig, k: int,
+def index_from_embeddings(emb_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: RetrievalConfig, k: int,
                           notes: Sequence[Note] = ()) -> LiveIndex:
     """A new live index over an embeddings folder (`notellm_jax.eval.embed`); titles and categories from `notes`."""
     from notellm_jax.eval.embeddings import read_embeddings

@@ -4,6 +4,7 @@ clear 4xx and the server keeps serving, concurrent requests are batched, /metric
 from __future__ import annotations
 
 import concurrent.futures
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,8 @@ WORDS = "the coffee bean was ground fine and brewed slowly with hot water for a 
 
 
 def tiny_config(work_dir: Path, *extra: str):
-    return load_config(TINY, [f"paths.work_dir={work_dir}", "eval.embed_batch_size=8", "eval.embed_length_buckets=2",
-                              "serve.max_batch_size=8", "serve.max_wait_ms=20", *extra])
+    return load_config(TINY, [f"paths.work_dir={work_dir}", "embed.batch_size=8", "embed.length_buckets=2",
+                              "serve.max_batch_size=8", "serve.max_wait_ms=20", *extra], environ=os.environ)
 
 
 def make_notes(n: int, prefix: str = "site") -> list[Note]:
@@ -55,7 +56,7 @@ def setup(tmp_path_factory):
     notes = make_notes(12)
     mesh = make_mesh(1, -1, 1)
     emb = embed_notes(config, export, notes, work / "emb", mesh=mesh)
-    index = index_from_embeddings(emb, work / "index", config.eval, config.serve.max_k, notes)
+    index = index_from_embeddings(emb, work / "index", config.retrieval, config.serve.max_k, notes)
     service = Service(note_encoder(config, export, mesh, batch_size=8), index, config.serve)
     with TestClient(create_app(service)) as client:
         yield client, config, export, emb, notes, service

@@ -49,7 +49,7 @@ class Server:
         self.port = free_port()
         env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
         cmd = [sys.executable, "-m", "notellm_jax.serve", "--config", TINY, "--set", f"paths.work_dir={self.work}",
-               "--set", "serve.max_batch_size=4", "--set", "eval.embed_length_buckets=2", "--export", str(self.export),
+               "--set", "serve.max_batch_size=4", "--set", "embed.length_buckets=2", "--export", str(self.export),
                "--index", str(self.work / "index"), "--embeddings", str(self.emb), "--port", str(self.port)]
         self.log = open(self.work / "server.log", "ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)

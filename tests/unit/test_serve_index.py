@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from notellm_jax.config import EvalConfig
+from notellm_jax.config import RetrievalConfig
 from notellm_jax.errors import StoreFormatError
 from notellm_jax.eval import ann
 from notellm_jax.serve.index import LiveIndex, UnknownNoteError
@@ -17,7 +17,7 @@ pytest.importorskip("scann")
 DIM = 16
 # A tree that searches every leaf and reorders every candidate exactly: ScaNN's answer must equal exact search,
 # so any slip in the position <-> id bookkeeping of upserts and deletes shows up as a wrong id.
-EXACT_TREE = EvalConfig(scann_num_leaves=8, scann_leaves_to_search=8, scann_reorder=4000)
+EXACT_TREE = RetrievalConfig(scann_num_leaves=8, scann_leaves_to_search=8, scann_reorder=4000)
 
 
 def unit(rng, n):
@@ -58,7 +58,7 @@ def check_against_exact(index: LiveIndex, reference: dict[str, np.ndarray], rng,
     assert [h.note_id for h in hits] == exact_ids(reference, reference[some], k, skip=some)
 
 
-@pytest.mark.parametrize("cfg", [EvalConfig(), EXACT_TREE], ids=["brute_force", "tree"])
+@pytest.mark.parametrize("cfg", [RetrievalConfig(), EXACT_TREE], ids=["brute_force", "tree"])
 def test_upserts_and_deletes_search_like_exact_and_survive_reopen(tmp_path, cfg):
     rng = np.random.default_rng(0)
     base = unit(rng, 300)
@@ -88,7 +88,7 @@ def test_upserts_and_deletes_search_like_exact_and_survive_reopen(tmp_path, cfg)
 
 def small_index(tmp_path, rng, n=50):
     ids = [f"n{i}" for i in range(n)]
-    return LiveIndex.create(tmp_path / "idx", ids, unit(rng, n), {}, EvalConfig(), k=5), ids
+    return LiveIndex.create(tmp_path / "idx", ids, unit(rng, n), {}, RetrievalConfig(), k=5), ids
 
 
 def test_torn_last_record_is_dropped_and_corruption_before_it_refused(tmp_path):
@@ -102,18 +102,18 @@ def test_torn_last_record_is_dropped_and_corruption_before_it_refused(tmp_path):
     intact = log.read_bytes()
     with open(log, "ab") as f:  # a crash inside write(): half a record, never acknowledged
         f.write(intact.splitlines(keepends=True)[0][:40])
-    reopened = LiveIndex.open(tmp_path / "idx", EvalConfig())
+    reopened = LiveIndex.open(tmp_path / "idx", RetrievalConfig())
     assert reopened.replayed == 3 and "ack2" in reopened and len(reopened) == 53
     assert log.read_bytes() == intact  # cut back, so the next record does not follow garbage
     reopened.upsert("after", unit(rng, 1)[0])
     reopened.close()
-    assert "after" in LiveIndex.open(tmp_path / "idx", EvalConfig())
+    assert "after" in LiveIndex.open(tmp_path / "idx", RetrievalConfig())
 
     lines = log.read_bytes().splitlines(keepends=True)
     lines[1] = lines[1].replace(b'"ack1"', b'"ackX"')  # checksum no longer matches, and more records follow
     log.write_bytes(b"".join(lines))
     with pytest.raises(StoreFormatError, match="record 2 is corrupt"):
-        LiveIndex.open(tmp_path / "idx", EvalConfig())
+        LiveIndex.open(tmp_path / "idx", RetrievalConfig())
 
 
 def test_pickle_refused_and_a_half_written_snapshot_ignored(tmp_path):
@@ -126,23 +126,23 @@ def test_pickle_refused_and_a_half_written_snapshot_ignored(tmp_path):
     (folder / "snap-000002.tmp").mkdir()
     (folder / "snap-000002.tmp" / "ids.json").write_text("[")
     (folder / "CURRENT.tmp").write_text("snap-0000")
-    reopened = LiveIndex.open(folder, EvalConfig())
+    reopened = LiveIndex.open(folder, RetrievalConfig())
     assert "kept" in reopened and len(reopened) == 51
     assert sorted(p.name for p in folder.iterdir()) == ["CURRENT", "snap-000001", "snap-000001.log"]
     reopened.close()
     (folder / "snap-000001" / "scann_docids.pkl").write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(StoreFormatError, match="pickle"):
-        LiveIndex.open(folder, EvalConfig())
+        LiveIndex.open(folder, RetrievalConfig())
     assert json.loads((folder / "snap-000001" / "ids.json").read_text())[:2] == ids[:2]  # plain JSON ids
     with pytest.raises(FileExistsError):
-        LiveIndex.create(folder, ids, unit(rng, 50), {}, EvalConfig(), k=5)
+        LiveIndex.create(folder, ids, unit(rng, 50), {}, RetrievalConfig(), k=5)
 
 
 def test_rebuild_is_promoted_only_when_recall_holds(tmp_path):
     rng = np.random.default_rng(3)
     vectors = ann.clustered_vectors(1200, DIM, 30, seed=3)
     ids = [f"n{i}" for i in range(len(vectors))]
-    index = LiveIndex.create(tmp_path / "idx", ids[:200], vectors[:200], {}, EvalConfig(), k=10)
+    index = LiveIndex.create(tmp_path / "idx", ids[:200], vectors[:200], {}, RetrievalConfig(), k=10)
     for note_id, v in zip(ids[200:], vectors[200:]):  # the live index grows 6x by upserts
         index.upsert(note_id, v)
     assert index.params.brute_force and index.recall_vs_exact(10, 200) == 1.0
@@ -153,6 +153,6 @@ def test_rebuild_is_promoted_only_when_recall_holds(tmp_path):
     promoted = index.rebuild(10, min_recall=0.95, sample=200, params=good)
     assert promoted["promoted"] and promoted["recall"] >= 0.95 and index.params == good
     index.close()
-    reopened = LiveIndex.open(tmp_path / "idx", EvalConfig())
+    reopened = LiveIndex.open(tmp_path / "idx", RetrievalConfig())
     assert reopened.params == good and len(reopened) == 1200
     assert reopened.recall_vs_exact(10, 200) == pytest.approx(promoted["recall"])
