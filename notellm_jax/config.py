@@ -190,6 +190,20 @@ class RetrievalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    # The service (notellm_jax.serve): concurrent requests are coalesced into one jitted call of at most
+    # max_batch_size notes per length bucket; the first request of a batch waits at most max_wait_ms for others.
+    max_batch_size: int = 8
+    max_wait_ms: float = 5.0
+    max_k: int = 100                # largest k a /similar request may ask for
+    max_notes_per_request: int = 64  # /embed
+    # A rebuilt index replaces the live one only if its recall@k vs exact search on this many stored
+    # vectors reaches rebuild_min_recall (k = max_k, capped by the index size).
+    rebuild_min_recall: float = 0.95
+    rebuild_sample: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
 class EmbedConfig:
     batch_size: int = 32
     # Notes per .npy shard (at most one shard is held in memory while writing/reading).
@@ -197,6 +211,9 @@ class EmbedConfig:
     # Sequences are padded to the smallest of this many evenly spaced lengths up to prompt.max_length
     # (one compile per length; short notes do not pay for the longest).
     length_buckets: int = 4
+    # Every category prompt starts with the same instruction tokens: compute their key/value cache once and
+    # run only each note's own tokens on top of it (same embeddings; not with a frozen-bottom feature cache).
+    prefix_cache: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +258,7 @@ class Config:
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     baselines: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
     job: JobConfig = dataclasses.field(default_factory=JobConfig)
+    serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

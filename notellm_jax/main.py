@@ -11,6 +11,7 @@ and argument errors cost nothing and `plan --devices` can fake devices before ja
     notellm job       --config C [--only STAGES] [--force STAGES]     (= python -m notellm_jax.job)
     notellm plan      --config C --devices N
     notellm convert   SRC DST [--to hf|orbax] [--overwrite]
+    notellm serve     --config C --index DIR [--export DIR] [--embeddings DIR] [--host H --port P]
 
 User-input errors (the project's own `errors.NotellmError`s) end with one line and exit status 2 (3 for
 a training run that diverged: `TrainingDivergedError`);
@@ -34,6 +35,7 @@ COMMANDS = {
     "job": ("notellm_jax.job.main_job", "the main job: every stage, then the report", True),
     "plan": ("notellm_jax.plan", "compile the step ahead of time; per-device memory", True),
     "convert": ("notellm_jax.weights.convert", "convert weights between HF, llama2.c, GGUF, orbax", False),
+    "serve": ("notellm_jax.serve.cli", "serve new-note embeddings and nearest notes over HTTP", True),
 }
 
 
@@ -75,6 +77,9 @@ def _tool_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("dst", help="output folder")
         p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
         p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+    elif name == "serve":
+        from notellm_jax.serve.cli import add_arguments
+        add_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
