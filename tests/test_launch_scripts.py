@@ -19,7 +19,7 @@ from notellm_jax.distributed import ClusterSpec, cluster_from_env
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
+SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch"), *(REPO / "bench").glob("*.sh")])
 SHELLCHECK = Path(sys.executable).parent / "shellcheck"
 TRICKY = 'data.sites=["a b", "it\'s"]'  # a space, double and single quotes: must survive every quoting layer
 
