@@ -14,7 +14,8 @@
     each implementation's share of the step: its attention core's forward + backward on the step's
     q/k/v shapes, timed alone and summed over the layers, over the step time.
 
---small: tiny shapes (2-layer models, 8 notes x 32 tokens) on any backend: what the test suite runs on CPU.
+--small: the tiny preset (64 wide; 4 layers in (a), 2 in (b)), 8 notes x 32 tokens, fp32 (so JAX's and
+PyTorch's first losses agree to 1e-4) on any backend: what the test suite runs on CPU.
 Imports only jax, flax, optax, orbax, numpy, torch and transformers (no TensorFlow, ScaNN or gguf).
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ import train_step  # noqa: E402  (bench/train_step.py: the JAX/PyTorch step comp
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = str(REPO / "configs" / "smollm2_se.py") + ":full"
 LLAMA2_7B = str(REPO / "configs" / "llama2_7b.py") + ":aot"
-SMALL = ["train.batch_pairs=4", "prompt.max_length=32", "prompt.max_targets=4"]
+SMALL = ["train.batch_pairs=4", "prompt.max_length=32", "prompt.max_targets=4", "model.compute_dtype=float32"]
 
 
 def implementations() -> list[str]:
