@@ -28,10 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-import notellm_jax  # noqa: F401  (environment defaults before transformers is imported)
-import jax
-import jax.numpy as jnp
-import numpy as np
+from notellm_jax import runtime
+
+runtime.set_environment_defaults()  # before transformers is imported
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402  (bench/train_step.py: the JAX/PyTorch step comparison)
@@ -53,7 +56,7 @@ def overrides_for(impl: str, small: bool) -> list[str]:
 def smollm2(args) -> dict:
     """(a) and its part of (c): every implementation's JAX step; PyTorch once (its own sdpa attention)."""
     from notellm_jax.model.llama import preset
-    from notellm_jax.train import runtime_llama_config
+    from notellm_jax.weights.loading import runtime_llama_config
     out = {}
     for impl in implementations():
         config = train_step.benchmark_config(SMOLLM2, overrides_for(impl, args.small))
@@ -92,11 +95,12 @@ def compiled_step(config, layers: int):
     from notellm_jax import sharding as shd
     from notellm_jax.model.llama import preset
     from notellm_jax.plan import abstract_batch
-    from notellm_jax.train import compile_steps, make_state_spec, runtime_llama_config
+    from notellm_jax.train.step import compile_steps, make_train_setup
+    from notellm_jax.weights.loading import runtime_llama_config
     base = preset(config.model.checkpoint.split(":", 1)[1])
     llama_cfg = runtime_llama_config(config, base).replace(vocab_size=base.vocab_size + 1, num_hidden_layers=layers)
-    spec = make_state_spec(config, llama_cfg, shd.make_mesh(1, -1, 1), total_steps=1000)
-    step_fn, _ = compile_steps(spec, config)
+    spec = make_train_setup(config, llama_cfg, shd.make_mesh(1, -1, 1), total_steps=1000)
+    step_fn, _ = compile_steps(spec)
     compiled = step_fn.lower(spec.abstract_state, abstract_batch(config, spec)).compile()
     mem = compiled.memory_analysis()
     used = None if mem is None else (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
@@ -125,8 +129,8 @@ def random_state(spec):
     """A random train state created on the devices in its final shardings (jitted init: no host copy)."""
     from flax import linen as nn
 
-    from notellm_jax.train import TrainState, _dummy_batch
-    init = jax.jit(lambda rng: nn.meta.unbox(spec.model.init(rng, _dummy_batch(spec.model.llama))["params"]),
+    from notellm_jax.train.step import TrainState, example_batch
+    init = jax.jit(lambda rng: nn.meta.unbox(spec.model.init(rng, example_batch())["params"]),
                    out_shardings=spec.state_shardings.params)
     params = init(jax.random.key(0))
     opt_state = jax.jit(spec.tx.init, out_shardings=spec.state_shardings.opt_state)(params)
@@ -136,7 +140,7 @@ def random_state(spec):
 
 def llama2_7b(args) -> dict:
     """(b) and its part of (c): the depth is chosen once (einsum) and kept for the other implementations."""
-    from notellm_jax.train import to_global_batch
+    from notellm_jax.train.step import to_global_batch
     out, layers = {}, None
     for impl in implementations():
         config = train_step.benchmark_config(LLAMA2_7B, overrides_for(impl, args.small))

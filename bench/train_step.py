@@ -18,14 +18,17 @@ import platform
 import sys
 import time
 
-import notellm_jax  # noqa: F401
-import jax
-import numpy as np
+from notellm_jax import runtime
+
+runtime.set_environment_defaults()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def step_batch(config, llama_cfg, frozen_layers: int, seed: int = 0) -> dict[str, np.ndarray]:
     """One synthetic batch of the config's shapes (with frozen layers: random hidden states as their output)."""
-    from notellm_jax.train import synthetic_batches
+    from notellm_jax.data.input_pipeline import synthetic_batches
     batch = next(synthetic_batches(config, llama_cfg, seed))
     if frozen_layers:
         rng = np.random.default_rng(seed)
@@ -63,14 +66,14 @@ def cpu_seconds_per_step(run_step, steps: int) -> float:
 
 def step_flops(config, llama_cfg, frozen_layers: int) -> float:
     """Model FLOPs of one step of `config` (the trainer's formula, notellm_jax.metrics)."""
-    from notellm_jax.metrics import train_step_flops
+    from notellm_jax.train.metrics import train_step_flops
     return train_step_flops(llama_cfg, sequences=2 * config.train.batch_pairs, seq_len=config.prompt.max_length,
                             targets=config.prompt.max_targets, emb_dim=config.model.emb_dim,
                             trained_layers=llama_cfg.num_hidden_layers - frozen_layers, forward_only_layers=0)
 
 
 def throughput(config, flops: float, step_s: float) -> dict:
-    from notellm_jax.metrics import peak_flops_per_device
+    from notellm_jax.train.metrics import peak_flops_per_device
     tokens = 2 * config.train.batch_pairs * config.prompt.max_length
     return {"step_s": step_s, "tokens_per_s": tokens / step_s, "model_tflop_per_step": flops / 1e12,
             "achieved_tflop_s": flops / step_s / 1e12,
@@ -79,14 +82,14 @@ def throughput(config, flops: float, step_s: float) -> dict:
 
 def bench_jax(config, steps: int) -> tuple[dict, dict, object, int]:
     from notellm_jax import sharding as shd
-    from notellm_jax.train import (compile_steps, create_state, load_initial_params, make_state_spec,
-                                   to_global_batch)
+    from notellm_jax.train.step import compile_steps, create_state, make_train_setup, to_global_batch
+    from notellm_jax.weights.loading import load_initial_params
     params, llama_cfg = load_initial_params(config, emb_vocab_size=None)
     host_params = jax.tree.map(np.array, params)
-    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    spec = make_state_spec(config, llama_cfg, mesh, total_steps=1000)
+    mesh = shd.mesh_from_config(config.mesh)
+    spec = make_train_setup(config, llama_cfg, mesh, total_steps=1000)
     state = create_state(spec, params)
-    step_fn, _ = compile_steps(spec, config)
+    step_fn, _ = compile_steps(spec)
     batch = to_global_batch(spec, step_batch(config, llama_cfg, spec.frozen_layers))
     state, first_loss, compile_s, step_s = time_steps(step_fn, state, batch, steps)
     box = [state]
@@ -109,8 +112,8 @@ def _torch_state_dict(params: dict, llama_cfg, frozen_layers: int) -> dict:
 
     import torch
 
-    from notellm_jax.checkpoints import params_to_hf
-    from notellm_jax.model.llama import unstack_layers
+    from notellm_jax.weights.formats import params_to_hf
+    from notellm_jax.model.params import unstack_layers
     hf = params_to_hf(unstack_layers(params["decoder"]), llama_cfg)
     out = {}
     for name, value in hf.items():
@@ -145,7 +148,7 @@ def bench_torch(config, params: dict, llama_cfg, frozen_layers: int, steps: int)
     proj = torch.nn.Linear(llama_cfg.hidden_size, config.model.emb_dim, bias=False)
     proj.weight.data = torch.from_numpy(np.array(params["proj"]["kernel"]).T.copy())
     proj = proj.to(device)
-    tau = torch.nn.Parameter(torch.tensor(float(params["tau"]), device=device))
+    tau = torch.nn.Parameter(torch.tensor(float(params["log_logit_scale"]), device=device))
     params = [p for p in list(top.parameters()) + list(proj.parameters()) + [tau] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
     batch = {k: torch.as_tensor(v).to(device) for k, v in step_batch(config, llama_cfg, frozen_layers).items()}
@@ -158,7 +161,7 @@ def bench_torch(config, params: dict, llama_cfg, frozen_layers: int, steps: int)
             else:
                 hidden = top(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             rows = torch.arange(hidden.shape[0], device=device)
-            z = torch.nn.functional.normalize(proj(hidden[rows, batch["emb_index"]].float()), dim=-1)
+            z = torch.nn.functional.normalize(proj(hidden[rows, batch["embed_read_pos"]].float()), dim=-1)
             sim = (z @ z.T) * tau.exp()
             sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=device), float("-inf"))
             pid = batch["pair_id"]
@@ -205,7 +208,7 @@ def benchmark_config(spec: str, overrides=()):
     config = load_config(spec, overrides)
     checkpoint = config.model.checkpoint
     if not checkpoint.startswith("random:"):
-        from notellm_jax.checkpoints import load_params
+        from notellm_jax.weights.formats import load_params
         from notellm_jax.model.llama import PRESETS
         _, cfg = load_params(config.resolve(checkpoint))
         match = [k for k, v in PRESETS.items() if all(getattr(cfg, f) == x for f, x in v.items())]

@@ -231,7 +231,6 @@ class Attention(nn.Module):
         key = apply_rope(key, positions, cfg.rope_theta)
 
         if cache is not None:
-            # Write the new keys/values at slots [index, index + T) of the preallocated cache.
             start = query_slots[0, 0]
             key = jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype), start, axis=1)
             value = jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype), start, axis=1)
@@ -390,42 +389,3 @@ def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=None) -> 
     shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "mask": jnp.zeros((batch, max_length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
-
-
-def abstract_params(config: LlamaConfig) -> Any:
-    """Boxed (logically partitioned) ShapeDtypeStructs of the parameters; nothing is allocated."""
-    model = Llama(config)
-    ids = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda rng: model.init(rng, ids, method=Llama.init_all)["params"], jax.random.key(0))
-
-
-def init_params(config: LlamaConfig, rng: Array) -> Any:
-    """Randomly initialised, unboxed parameters (small models and tests; big ones: see train.py)."""
-    ids = jnp.zeros((1, 1), jnp.int32)
-    return nn.meta.unbox(Llama(config).init(rng, ids, method=Llama.init_all)["params"])
-
-
-_LAYER_KEY = re.compile(r"layers_(\d+)$")
-
-
-def stack_layers(params: dict) -> dict:
-    """layers_{i}/... subtrees -> one `layers/layer/...` subtree with a leading layer axis (scan layout)."""
-    layer_keys = sorted((k for k in params if _LAYER_KEY.match(k)), key=lambda k: int(_LAYER_KEY.match(k).group(1)))
-    if not layer_keys:
-        return params
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[k] for k in layer_keys])
-    out = {k: v for k, v in params.items() if k not in layer_keys}
-    out["layers"] = {"layer": stacked}
-    return out
-
-
-def unstack_layers(params: dict) -> dict:
-    """Inverse of `stack_layers`."""
-    if "layers" not in params:
-        return params
-    stacked = params["layers"]["layer"]
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    out = {k: v for k, v in params.items() if k != "layers"}
-    for i in range(n):
-        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-    return out

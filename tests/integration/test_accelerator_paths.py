@@ -19,12 +19,12 @@ import jax
 import numpy as np
 import pytest
 
-import notellm_jax  # noqa: F401
 from notellm_jax.config import load_config, override
-from notellm_jax.model.llama import unstack_layers
+from notellm_jax.data.input_pipeline import synthetic_batches
+from notellm_jax.model.params import unstack_layers
 from notellm_jax.sharding import make_mesh
-from notellm_jax.train import (_loss_and_metrics, compile_steps, create_state, load_initial_params,
-                               make_state_spec, synthetic_batches, to_global_batch)
+from notellm_jax.train.step import _loss_and_metrics, compile_steps, create_state, make_train_setup, to_global_batch
+from notellm_jax.weights.loading import load_initial_params
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py") + ":random"
 OVERRIDES = ["train.synthetic_data=true", "prompt.max_length=32", "prompt.max_targets=4", "train.batch_pairs=4",
@@ -38,7 +38,7 @@ BF16_GRAD_REL_L2 = 0.1
 def setup(updates: dict):
     config = override(load_config(TINY, OVERRIDES), updates)
     params, llama_cfg = load_initial_params(config, None)
-    spec = make_state_spec(config, llama_cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]), 3)
+    spec = make_train_setup(config, llama_cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]), 3)
     state = create_state(spec, params)
     batch = to_global_batch(spec, next(synthetic_batches(config, llama_cfg, 0)))
     return config, spec, state, batch
@@ -48,7 +48,7 @@ def loss_and_grads(updates: dict):
     """(loss, gradients in the unscanned layout as float64 numpy)."""
     config, spec, state, batch = setup(updates)
     grad_fn = jax.jit(jax.value_and_grad(
-        lambda p: _loss_and_metrics(spec.model, p, batch, config, 0, spec.mesh)[0]))
+        lambda p: _loss_and_metrics(spec, p, batch)[0]))
     loss, grads = grad_fn(state.params)
     grads = {**grads, "decoder": unstack_layers(grads["decoder"])}
     return float(loss), jax.tree.map(lambda g: np.asarray(g, np.float64), jax.device_get(grads))
@@ -69,7 +69,7 @@ def test_bf16_scan_remat_gradients_match_fp32_unscanned(fp32_reference):
     got_loss, got = loss_and_grads(ACCELERATOR)
     assert got_loss == pytest.approx(want_loss, rel=BF16_LOSS_RTOL)
     paths = jax.tree_util.tree_leaves_with_path(want)
-    assert len(paths) == 5 * 9 + 4  # 9 tensors per layer; embedding, final norm, projection, tau
+    assert len(paths) == 5 * 9 + 4  # 9 tensors per layer; embedding, final norm, projection, logit scale
     for (path, w), g in zip(paths, jax.tree.leaves(got), strict=True):
         assert relative_l2(g, w) <= BF16_GRAD_REL_L2, (jax.tree_util.keystr(path), relative_l2(g, w))
 
@@ -80,7 +80,7 @@ def test_bf16_scan_remat_train_step_runs_compiles_once_and_keeps_dtypes(fp32_ref
     reference's, one compiled program (no retrace from a changed dtype, sharding or weak type), and the
     state keeps the abstract state's dtypes (fp32 parameters and moments under bf16 compute)."""
     config, spec, state, batch = setup(ACCELERATOR)
-    step_fn, _ = compile_steps(spec, config)
+    step_fn, _ = compile_steps(spec)
     losses = []
     for _ in range(3):
         state, metrics = step_fn(state, batch)

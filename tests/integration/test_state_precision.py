@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import notellm_jax  # noqa: F401
-from notellm_jax import train as trainer
 from notellm_jax.config import load_config
 from notellm_jax.sharding import make_mesh
+from notellm_jax.train import checkpointing
+from notellm_jax.train.step import check_against_abstract, create_state, make_train_setup
+from notellm_jax.weights.loading import load_initial_params
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py")
 
@@ -22,13 +23,13 @@ TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py")
 def test_loaded_bf16_params_equal_the_abstract_state_and_survive_resume(shared_dir, tmp_path):
     config = load_config(TINY, ["model.param_dtype=bfloat16", f"paths.work_dir={tmp_path}",
                                 "train.synthetic_data=true", "train.max_steps=2"])
-    params, llama_cfg = trainer.load_initial_params(config, None)
+    params, llama_cfg = load_initial_params(config, None)
     assert jax.tree.leaves(params["decoder"])[0].dtype == np.float32  # the checkpoint as read
-    spec = trainer.make_state_spec(config, llama_cfg, make_mesh(2, 2, 2), 2)
-    state = trainer.create_state(spec, params)  # checks itself against spec.abstract_state
+    spec = make_train_setup(config, llama_cfg, make_mesh(2, 2, 2), 2)
+    state = create_state(spec, params)  # checks itself against spec.abstract_state
     dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
-    assert {d for k, d in dtypes.items() if "tau" not in k} == {jnp.dtype(jnp.bfloat16)}
-    assert dtypes["['tau']"] == jnp.float32  # declared float32 in NoteLLM whatever the policy
+    assert {d for k, d in dtypes.items() if "log_logit_scale" not in k} == {jnp.dtype(jnp.bfloat16)}
+    assert dtypes["['log_logit_scale']"] == jnp.float32  # declared float32 in NoteLLM whatever the policy
     for (path, live), want in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(spec.abstract_state),
                                   strict=True):
         assert live.dtype == want.dtype and live.sharding == want.sharding, jax.tree_util.keystr(path)
@@ -37,14 +38,14 @@ def test_loaded_bf16_params_equal_the_abstract_state_and_survive_resume(shared_d
                                   np.asarray(jnp.asarray(params["decoder"]["embed_tokens"]["embedding"],
                                                          jnp.bfloat16).astype(jnp.float32)))
 
-    manager = trainer.checkpoint_manager(config)
-    trainer.save_checkpoint(manager, state, config, 2, force=True)
+    manager = checkpointing.checkpoint_manager(config)
+    checkpointing.save_checkpoint(manager, state, config, 2, force=True)
     manager.wait_until_finished()
-    restored = trainer.restore_checkpoint(trainer.checkpoint_manager(config), spec, config, 2)
+    restored = checkpointing.restore_checkpoint(checkpointing.checkpoint_manager(config), spec, config, 2)
     for live, back in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         assert back.dtype == live.dtype and back.sharding == live.sharding
         np.testing.assert_array_equal(np.asarray(back.astype(jnp.float32)), np.asarray(live.astype(jnp.float32)))
 
     fp32 = jax.tree.map(lambda x: x.astype(jnp.float32), state)
     with pytest.raises(AssertionError, match=r"embed_tokens.*bfloat16"):
-        trainer.check_against_abstract(fp32, spec.abstract_state)
+        check_against_abstract(fp32, spec.abstract_state)
