@@ -22,7 +22,7 @@ TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py")
 
 def test_loaded_bf16_params_equal_the_abstract_state_and_survive_resume(shared_dir, tmp_path):
     config = load_config(TINY, ["model.param_dtype=bfloat16", f"paths.work_dir={tmp_path}",
-                                "train.synthetic_data=true", "train.max_steps=2"])
+                                f"paths.shared_dir={shared_dir}", "train.synthetic_data=true", "train.max_steps=2"])
     params, llama_cfg = load_initial_params(config, None)
     assert jax.tree.leaves(params["decoder"])[0].dtype == np.float32  # the checkpoint as read
     spec = make_train_setup(config, llama_cfg, make_mesh(2, 2, 2), 2)
