@@ -121,6 +121,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"      # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    # Attention core: einsum (reference) | dot_product (cuDNN flash on GPU, XLA elsewhere) | splash (TPU Pallas).
+    attention: str = "einsum"
     # Train only the top k decoder layers (0 = all). The frozen bottom's hidden states are computed
     # once per note and reused (ENVIRONMENT.md's CPU budget).
     train_top_layers: int = 0

@@ -33,6 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from notellm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from notellm_jax.model.attention import attend
+from notellm_jax.model.precision import Precision
+
 Array = jax.Array
 
 # Hugging Face config.json fields copied one to one (same names) into LlamaConfig.
@@ -97,6 +101,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention: str = "einsum"  # the attention core: see notellm_jax.model.attention
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -109,6 +114,8 @@ class LlamaConfig:
                              f"num_key_value_heads {self.num_key_value_heads}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention {self.attention!r} not in {ATTENTION_IMPLEMENTATIONS}")
         self._check_family()
 
     def _check_family(self) -> None:
@@ -131,8 +138,12 @@ class LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     @property
+    def precision(self) -> Precision:
+        return Precision(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype)
+
+    @property
     def dtype(self):
-        return jnp.dtype(self.compute_dtype)
+        return self.precision.compute
 
     def num_params(self) -> int:
         x, m, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
@@ -347,12 +358,15 @@ class Projection(nn.Module):
     dtype: Any
     param_dtype: Any
     use_bias: bool = False
+    precision: Precision | None = None  # given: logits, accumulated and returned in its output dtype
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         shape = x.shape[x.ndim - self.contract:] + tuple(self.features)
         kernel = self.param("kernel", _dense_init(self.axes), shape, self.param_dtype)
         dims = ((tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))), ((), ()))
+        if self.precision is not None:
+            return self.precision.logits(x, kernel, dims)
         out = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims)
         if self.use_bias:
             out_axes = self.axes[len(self.axes) - len(self.features):]
@@ -399,13 +413,7 @@ class Attention(nn.Module):
             key_positions = positions if cache is None else positions_from_mask(key_mask)
             allowed &= positions[:, :, None] - key_positions[:, None, :] < cfg.sliding_window
 
-        b, t = q.shape[:2]
-        q = q.reshape(b, t, k, h // k, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, key.astype(q.dtype)).astype(jnp.float32) / np.sqrt(d)
-        # A large finite negative keeps fully masked rows (leading pads) NaN-free.
-        scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min / 2)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, value.astype(cfg.dtype)).reshape(b, t, h, d)
+        out = attend(q, key, value, allowed, key_mask, implementation=cfg.attention, precision=cfg.precision)
         out = dense((cfg.hidden_size,), ("heads", "head_dim", "embed"), "o_proj", 2, cfg.attention_out_bias)(out)
         return out, cache
 
@@ -417,7 +425,7 @@ class MLP(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.config
         dense = lambda feats, axes, name: nn.Dense(  # noqa: E731
-            feats, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+            feats, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.precision.param,
             kernel_init=_dense_init(axes), name=name)
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
@@ -432,7 +440,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, x: Array, positions: Array, key_mask: Array, query_slots: Array,
                  cache: dict[str, Array] | None = None):
         cfg = self.config
-        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, jnp.dtype(cfg.param_dtype), name=name)  # noqa: E731
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.precision.param, name=name)  # noqa: E731
         attn_out, cache = Attention(cfg, name="attn")(norm("input_norm")(x), positions, key_mask, query_slots, cache)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
@@ -467,7 +475,7 @@ class Llama(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.precision.param,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("vocab", "embed")))
         if cfg.scan_layers:
             self.layers = nn.scan(
@@ -477,10 +485,10 @@ class Llama(nn.Module):
         else:
             layer_cls = _remat(DecoderLayer, cfg.remat_policy, scanned=False)
             self.layers = [layer_cls(cfg) for _ in range(cfg.num_hidden_layers)]
-        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, jnp.dtype(cfg.param_dtype))
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.precision.param)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-                                    param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=_dense_init(("embed", "vocab")))
+            self.lm_head = Projection((cfg.vocab_size,), ("embed", "vocab"), 1, cfg.dtype, cfg.precision.param,
+                                      precision=cfg.precision)
 
     def __call__(self, input_ids: Array | None = None, attention_mask: Array | None = None, *,
                  inputs_embeds: Array | None = None, positions: Array | None = None,
@@ -541,9 +549,11 @@ class Llama(nn.Module):
         return self.logits(self(input_ids))
 
     def logits(self, hidden: Array) -> Array:
-        """The LM head, for any [..., H] hidden states (apply it only where logits are needed)."""
+        """The LM head, for any [..., H] hidden states (apply it only where logits are needed): float32
+        logits (the precision policy's output dtype) straight out of the contraction."""
         if self.config.tie_word_embeddings:
-            return self.embed_tokens.attend(hidden.astype(self.config.dtype))
+            dims = (((hidden.ndim - 1,), (1,)), ((), ()))
+            return self.config.precision.logits(hidden, self.embed_tokens.embedding, dims)
         return self.lm_head(hidden)
 
 

@@ -28,8 +28,9 @@ class NoteLLM(nn.Module):
 
     def setup(self):
         self.decoder = Llama(self.llama)
-        self.proj = nn.Dense(self.emb_dim, use_bias=False, dtype=jnp.float32,
-                             param_dtype=jnp.dtype(self.llama.param_dtype),
+        # The [EMB] projection runs in the policy's output dtype (float32): it feeds the similarity logits.
+        self.proj = nn.Dense(self.emb_dim, use_bias=False, dtype=self.llama.precision.output,
+                             param_dtype=self.llama.precision.param,
                              kernel_init=nn.with_logical_partitioning(
                                  nn.initializers.normal(stddev=self.llama.hidden_size ** -0.5),
                                  ("embed", "emb_proj")))
@@ -50,13 +51,13 @@ class NoteLLM(nn.Module):
         out = {"embedding": self.embed_hidden(hidden, batch["embed_read_pos"]), "log_logit_scale": tau}
         if with_logits:
             gathered = jnp.take_along_axis(hidden, batch["target_positions"][..., None], axis=1)  # [N, M, H]
-            out["gen_logits"] = self.decoder.logits(gathered).astype(jnp.float32)
+            out["gen_logits"] = self.decoder.logits(gathered)  # float32 (the precision policy's output dtype)
         return out
 
     def embed_hidden(self, hidden: jax.Array, embed_read_pos: jax.Array) -> jax.Array:
         """[N, T, H] final hidden states -> [N, emb_dim] unit vectors taken at `embed_read_pos`."""
         h = jnp.take_along_axis(hidden, embed_read_pos[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-        z = self.proj(h.astype(jnp.float32))
+        z = self.proj(h.astype(self.llama.precision.output))
         return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-12))
 
     def bottom(self, input_ids: jax.Array, attention_mask: jax.Array, num_layers: int) -> jax.Array:

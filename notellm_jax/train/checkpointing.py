@@ -17,7 +17,7 @@ from notellm_jax.distributed import is_primary
 from notellm_jax.errors import CheckpointError
 from notellm_jax.model.llama import LlamaConfig
 from notellm_jax.model.params import merge_params
-from notellm_jax.train.step import TrainSetup, TrainState
+from notellm_jax.train.step import TrainSetup, TrainState, check_against_abstract
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ def restore_checkpoint(manager, setup: TrainSetup, config: Config, total_steps: 
     if meta.get("total_steps", total_steps) != total_steps:
         logger.warning("resuming a run planned for %d steps with %d steps: the learning-rate schedule changes, "
                        "so the result will differ from an uninterrupted run", meta["total_steps"], total_steps)
+    check_against_abstract(state, setup.abstract_state)
     return state
 
 

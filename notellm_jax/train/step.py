@@ -88,20 +88,37 @@ def make_train_setup(config: Config, llama_cfg: LlamaConfig, mesh, total_steps: 
     return TrainSetup(model, mesh, tx, schedule, frozen_layers, loss, shardings, abstract)
 
 
-def _place(array: np.ndarray, sharding) -> jax.Array:
-    """Host array -> global array; each process only touches the slices its devices hold."""
+def _place(array: np.ndarray, abstract: jax.ShapeDtypeStruct) -> jax.Array:
+    """Host array -> global array of the abstract leaf's dtype and sharding; each process only touches (and
+    casts) the slices its devices hold, so param_dtype holds for loaded weights as for random ones."""
     array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    return jax.make_array_from_callback(array.shape, abstract.sharding,
+                                        lambda index: np.asarray(array[index], abstract.dtype))
+
+
+def check_against_abstract(state: TrainState, abstract: TrainState) -> None:
+    """Every leaf of a live state has the abstract state's shape, dtype and sharding (what the memory plan
+    compiled for and what orbax restores into); raises naming the leaves that differ."""
+    wrong = []
+    for (path, live), want in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(abstract), strict=True):
+        if (live.shape, live.dtype) != (want.shape, want.dtype) or \
+                not live.sharding.is_equivalent_to(want.sharding, live.ndim):
+            wrong.append(f"{jax.tree_util.keystr(path)}: {live.dtype}{list(live.shape)} {live.sharding} != "
+                         f"{want.dtype}{list(want.shape)} {want.sharding}")
+    if wrong:
+        raise AssertionError("train state differs from the abstract state:\n  " + "\n  ".join(wrong))
 
 
 def create_state(setup: TrainSetup, params: dict) -> TrainState:
     trainable, frozen = split_params(params, setup.frozen_layers)
-    sh = setup.state_shardings
-    trainable = jax.tree.map(_place, trainable, sh.params)
-    frozen = jax.tree.map(_place, frozen, sh.frozen)
+    sh, abstract = setup.state_shardings, setup.abstract_state
+    trainable = jax.tree.map(_place, trainable, abstract.params)
+    frozen = jax.tree.map(_place, frozen, abstract.frozen)
     opt_state = jax.jit(setup.tx.init, out_shardings=sh.opt_state)(trainable)
     step = jax.device_put(jnp.zeros((), jnp.int32), sh.step)
-    return TrainState(step=step, params=trainable, frozen=frozen, opt_state=opt_state)
+    state = TrainState(step=step, params=trainable, frozen=frozen, opt_state=opt_state)
+    check_against_abstract(state, abstract)
+    return state
 
 
 def _loss_and_metrics(setup: TrainSetup, params: dict, batch: dict):

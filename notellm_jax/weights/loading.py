@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 
 def runtime_llama_config(config: Config, base: LlamaConfig) -> LlamaConfig:
     return base.replace(compute_dtype=config.model.compute_dtype, param_dtype=config.model.param_dtype,
-                        scan_layers=config.model.scan_layers, remat_policy=config.model.remat_policy)
+                        scan_layers=config.model.scan_layers, remat_policy=config.model.remat_policy,
+                        attention=config.model.attention)
 
 
 def load_initial_params(config: Config, emb_vocab_size: int | None) -> tuple[dict, LlamaConfig]:
