@@ -36,14 +36,15 @@ from notellm_jax.distributed import init_distributed, is_primary
 from notellm_jax.feature_cache import FeatureCache, cache_path
 from notellm_jax.metrics import MetricsWriter, peak_flops_per_device, train_step_flops
 from notellm_jax.model.llama import LlamaConfig, init_params, preset, stack_layers
-from notellm_jax.model.notellm import NoteLLM, notellm_losses
+from notellm_jax.model.notellm import NoteLLM, check_pairs, notellm_losses
 from notellm_jax.optim import make_optimizer
 
 logger = logging.getLogger("notellm_jax.train")
 
-# Arrays the device step reads; the rest of a pipeline batch (task, seq_id, note ids) stays on the host.
+# Arrays the device step reads; the rest of a pipeline batch (task, seq_id, note_id strings) stays on the host.
+# note_index lets the contrastive loss mask negatives that are the same note as a row or its positive.
 STEP_KEYS = ("input_ids", "hidden_in", "attention_mask", "emb_index", "target_positions", "target_ids",
-             "target_mask", "pair_id")
+             "target_mask", "pair_id", "note_index")
 
 
 @struct.dataclass
@@ -234,9 +235,15 @@ def compile_steps(spec: StateSpec, config: Config):
 
 
 def to_global_batch(spec: StateSpec, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This host's rows -> global arrays sharded over (data, fsdp)."""
+    """This host's rows -> global arrays sharded over (data, fsdp), after the host check of its pairs.
+
+    Both notes of a pair always sit on the same host, so the local check covers the global batch."""
+    check_pairs(local["pair_id"], local.get("note_index"))
+    local = {k: v for k, v in local.items() if k in STEP_KEYS}
+    if "note_index" in local:  # int64 on the host; the device runs int32 (jax_enable_x64 off)
+        local["note_index"] = np.asarray(local["note_index"], np.int32)
     return {k: jax.make_array_from_process_local_data(shd.batch_sharding(spec.mesh, v.ndim), v)
-            for k, v in local.items() if k in STEP_KEYS}
+            for k, v in local.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,7 +278,7 @@ def synthetic_batches(config: Config, llama_cfg: LlamaConfig, start_step: int, *
                "target_positions": positions,
                "target_ids": draw(llama_cfg.vocab_size - 1, targets, dtype=np.int32),
                "target_mask": np.ones((n, targets), np.float32), "pair_id": np.concatenate([pair, pair]),
-               "seq_id": draw(2**62)}
+               "note_index": np.concatenate([2 * pair, 2 * pair + 1]), "seq_id": draw(2**62)}
         step += 1
 
 
