@@ -69,6 +69,9 @@ class DataConfig:
     num_shards: int = 4
     # Pair shuffle buffer per host (0 = the host's whole split, a full shuffle each epoch).
     shuffle_buffer: int = 0
+    # Training input: "tfrecord" (the shards, tf.data, any host count) or "numpy" (shards/tokens.npz written
+    # beside them, read with numpy alone: hosts without TensorFlow or the gguf package; one process).
+    train_input: str = "tfrecord"
 
 
 @dataclasses.dataclass
@@ -112,6 +115,16 @@ class ModelConfig:
     cache_frozen_features: bool = True
     # Keep that cache on disk beside the prepared data (shared by ablation runs and embedding).
     persist_feature_cache: bool = True
+    # Partial training (train_top_layers or LoRA) of a tied model: train an untied copy of the output rows
+    # (initialised from the tied table; the input table stays frozen). False: the head stays frozen.
+    untie_head: bool = True
+    # LoRA (model/lora.py) instead of freezing a bottom: rank > 0 freezes every base weight (embedding,
+    # layers, norms) and trains adapters on `lora_targets` in every layer, plus head, projection and tau.
+    # Scale alpha / rank; merged into the weights on export. Needs train_top_layers=0, scan_layers=False.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = dataclasses.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 @dataclasses.dataclass
@@ -135,6 +148,9 @@ class TrainConfig:
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     alpha: float = 0.01             # L = (L_cl + alpha L_gen) / (1 + alpha)
+    # The temperature's step is the learning rate times this (Adam steps are ~lr, so at lr 1e-4 tau moves
+    # ~0.01 in 100 steps; CLIP-style runs let it move faster).
+    tau_lr_multiplier: float = 1.0
     # Ablations: "notellm" (GCL + CSFT), "gcl_only" (= PromptEOL+CSE), "csft_only".
     objective: str = "notellm"
     seed: int = 0
@@ -149,6 +165,9 @@ class TrainConfig:
     checkpoint_dir: str = ""
     # Synthetic batches (no data files, no TensorFlow): for performance runs on accelerators.
     synthetic_data: bool = False
+    # > 0: two-pass GradCache step, activations held for this many notes (rows) at a time; the contrastive
+    # loss still sees all 2B notes (equal to the full-batch gradient). Must divide 2 x batch_pairs.
+    grad_cache_chunk: int = 0
 
 
 @dataclasses.dataclass
@@ -174,8 +193,11 @@ class EvalConfig:
     # SentenceBERT baselines (notellm_jax.baselines): token cap, and the fine-tune kept CPU-sized
     # (ENVIRONMENT.md: ~17.8 s per 32 x 256-token step here). Seeded by train.seed.
     sbert_max_tokens: int = 128
-    sbert_finetune_steps: int = 64
-    sbert_finetune_batch_pairs: int = 16
+    # Fine-tune on equal terms with the NoteLLM recipe: 0 = train.epochs x training pairs / batch steps
+    # and 0 batch pairs = train.batch_pairs; sbert_finetune_seconds > 0 caps the wall time (0 = none).
+    sbert_finetune_steps: int = 0
+    sbert_finetune_batch_pairs: int = 0
+    sbert_finetune_seconds: float = 0.0
     sbert_learning_rate: float = 2e-5
     generate_max_new_tokens: int = 24
     # Prompts per decode batch (fixed shape; the last batch is filled with copies and trimmed).

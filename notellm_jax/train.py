@@ -34,9 +34,11 @@ from notellm_jax import sharding as shd
 from notellm_jax.config import Config, add_config_args, config_from_args
 from notellm_jax.distributed import init_distributed, is_primary
 from notellm_jax.feature_cache import FeatureCache, cache_path
+from notellm_jax.grad_cache import grad_cache_loss_and_grads
 from notellm_jax.metrics import MetricsWriter, peak_flops_per_device, train_step_flops
 from notellm_jax.model.llama import LlamaConfig, init_params, preset, stack_layers
-from notellm_jax.model.notellm import NoteLLM, check_pairs, notellm_losses
+from notellm_jax.model.lora import boxed_lora, init_lora, lora_applied, lora_scale, merge_lora, split_adapters
+from notellm_jax.model.notellm import NoteLLM, check_pairs, notellm_losses, untie_head
 from notellm_jax.optim import make_optimizer
 
 logger = logging.getLogger("notellm_jax.train")
@@ -84,11 +86,15 @@ def load_initial_params(config: Config, emb_vocab_size: int | None) -> tuple[dic
         from notellm_jax.checkpoints import add_tokens
         decoder, base = add_tokens(decoder, base, 1)
     decoder = jax.tree.map(np.asarray, decoder)
+    if config.model.untie_head and partial_training(config, base):
+        decoder, base = untie_head(decoder, base)
     if base.scan_layers:
         decoder = jax.tree.map(np.asarray, stack_layers(decoder))
     rng = np.random.default_rng(config.train.seed)
     proj = rng.normal(0.0, base.hidden_size ** -0.5, (base.hidden_size, config.model.emb_dim)).astype(np.float32)
     params = {"decoder": decoder, "proj": {"kernel": proj}, "tau": np.asarray(config.model.tau_init, np.float32)}
+    if config.model.lora_rank > 0:
+        params["lora"] = init_lora(decoder, config.model.lora_rank, config.model.lora_targets, config.train.seed)
     return params, base
 
 
@@ -96,8 +102,15 @@ def make_model(config: Config, llama_cfg: LlamaConfig) -> NoteLLM:
     return NoteLLM(llama_cfg, emb_dim=config.model.emb_dim, tau_init=config.model.tau_init)
 
 
+def partial_training(config: Config, llama_cfg: LlamaConfig) -> bool:
+    """Whether the embedding table is frozen (a bottom is frozen, or LoRA adapts frozen weights)."""
+    return 0 < config.model.train_top_layers < llama_cfg.num_hidden_layers or config.model.lora_rank > 0
+
+
 def frozen_layer_count(config: Config, llama_cfg: LlamaConfig) -> int:
     k = config.model.train_top_layers
+    if config.model.lora_rank > 0 and k > 0:
+        raise ValueError("model.lora_rank and model.train_top_layers are alternatives: set one of them to 0")
     if k <= 0 or k >= llama_cfg.num_hidden_layers:
         return 0
     if llama_cfg.scan_layers:
@@ -108,7 +121,9 @@ def frozen_layer_count(config: Config, llama_cfg: LlamaConfig) -> int:
 _LAYER = re.compile(r"layers_(\d+)$")
 
 
-def _is_frozen(path: tuple[str, ...], frozen_layers: int) -> bool:
+def _is_frozen(path: tuple[str, ...], frozen_layers: int, lora: bool) -> bool:
+    if lora:  # every base weight except an untied head (whose copy exists to be trained)
+        return path[0] == "decoder" and path[1] != "lm_head"
     if frozen_layers == 0 or path[0] != "decoder":
         return False
     if path[1] == "embed_tokens":
@@ -118,10 +133,12 @@ def _is_frozen(path: tuple[str, ...], frozen_layers: int) -> bool:
 
 
 def split_params(params: dict, frozen_layers: int) -> tuple[dict, dict]:
-    """(trainable, frozen): the embedding table and layers [0, frozen_layers) are frozen."""
+    """(trainable, frozen): the embedding table and layers [0, frozen_layers) are frozen; with LoRA adapters
+    in `params`, every base decoder weight but an untied head."""
     flat = flatten_dict(params)
-    trainable = {k: v for k, v in flat.items() if not _is_frozen(k, frozen_layers)}
-    frozen = {k: v for k, v in flat.items() if _is_frozen(k, frozen_layers)}
+    lora = "lora" in params
+    trainable = {k: v for k, v in flat.items() if not _is_frozen(k, frozen_layers, lora)}
+    frozen = {k: v for k, v in flat.items() if _is_frozen(k, frozen_layers, lora)}
     return unflatten_dict(trainable), (unflatten_dict(frozen) if frozen else {})
 
 
@@ -142,6 +159,14 @@ def abstract_boxed_params(model: NoteLLM) -> Any:
     return jax.eval_shape(lambda rng: model.init(rng, batch)["params"], jax.random.key(0))
 
 
+def abstract_train_params(config: Config, model: NoteLLM) -> Any:
+    """`abstract_boxed_params` plus the LoRA adapters when the run has them."""
+    boxed = abstract_boxed_params(model)
+    if config.model.lora_rank > 0:
+        boxed = {**boxed, "lora": boxed_lora(boxed["decoder"], config.model.lora_rank, config.model.lora_targets)}
+    return boxed
+
+
 # --------------------------------------------------------------------------------------------------
 # Sharded state
 
@@ -154,6 +179,7 @@ class StateSpec:
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     frozen_layers: int
+    lora_scale: float           # alpha / rank of the LoRA adapters (0.0 without)
     state_shardings: TrainState
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings (for AOT and restore)
 
@@ -162,7 +188,7 @@ def make_state_spec(config: Config, llama_cfg: LlamaConfig, mesh, total_steps: i
     model = make_model(config, llama_cfg)
     frozen_layers = frozen_layer_count(config, llama_cfg)
     tx, schedule = make_optimizer(config.train, total_steps)
-    boxed = abstract_boxed_params(model)
+    boxed = abstract_train_params(config, model)
     trainable_boxed, frozen_boxed = split_params(boxed, frozen_layers)
     opt_boxed = jax.eval_shape(tx.init, trainable_boxed)
     state_boxed = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable_boxed,
@@ -170,7 +196,8 @@ def make_state_spec(config: Config, llama_cfg: LlamaConfig, mesh, total_steps: i
     shardings = shd.logical_shardings(state_boxed, mesh)
     unboxed = nn.meta.unbox(state_boxed)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, shardings)
-    return StateSpec(model, mesh, tx, schedule, frozen_layers, shardings, abstract)
+    lora = lora_scale(config.model.lora_rank, config.model.lora_alpha) if config.model.lora_rank > 0 else 0.0
+    return StateSpec(model, mesh, tx, schedule, frozen_layers, lora, shardings, abstract)
 
 
 def _place(array: np.ndarray, sharding) -> jax.Array:
@@ -193,21 +220,38 @@ def create_state(spec: StateSpec, params: dict) -> TrainState:
 # The step
 
 
-def _loss_and_metrics(model: NoteLLM, params: dict, batch: dict, config: Config, first_layer: int, mesh):
-    with shd.axis_rules(mesh):
-        outputs = model.apply({"params": params}, batch, first_layer=first_layer)
+def apply_model(spec: StateSpec, params: dict, batch: dict, first_layer: int, with_logits: bool = True) -> dict:
+    """NoteLLM outputs for `batch`, with the LoRA adapters (if `params` has them) in the forward pass."""
+    params, adapters = split_adapters(params)
+    with shd.axis_rules(spec.mesh), lora_applied(adapters, spec.lora_scale):
+        return spec.model.apply({"params": params}, batch, first_layer=first_layer, with_logits=with_logits)
+
+
+def _loss_and_metrics(spec: StateSpec, params: dict, batch: dict, config: Config, first_layer: int):
+    outputs = apply_model(spec, params, batch, first_layer)
     metrics = notellm_losses(outputs, batch, config.train.alpha, config.train.objective)
     return metrics["loss"], metrics
 
 
-def train_step(state: TrainState, batch: dict, *, spec: StateSpec, config: Config) -> tuple[TrainState, dict]:
+def loss_and_grads(state: TrainState, batch: dict, *, spec: StateSpec, config: Config) -> tuple[dict, Any]:
+    """(metrics, gradients w.r.t. the trainable parameters): one full-batch backward pass, or the two-pass
+    GradCache step (`train.grad_cache_chunk` > 0) that gives the same gradient in chunks of rows."""
     first_layer = spec.frozen_layers if "hidden_in" in batch else 0
+    if config.train.grad_cache_chunk > 0:
+        def apply(trainable, rows, with_logits):
+            return apply_model(spec, merge_params(trainable, state.frozen), rows, first_layer, with_logits)
+        return grad_cache_loss_and_grads(apply, state.params, batch, chunk_rows=config.train.grad_cache_chunk,
+                                         alpha=config.train.alpha, objective=config.train.objective)
 
     def loss_fn(trainable):
-        return _loss_and_metrics(spec.model, merge_params(trainable, state.frozen), batch, config, first_layer,
-                                 spec.mesh)
+        return _loss_and_metrics(spec, merge_params(trainable, state.frozen), batch, config, first_layer)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return metrics, grads
+
+
+def train_step(state: TrainState, batch: dict, *, spec: StateSpec, config: Config) -> tuple[TrainState, dict]:
+    metrics, grads = loss_and_grads(state, batch, spec=spec, config=config)
     updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads), "learning_rate": spec.schedule(state.step)}
@@ -216,8 +260,7 @@ def train_step(state: TrainState, batch: dict, *, spec: StateSpec, config: Confi
 
 def eval_step(state: TrainState, batch: dict, *, spec: StateSpec, config: Config) -> dict:
     first_layer = spec.frozen_layers if "hidden_in" in batch else 0
-    _, metrics = _loss_and_metrics(spec.model, merge_params(state.params, state.frozen), batch, config, first_layer,
-                                   spec.mesh)
+    _, metrics = _loss_and_metrics(spec, merge_params(state.params, state.frozen), batch, config, first_layer)
     return metrics
 
 
@@ -286,6 +329,10 @@ def batches(config: Config, llama_cfg: LlamaConfig, split: str, start_step: int)
     if config.train.synthetic_data:
         return synthetic_batches(config, llama_cfg, start_step)
     from notellm_jax.data import pipeline
+    if config.data.train_input == "numpy":
+        if jax.process_count() > 1:
+            raise ValueError("data.train_input='numpy' reads in one process; use 'tfrecord' for multi-host runs")
+        return pipeline.make_numpy_train_dataset(config, config.data_dir, split=split, start_step=start_step)
     return iter(pipeline.make_train_dataset(config, config.data_dir, split=split,
                                             process_index=jax.process_index(),
                                             process_count=jax.process_count(), start_step=start_step))
@@ -350,6 +397,16 @@ def restore_checkpoint(manager, spec: StateSpec, config: Config, total_steps: in
     return restored["state"]
 
 
+def exportable_params(config: Config, state: TrainState) -> dict:
+    """The full parameter tree as the export holds it: LoRA adapters merged, W + (alpha / r) A B, so every
+    tool loads the result as a plain model."""
+    params, adapters = split_adapters(merge_params(state.params, state.frozen))
+    if adapters:
+        scale = lora_scale(config.model.lora_rank, config.model.lora_alpha)
+        params = {**params, "decoder": merge_lora(params["decoder"], adapters, scale)}
+    return params
+
+
 def export_params(config: Config, state: TrainState, llama_cfg: LlamaConfig, tokenizer_path: str) -> Path:
     """Param-only export for the embedding / eval tools: orbax params + notellm.json.
 
@@ -358,7 +415,7 @@ def export_params(config: Config, state: TrainState, llama_cfg: LlamaConfig, tok
     """
     from jax.experimental import multihost_utils
     from notellm_jax.model.export import save_notellm
-    params = merge_params(state.params, state.frozen)
+    params = exportable_params(config, state)
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     return save_notellm(config.work_dir / "export", params, llama_cfg, config, tokenizer_path)
@@ -388,6 +445,9 @@ def train(config: Config) -> dict[str, Any]:
     _check_batch_layout(config, mesh)
     if config.train.synthetic_data:
         emb_vocab = None
+    elif config.data.train_input == "numpy":  # the vocabulary the shards were written with; no tokenizer needed
+        from notellm_jax.data.pipeline import read_meta
+        emb_vocab = read_meta(config, config.data_dir)["vocab_size"]
     else:
         from notellm_jax.tokenizer import load_tokenizer
         emb_vocab = load_tokenizer(tokenizer_path(config), config.prompt.emb_token).vocab_size

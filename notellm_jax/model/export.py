@@ -60,3 +60,11 @@ def load_notellm(path: str | Path) -> NoteLLMExport:
     llama_cfg = LlamaConfig(**meta["llama"])
     return NoteLLMExport(params=params, llama=llama_cfg, emb_dim=meta["emb_dim"],
                          prompt=PromptConfig(**meta["prompt"]), tokenizer_path=meta["tokenizer_path"], meta=meta)
+
+
+def save_hf_decoder(params: dict, llama_cfg: LlamaConfig, out_dir: Path) -> Path:
+    """The fine-tuned decoder of an export's `params` (LoRA already merged, [EMB] row included, an untied
+    head when one was trained) as a transformers LlamaForCausalLM folder."""
+    from notellm_jax.checkpoints import save_hf
+    from notellm_jax.model.llama import unstack_layers
+    return save_hf(unstack_layers(params["decoder"]), llama_cfg.replace(scan_layers=False), out_dir)

@@ -65,6 +65,21 @@ class NoteLLM(nn.Module):
         return self.decoder(input_ids, attention_mask, last_layer=num_layers, final_norm=False)
 
 
+def untie_head(decoder: dict, cfg: LlamaConfig) -> tuple[dict, LlamaConfig]:
+    """A tied model made untied: `lm_head/kernel` = a copy of the embedding table's rows (same logits).
+
+    Used under partial training (train_top_layers, LoRA), where the embedding table is frozen: tied, the
+    head would be frozen with it and CSFT could not learn. A trainable untied copy is chosen over training
+    the tied rows with the input side held fixed because the frozen bottom's features (and their cache)
+    depend on the input table: they stay valid only if that table never moves, which needs two copies
+    anyway. Exports then carry an untied head (tie_word_embeddings false), which HF loads as is.
+    """
+    if not cfg.tie_word_embeddings:
+        return decoder, cfg
+    table = decoder["embed_tokens"]["embedding"]
+    return {**decoder, "lm_head": {"kernel": np.array(np.asarray(table).T)}}, cfg.replace(tie_word_embeddings=False)
+
+
 def check_pairs(pair_id, note_id=None) -> None:
     """Host-side check of one batch: every pair id occurs exactly twice (and note ids, if given, are per row).
 
