@@ -53,6 +53,7 @@ def _relative_l2(got, want) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra,chunk,mesh_shape", [
     ({}, 4, (2, 4, 1)),
     ({"model.train_top_layers": 2}, 8, (1, 4, 2)),  # the frozen bottom runs inside each chunk; tensor axis
