@@ -18,6 +18,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from notellm_jax.errors import ConfigError
+
 
 @dataclasses.dataclass
 class PathsConfig:
@@ -102,7 +104,7 @@ class ModelConfig:
     # Tokenizer location when it is not inside the checkpoint (llama2.c needs tokenizer.model).
     tokenizer: str = ""
     emb_dim: int = 128              # paper d=128 (reference code 64)
-    tau_init: float = 3.0           # logits scaled by e^tau
+    log_logit_scale_init: float = 3.0           # logits scaled by e^tau
     compute_dtype: str = "float32"  # "bfloat16" on accelerators
     param_dtype: str = "float32"
     scan_layers: bool = False
@@ -119,7 +121,7 @@ class ModelConfig:
     # (initialised from the tied table; the input table stays frozen). False: the head stays frozen.
     untie_head: bool = True
     # LoRA (model/lora.py) instead of freezing a bottom: rank > 0 freezes every base weight (embedding,
-    # layers, norms) and trains adapters on `lora_targets` in every layer, plus head, projection and tau.
+    # layers, norms) and trains adapters on `lora_targets` in every layer, plus head, projection, logit scale.
     # Scale alpha / rank; merged into the weights on export. Needs train_top_layers=0, scan_layers=False.
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -148,9 +150,9 @@ class TrainConfig:
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     alpha: float = 0.01             # L = (L_cl + alpha L_gen) / (1 + alpha)
-    # The temperature's step is the learning rate times this (Adam steps are ~lr, so at lr 1e-4 tau moves
+    # The logit scale's step is the learning rate times this (Adam steps are ~lr, so at lr 1e-4 it moves
     # ~0.01 in 100 steps; CLIP-style runs let it move faster).
-    tau_lr_multiplier: float = 1.0
+    logit_scale_lr_multiplier: float = 1.0
     # Ablations: "notellm" (GCL + CSFT), "gcl_only" (= PromptEOL+CSE), "csft_only".
     objective: str = "notellm"
     seed: int = 0
@@ -172,7 +174,7 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
-    # The main job (notellm_jax.pipeline): variants to train (train.objective values) and baselines to embed.
+    # The main job (notellm_jax.job): variants to train (train.objective values) and baselines to embed.
     train_variants: list[str] = dataclasses.field(default_factory=lambda: ["notellm", "gcl_only", "csft_only"])
     baselines: list[str] = dataclasses.field(
         default_factory=lambda: ["llm_last_token", "prompteol", "sbert_zeroshot", "sbert_finetuned"])
@@ -190,7 +192,7 @@ class EvalConfig:
     # Sequences are padded to the smallest of this many evenly spaced lengths up to prompt.max_length
     # (one compile per length; short notes do not pay for the longest).
     embed_length_buckets: int = 4
-    # SentenceBERT baselines (notellm_jax.baselines): token cap, and the fine-tune kept CPU-sized
+    # SentenceBERT baselines (eval.baselines): token cap, and the fine-tune kept CPU-sized
     # (ENVIRONMENT.md: ~17.8 s per 32 x 256-token step here). Seeded by train.seed.
     sbert_max_tokens: int = 128
     # Fine-tune on equal terms with the NoteLLM recipe: 0 = train.epochs x training pairs / batch steps
@@ -251,36 +253,36 @@ def _parse_value(text: str, annotation: Any) -> Any:
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"expected a boolean, got {text!r}")
+        raise ConfigError(f"expected a boolean, got {text!r}")
     if annotation in (int, float, str):
         return annotation(text)
     if origin in (list, dict):
         value = json.loads(text)
         if not isinstance(value, origin):
-            raise ValueError(f"expected a JSON {origin.__name__}, got {text!r}")
+            raise ConfigError(f"expected a JSON {origin.__name__}, got {text!r}")
         return value
-    raise ValueError(f"cannot parse a value of type {annotation!r}")
+    raise ConfigError(f"cannot parse a value of type {annotation!r}")
 
 
 def apply_override(config: Config, assignment: str) -> None:
     """Apply one `section.field=value` override in place; unknown names are errors."""
     if "=" not in assignment:
-        raise ValueError(f"override {assignment!r} is not of the form section.field=value")
+        raise ConfigError(f"override {assignment!r} is not of the form section.field=value")
     dotted, text = assignment.split("=", 1)
     *parents, leaf = dotted.strip().split(".")
     target: Any = config
     for name in parents:
         if not dataclasses.is_dataclass(target) or not hasattr(target, name):
-            raise ValueError(f"override {dotted!r}: no config section {name!r}")
+            raise ConfigError(f"override {dotted!r}: no config section {name!r}")
         target = getattr(target, name)
     hints = typing.get_type_hints(type(target))
     if leaf not in hints or not dataclasses.is_dataclass(target):
         fields = ", ".join(sorted(hints))
-        raise ValueError(f"override {dotted!r}: no field {leaf!r} (fields: {fields})")
+        raise ConfigError(f"override {dotted!r}: no field {leaf!r} (fields: {fields})")
     try:
         setattr(target, leaf, _parse_value(text, hints[leaf]))
-    except ValueError as e:
-        raise ValueError(f"override {dotted!r}: {e}") from None
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ConfigError(f"override {dotted!r}: {e}") from None
 
 
 def override(config: Config, updates: dict[str, Any]) -> Config:
@@ -294,10 +296,10 @@ def override(config: Config, updates: dict[str, Any]) -> Config:
         target: Any = new
         for name in parents:
             if not dataclasses.is_dataclass(target) or not hasattr(target, name):
-                raise ValueError(f"override {dotted!r}: no config section {name!r}")
+                raise ConfigError(f"override {dotted!r}: no config section {name!r}")
             target = getattr(target, name)
         if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
-            raise ValueError(f"override {dotted!r}: no field {leaf!r}")
+            raise ConfigError(f"override {dotted!r}: no field {leaf!r}")
         setattr(target, leaf, value)
     return new
 
@@ -306,16 +308,16 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     """Load `path/to/config.py[:arg]` (its `get_config(arg)`), then apply overrides."""
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}")
     module_spec = importlib.util.spec_from_file_location(f"notellm_config_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     assert module_spec.loader is not None
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} defines no get_config()")
+        raise ConfigError(f"config file {path} defines no get_config()")
     config = module.get_config(arg) if arg else module.get_config()
     if not isinstance(config, Config):
-        raise TypeError(f"{path}: get_config() returned {type(config).__name__}, not Config")
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not Config")
     for assignment in overrides:
         apply_override(config, assignment)
     return config

@@ -25,7 +25,7 @@ OBJECTIVES = ("notellm", "gcl_only", "csft_only")
 class NoteLLM(nn.Module):
     llama: LlamaConfig
     emb_dim: int = 128
-    tau_init: float = 3.0
+    log_logit_scale_init: float = 3.0
 
     def setup(self):
         self.decoder = Llama(self.llama)
@@ -39,45 +39,30 @@ class NoteLLM(nn.Module):
     def __call__(self, batch: dict[str, jax.Array], *, first_layer: int = 0, last_layer: int | None = None,
                  with_logits: bool = True) -> dict[str, jax.Array]:
         """batch: input_ids [N, T] (or hidden_in [N, T, H] = output of frozen layers [0, first_layer)),
-        attention_mask [N, T], emb_index [N], and for generation target_positions [N, M]."""
+        attention_mask [N, T], embed_read_pos [N], and for generation target_positions [N, M]."""
         if "hidden_in" in batch:
             hidden = self.decoder(None, batch["attention_mask"], inputs_embeds=batch["hidden_in"],
                                   first_layer=first_layer, last_layer=last_layer)
         else:
             hidden = self.decoder(batch["input_ids"], batch["attention_mask"], first_layer=first_layer,
                                   last_layer=last_layer)
-        tau = self.param("tau", nn.with_logical_partitioning(nn.initializers.constant(self.tau_init), ()),
+        tau = self.param("log_logit_scale", nn.with_logical_partitioning(nn.initializers.constant(self.log_logit_scale_init), ()),
                          (), jnp.float32)
-        out = {"embedding": self.embed_hidden(hidden, batch["emb_index"]), "tau": tau}
+        out = {"embedding": self.embed_hidden(hidden, batch["embed_read_pos"]), "log_logit_scale": tau}
         if with_logits:
             gathered = jnp.take_along_axis(hidden, batch["target_positions"][..., None], axis=1)  # [N, M, H]
             out["gen_logits"] = self.decoder.logits(gathered).astype(jnp.float32)
         return out
 
-    def embed_hidden(self, hidden: jax.Array, emb_index: jax.Array) -> jax.Array:
-        """[N, T, H] final hidden states -> [N, emb_dim] unit vectors taken at `emb_index`."""
-        h = jnp.take_along_axis(hidden, emb_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    def embed_hidden(self, hidden: jax.Array, embed_read_pos: jax.Array) -> jax.Array:
+        """[N, T, H] final hidden states -> [N, emb_dim] unit vectors taken at `embed_read_pos`."""
+        h = jnp.take_along_axis(hidden, embed_read_pos[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         z = self.proj(h.astype(jnp.float32))
         return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-12))
 
     def bottom(self, input_ids: jax.Array, attention_mask: jax.Array, num_layers: int) -> jax.Array:
         """Hidden states after the first `num_layers` decoder layers (no final norm): frozen-layer features."""
         return self.decoder(input_ids, attention_mask, last_layer=num_layers, final_norm=False)
-
-
-def untie_head(decoder: dict, cfg: LlamaConfig) -> tuple[dict, LlamaConfig]:
-    """A tied model made untied: `lm_head/kernel` = a copy of the embedding table's rows (same logits).
-
-    Used under partial training (train_top_layers, LoRA), where the embedding table is frozen: tied, the
-    head would be frozen with it and CSFT could not learn. A trainable untied copy is chosen over training
-    the tied rows with the input side held fixed because the frozen bottom's features (and their cache)
-    depend on the input table: they stay valid only if that table never moves, which needs two copies
-    anyway. Exports then carry an untied head (tie_word_embeddings false), which HF loads as is.
-    """
-    if not cfg.tie_word_embeddings:
-        return decoder, cfg
-    table = decoder["embed_tokens"]["embedding"]
-    return {**decoder, "lm_head": {"kernel": np.array(np.asarray(table).T)}}, cfg.replace(tie_word_embeddings=False)
 
 
 def check_pairs(pair_id, note_id=None) -> None:
@@ -145,8 +130,8 @@ def combine_losses(l_cl: jax.Array, l_gen: jax.Array, alpha: float, objective: s
 
 def notellm_losses(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], alpha: float,
                    objective: str) -> dict[str, Any]:
-    l_cl, accuracy = contrastive_loss(outputs["embedding"], batch["pair_id"], outputs["tau"],
+    l_cl, accuracy = contrastive_loss(outputs["embedding"], batch["pair_id"], outputs["log_logit_scale"],
                                       batch.get("note_index"))
     l_gen = generation_loss(outputs["gen_logits"], batch["target_ids"], batch["target_mask"])
     return {"loss": combine_losses(l_cl, l_gen, alpha, objective), "loss_cl": l_cl, "loss_gen": l_gen,
-            "accuracy": accuracy, "tau": outputs["tau"]}
+            "accuracy": accuracy, "log_logit_scale": outputs["log_logit_scale"]}

@@ -1,21 +1,20 @@
 """The accelerator recipe as one prepared command: train on a host without TensorFlow or gguf, return the
 test-note embeddings, score them here with the recall harness.
 
-Here (after `notellm_jax.data.prepare`):
-    python -m notellm_jax.tools.device_recipe pack --config configs/smollm2_se.py:gpu --bundle device_bundle
+Here (after `notellm prepare --config configs/smollm2_se.py:gpu`):
+    notellm device pack --config configs/smollm2_se.py:gpu --bundle device_bundle
 writes device_bundle/data (shards/meta.json, shards/tokens.npz, split.json: the tokenised pairs and notes,
 numpy-readable) and device_bundle/weights (the GGUF's raw blocks in parts of at most 60 MiB + manifest;
-`packed_weights.py`). Copy the parts over in as many transfers as the link needs, then there:
+`weights/packed.py`). Copy the parts over in as many transfers as the link needs, then there:
     python -m notellm_jax.tools.device_recipe run --config configs/smollm2_se.py:gpu --bundle device_bundle \
         --out OUT
 which dequantises the weights with numpy, trains with `data.train_input=numpy`, embeds the test notes
 from tokens.npz (the category prompt up to [EMB], as `embed.py` builds it) and writes OUT/embeddings/notellm
 plus OUT/summary.json (wall times, last metrics). Back here:
-    python -m notellm_jax.eval_recall --config configs/smollm2_se.py:gpu --embeddings OUT/embeddings/notellm
+    notellm recall --config configs/smollm2_se.py:gpu --embeddings OUT/embeddings/notellm
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -24,19 +23,21 @@ from pathlib import Path
 
 import numpy as np
 
-from notellm_jax.config import Config, add_config_args, config_from_args, override
+from notellm_jax.config import Config, override
+from notellm_jax.data import store
+from notellm_jax.errors import MissingInputError
 
 BUNDLE_DATA = ("shards/meta.json", "shards/tokens.npz", "split.json")
 
 
 def pack(config: Config, bundle: Path) -> dict:
     """Copy the numpy-readable prepared data and pack the weights (a GGUF) into `bundle`."""
-    from notellm_jax.packed_weights import pack_gguf
+    from notellm_jax.weights.packed import pack_gguf
 
     for name in BUNDLE_DATA:
         source = config.data_dir / name
         if not source.is_file():
-            raise FileNotFoundError(f"{source} not found: run notellm_jax.data.prepare for this config first")
+            raise MissingInputError(f"{source} not found: run notellm_jax.data.prepare for this config first")
         (bundle / "data" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, bundle / "data" / name)
     checkpoint = config.resolve(config.model.checkpoint)
@@ -50,7 +51,7 @@ def device_config(config: Config, bundle: Path, work_dir: Path) -> Config:
     """The run's config on the device: the bundle's data (numpy input) and weights (HF folder made there)."""
     updates = {"paths.data_dir": str(bundle / "data"), "paths.work_dir": str(work_dir), "data.train_input": "numpy"}
     if (bundle / "weights" / "manifest.json").is_file():
-        from notellm_jax.packed_weights import packed_to_hf
+        from notellm_jax.weights.packed import packed_to_hf
         hf = bundle / "hf"
         if not (hf / "config.json").is_file():
             packed_to_hf(bundle / "weights", hf)
@@ -60,14 +61,12 @@ def device_config(config: Config, bundle: Path, work_dir: Path) -> Config:
 
 def test_note_tokens(data_dir: Path) -> tuple[list[str], list[list[int]], Counter]:
     """(ids, category prompts up to [EMB]) of the test notes, from tokens.npz; notes without one are counted."""
-    from notellm_jax.embed import load_test_note_ids
-
     with np.load(data_dir / "shards" / "tokens.npz") as data:
         note_ids, offsets = data["note_id"], data["cat_offsets"]
         ids, emb = data["cat_ids"], data["cat_emb"]
     index_of = {str(n): i for i, n in enumerate(note_ids)}
     kept, tokens, skipped = [], [], Counter()
-    for note in load_test_note_ids(data_dir):
+    for note in store.split_note_ids(data_dir, "test"):
         i = index_of.get(note)
         if i is None or emb[i] < 0:
             skipped["not_encodable" if i is not None else "unknown_note"] += 1
@@ -79,14 +78,15 @@ def test_note_tokens(data_dir: Path) -> tuple[list[str], list[list[int]], Counte
 
 def embed_test_notes(config: Config, export_dir: Path, out_dir: Path) -> Path:
     from notellm_jax import sharding as shd
-    from notellm_jax.data.pipeline import read_meta
+    from notellm_jax.data.input_pipeline import read_meta
     from notellm_jax.data.prompts import Note
-    from notellm_jax.embed import CHUNK_BATCHES, bucket_lengths, notellm_embedder, token_chunk_embedder, write_embeddings
-    from notellm_jax.model.export import load_notellm
+    from notellm_jax.eval.embed import (CHUNK_BATCHES, bucket_lengths, notellm_embedder, token_chunk_embedder,
+                                        write_embeddings)
+    from notellm_jax.weights.export import load_notellm
 
     export = load_notellm(export_dir)
     meta = read_meta(config, config.data_dir)
-    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = shd.mesh_from_config(config.mesh)
     buckets = bucket_lengths(export.prompt.max_length, config.eval.embed_length_buckets)
     batch = config.eval.embed_batch_size
     embedder, _ = notellm_embedder(export, mesh, batch, buckets, meta["pad_id"], config.prompt.padding_side,
@@ -101,7 +101,7 @@ def embed_test_notes(config: Config, export_dir: Path, out_dir: Path) -> Path:
                             config.eval.embed_shard_size, batch * CHUNK_BATCHES, info)
 
 
-def run(config: Config, bundle: Path, out: Path) -> dict:
+def run_recipe(config: Config, bundle: Path, out: Path) -> dict:
     """Train + embed on this host; returns (and writes to out/summary.json) the wall times and metrics."""
     import jax
 
@@ -123,25 +123,20 @@ def run(config: Config, bundle: Path, out: Path) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("action", choices=("pack", "run"))
-    add_config_args(parser)
-    parser.add_argument("--bundle", required=True, type=Path, help="the folder that travels to the device")
-    parser.add_argument("--out", type=Path, help="run: where embeddings/ and summary.json go")
-    args = parser.parse_args(argv)
-    import notellm_jax
-    notellm_jax.configure_logging()
-    config = config_from_args(args)
+def run(args, config: Config) -> dict:
+    """`notellm device pack|run`."""
     if args.action == "pack":
-        result = pack(config, args.bundle)
+        result = pack(config, Path(args.bundle))
+    elif args.out is None:
+        raise MissingInputError("notellm device run needs --out (where the embeddings and summary go)")
     else:
-        if args.out is None:
-            parser.error("run needs --out")
-        result = run(config, args.bundle, args.out)
+        result = run_recipe(config, Path(args.bundle), Path(args.out))
     print(json.dumps(result, indent=2, default=str))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from notellm_jax.main import main
+    main(["device", *sys.argv[1:]])

@@ -1,9 +1,9 @@
-"""Hyper-parameter sweep on VALIDATION pairs only: `python -m notellm_jax.tools.sweep --config C --grid G.json
---out DIR [--steps N] [--mode one_at_a_time|product] [--set section.field=value ...]`.
+"""Hyper-parameter sweep on VALIDATION pairs only: `notellm sweep --config C --grid G.json --out DIR
+[--steps N] [--mode one_at_a_time|product] [--set section.field=value ...]` (= python -m notellm_jax.tools.sweep).
 
 G.json maps config fields to candidate values, e.g. {"train.learning_rate": [3e-5, 1e-4, 3e-4],
 "model.train_top_layers": [2, 4], "model.lora_rank": [8], "train.batch_pairs": [16, 32],
-"model.tau_init": [3.0, 2.3], "train.tau_lr_multiplier": [1, 100], "train.alpha": [0.01, 0.1],
+"model.log_logit_scale_init": [3.0, 2.3], "train.logit_scale_lr_multiplier": [1, 100], "train.alpha": [0.01, 0.1],
 "prompt.hashtag_fraction": [0.4], "prompt.content_max_tokens": [48, 96]}. "one_at_a_time" (default) varies
 one field at a time around the base config; "product" runs every combination. Each setting trains
 `--steps` steps and is scored by the trainer's validation pass (train.eval_batches batches of the val
@@ -17,7 +17,6 @@ DIR/sweep.json and DIR/sweep.md, ranked by validation contrastive loss.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import shutil
@@ -25,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from notellm_jax.config import Config, add_config_args, config_from_args, override
+from notellm_jax.config import Config, override
 
 SCORE = "val_loss_cl"  # lower is better; also reported: val_accuracy, val_loss_gen, val_loss
-COLUMNS = ("val_loss_cl", "val_accuracy", "val_loss_gen", "val_loss", "loss", "tau", "seconds")
+COLUMNS = ("val_loss_cl", "val_accuracy", "val_loss_gen", "val_loss", "loss", "log_logit_scale", "seconds")
 
 
 def settings(grid: dict[str, list], mode: str) -> list[dict[str, Any]]:
@@ -54,9 +53,10 @@ def _typed(config: Config, updates: dict[str, Any]) -> Config:
 
 def data_dir_for(config: Config, base: Config, out: Path) -> Path:
     """The base data folder if the setting tokenises prompts the same way, else its own shards."""
-    from notellm_jax.data.pipeline import prompt_hash, write_shards
+    from notellm_jax.data.input_pipeline import prompt_hash, write_shards
+    from notellm_jax.weights.tokenizer import tokenizer_source
 
-    tokenizer = str(config.resolve(config.model.tokenizer or config.model.checkpoint))
+    tokenizer = tokenizer_source(config)
     digest = prompt_hash(config, tokenizer)
     if digest == prompt_hash(base, tokenizer):
         return base.data_dir
@@ -111,21 +111,16 @@ def sweep(base: Config, grid: dict[str, list], out: Path, steps: int, mode: str 
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_args(parser)
-    parser.add_argument("--grid", required=True, type=Path, help="JSON: {section.field: [values, ...]}")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--steps", type=int, default=64, help="training steps per setting")
-    parser.add_argument("--mode", default="one_at_a_time", choices=("one_at_a_time", "product"))
-    args = parser.parse_args(argv)
-    import notellm_jax
-    notellm_jax.configure_logging()
-    grid = json.loads(args.grid.read_text())
-    rows = sweep(config_from_args(args), grid, args.out, args.steps, args.mode)
-    print((args.out / "sweep.md").read_text())
+def run(args, config: Config) -> list[dict]:
+    """`notellm sweep`."""
+    out = Path(args.out)
+    rows = sweep(config, json.loads(Path(args.grid).read_text()), out, args.steps, args.mode)
+    print((out / "sweep.md").read_text())
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from notellm_jax.main import main
+    main(["sweep", *sys.argv[1:]])

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from notellm_jax.config import Config
-from notellm_jax.data.pipeline import (TOKEN_ARRAYS, _assemble, _token_batch, make_numpy_train_dataset,
+from notellm_jax.data.input_pipeline import (TOKEN_ARRAYS, _assemble, _token_batch, make_numpy_train_dataset,
                                        make_train_dataset, read_meta, steps_per_epoch, write_shards)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,7 +72,7 @@ def test_numpy_input_imports_no_tensorflow(prepared):
     config, data_dir = prepared
     code = (f"import sys; sys.modules['tensorflow'] = None\n"
             f"from notellm_jax.config import Config\n"
-            f"from notellm_jax.data.pipeline import make_numpy_train_dataset\n"
+            f"from notellm_jax.data.input_pipeline import make_numpy_train_dataset\n"
             f"c = Config(); c.model.tokenizer = {config.model.tokenizer!r}\n"
             f"c.prompt.layout, c.prompt.max_length, c.prompt.max_targets = 'reference', 128, 16\n"
             f"c.train.batch_pairs = 4\n"

@@ -49,8 +49,9 @@ def test_sweep_scores_two_settings_on_validation_pairs(prepared, tmp_path):
 
 @pytest.mark.slow
 def test_device_recipe_runs_without_tensorflow_and_its_embeddings_score_here(prepared, tmp_path):
-    from notellm_jax.embed import load_test_note_ids, read_embeddings
-    from notellm_jax.eval_recall import evaluate_embeddings
+    from notellm_jax.data.store import split_note_ids
+    from notellm_jax.eval.embeddings import read_embeddings
+    from notellm_jax.eval.recall import evaluate_embeddings
     from notellm_jax.tools.device_recipe import pack
 
     config = tiny(prepared)
@@ -58,8 +59,8 @@ def test_device_recipe_runs_without_tensorflow_and_its_embeddings_score_here(pre
     packed = pack(config, bundle)
     assert set(packed["files"]) == {"data/shards/meta.json", "data/shards/tokens.npz", "data/split.json"}
     code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['gguf'] = None\n"
-            "from notellm_jax.tools.device_recipe import main\n"
-            f"main(['run', '--config', {TINY!r}, '--bundle', {str(bundle)!r}, '--out', {str(tmp_path / 'out')!r},"
+            "from notellm_jax.main import main\n"
+            f"main(['device', 'run', '--config', {TINY!r}, '--bundle', {str(bundle)!r}, '--out', {str(tmp_path / 'out')!r},"
             f" '--set', 'paths.shared_dir={config.paths.shared_dir}', '--set', 'train.max_steps=3',"
             " '--set', 'train.eval_batches=1'])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
@@ -67,7 +68,8 @@ def test_device_recipe_runs_without_tensorflow_and_its_embeddings_score_here(pre
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["last_metrics"]["loss_cl"] > 0 and summary["seconds"]["train"] > 0
     ids, vectors = read_embeddings(tmp_path / "out" / "embeddings" / "notellm")
-    assert set(ids) <= set(load_test_note_ids(config.data_dir)) and len(ids) > 0.9 * len(load_test_note_ids(config.data_dir))
+    test_ids = split_note_ids(config.data_dir, "test")
+    assert set(ids) <= set(test_ids) and len(ids) > 0.9 * len(test_ids)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     metrics = evaluate_embeddings(config, tmp_path / "out" / "embeddings" / "notellm")
     assert metrics["cooccurrence"]["pairs_kept"] > 0
@@ -75,8 +77,8 @@ def test_device_recipe_runs_without_tensorflow_and_its_embeddings_score_here(pre
 
 @pytest.mark.slow
 def test_packed_gguf_reads_back_with_numpy_as_the_gguf_reader_does(smollm2_gguf, tmp_path):
-    from notellm_jax.checkpoints import read_gguf
-    from notellm_jax.packed_weights import pack_gguf, read_packed
+    from notellm_jax.weights.formats import read_gguf
+    from notellm_jax.weights.packed import pack_gguf, read_packed
 
     folder = pack_gguf(smollm2_gguf, tmp_path / "packed", part_bytes=40 * 2**20)
     parts = sorted(folder.glob("part-*.bin"))

@@ -16,8 +16,9 @@ import pytest
 import notellm_jax  # noqa: F401
 from notellm_jax.config import load_config, override
 from notellm_jax.sharding import make_mesh
-from notellm_jax.train import (create_state, load_initial_params, loss_and_grads, make_state_spec,
-                               synthetic_batches, to_global_batch, train_step)
+from notellm_jax.data.input_pipeline import synthetic_batches
+from notellm_jax.train.step import create_state, loss_and_grads, make_train_setup, to_global_batch, train_step
+from notellm_jax.weights.loading import load_initial_params
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py") + ":random"
 OVERRIDES = ["train.synthetic_data=true", "prompt.max_length=16", "prompt.max_targets=4", "train.batch_pairs=8",
@@ -26,7 +27,7 @@ OVERRIDES = ["train.synthetic_data=true", "prompt.max_length=16", "prompt.max_ta
 
 def _setup(config, mesh_shape):
     params, llama_cfg = load_initial_params(config, None)
-    spec = make_state_spec(config, llama_cfg, make_mesh(*mesh_shape), config.train.max_steps)
+    spec = make_train_setup(config, llama_cfg, make_mesh(*mesh_shape), config.train.max_steps)
     local = next(synthetic_batches(config, llama_cfg, 0))
     b = config.train.batch_pairs
     local["note_index"][b] = local["note_index"][1]  # pair 0's second note is also pair 1's first note
@@ -40,8 +41,8 @@ def _run(config, mesh_shape):
 
     @jax.jit
     def grads_and_step(state, batch):
-        metrics, grads = loss_and_grads(state, batch, spec=spec, config=config)
-        return metrics, grads, train_step(state, batch, spec=spec, config=config)[0].params
+        metrics, grads = loss_and_grads(state, batch, setup=spec)
+        return metrics, grads, train_step(state, batch, setup=spec)[0].params
 
     before = jax.device_get(state.params)
     metrics, grads, after = jax.device_get(grads_and_step(state, to_global_batch(spec, local)))
@@ -86,4 +87,4 @@ def test_grad_cache_chunk_must_divide_the_batch():
     params, spec, local = _setup(config, (1, 8, 1))
     state = create_state(spec, params)
     with pytest.raises(ValueError, match="grad_cache_chunk=5 must divide the 16 notes"):
-        jax.jit(partial(loss_and_grads, spec=spec, config=config))(state, to_global_batch(spec, local))
+        jax.jit(partial(loss_and_grads, setup=spec))(state, to_global_batch(spec, local))

@@ -16,12 +16,14 @@ import pytest
 
 import notellm_jax  # noqa: F401
 from notellm_jax.config import load_config, override
-from notellm_jax.model.export import save_hf_decoder
+from notellm_jax.data.input_pipeline import synthetic_batches
 from notellm_jax.model.llama import Llama
 from notellm_jax.model.lora import lora_applied, lora_scale
 from notellm_jax.sharding import make_mesh
-from notellm_jax.train import (apply_model, compile_steps, create_state, exportable_params, load_initial_params,
-                               loss_and_grads, make_state_spec, synthetic_batches, to_global_batch)
+from notellm_jax.train.step import (apply_model, compile_steps, create_state, exportable_params, loss_and_grads,
+                                    make_train_setup, to_global_batch)
+from notellm_jax.weights.export import save_hf_decoder
+from notellm_jax.weights.loading import load_initial_params
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py") + ":random"
 OVERRIDES = ["train.synthetic_data=true", "prompt.max_length=16", "prompt.max_targets=4", "train.batch_pairs=4",
@@ -32,11 +34,11 @@ def _trained(extra: dict):
     """(config, spec, initial params, state after one step, grads of that step)."""
     config = override(load_config(TINY, OVERRIDES), extra)
     params, llama_cfg = load_initial_params(config, None)
-    spec = make_state_spec(config, llama_cfg, make_mesh(1, 2, 1, devices=jax.devices()[:2]), 2)
+    spec = make_train_setup(config, llama_cfg, make_mesh(1, 2, 1, devices=jax.devices()[:2]), 2)
     batch = to_global_batch(spec, next(synthetic_batches(config, llama_cfg, 0)))
     state = create_state(spec, params)
-    _, grads = jax.jit(partial(loss_and_grads, spec=spec, config=config))(state, batch)
-    step_fn, _ = compile_steps(spec, config)
+    _, grads = jax.jit(partial(loss_and_grads, setup=spec))(state, batch)
+    step_fn, _ = compile_steps(spec)
     state, _ = step_fn(state, batch)
     return config, spec, llama_cfg, params, state, jax.device_get(grads)
 
@@ -88,8 +90,8 @@ def test_untie_head_false_keeps_the_tied_frozen_head():
 
 
 def test_untied_head_export_matches_hf_torch_logits(top_layers_run, tmp_path):
-    config, _, llama_cfg, _, state, _ = top_layers_run
-    params = jax.device_get(exportable_params(config, state))
+    _, spec, llama_cfg, _, state, _ = top_layers_run
+    params = jax.device_get(exportable_params(spec, state))
     torch_logits, hf_config = _torch_logits(save_hf_decoder(params, llama_cfg, tmp_path / "hf"), IDS)
     assert hf_config["tie_word_embeddings"] is False
     np.testing.assert_allclose(torch_logits, _jax_logits(llama_cfg, params["decoder"], IDS), rtol=1e-5, atol=1e-5)
@@ -100,10 +102,10 @@ def lora_run():
     return _trained({"model.lora_rank": 4, "model.lora_alpha": 8.0})
 
 
-def test_lora_trains_adapters_head_projection_and_tau_only(lora_run):
+def test_lora_trains_adapters_head_projection_and_logit_scale_only(lora_run):
     _, _, _, params, state, grads = lora_run
     trained_decoder = set(state.params["decoder"])
-    assert trained_decoder == {"lm_head"} and set(state.params) == {"decoder", "lora", "proj", "tau"}
+    assert trained_decoder == {"lm_head"} and set(state.params) == {"decoder", "lora", "proj", "log_logit_scale"}
     assert set(state.frozen["decoder"]) >= {"embed_tokens", "norm", "layers_0", "layers_4"}
     adapter = state.params["lora"]["layers_2"]["attn"]["q_proj"]
     assert adapter["a"].shape == (64, 4) and adapter["b"].shape == (4, 8, 8)
@@ -116,7 +118,7 @@ def test_lora_trains_adapters_head_projection_and_tau_only(lora_run):
 def test_lora_merged_export_equals_unmerged_model(lora_run, tmp_path):
     """Adapters with a non-zero B (after a step at lr 1e-2): merged weights == x W + s (x A) B, fp32 1e-5."""
     config, spec, llama_cfg, _, state, _ = lora_run
-    merged = jax.device_get(exportable_params(config, state))
+    merged = jax.device_get(exportable_params(spec, state))
     assert "lora" not in merged
     unmerged = jax.device_get({**state.params, "decoder": {**state.frozen["decoder"], **state.params["decoder"]}})
     scale = lora_scale(4, 8.0)
@@ -127,9 +129,9 @@ def test_lora_merged_export_equals_unmerged_model(lora_run, tmp_path):
     np.testing.assert_allclose(torch_logits, want, rtol=1e-5, atol=1e-5)
     # NoteLLM heads too: the embedding and generation logits of the unmerged training model.
     batch = {"input_ids": jnp.asarray(IDS), "attention_mask": jnp.ones(IDS.shape, jnp.int32),
-             "emb_index": jnp.asarray([5, 9]), "target_positions": jnp.asarray([[6, 7], [9, 10]])}
+             "embed_read_pos": jnp.asarray([5, 9]), "target_positions": jnp.asarray([[6, 7], [9, 10]])}
     got = jax.jit(lambda p: spec.model.apply({"params": p}, batch))(merged)
-    ref = jax.jit(lambda p: apply_model(spec, p, batch, 0))(unmerged)
+    ref = jax.jit(lambda p: apply_model(spec, p, batch))(unmerged)
     for key in ("embedding", "gen_logits"):
         np.testing.assert_allclose(np.asarray(got[key]), np.asarray(ref[key]), rtol=1e-5, atol=1e-5)
 
@@ -138,4 +140,4 @@ def test_lora_and_train_top_layers_are_exclusive():
     config = override(load_config(TINY, OVERRIDES), {"model.train_top_layers": 2, "model.lora_rank": 4})
     params, llama_cfg = load_initial_params(config, None)
     with pytest.raises(ValueError, match="alternatives"):
-        make_state_spec(config, llama_cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]), 2)
+        make_train_setup(config, llama_cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]), 2)

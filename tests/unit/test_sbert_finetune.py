@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import notellm_jax  # noqa: F401
-from notellm_jax.baselines import SBERT_SCALE, duplicate_aware_infonce, finetune_schedule, pair_batches
+from notellm_jax.eval.baselines import SBERT_SCALE, duplicate_aware_infonce, finetune_schedule, pair_batches
 from notellm_jax.config import load_config, override
 from notellm_jax.model.notellm import contrastive_loss
 

@@ -1,0 +1,74 @@
+"""The trained NoteLLM as one folder: orbax params + `notellm.json` (model shape, head sizes, prompt, tokenizer).
+
+This is what the embedding, evaluation, generation and serving tools load; it carries everything needed
+to rebuild the prompt and the model without the training config. The tokenizer is recorded as its
+configured source (relative to the config's roots), so a copied export works wherever the same shared
+files are configured (`weights.tokenizer.resolve_tokenizer(config, export.tokenizer)`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from notellm_jax.config import Config, PromptConfig
+from notellm_jax.model.llama import LlamaConfig
+from notellm_jax.errors import MissingInputError
+
+FORMAT = "notellm_jax.export/2"
+
+
+@dataclasses.dataclass
+class NoteLLMExport:
+    params: dict
+    llama: LlamaConfig
+    emb_dim: int
+    prompt: PromptConfig
+    tokenizer: str   # the tokenizer source, resolved with `resolve_tokenizer(config, tokenizer)`
+    meta: dict[str, Any]
+
+
+def save_notellm(out_dir: Path, params: dict, llama_cfg: LlamaConfig, config: Config) -> Path:
+    from notellm_jax.weights.tokenizer import tokenizer_source
+    import orbax.checkpoint as ocp
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out_dir / "params", host, force=True)
+    meta = {"format": FORMAT, "llama": dataclasses.asdict(llama_cfg), "emb_dim": config.model.emb_dim,
+            "prompt": dataclasses.asdict(config.prompt), "tokenizer": tokenizer_source(config),
+            "objective": config.train.objective, "run": config.name, "checkpoint": config.model.checkpoint,
+            "train_top_layers": config.model.train_top_layers}
+    if jax.process_index() == 0:
+        (out_dir / "notellm.json").write_text(json.dumps(meta, indent=2))
+    return out_dir
+
+
+def load_notellm(path: str | Path) -> NoteLLMExport:
+    import orbax.checkpoint as ocp
+    path = Path(path).absolute()
+    meta_file = path / "notellm.json"
+    if not meta_file.is_file():
+        raise MissingInputError(f"{path} is not a NoteLLM export (no notellm.json); training writes one "
+                                f"under <work_dir>/export")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(path / "params")
+    llama_cfg = LlamaConfig(**meta["llama"])
+    return NoteLLMExport(params=params, llama=llama_cfg, emb_dim=meta["emb_dim"],
+                         prompt=PromptConfig(**meta["prompt"]), tokenizer=meta["tokenizer"], meta=meta)
+
+
+def save_hf_decoder(params: dict, llama_cfg: LlamaConfig, out_dir: Path) -> Path:
+    """The fine-tuned decoder of an export's `params` (LoRA already merged, [EMB] row included, an untied
+    head when one was trained) as a transformers LlamaForCausalLM folder."""
+    from notellm_jax.model.params import unstack_layers
+    from notellm_jax.weights.formats import save_hf
+    return save_hf(unstack_layers(params["decoder"]), llama_cfg.replace(scan_layers=False), out_dir)
