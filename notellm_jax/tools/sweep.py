@@ -4,8 +4,10 @@
 G.json maps config fields to candidate values, e.g. {"train.learning_rate": [3e-5, 1e-4, 3e-4],
 "model.train_top_layers": [2, 4], "model.lora_rank": [8], "train.batch_pairs": [16, 32],
 "model.log_logit_scale_init": [3.0, 2.3], "train.logit_scale_lr_multiplier": [1, 100], "train.alpha": [0.01, 0.1],
-"prompt.hashtag_fraction": [0.4], "prompt.content_max_tokens": [48, 96]}. "one_at_a_time" (default) varies
-one field at a time around the base config; "product" runs every combination. Each setting trains
+"prompt.hashtag_fraction": [0.4], "prompt.content_max_tokens": [48, 96]}, plus optionally "settings": a list
+of explicit override dicts (for changes that must go together, e.g. {"model.lora_rank": 8,
+"model.train_top_layers": 0}). "one_at_a_time" (default) varies one field at a time around the base config;
+"product" runs every combination. Each setting trains
 `--steps` steps and is scored by the trainer's validation pass (train.eval_batches batches of the val
 pairs: contrastive loss and in-batch accuracy, generation loss). Test pairs are never read.
 
@@ -31,13 +33,16 @@ COLUMNS = ("val_loss_cl", "val_accuracy", "val_loss_gen", "val_loss", "loss", "l
 
 
 def settings(grid: dict[str, list], mode: str) -> list[dict[str, Any]]:
-    """The override dicts to run: the base ({}) first, then one field at a time, or every combination."""
+    """The override dicts to run: the base ({}) first, then one field at a time, or every combination; then
+    the grid's explicit "settings"."""
+    explicit = list(grid.get("settings", []))
+    fields = {k: v for k, v in grid.items() if k != "settings"}
     if mode == "product":
-        keys = sorted(grid)
-        return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+        keys = sorted(fields)
+        return [dict(zip(keys, values)) for values in itertools.product(*(fields[k] for k in keys))] + explicit
     if mode != "one_at_a_time":
         raise ValueError(f"sweep mode {mode!r}: choose one_at_a_time or product")
-    return [{}] + [{key: value} for key in sorted(grid) for value in grid[key]]
+    return [{}] + [{key: value} for key in sorted(fields) for value in fields[key]] + explicit
 
 
 def _typed(config: Config, updates: dict[str, Any]) -> Config:

@@ -70,6 +70,7 @@ def top_layers_run():
     return _trained({"model.train_top_layers": 2})
 
 
+@pytest.mark.slow  # compiles a train step (about 30 s on an idle 2-core CPU)
 def test_tied_model_gets_an_untied_head_copy_that_trains_under_train_top_layers(top_layers_run):
     _, _, llama_cfg, params, state, grads = top_layers_run
     decoder = params["decoder"]
@@ -89,6 +90,7 @@ def test_untie_head_false_keeps_the_tied_frozen_head():
     assert llama_cfg.tie_word_embeddings and "lm_head" not in params["decoder"]
 
 
+@pytest.mark.slow  # compiles a train step (about 30 s on an idle 2-core CPU)
 def test_untied_head_export_matches_hf_torch_logits(top_layers_run, tmp_path):
     _, spec, llama_cfg, _, state, _ = top_layers_run
     params = jax.device_get(exportable_params(spec, state))
@@ -102,6 +104,7 @@ def lora_run():
     return _trained({"model.lora_rank": 4, "model.lora_alpha": 8.0})
 
 
+@pytest.mark.slow  # compiles a train step (about 30 s on an idle 2-core CPU)
 def test_lora_trains_adapters_head_projection_and_logit_scale_only(lora_run):
     _, _, _, params, state, grads = lora_run
     trained_decoder = set(state.params["decoder"])
@@ -115,6 +118,7 @@ def test_lora_trains_adapters_head_projection_and_logit_scale_only(lora_run):
                  {"decoder": {k: v for k, v in params["decoder"].items() if k != "lm_head"}})
 
 
+@pytest.mark.slow  # compiles a train step (about 30 s on an idle 2-core CPU)
 def test_lora_merged_export_equals_unmerged_model(lora_run, tmp_path):
     """Adapters with a non-zero B (after a step at lr 1e-2): merged weights == x W + s (x A) B, fp32 1e-5."""
     config, spec, llama_cfg, _, state, _ = lora_run
