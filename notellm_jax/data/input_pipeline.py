@@ -196,7 +196,8 @@ def _token_batch(tokens: dict, pairs: np.ndarray) -> dict:
     return out
 
 
-def make_numpy_train_dataset(config: Config, data_dir: Path, split: str = "train", start_step: int = 0) -> Iterator[dict]:
+def make_numpy_train_dataset(config: Config, data_dir: Path, split: str = "train",
+                             start_step: int = 0) -> Iterator[dict]:
     """`make_train_dataset` for one process without TensorFlow: each epoch a seeded permutation of the
     split's pairs (from `tokens.npz`) cut into `steps_per_epoch` batches; resumable from any step."""
     meta = read_meta(config, data_dir)

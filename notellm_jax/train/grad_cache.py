@@ -67,7 +67,8 @@ def grad_cache_loss_and_grads(apply: Callable[[Any, dict, bool], dict], params: 
             out = apply(p, rows, True)
             tokens = jnp.maximum(jnp.sum(rows["target_mask"].astype(jnp.float32)), 1.0)
             # This chunk's share of the batch-wide token mean (generation_loss is the chunk's own mean).
-            gen_share = generation_loss(out["gen_logits"], rows["target_ids"], rows["target_mask"]) * tokens / supervised
+            chunk_mean = generation_loss(out["gen_logits"], rows["target_ids"], rows["target_mask"])
+            gen_share = chunk_mean * tokens / supervised
             return w_cl * jnp.sum(out["embedding"] * d_rows) + w_gen * gen_share, gen_share
 
         grads, gen_share = jax.grad(surrogate, has_aux=True)(params)

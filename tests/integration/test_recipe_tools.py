@@ -60,7 +60,8 @@ def test_device_recipe_runs_without_tensorflow_and_its_embeddings_score_here(pre
     assert set(packed["files"]) == {"data/shards/meta.json", "data/shards/tokens.npz", "data/split.json"}
     code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['gguf'] = None\n"
             "from notellm_jax.main import main\n"
-            f"main(['device', 'run', '--config', {TINY!r}, '--bundle', {str(bundle)!r}, '--out', {str(tmp_path / 'out')!r},"
+            f"main(['device', 'run', '--config', {TINY!r}, '--bundle', {str(bundle)!r},"
+            f" '--out', {str(tmp_path / 'out')!r},"
             f" '--set', 'paths.shared_dir={config.paths.shared_dir}', '--set', 'train.max_steps=3',"
             " '--set', 'train.eval_batches=1'])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
