@@ -1,4 +1,4 @@
-"""Tokenised TFRecord shards and the tf.data pair pipeline (issue 3 part 6).
+"""Tokenised TFRecord shards and the tf.data pair pipeline.
 
 `write_shards` encodes every note once in both task variants (category; hashtag with j topics drawn
 once per note from a generator seeded by (data.seed, note_index)) and writes
@@ -401,9 +401,7 @@ def synthetic_batches(config: Config, llama_cfg: LlamaConfig, start_step: int, *
 def batches(config: Config, llama_cfg: LlamaConfig, split: str, start_step: int) -> Iterator[dict[str, np.ndarray]]:
     if config.train.synthetic_data:
         return synthetic_batches(config, llama_cfg, start_step)
-    if config.data.train_input == "numpy":
-        if jax.process_count() > 1:
-            raise ValueError("data.train_input='numpy' reads in one process; use 'tfrecord' for multi-host runs")
+    if config.data.train_input == "numpy":  # one process (Config.validate)
         return make_numpy_train_dataset(config, config.data_dir, split=split, start_step=start_step)
     return iter(make_train_dataset(config, config.data_dir, split=split,
                                             process_index=jax.process_index(),

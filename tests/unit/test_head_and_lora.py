@@ -16,6 +16,7 @@ import pytest
 
 import notellm_jax  # noqa: F401
 from notellm_jax.config import load_config, override
+from notellm_jax.errors import ConfigError
 from notellm_jax.data.input_pipeline import synthetic_batches
 from notellm_jax.model.llama import Llama
 from notellm_jax.model.lora import lora_applied, lora_scale
@@ -142,6 +143,5 @@ def test_lora_merged_export_equals_unmerged_model(lora_run, tmp_path):
 
 def test_lora_and_train_top_layers_are_exclusive():
     config = override(load_config(TINY, OVERRIDES), {"model.train_top_layers": 2, "model.lora_rank": 4})
-    params, llama_cfg = load_initial_params(config, None)
-    with pytest.raises(ValueError, match="alternatives"):
-        make_train_setup(config, llama_cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]), 2)
+    with pytest.raises(ConfigError, match="alternatives"):
+        config.validate(8, training=True)

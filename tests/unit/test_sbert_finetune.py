@@ -45,8 +45,8 @@ def test_duplicate_aware_infonce_equals_notellm_loss_and_gradient(pairs):
 def test_schedule_follows_the_notellm_recipe_unless_set():
     config = load_config(TINY)  # batch 8 pairs, 12 epochs
     assert finetune_schedule(config, 64) == (8, 96)
-    assert finetune_schedule(override(config, {"eval.sbert_finetune_steps": 5,
-                                               "eval.sbert_finetune_batch_pairs": 4}), 64) == (4, 5)
+    assert finetune_schedule(override(config, {"baselines.sbert_finetune_steps": 5,
+                                               "baselines.sbert_finetune_batch_pairs": 4}), 64) == (4, 5)
     with pytest.raises(ValueError, match="no batch of 8 pairs"):
         finetune_schedule(config, 7)
 
