@@ -35,7 +35,7 @@ def get_config(arg: str = "") -> Config:
                           learning_rate=1e-4, log_every=8, checkpoint_every=64),
         generation=GenerationConfig(limit=96, constrain_categories=True),
         # The NoteLLM recipe's steps (epochs x pairs / batch), within 5 minutes (~5 s per 16-pair step here).
-        baselines=BaselineConfig(sbert_finetune_seconds=300),
+        baselines=BaselineConfig(sbert_finetune_seconds=300.0),
     )
     if args.quick:
         config = override(config, {

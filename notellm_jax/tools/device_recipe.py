@@ -1,17 +1,17 @@
 """The accelerator recipe as one prepared command: train on a host without TensorFlow or gguf, return the
 test-note embeddings, score them here with the recall harness.
 
-Here (after `notellm prepare --config configs/smollm2_se.py:gpu`):
-    notellm device pack --config configs/smollm2_se.py:gpu --bundle device_bundle
+Here (after `notellm prepare --config configs/smollm2_se.py:full`):
+    notellm device pack --config configs/smollm2_se.py:full --bundle device_bundle
 writes device_bundle/data (shards/meta.json, shards/tokens.npz, split.json: the tokenised pairs and notes,
 numpy-readable) and device_bundle/weights (the GGUF's raw blocks in parts of at most 60 MiB + manifest;
 `weights/packed.py`). Copy the parts over in as many transfers as the link needs, then there:
-    python -m notellm_jax.tools.device_recipe run --config configs/smollm2_se.py:gpu --bundle device_bundle \
+    python -m notellm_jax.tools.device_recipe run --config configs/smollm2_se.py:full --bundle device_bundle \
         --out OUT
 which dequantises the weights with numpy, trains with `data.train_input=numpy`, embeds the test notes
 from tokens.npz (the category prompt up to [EMB], as `embed.py` builds it) and writes OUT/embeddings/notellm
 plus OUT/summary.json (wall times, last metrics). Back here:
-    notellm recall --config configs/smollm2_se.py:gpu --embeddings OUT/embeddings/notellm
+    notellm recall --config configs/smollm2_se.py:full --embeddings OUT/embeddings/notellm
 """
 from __future__ import annotations
 
