@@ -9,11 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from notellm_jax.config import Config
+from notellm_jax.config import Config, override
 from notellm_jax.data.input_pipeline import (TOKEN_ARRAYS, _assemble, _token_batch, make_numpy_train_dataset,
                                        make_train_dataset, read_meta, steps_per_epoch, write_shards)
 
 REPO = Path(__file__).resolve().parents[2]
+SETTINGS = {"prompt.layout": "reference", "prompt.max_length": 128, "prompt.max_targets": 16, "train.batch_pairs": 4,
+            "data.num_shards": 2}
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +29,7 @@ def prepared(tmp_path_factory, stories_dir):
     pairs = np.random.default_rng(0).integers(0, 12, size=(14, 2))
     pq.write_table(pa.Table.from_pylist([{"note_a": f"q{a}", "note_b": f"q{b}", "score": 1.0} for a, b in pairs]),
                    data_dir / "pairs_train.parquet")
-    config = Config()
-    config.model.tokenizer = str(stories_dir / "tok512.model")
-    config.prompt.layout, config.prompt.max_length, config.prompt.max_targets = "reference", 128, 16
-    config.train.batch_pairs, config.data.num_shards = 4, 2
+    config = override(Config(), SETTINGS | {"model.tokenizer": str(stories_dir / "tok512.model")})
     write_shards(config, data_dir)
     return config, data_dir
 
@@ -70,12 +69,11 @@ def test_numpy_epochs_cover_every_pair_once_and_resume(prepared):
 
 def test_numpy_input_imports_no_tensorflow(prepared):
     config, data_dir = prepared
+    settings = SETTINGS | {"model.tokenizer": config.model.tokenizer}
     code = (f"import sys; sys.modules['tensorflow'] = None\n"
-            f"from notellm_jax.config import Config\n"
+            f"from notellm_jax.config import Config, override\n"
             f"from notellm_jax.data.input_pipeline import make_numpy_train_dataset\n"
-            f"c = Config(); c.model.tokenizer = {config.model.tokenizer!r}\n"
-            f"c.prompt.layout, c.prompt.max_length, c.prompt.max_targets = 'reference', 128, 16\n"
-            f"c.train.batch_pairs = 4\n"
+            f"c = override(Config(), {settings!r})\n"
             f"batch = next(make_numpy_train_dataset(c, {str(data_dir)!r}))\n"
             f"print(batch['input_ids'].shape)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
