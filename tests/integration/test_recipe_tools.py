@@ -26,17 +26,17 @@ def prepared(tmp_path_factory, shared_dir) -> Path:
     return work
 
 
-def tiny(work: Path, **updates):
+def tiny(work: Path, shared_dir: Path):
     return override(load_config(TINY), {"paths.work_dir": str(work), "paths.data_dir": str(work / "data"),
-                                        "train.eval_batches": 1, **updates})
+                                        "paths.shared_dir": str(shared_dir), "train.eval_batches": 1})
 
 
 @pytest.mark.slow
-def test_sweep_scores_two_settings_on_validation_pairs(prepared, tmp_path):
+def test_sweep_scores_two_settings_on_validation_pairs(prepared, shared_dir, tmp_path):
     from notellm_jax.tools.sweep import sweep
 
     grid = {"train.learning_rate": [3e-3], "prompt.content_max_tokens": [24, 32]}  # 32 = the base's budget
-    rows = sweep(tiny(prepared), grid, tmp_path / "sweep", steps=2, mode="product")
+    rows = sweep(tiny(prepared, shared_dir), grid, tmp_path / "sweep", steps=2, mode="product")
     assert len(rows) == 2 and [r["val_loss_cl"] for r in rows] == sorted(r["val_loss_cl"] for r in rows)
     assert all(np.isfinite(r["val_loss_cl"]) and 0 <= r["val_accuracy"] <= 1 for r in rows)
     assert rows[0]["val_loss_cl"] != rows[1]["val_loss_cl"]  # the settings really differ
@@ -48,13 +48,13 @@ def test_sweep_scores_two_settings_on_validation_pairs(prepared, tmp_path):
 
 
 @pytest.mark.slow
-def test_device_recipe_runs_without_tensorflow_and_its_embeddings_score_here(prepared, tmp_path):
+def test_device_recipe_runs_without_tensorflow_and_its_embeddings_score_here(prepared, shared_dir, tmp_path):
     from notellm_jax.data.store import split_note_ids
     from notellm_jax.eval.embeddings import read_embeddings
     from notellm_jax.eval.recall import evaluate_embeddings
     from notellm_jax.tools.device_recipe import pack
 
-    config = tiny(prepared)
+    config = tiny(prepared, shared_dir)
     bundle = tmp_path / "bundle"
     packed = pack(config, bundle)
     assert set(packed["files"]) == {"data/shards/meta.json", "data/shards/tokens.npz", "data/split.json"}
