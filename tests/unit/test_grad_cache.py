@@ -21,8 +21,9 @@ from notellm_jax.train.step import create_state, loss_and_grads, make_train_setu
 from notellm_jax.weights.loading import load_initial_params
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py") + ":random"
-OVERRIDES = ["train.synthetic_data=true", "prompt.max_length=16", "prompt.max_targets=4", "train.batch_pairs=8",
-             "train.max_steps=2", "train.warmup_fraction=0", "train.learning_rate=3e-3"]
+OVERRIDES = ["train.synthetic_data=true", "prompt.max_length=16", "prompt.title_max_tokens=4",
+             "prompt.content_max_tokens=8", "prompt.max_targets=4", "train.batch_pairs=8", "train.max_steps=2",
+             "train.warmup_fraction=0", "train.learning_rate=3e-3"]
 
 
 def _setup(config, mesh_shape):

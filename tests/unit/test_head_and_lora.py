@@ -27,8 +27,9 @@ from notellm_jax.weights.export import save_hf_decoder
 from notellm_jax.weights.loading import load_initial_params
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py") + ":random"
-OVERRIDES = ["train.synthetic_data=true", "prompt.max_length=16", "prompt.max_targets=4", "train.batch_pairs=4",
-             "train.max_steps=2", "train.warmup_fraction=0", "train.learning_rate=1e-2"]
+OVERRIDES = ["train.synthetic_data=true", "prompt.max_length=16", "prompt.title_max_tokens=4",
+             "prompt.content_max_tokens=8", "prompt.max_targets=4", "train.batch_pairs=4", "train.max_steps=2",
+             "train.warmup_fraction=0", "train.learning_rate=1e-2"]
 
 
 def _trained(extra: dict):
