@@ -73,8 +73,10 @@ class DataConfig:
     num_shards: int = 4
     # Pair shuffle buffer per host (0 = the host's whole split, a full shuffle each epoch).
     shuffle_buffer: int = 0
-    # Training pairs from "shards" (shards/*.tfrecord) or "tfds" (the notellm_prepared/pairs TFDS
-    # dataset under <data_dir>/tfds, built by prepare's tfds stage; same records, same batches).
+    # Training pairs from "shards" (shards/*.tfrecord, tf.data, any host count), "tfds" (the
+    # notellm_prepared/pairs TFDS dataset under <data_dir>/tfds, built by prepare's tfds stage; same records,
+    # same batches) or "numpy" (shards/tokens.npz written beside the shards, read with numpy alone: hosts
+    # without TensorFlow or the gguf package; one process).
     train_input: str = "shards"
     # Engine of the cooccurrence and splits stages: "memory" (numpy, one machine) or "beam" (Apache
     # Beam, data/beam_prepare.py; same files and counts). Beam runner and its pipeline flags, e.g.
@@ -131,6 +133,15 @@ class ModelConfig:
     cache_frozen_features: bool = True
     # Keep that cache on disk beside the prepared data (shared by ablation runs and embedding).
     persist_feature_cache: bool = True
+    # Partial training (train_top_layers or LoRA) of a tied model: train an untied copy of the output rows
+    # (initialised from the tied table; the input table stays frozen). False: the head stays frozen.
+    untie_head: bool = True
+    # LoRA (model/lora.py) instead of freezing a bottom: rank > 0 freezes every base weight (embedding,
+    # layers, norms) and trains adapters on `lora_targets` in every layer, plus head, projection, logit scale.
+    # Scale alpha / rank; merged into the weights on export. Needs train_top_layers=0, scan_layers=False.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +165,9 @@ class TrainConfig:
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     alpha: float = 0.01             # L = (L_cl + alpha L_gen) / (1 + alpha)
+    # The logit scale's step is the learning rate times this (Adam steps are ~lr, so at lr 1e-4 it moves
+    # ~0.01 in 100 steps; CLIP-style runs let it move faster).
+    logit_scale_lr_multiplier: float = 1.0
     # Ablations: "notellm" (GCL + CSFT), "gcl_only" (= PromptEOL+CSE), "csft_only".
     objective: str = "notellm"
     seed: int = 0
@@ -174,6 +188,9 @@ class TrainConfig:
     # Resume when the latest checkpoint cannot be restored: "fallback" to the newest one that can (the
     # damaged step folder is renamed <step>.damaged), or "stop" with an error.
     on_bad_checkpoint: str = "fallback"
+    # > 0: two-pass GradCache step, activations held for this many notes (rows) at a time; the contrastive
+    # loss still sees all 2B notes (equal to the full-batch gradient). Must divide 2 x batch_pairs.
+    grad_cache_chunk: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,11 +248,14 @@ class GenerationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BaselineConfig:
-    # SentenceBERT (all-MiniLM-L6-v2): token cap, and a fine-tune kept CPU-sized (ENVIRONMENT.md: ~17.8 s
-    # per 32 x 256-token step there). Seeded by train.seed.
+    # SentenceBERT (all-MiniLM-L6-v2): token cap (ENVIRONMENT.md: ~17.8 s per 32 x 256-token step on the
+    # CPU there). Seeded by train.seed.
     sbert_max_tokens: int = 128
-    sbert_finetune_steps: int = 64
-    sbert_finetune_batch_pairs: int = 16
+    # Fine-tune on equal terms with the NoteLLM recipe: 0 = train.epochs x training pairs / batch steps
+    # and 0 batch pairs = train.batch_pairs; sbert_finetune_seconds > 0 caps the wall time (0 = none).
+    sbert_finetune_steps: int = 0
+    sbert_finetune_batch_pairs: int = 0
+    sbert_finetune_seconds: float = 0.0
     sbert_learning_rate: float = 2e-5
 
 
@@ -315,6 +335,16 @@ class Config:
             (self.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps must be >= 0"),
             (self.train.on_bad_checkpoint in ("fallback", "stop"),
              f"train.on_bad_checkpoint {self.train.on_bad_checkpoint!r}: fallback | stop"),
+            (not (self.model.lora_rank > 0 and self.model.train_top_layers > 0),
+             "model.lora_rank and model.train_top_layers are alternatives: set one of them to 0"),
+            (not (self.model.lora_rank > 0 and self.model.scan_layers),
+             "model.lora_rank needs model.scan_layers=false (each layer gets its own adapters)"),
+            (self.data.train_input in ("shards", "tfds", "numpy"), f"data.train_input {self.data.train_input!r}: "
+                                                                     "shards | tfds | numpy"),
+            (self.train.grad_cache_chunk >= 0 and (self.train.grad_cache_chunk == 0
+                                                   or (2 * self.train.batch_pairs) % self.train.grad_cache_chunk == 0),
+             f"train.grad_cache_chunk={self.train.grad_cache_chunk} must divide the 2 x {self.train.batch_pairs} "
+             "notes of a batch"),
         ]
         for ok, message in checks:
             if not ok:
@@ -323,6 +353,8 @@ class Config:
         if training and self.train.batch_pairs % process_count:
             raise ConfigError(f"train.batch_pairs={self.train.batch_pairs} is not divisible by the "
                               f"{process_count} processes")
+        if training and self.data.train_input == "numpy" and process_count > 1:
+            raise ConfigError("data.train_input='numpy' reads in one process; use 'shards' for multi-host runs")
         if training and (2 * self.train.batch_pairs) % (data * fsdp):
             raise ConfigError(f"the global batch of 2 x {self.train.batch_pairs} notes does not divide over "
                               f"data x fsdp = {data * fsdp} devices")

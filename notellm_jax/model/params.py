@@ -112,7 +112,22 @@ def _map_token_tables(params: Params, cfg: LlamaConfig, fn: Callable[[Any, int],
 
 
 # ----------------------------------------------------------------------------------------------------
-# Partial training: the embedding table and the bottom layers frozen
+# Partial training: the embedding table and the bottom layers frozen (or every base weight, with LoRA)
+
+
+def untie_head(decoder: dict, cfg: LlamaConfig) -> tuple[dict, LlamaConfig]:
+    """A tied model made untied: `lm_head/kernel` = a copy of the embedding table's rows (same logits).
+
+    Used under partial training (train_top_layers, LoRA), where the embedding table is frozen: tied, the
+    head would be frozen with it and CSFT could not learn. A trainable untied copy is chosen over training
+    the tied rows with the input side held fixed because the frozen bottom's features (and their cache)
+    depend on the input table: they stay valid only if that table never moves, which needs two copies
+    anyway. Exports then carry an untied head (tie_word_embeddings false), which HF loads as is.
+    """
+    if not cfg.tie_word_embeddings:
+        return decoder, cfg
+    table = decoder["embed_tokens"]["embedding"]
+    return {**decoder, "lm_head": {"kernel": np.array(np.asarray(table).T)}}, cfg.replace(tie_word_embeddings=False)
 
 
 def frozen_layer_count(train_top_layers: int, cfg: LlamaConfig) -> int:
@@ -124,7 +139,9 @@ def frozen_layer_count(train_top_layers: int, cfg: LlamaConfig) -> int:
     return cfg.num_hidden_layers - train_top_layers
 
 
-def _is_frozen(path: tuple[str, ...], frozen_layers: int) -> bool:
+def _is_frozen(path: tuple[str, ...], frozen_layers: int, lora: bool) -> bool:
+    if lora:  # every base weight except an untied head (whose copy exists to be trained)
+        return path[0] == "decoder" and path[1] != "lm_head"
     if frozen_layers == 0 or path[0] != "decoder":
         return False
     if path[1] == "embed_tokens":
@@ -134,10 +151,12 @@ def _is_frozen(path: tuple[str, ...], frozen_layers: int) -> bool:
 
 
 def split_params(params: Params, frozen_layers: int) -> tuple[Params, Params]:
-    """(trainable, frozen): the embedding table and layers [0, frozen_layers) are frozen."""
+    """(trainable, frozen): the embedding table and layers [0, frozen_layers) are frozen; with LoRA adapters
+    in `params` ("lora"), every base decoder weight but an untied head."""
     flat = flatten_dict(params)
-    trainable = {k: v for k, v in flat.items() if not _is_frozen(k, frozen_layers)}
-    frozen = {k: v for k, v in flat.items() if _is_frozen(k, frozen_layers)}
+    lora = "lora" in params
+    trainable = {k: v for k, v in flat.items() if not _is_frozen(k, frozen_layers, lora)}
+    frozen = {k: v for k, v in flat.items() if _is_frozen(k, frozen_layers, lora)}
     return unflatten_dict(trainable), (unflatten_dict(frozen) if frozen else {})
 
 

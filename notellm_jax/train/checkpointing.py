@@ -18,6 +18,7 @@ from notellm_jax.errors import CheckpointError
 from notellm_jax.model.llama import LlamaConfig
 from notellm_jax.model.params import merge_params
 from notellm_jax.train.step import TrainSetup, TrainState, check_against_abstract
+from notellm_jax.train.step import TrainSetup, TrainState, exportable_params
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def restore_checkpoint(manager, setup: TrainSetup, config: Config, total_steps: 
     return state
 
 
-def export_params(config: Config, state: TrainState, llama_cfg: LlamaConfig) -> Path:
+def export_params(config: Config, setup: TrainSetup, state: TrainState, llama_cfg: LlamaConfig) -> Path:
     """Param-only export for the embedding / eval tools: orbax params + notellm.json.
 
     Called by every process: the parameters are gathered to host arrays (a collective) and orbax saves
@@ -139,7 +140,7 @@ def export_params(config: Config, state: TrainState, llama_cfg: LlamaConfig) -> 
     """
     from jax.experimental import multihost_utils
     from notellm_jax.weights.export import save_notellm
-    params = merge_params(state.params, state.frozen)
+    params = exportable_params(setup, state)  # LoRA merged into the weights
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     return save_notellm(config.work_dir / "export", params, llama_cfg, config)

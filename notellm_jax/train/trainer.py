@@ -20,7 +20,7 @@ import jax
 
 from notellm_jax import sharding as shd
 from notellm_jax.config import Config
-from notellm_jax.data.input_pipeline import batches, total_train_steps
+from notellm_jax.data.input_pipeline import batches, read_meta, total_train_steps
 from notellm_jax.distributed import is_primary
 from notellm_jax.model.llama import LlamaConfig
 from notellm_jax.errors import TrainingDivergedError
@@ -76,11 +76,19 @@ def _announce(run: Run) -> None:
                 run.total_steps, 2 * config.train.batch_pairs, config.prompt.max_length)
 
 
+def _vocab_size(config: Config) -> int:
+    """The tokenizer's vocabulary with [EMB]; for numpy input the one the shards were written with (such a
+    host may lack the tokenizer's reader, e.g. the gguf package)."""
+    if config.data.train_input == "numpy":
+        return read_meta(config, config.data_dir)["vocab_size"]
+    return resolve_tokenizer(config).vocab_size
+
+
 def setup(config: Config) -> Run:
     """Mesh, weights, sharded state (restored if a checkpoint exists), compiled steps, cache and writer."""
     config.validate(jax.device_count(), jax.process_count(), training=True)
     mesh = shd.mesh_from_config(config.mesh)
-    emb_vocab = None if config.train.synthetic_data else resolve_tokenizer(config).vocab_size
+    emb_vocab = None if config.train.synthetic_data else _vocab_size(config)
     params, llama_cfg = load_initial_params(config, emb_vocab)
     total_steps = total_train_steps(config)
     train_setup = make_train_setup(config, llama_cfg, mesh, total_steps)
@@ -167,7 +175,7 @@ def finish(run: Run, last: dict[str, Any]) -> dict[str, Any]:
         run.writer.write(int(state.step), val, prefix="val")
         last = {**last, **{f"val_{k}": v for k, v in val.items()}}
     if not config.train.synthetic_data:
-        export_params(config, state, run.llama_cfg)
+        export_params(config, run.setup, state, run.llama_cfg)
     run.writer.close()
     return last
 

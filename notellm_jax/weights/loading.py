@@ -8,7 +8,8 @@ import numpy as np
 
 from notellm_jax.config import Config
 from notellm_jax.model.llama import LlamaConfig, preset
-from notellm_jax.model.params import add_tokens, init_params, init_unused_token, stack_layers
+from notellm_jax.model.lora import init_lora
+from notellm_jax.model.params import add_tokens, init_params, init_unused_token, stack_layers, untie_head
 from notellm_jax.weights.formats import load_params
 
 logger = logging.getLogger(__name__)
@@ -18,6 +19,11 @@ def runtime_llama_config(config: Config, base: LlamaConfig) -> LlamaConfig:
     return base.replace(compute_dtype=config.model.compute_dtype, param_dtype=config.model.param_dtype,
                         scan_layers=config.model.scan_layers, remat_policy=config.model.remat_policy,
                         attention=config.model.attention)
+
+
+def partial_training(config: Config, llama_cfg: LlamaConfig) -> bool:
+    """Whether the embedding table is frozen (a bottom is frozen, or LoRA adapts frozen weights)."""
+    return 0 < config.model.train_top_layers < llama_cfg.num_hidden_layers or config.model.lora_rank > 0
 
 
 def load_initial_params(config: Config, emb_vocab_size: int | None) -> tuple[dict, LlamaConfig]:
@@ -44,12 +50,16 @@ def load_initial_params(config: Config, emb_vocab_size: int | None) -> tuple[dic
             logger.info("[EMB] = id %d, an unused row of the %d-row embedding table", emb_id, base.vocab_size)
             decoder = init_unused_token(decoder, base, emb_id)
     decoder = jax.tree.map(np.asarray, decoder)
+    if config.model.untie_head and partial_training(config, base):
+        decoder, base = untie_head(decoder, base)
     if base.scan_layers:
         decoder = stack_layers(decoder)
     rng = np.random.default_rng(config.train.seed)
     proj = rng.normal(0.0, base.hidden_size ** -0.5, (base.hidden_size, config.model.emb_dim)).astype(np.float32)
-    params = {"decoder": decoder, "proj": {"kernel": proj}, 
+    params = {"decoder": decoder, "proj": {"kernel": proj},
               "log_logit_scale": np.asarray(config.model.log_logit_scale_init, np.float32)}
+    if config.model.lora_rank > 0:
+        params["lora"] = init_lora(decoder, config.model.lora_rank, config.model.lora_targets, config.train.seed)
     return params, base
 
 
