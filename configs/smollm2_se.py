@@ -18,7 +18,7 @@ Arguments (`configs/smollm2_se.py:ARG`):
   64 pairs per batch, bf16 compute, scanned and rematerialised; input from shards/tokens.npz (numpy only),
   so `notellm device run` needs neither TensorFlow nor gguf on that host.
 """
-from notellm_jax.config import (BaselineConfig, Config, DataConfig, GenerationConfig, JobConfig, ModelConfig,
+from notellm_jax.config import (BaselineConfig, Config, DataConfig, GenerationConfig, ModelConfig,
                                 PathsConfig, PromptConfig, TrainConfig, override, parse_arg)
 
 

@@ -25,7 +25,6 @@ With `scan_layers` the layers form one subtree `layers/...` with a leading [num_
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import jax

@@ -16,9 +16,7 @@ from notellm_jax.config import Config
 from notellm_jax.distributed import is_primary
 from notellm_jax.errors import CheckpointError
 from notellm_jax.model.llama import LlamaConfig
-from notellm_jax.model.params import merge_params
-from notellm_jax.train.step import TrainSetup, TrainState, check_against_abstract
-from notellm_jax.train.step import TrainSetup, TrainState, exportable_params
+from notellm_jax.train.step import TrainSetup, TrainState, check_against_abstract, exportable_params
 
 logger = logging.getLogger(__name__)
 
