@@ -39,7 +39,6 @@ in stats.json like the in-memory path's counts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 import zlib
