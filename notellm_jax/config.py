@@ -216,10 +216,6 @@ class ServeConfig:
     max_wait_ms: float = 5.0
     max_k: int = 100                # largest k a /similar request may ask for
     max_notes_per_request: int = 64  # /embed
-    # A rebuilt index replaces the live one only if its recall@k vs exact search on this many stored
-    # vectors reaches rebuild_min_recall (k = max_k, capped by the index size).
-    rebuild_min_recall: float = 0.95
-    rebuild_sample: int = 1000
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ from notellm_jax.weights.tokenizer import resolve_tokenizer
 from notellm_jax.weights.loading import load_initial_params
 
 pytest.importorskip("scann")
+pytestmark = pytest.mark.slow  # an export, offline embeddings and the warm-up compiles: minutes on 2 cores
 from fastapi.testclient import TestClient  # noqa: E402
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py")
