@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_small_suite_writes_the_accelerator_json(tmp_path):
     out = tmp_path / "suite.json"
-    env = {**os.environ, "OUT": str(out), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "OUT": str(out), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHON": sys.executable}
     run = subprocess.run(["bash", "bench/accelerator_suite.sh", "--small", "--steps", "1"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stderr[-3000:]
