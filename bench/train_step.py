@@ -26,7 +26,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _batch(config, llama_cfg, frozen_layers: int, seed: int = 0) -> dict[str, np.ndarray]:
+def step_batch(config, llama_cfg, frozen_layers: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One synthetic batch of the config's shapes (with frozen layers: random hidden states as their output)."""
     from notellm_jax.data.input_pipeline import synthetic_batches
     batch = next(synthetic_batches(config, llama_cfg, seed))
     if frozen_layers:
@@ -37,18 +38,8 @@ def _batch(config, llama_cfg, frozen_layers: int, seed: int = 0) -> dict[str, np
     return batch
 
 
-def bench_jax(config, steps: int) -> tuple[dict, dict, object, int]:
-    from notellm_jax import sharding as shd
-    from notellm_jax.train.metrics import peak_flops_per_device, train_step_flops
-    from notellm_jax.train.step import compile_steps, create_state, make_train_setup, to_global_batch
-    from notellm_jax.weights.loading import load_initial_params
-    params, llama_cfg = load_initial_params(config, emb_vocab_size=None)
-    host_params = jax.tree.map(np.array, params)
-    mesh = shd.mesh_from_config(config.mesh)
-    spec = make_train_setup(config, llama_cfg, mesh, total_steps=1000)
-    state = create_state(spec, params)
-    step_fn, _ = compile_steps(spec)
-    batch = to_global_batch(spec, _batch(config, llama_cfg, spec.frozen_layers))
+def time_steps(step_fn, state, batch, steps: int) -> tuple[object, float, float, float]:
+    """(state, first-step loss, compile + first step s, median step s) of `steps` timed calls."""
     start = time.time()
     state, metrics = step_fn(state, batch)
     first_loss = float(metrics["loss"])
@@ -59,16 +50,60 @@ def bench_jax(config, steps: int) -> tuple[dict, dict, object, int]:
         state, metrics = step_fn(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.time() - start)
-    step_s = float(np.median(times))
-    n, t = 2 * config.train.batch_pairs, config.prompt.max_length
-    flops = train_step_flops(llama_cfg, sequences=n, seq_len=t, targets=config.prompt.max_targets,
-                             emb_dim=config.model.emb_dim,
-                             trained_layers=llama_cfg.num_hidden_layers - spec.frozen_layers, forward_only_layers=0)
-    peak = peak_flops_per_device() * jax.device_count()
-    return ({"framework": "jax", "version": jax.__version__, "device": jax.devices()[0].device_kind,
-             "compile_plus_first_step_s": compile_s, "step_s": step_s, "tokens_per_s": n * t / step_s,
-             "model_tflop_per_step": flops / 1e12, "achieved_tflop_s": flops / step_s / 1e12,
-             "mfu": flops / step_s / peak, "first_step_loss": first_loss}, host_params, llama_cfg, spec.frozen_layers)
+    return state, first_loss, compile_s, float(np.median(times))
+
+
+def cpu_seconds_per_step(run_step, steps: int) -> float:
+    """Median process CPU time (all threads) of one call: on a shared machine, the work a step costs
+    independently of how long it waited for a core."""
+    times = []
+    for _ in range(steps):
+        start = time.process_time()
+        run_step()
+        times.append(time.process_time() - start)
+    return float(np.median(times))
+
+
+def step_flops(config, llama_cfg, frozen_layers: int) -> float:
+    """Model FLOPs of one step of `config` (the trainer's formula, notellm_jax.metrics)."""
+    from notellm_jax.train.metrics import train_step_flops
+    return train_step_flops(llama_cfg, sequences=2 * config.train.batch_pairs, seq_len=config.prompt.max_length,
+                            targets=config.prompt.max_targets, emb_dim=config.model.emb_dim,
+                            trained_layers=llama_cfg.num_hidden_layers - frozen_layers, forward_only_layers=0)
+
+
+def throughput(config, flops: float, step_s: float) -> dict:
+    from notellm_jax.train.metrics import peak_flops_per_device
+    tokens = 2 * config.train.batch_pairs * config.prompt.max_length
+    return {"step_s": step_s, "tokens_per_s": tokens / step_s, "model_tflop_per_step": flops / 1e12,
+            "achieved_tflop_s": flops / step_s / 1e12,
+            "mfu": flops / step_s / (peak_flops_per_device() * jax.device_count())}
+
+
+def bench_jax(config, steps: int) -> tuple[dict, dict, object, int]:
+    from notellm_jax import sharding as shd
+    from notellm_jax.train.step import compile_steps, create_state, make_train_setup, to_global_batch
+    from notellm_jax.weights.loading import load_initial_params
+    params, llama_cfg = load_initial_params(config, emb_vocab_size=None)
+    host_params = jax.tree.map(np.array, params)
+    mesh = shd.mesh_from_config(config.mesh)
+    spec = make_train_setup(config, llama_cfg, mesh, total_steps=1000)
+    state = create_state(spec, params)
+    step_fn, _ = compile_steps(spec)
+    batch = to_global_batch(spec, step_batch(config, llama_cfg, spec.frozen_layers))
+    state, first_loss, compile_s, step_s = time_steps(step_fn, state, batch, steps)
+    box = [state]
+
+    def one_step():
+        box[0], metrics = step_fn(box[0], batch)
+        jax.block_until_ready(metrics)
+
+    result = {"framework": "jax", "version": jax.__version__, "device": jax.devices()[0].device_kind,
+              "attention": config.model.attention, "compile_plus_first_step_s": compile_s,
+              "step_cpu_s": cpu_seconds_per_step(one_step, steps),
+              **throughput(config, step_flops(config, llama_cfg, spec.frozen_layers), step_s),
+              "first_step_loss": first_loss}
+    return result, host_params, llama_cfg, spec.frozen_layers
 
 
 def _torch_state_dict(params: dict, llama_cfg, frozen_layers: int) -> dict:
@@ -116,7 +151,7 @@ def bench_torch(config, params: dict, llama_cfg, frozen_layers: int, steps: int)
     tau = torch.nn.Parameter(torch.tensor(float(params["log_logit_scale"]), device=device))
     params = [p for p in list(top.parameters()) + list(proj.parameters()) + [tau] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
-    batch = {k: torch.as_tensor(v).to(device) for k, v in _batch(config, llama_cfg, frozen_layers).items()}
+    batch = {k: torch.as_tensor(v).to(device) for k, v in step_batch(config, llama_cfg, frozen_layers).items()}
     alpha = config.train.alpha
 
     def step():
@@ -157,41 +192,57 @@ def bench_torch(config, params: dict, llama_cfg, frozen_layers: int, steps: int)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.time() - start)
-    step_s = float(np.median(times))
-    n, t = 2 * config.train.batch_pairs, config.prompt.max_length
+    cpu_s = cpu_seconds_per_step(step, steps) if device == "cpu" else None
+    if device == "cuda":
+        torch.cuda.empty_cache()  # hand the memory back for the JAX programs that follow (accelerator suite)
     return {"framework": "torch", "version": torch.__version__, "device": device, "threads": torch.get_num_threads(),
-            "first_step_s": first, "step_s": step_s, "tokens_per_s": n * t / step_s, "first_step_loss": first_loss}
+            "first_step_s": first, "step_cpu_s": cpu_s, **throughput(config, step_flops(config, llama_cfg, frozen_layers),
+                                                float(np.median(times))),
+            "first_step_loss": first_loss}
+
+
+def benchmark_config(spec: str, overrides=()):
+    """The config with synthetic batches and random weights of its checkpoint's architecture (speed does
+    not depend on the weights)."""
+    from notellm_jax.config import load_config, override
+    config = load_config(spec, overrides)
+    checkpoint = config.model.checkpoint
+    if not checkpoint.startswith("random:"):
+        from notellm_jax.weights.formats import load_params
+        from notellm_jax.model.llama import PRESETS
+        _, cfg = load_params(config.resolve(checkpoint))
+        match = [k for k, v in PRESETS.items() if all(getattr(cfg, f) == x for f, x in v.items())]
+        if not match:
+            raise SystemExit(f"no preset matches {checkpoint}; pass --set model.checkpoint=random:<preset>")
+        checkpoint = f"random:{match[0]}"
+    return override(config, {"model.checkpoint": checkpoint, "train.synthetic_data": True})
+
+
+def compare(config, steps: int, with_torch: bool = True) -> dict:
+    """JAX's step and (optionally) PyTorch's on the same weights and batch."""
+    result = {"batch_notes": 2 * config.train.batch_pairs, "seq_len": config.prompt.max_length,
+              "train_top_layers": config.model.train_top_layers, "compute_dtype": config.model.compute_dtype}
+    jax_result, params, llama_cfg, frozen = bench_jax(config, steps)
+    result["jax"] = jax_result
+    if with_torch:
+        # Same weights and batch on both sides, so the first-step losses must agree (a correctness check).
+        result["torch"] = bench_torch(config, params, llama_cfg, frozen, steps)
+        result["jax_speedup_vs_torch"] = result["torch"]["step_s"] / result["jax"]["step_s"]
+        if result["torch"]["step_cpu_s"]:
+            result["jax_speedup_vs_torch_cpu_time"] = result["torch"]["step_cpu_s"] / result["jax"]["step_cpu_s"]
+    return result
 
 
 def main() -> None:
-    from notellm_jax.config import load_config, override
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/smollm2_se.py")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    config = load_config(args.config, args.overrides)
-    if not config.model.checkpoint.startswith("random:"):
-        # Speed does not depend on the weights: use the architecture the checkpoint would give.
-        from notellm_jax.weights.formats import load_params
-        _, cfg = load_params(config.resolve(config.model.checkpoint))
-        from notellm_jax.model.llama import PRESETS
-        match = [k for k, v in PRESETS.items() if all(getattr(cfg, f) == x for f, x in v.items())]
-        if not match:
-            raise SystemExit(f"no preset matches {config.model.checkpoint}; pass --set model.checkpoint=random:<preset>")
-        config = override(config, {"model.checkpoint": f"random:{match[0]}"})
-    config = override(config, {"train.synthetic_data": True})
     result = {"benchmark": "train_step", "config": args.config, "machine": platform.node(),
-              "cpu_count": os.cpu_count(), "batch_notes": 2 * config.train.batch_pairs,
-              "seq_len": config.prompt.max_length, "train_top_layers": config.model.train_top_layers,
-              "compute_dtype": config.model.compute_dtype}
-    jax_result, params, llama_cfg, frozen = bench_jax(config, args.steps)
-    result["jax"] = jax_result
-    if args.torch:
-        # Same weights and batch on both sides, so the first-step losses must agree (a correctness check).
-        result["torch"] = bench_torch(config, params, llama_cfg, frozen, args.steps)
-        result["jax_speedup_vs_torch"] = result["torch"]["step_s"] / result["jax"]["step_s"]
+              "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+              **compare(benchmark_config(args.config, args.overrides), args.steps, args.torch)}
     print(json.dumps(result, indent=1))
 
 

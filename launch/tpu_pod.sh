@@ -18,7 +18,8 @@
 #                            the project folder on every worker: the default paths.shared_dir finds it
 #   CHECKPOINT_DIR [""]      where all workers write checkpoints (train.checkpoint_dir). Workers share no
 #                            disk, so a multi-worker slice needs a gs:// path here.
-#   LIBTPU_INIT_ARGS         libtpu/XLA TPU flags [the collective-overlap flags MaxText uses on v4/v5p]
+#   LIBTPU_INIT_ARGS         libtpu/XLA TPU flags [MaxText's LLaMA-2-7B set, MAXTEXT_LIBTPU_INIT_ARGS in
+#                            common.sh (collective fusion and overlap), plus its v6e VMEM limit on v6e-*]
 #   TPU_XLA_FLAGS [""]       XLA_FLAGS on the workers
 # Options: --dry-run prints every command instead of running it; --skip-create requires the slice to
 # exist; --skip-install reuses the code and virtual environment already on the workers.
@@ -39,11 +40,9 @@ REMOTE_DIR="${REMOTE_DIR:-notellm_jax}"
 JAX_TPU_REQUIREMENT="${JAX_TPU_REQUIREMENT:-jax[tpu]==0.10.2}"
 SHARED_GCS="${SHARED_GCS:-}"
 CHECKPOINT_DIR="${CHECKPOINT_DIR:-}"
-LIBTPU_INIT_ARGS="${LIBTPU_INIT_ARGS:---xla_tpu_enable_data_parallel_all_reduce_opt=true \
---xla_tpu_data_parallel_opt_different_sized_ops=true --xla_tpu_enable_async_collective_fusion=true \
---xla_tpu_enable_async_collective_fusion_fuse_all_gather=true \
---xla_tpu_enable_async_collective_fusion_multiple_steps=true --xla_tpu_overlap_compute_collective_tc=true \
---xla_enable_async_all_gather=true}"
+default_libtpu="$MAXTEXT_LIBTPU_INIT_ARGS"
+if [[ "$ACCELERATOR_TYPE" == v6e-* ]]; then default_libtpu+=" $MAXTEXT_V6E_LIBTPU_INIT_ARGS"; fi
+LIBTPU_INIT_ARGS="${LIBTPU_INIT_ARGS:-$default_libtpu}"
 TPU_XLA_FLAGS="${TPU_XLA_FLAGS:-}"
 BUNDLE="${TMPDIR:-/tmp}/notellm_jax_bundle.tar.gz"
 

@@ -31,12 +31,15 @@ def abstract_batch(config, setup) -> dict:
     shapes = {"input_ids": ((n, length), jnp.int32), "attention_mask": ((n, length), jnp.int32),
               "embed_read_pos": ((n,), jnp.int32), "target_positions": ((n, targets), jnp.int32),
               "target_ids": ((n, targets), jnp.int32), "target_mask": ((n, targets), jnp.float32),
-              "pair_id": ((n,), jnp.int32)}
+              "pair_id": ((n,), jnp.int32), "note_index": ((n,), jnp.int32)}
     return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(setup.mesh, len(s))) for k, (s, d) in shapes.items()}
 
 
-def plan(config) -> dict:
-    """Compile the train step for `config` on the current devices; nothing of the model is allocated."""
+def plan(config, num_layers: int | None = None) -> dict:
+    """Compile the train step for `config` on the current devices; nothing of the model is allocated.
+
+    `num_layers` truncates the decoder (same widths): per-layer memory and the shipped remat policy at a
+    fraction of the full model's compile time."""
     import jax
 
     from notellm_jax import sharding as shd
@@ -49,7 +52,8 @@ def plan(config) -> dict:
     if name is None:
         raise ValueError("planning needs model.checkpoint='random:<preset>' (shapes only, no weights)")
     llama_cfg = runtime_llama_config(config, preset(name))
-    llama_cfg = llama_cfg.replace(vocab_size=llama_cfg.vocab_size + 1)  # [EMB]
+    llama_cfg = llama_cfg.replace(vocab_size=llama_cfg.vocab_size + 1,  # [EMB]
+                                  num_hidden_layers=num_layers or llama_cfg.num_hidden_layers)
     mesh = shd.mesh_from_config(config.mesh)
     setup = make_train_setup(config, llama_cfg, mesh, total_steps=1000)
     step_fn, _ = compile_steps(setup)

@@ -18,7 +18,7 @@ from notellm_jax.distributed import ClusterSpec, cluster_from_env
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
-SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
+SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch"), *(REPO / "bench").glob("*.sh")])
 SHELLCHECK = Path(sys.executable).parent / "shellcheck"
 TRICKY = 'data.sites=["a b", "it\'s"]'  # a space, double and single quotes: must survive every quoting layer
 
@@ -161,3 +161,42 @@ def test_tpu_dry_run_can_skip_creation_and_installation():
     assert len(lines) == 2 and " || " not in lines[0] and "describe" in lines[0]
     assert shlex.split(shlex.split(lines[1])[-1])[-4:] == ["--config", "c.py", "--set",
                                                           "train.checkpoint_dir=gs://bucket/run/ckpt"]
+
+
+# --------------------------------------------------------------------------------------------------
+# XLA flags (MaxText's LLaMA-2-7B recipes, launch/common.sh)
+
+
+def common_value(name: str) -> str:
+    return subprocess.run(["bash", "-c", f'source launch/common.sh && printf %s "${name}"'], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_gpu_flags_are_the_default_known_to_xla_and_replaceable():
+    flags = common_value("MAXTEXT_GPU_XLA_FLAGS")
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags.split()
+    # XLA refuses unknown flags at start-up; the GPU debug options exist in every jaxlib, so a CPU run
+    # catches a misspelt or retired flag.
+    check = subprocess.run([sys.executable, "-c", "import jax; print(jax.jit(lambda x: x + 1)(1))"],
+                           env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags},
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and check.stdout.strip() == "2", check.stderr[-2000:]
+    exported = shlex.split(run_script("slurm_gpu.sbatch", "--dry-run", "c.py").splitlines()[0])
+    assert f"XLA_FLAGS={flags}" in exported
+    exported = shlex.split(run_script("slurm_gpu.sbatch", "--dry-run", "c.py",
+                                      env={"GPU_XLA_FLAGS": "--xla_dump_to=/tmp/d"}).splitlines()[0])
+    assert "XLA_FLAGS=--xla_dump_to=/tmp/d" in exported
+
+
+@pytest.mark.parametrize("accelerator,vmem", [("v5p-16", False), ("v6e-8", True)])
+def test_tpu_flags_default_to_maxtext_and_add_the_v6e_vmem_limit(accelerator, vmem):
+    train = run_script("tpu_pod.sh", "--dry-run", "--skip-create", "--skip-install", "--", "--config", "c.py",
+                       env={**TPU_ENV, "ACCELERATOR_TYPE": accelerator}).splitlines()[-1]
+    remote = shlex.split(shlex.split(train)[-1])
+    libtpu = remote[4].removeprefix("LIBTPU_INIT_ARGS=").split()
+    assert libtpu[:len(common_value("MAXTEXT_LIBTPU_INIT_ARGS").split())] == \
+        common_value("MAXTEXT_LIBTPU_INIT_ARGS").split()
+    assert ("--xla_tpu_scoped_vmem_limit_kib=98304" in libtpu) == vmem
+    own = run_script("tpu_pod.sh", "--dry-run", "--skip-create", "--skip-install", "--", "--config", "c.py",
+                     env={**TPU_ENV, "LIBTPU_INIT_ARGS": "--xla_tpu_x=1"}).splitlines()[-1]
+    assert shlex.split(shlex.split(own)[-1])[4] == "LIBTPU_INIT_ARGS=--xla_tpu_x=1"

@@ -1,0 +1,109 @@
+"""The attention core, behind one switch (`model.attention`), after q, k, v and the boolean mask exist.
+
+- "einsum": the reference. QK product accumulated in float32 (`preferred_element_type`) with 1/sqrt(d)
+  folded into q, float32 softmax, PV product in the compute dtype.
+- "dot_product": `jax.nn.dot_product_attention`. On a GPU with bf16/fp16 inputs it asks for cuDNN's fused
+  flash attention (`implementation="cudnn"`, the boolean mask becomes cuDNN's additive bias); where cuDNN
+  refuses the shapes at trace time, and on every other backend, it runs JAX's XLA implementation (float32
+  logits and softmax as well).
+- "splash": Pallas splash attention (MaxText's TPU `attention=flash`): a causal block-sparse kernel with
+  padding expressed as segment ids (real tokens 1, pads 0), vmapped over batch and KV heads with the
+  GQA groups as the MQA kernel's heads. On a backend other than TPU it runs in Pallas interpret mode
+  (tests). It needs self-attention without a cache and a length that is a multiple of 128; calls that are
+  not (the decode cache) use "dot_product". The kernel sees only causal + padding: a mask with anything
+  else in it (a sliding window) is not expressed.
+
+q: [B, T, H, D] (RoPE applied), k and v: [B, S, K, D]; allowed: [B, T, S] bool; key_mask: [B, S] (1 = real
+token). Every implementation returns [B, T, H, D] in the compute dtype. Rows whose keys are all masked
+(queries at leading pads) are finite everywhere; their values are never read.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from notellm_jax.model.precision import Precision
+
+IMPLEMENTATIONS = ("einsum", "dot_product", "splash")
+SPLASH_BLOCK = 128  # splash tiles the sequence into blocks of this many tokens (BlockSizes minimum)
+
+logger = logging.getLogger(__name__)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, key_mask: jax.Array, *,
+           implementation: str, precision: Precision) -> jax.Array:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention {implementation!r} not in {IMPLEMENTATIONS}")
+    # Fold 1/sqrt(d) into q (in float32, then one rounding) instead of scaling the [.., T, S] scores.
+    q = (q.astype(jnp.float32) * (q.shape[-1] ** -0.5)).astype(precision.compute)
+    k, v = k.astype(precision.compute), v.astype(precision.compute)
+    if implementation == "splash" and not splash_applies(q.shape[1], k.shape[1]):
+        implementation = "dot_product"
+    if implementation == "einsum":
+        return _einsum(q, k, v, allowed, precision)
+    if implementation == "dot_product":
+        return _dot_product(q, k, v, allowed)
+    return _splash(q, k, v, key_mask)
+
+
+def splash_applies(query_length: int, key_length: int) -> bool:
+    return query_length == key_length and query_length % SPLASH_BLOCK == 0
+
+
+def _einsum(q, k, v, allowed, precision: Precision):
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    # A large finite negative keeps fully masked rows (leading pads) NaN-free.
+    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min / 2)
+    probs = jax.nn.softmax(scores, axis=-1).astype(precision.compute)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+def _dot_product(q, k, v, allowed):
+    mask = allowed[:, None, :, :]  # broadcast over heads
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError) as err:  # shapes / versions cuDNN refuses
+            _log_once(f"cuDNN attention unavailable for q {q.shape} {q.dtype} ({err}); using XLA's")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation="xla")
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.warning(message)
+
+
+@functools.cache
+def _splash_kernel(length: int, groups: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(groups)])
+    block = max(b for b in (512, 256, SPLASH_BLOCK) if length % b == 0)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    with jax.ensure_compile_time_eval():  # concrete mask-info arrays: the kernel is cached across traces
+        kernel = sk.make_splash_mqa(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    return kernel, sk
+
+
+def _splash(q, k, v, key_mask):
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    kernel, sk = _splash_kernel(t, h // kv, jax.default_backend() != "tpu")
+    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))              # [B, K, S, D]
+    segments = (key_mask > 0).astype(jnp.int32)
+
+    def one_row(q_row, k_row, v_row, seg):  # [K, G, T, D], [K, S, D], [K, S, D], [T]
+        ids = sk.SegmentIds(q=seg, kv=seg)
+        return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(q_row, k_row, v_row)
+
+    out = jax.vmap(one_row)(q, k, v, segments)  # [B, K, G, T, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
+
