@@ -45,10 +45,10 @@ _HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 # HF fields that change the architecture, with the only value this port implements.
 _HF_REQUIRED = {"hidden_act": "silu", "mlp_bias": False, "pretraining_tp": 1, "partial_rotary_factor": 1.0,
                 "use_sliding_window": False}
+# The other config.json fields `from_hf_dict` interprets (family, biases, RoPE scaling, windows, layer kinds).
+_HF_INTERPRETED = ("model_type", "attention_bias", "rope_scaling", "sliding_window", "max_window_layers",
+                   "layer_types")
 _LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-# Family fields `from_hf_dict` reads and checks itself (the family decides biases, q/k norms, windows).
-_HF_FAMILY_FIELDS = ("model_type", "rope_scaling", "attention_bias", "sliding_window", "layer_types",
-                     "max_window_layers")
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
