@@ -45,6 +45,10 @@ _HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 # HF fields that change the architecture, with the only value this port implements.
 _HF_REQUIRED = {"hidden_act": "silu", "mlp_bias": False, "pretraining_tp": 1, "partial_rotary_factor": 1.0,
                 "use_sliding_window": False}
+# Fields `from_hf_dict` reads or checks itself, per family (max_window_layers only matters with Qwen's
+# use_sliding_window, which is refused).
+_HF_FAMILY_FIELDS = ("model_type", "rope_scaling", "attention_bias", "sliding_window", "max_window_layers",
+                     "layer_types")
 _LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")

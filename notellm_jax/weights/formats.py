@@ -615,7 +615,8 @@ def check_hf_config(hf: dict[str, Any], source: Path | str) -> dict[str, Any]:
     unknown. Returns it with `rope_scaling: {"rope_type": "default"}` (HF's spelling of none) as None."""
     from notellm_jax.model import llama
 
-    known = set(llama._HF_FIELDS) | set(llama._HF_REQUIRED) | set(_HF_NEUTRAL) | _HF_METADATA
+    known = (set(llama._HF_FIELDS) | set(llama._HF_REQUIRED) | set(llama._HF_FAMILY_FIELDS) | set(_HF_NEUTRAL)
+             | _HF_METADATA)
     unknown = sorted(k for k in hf if k not in known)
     if unknown:
         raise CheckpointError(f"{source}: unsupported config field(s) {unknown} (not implemented by this LLaMA "
