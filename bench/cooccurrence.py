@@ -1,77 +1,135 @@
-"""Co-occurrence throughput on synthetic behaviour logs; prints one JSON object.
+"""Co-occurrence throughput, in-memory engine and Beam local runner, on synthetic logs; prints JSON.
 
-    python bench/cooccurrence.py [--sizes 1000000,10000000] [--window-days 0]
+    python bench/cooccurrence.py [--sizes 1000000,10000000,30000000] [--engines memory,beam]
+        [--beam-max-events 10000000] [--min-free-gib 6] [--out bench/results/cooccurrence_cpu.json]
 
-Reports wall and CPU seconds of `cooccurrence_scores` (and of `select_related` with the paper's
-u=30, l=0.01, t=10). Each size runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own. Synthetic log: users'
-distinct-note counts are log-normal (median ~4, capped at 300, like the Stack Exchange dumps' 1-213),
-notes are drawn with a Zipf-like popularity over events/20 notes, timestamps uniform over 30 days.
-The score matrix is built with the default chunking (cooccurrence.DEFAULT_CHUNK_PAIRS).
+Each (engine, size) runs in a fresh subprocess on a log from notellm_jax.data.synthetic (default
+SyntheticLog parameters: Pareto user activity, Zipf note popularity, time-ordered sessions), written to
+a temporary events.parquet first (not timed). Timed: reading events.parquet, the scores, and the
+selection with the paper's u=30, l=0.01, t=10 -- for "memory" cooccurrence.related_pairs, for "beam"
+beam_prepare.related_pairs on the DirectRunner with 2 worker processes (multi_processing). Peak memory
+is the largest sum of RSS over the subprocess and all its descendants (Beam's workers), sampled every
+0.2 s. A run is skipped, and said so, when the machine's available memory is below --min-free-gib
+before it starts or (beam) the size exceeds --beam-max-events.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
+import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def synthetic_events(num_events: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    per_user = np.minimum(300, 1 + np.floor(np.exp(rng.normal(1.5, 1.0, size=num_events))).astype(np.int64))
-    users = int(np.searchsorted(np.cumsum(per_user), num_events)) + 1
-    user_id = np.repeat(np.arange(users), per_user[:users])[:num_events]
-    num_notes = max(num_events // 20, 10)
-    popularity = 1.0 / np.arange(1, num_notes + 1) ** 0.8
-    note_id = rng.choice(num_notes, size=num_events, p=popularity / popularity.sum())
-    timestamp = rng.integers(0, 30 * 86_400, size=num_events)
-    return {"user_id": user_id, "note_id": note_id, "timestamp": timestamp}
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
-def run_one(num_events: int, window_days: float) -> dict:
-    from notellm_jax import runtime
-    runtime.set_environment_defaults()
-    from notellm_jax.data.cooccurrence import cooccurrence_scores, select_related
+def run_one(engine: str, num_events: int) -> dict:
+    import notellm_jax  # noqa: F401
+    from notellm_jax.config import DataConfig
+    from notellm_jax.data import store
+    from notellm_jax.data.synthetic import SyntheticLog, generate
 
-    events = synthetic_events(num_events)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    scores = cooccurrence_scores(events, window_days * 86_400 if window_days > 0 else None)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    start = time.perf_counter()
-    _, counts = select_related(scores, 30.0, 0.01, 10)
-    select_seconds = time.perf_counter() - start
-    return {"events": num_events, "users": scores.num_users, "notes": len(scores.note_ids),
-            "score_seconds": round(seconds, 3), "events_per_second": round(num_events / seconds),
-            # CPU time too: wall time on a shared 2-core machine includes waiting for other processes.
-            "score_cpu_seconds": round(cpu_seconds, 3), "events_per_cpu_second": round(num_events / cpu_seconds),
-            "select_related_seconds": round(select_seconds, 3), **counts,
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "events.parquet"
+        _, events = generate(SyntheticLog(num_events=num_events))
+        store.write_events(events, path)
+        del events
+        data = DataConfig(beam_options=("--direct_num_workers=2", "--direct_running_mode=multi_processing"))
+        print("READY", flush=True)  # the parent's memory sampler starts its peak here
+        start, cpu = time.perf_counter(), time.process_time()
+        if engine == "memory":
+            from notellm_jax.data.cooccurrence import related_pairs
+
+            _, counts = related_pairs(store.read_events(path), data)
+        else:
+            from notellm_jax.data import beam_prepare
+
+            _, counts = beam_prepare.related_pairs(path, data, Path(tmp) / "beam")
+            counts.pop("beam_seconds")
+        seconds = time.perf_counter() - start
+        return {"engine": engine, "events": num_events, "seconds": round(seconds, 2),
+                "events_per_second": round(num_events / seconds),
+                "events_per_minute_millions": round(num_events / seconds * 60 / 1e6, 2),
+                # CPU of the driver process only (Beam's work runs in its worker processes).
+                "driver_cpu_seconds": round(time.process_time() - cpu, 2), **counts}
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measure(engine: str, size: int) -> dict:
+    """Run one size in a subprocess; its JSON plus peak tree RSS (from the READY line on) and CPU."""
+    child = subprocess.Popen([sys.executable, __file__, "--one", f"{engine}:{size}"], stdout=subprocess.PIPE,
+                             text=True, cwd=ROOT)
+    proc, peak, ready, stop = psutil.Process(child.pid), [0], threading.Event(), threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            if ready.is_set():
+                peak[0] = max(peak[0], _tree_rss(proc))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    lines = []
+    for line in child.stdout:
+        if line.startswith("READY"):
+            ready.set()
+        lines.append(line)
+    child.wait()
+    stop.set()
+    sampler.join()
+    if child.returncode:
+        return {"engine": engine, "events": size, "failed": f"exit code {child.returncode}"}
+    return {**json.loads(lines[-1]), "peak_rss_gib": round(peak[0] / 2**30, 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", default="1000000,10000000")
-    parser.add_argument("--window-days", type=float, default=0.0)
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child process: one size
+    parser.add_argument("--sizes", default="1000000,10000000,30000000")
+    parser.add_argument("--engines", default="memory,beam")
+    parser.add_argument("--beam-max-events", type=int, default=10_000_000)
+    parser.add_argument("--min-free-gib", type=float, default=6.0)
+    parser.add_argument("--out", default="")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # child process: engine:size
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.window_days)))
+        engine, size = args.one.split(":")
+        print(json.dumps(run_one(engine, int(size))))
         return
     runs = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        out = subprocess.run([sys.executable, __file__, "--one", str(size), "--window-days", str(args.window_days)],
-                             check=True, capture_output=True, text=True).stdout
-        runs.append(json.loads(out.strip().splitlines()[-1]))
-    print(json.dumps({"benchmark": "cooccurrence", "window_days": args.window_days, "machine": platform.processor()
-                      or platform.machine(), "runs": runs}, indent=1))
+    for engine in args.engines.split(","):
+        for size in (int(s) for s in args.sizes.split(",")):
+            free = psutil.virtual_memory().available / 2**30
+            if engine == "beam" and size > args.beam_max_events:
+                runs.append({"engine": engine, "events": size, "skipped": f"over --beam-max-events"})
+            elif free < args.min_free_gib:
+                runs.append({"engine": engine, "events": size, "skipped": f"{free:.1f} GiB available"})
+            else:
+                runs.append(measure(engine, size))
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    result = {"benchmark": "cooccurrence", "machine": f"{platform.machine()} {os.cpu_count()} cores, "
+              f"{psutil.virtual_memory().total / 2**30:.0f} GiB (shared with other jobs)",
+              "load_average_at_end": os.getloadavg(), "runs": runs}
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

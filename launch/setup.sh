@@ -48,4 +48,14 @@ if [[ "$sha" != "$GGUF_SHA256_PREFIX" ]]; then
   echo "[setup] checksum mismatch for $CACHE/$GGUF_NAME (sha256 starts $sha, expected $GGUF_SHA256_PREFIX)" >&2
   exit 1
 fi
+# Headless Chromium for the service's page test (Debian packages; browser installers that download their
+# own build do not work offline). Skipped when already installed or when apt-get is unavailable.
+if [[ "$REQUIREMENTS" == "requirements-dev.txt" ]] && ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == "0" ]]; then
+    echo "[setup] installing chromium and chromium-driver (apt-get)"
+    apt-get update -q && apt-get install -y -q chromium chromium-driver
+  else
+    echo "[setup] chromium-driver missing and apt-get unavailable (not root?): the browser test will fail" >&2
+  fi
+fi
 echo "[setup] ready: $VENV, $CACHE/$GGUF_NAME"

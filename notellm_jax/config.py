@@ -73,6 +73,21 @@ class DataConfig:
     num_shards: int = 4
     # Pair shuffle buffer per host (0 = the host's whole split, a full shuffle each epoch).
     shuffle_buffer: int = 0
+    # Training pairs from "shards" (shards/*.tfrecord, tf.data, any host count), "tfds" (the
+    # notellm_prepared/pairs TFDS dataset under <data_dir>/tfds, built by prepare's tfds stage; same records,
+    # same batches) or "numpy" (shards/tokens.npz written beside the shards, read with numpy alone: hosts
+    # without TensorFlow or the gguf package; one process).
+    train_input: str = "shards"
+    # Engine of the cooccurrence and splits stages: "memory" (numpy, one machine) or "beam" (Apache
+    # Beam, data/beam_prepare.py; same files and counts). Beam runner and its pipeline flags, e.g.
+    # ["--direct_num_workers=2", "--direct_running_mode=multi_processing"] or Dataflow's (README).
+    engine: str = "memory"
+    beam_runner: str = "DirectRunner"
+    beam_options: tuple[str, ...] = ()
+    # Beam hot keys: CombinePerKey fanout for popular notes (0 = off; results unchanged), and a cap on
+    # one user's distinct notes (0 = off; a cap CHANGES scores: see beam_prepare.py).
+    beam_hot_key_fanout: int = 0
+    beam_max_user_notes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +133,15 @@ class ModelConfig:
     cache_frozen_features: bool = True
     # Keep that cache on disk beside the prepared data (shared by ablation runs and embedding).
     persist_feature_cache: bool = True
+    # Partial training (train_top_layers or LoRA) of a tied model: train an untied copy of the output rows
+    # (initialised from the tied table; the input table stays frozen). False: the head stays frozen.
+    untie_head: bool = True
+    # LoRA (model/lora.py) instead of freezing a bottom: rank > 0 freezes every base weight (embedding,
+    # layers, norms) and trains adapters on `lora_targets` in every layer, plus head, projection, logit scale.
+    # Scale alpha / rank; merged into the weights on export. Needs train_top_layers=0, scan_layers=False.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +165,9 @@ class TrainConfig:
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     alpha: float = 0.01             # L = (L_cl + alpha L_gen) / (1 + alpha)
+    # The logit scale's step is the learning rate times this (Adam steps are ~lr, so at lr 1e-4 it moves
+    # ~0.01 in 100 steps; CLIP-style runs let it move faster).
+    logit_scale_lr_multiplier: float = 1.0
     # Ablations: "notellm" (GCL + CSFT), "gcl_only" (= PromptEOL+CSE), "csft_only".
     objective: str = "notellm"
     seed: int = 0
@@ -155,6 +182,15 @@ class TrainConfig:
     checkpoint_dir: str = ""
     # Synthetic batches (no data files, no TensorFlow): for performance runs on accelerators.
     synthetic_data: bool = False
+    # A step whose loss or gradient norm is not finite is discarded (no update). The run stops (no export,
+    # exit code 3) at the first such step, or once more than this many have been discarded.
+    max_nonfinite_steps: int = 0
+    # Resume when the latest checkpoint cannot be restored: "fallback" to the newest one that can (the
+    # damaged step folder is renamed <step>.damaged), or "stop" with an error.
+    on_bad_checkpoint: str = "fallback"
+    # > 0: two-pass GradCache step, activations held for this many notes (rows) at a time; the contrastive
+    # loss still sees all 2B notes (equal to the full-batch gradient). Must divide 2 x batch_pairs.
+    grad_cache_chunk: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +209,16 @@ class RetrievalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    # The service (notellm_jax.serve): concurrent requests are coalesced into one jitted call of at most
+    # max_batch_size notes per length bucket; the first request of a batch waits at most max_wait_ms for others.
+    max_batch_size: int = 8
+    max_wait_ms: float = 5.0
+    max_k: int = 100                # largest k a /similar request may ask for
+    max_notes_per_request: int = 64  # /embed
+
+
+@dataclasses.dataclass(frozen=True)
 class EmbedConfig:
     batch_size: int = 32
     # Notes per .npy shard (at most one shard is held in memory while writing/reading).
@@ -180,6 +226,9 @@ class EmbedConfig:
     # Sequences are padded to the smallest of this many evenly spaced lengths up to prompt.max_length
     # (one compile per length; short notes do not pay for the longest).
     length_buckets: int = 4
+    # Every category prompt starts with the same instruction tokens: compute their key/value cache once and
+    # run only each note's own tokens on top of it (same embeddings; not with a frozen-bottom feature cache).
+    prefix_cache: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,11 +244,14 @@ class GenerationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BaselineConfig:
-    # SentenceBERT (all-MiniLM-L6-v2): token cap, and a fine-tune kept CPU-sized (ENVIRONMENT.md: ~17.8 s
-    # per 32 x 256-token step there). Seeded by train.seed.
+    # SentenceBERT (all-MiniLM-L6-v2): token cap (ENVIRONMENT.md: ~17.8 s per 32 x 256-token step on the
+    # CPU there). Seeded by train.seed.
     sbert_max_tokens: int = 128
-    sbert_finetune_steps: int = 64
-    sbert_finetune_batch_pairs: int = 16
+    # Fine-tune on equal terms with the NoteLLM recipe: 0 = train.epochs x training pairs / batch steps
+    # and 0 batch pairs = train.batch_pairs; sbert_finetune_seconds > 0 caps the wall time (0 = none).
+    sbert_finetune_steps: int = 0
+    sbert_finetune_batch_pairs: int = 0
+    sbert_finetune_seconds: float = 0.0
     sbert_learning_rate: float = 2e-5
 
 
@@ -224,6 +276,7 @@ class Config:
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     baselines: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
     job: JobConfig = dataclasses.field(default_factory=JobConfig)
+    serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -275,6 +328,19 @@ class Config:
              f"model.compute_dtype / param_dtype must be one of {DTYPES}"),
             (self.retrieval.ks is None or all(k >= 1 for k in self.retrieval.ks), "retrieval.ks must be >= 1"),
             (self.train.batch_pairs >= 1, "train.batch_pairs must be >= 1"),
+            (self.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps must be >= 0"),
+            (self.train.on_bad_checkpoint in ("fallback", "stop"),
+             f"train.on_bad_checkpoint {self.train.on_bad_checkpoint!r}: fallback | stop"),
+            (not (self.model.lora_rank > 0 and self.model.train_top_layers > 0),
+             "model.lora_rank and model.train_top_layers are alternatives: set one of them to 0"),
+            (not (self.model.lora_rank > 0 and self.model.scan_layers),
+             "model.lora_rank needs model.scan_layers=false (each layer gets its own adapters)"),
+            (self.data.train_input in ("shards", "tfds", "numpy"), f"data.train_input {self.data.train_input!r}: "
+                                                                     "shards | tfds | numpy"),
+            (self.train.grad_cache_chunk >= 0 and (self.train.grad_cache_chunk == 0
+                                                   or (2 * self.train.batch_pairs) % self.train.grad_cache_chunk == 0),
+             f"train.grad_cache_chunk={self.train.grad_cache_chunk} must divide the 2 x {self.train.batch_pairs} "
+             "notes of a batch"),
         ]
         for ok, message in checks:
             if not ok:
@@ -283,6 +349,8 @@ class Config:
         if training and self.train.batch_pairs % process_count:
             raise ConfigError(f"train.batch_pairs={self.train.batch_pairs} is not divisible by the "
                               f"{process_count} processes")
+        if training and self.data.train_input == "numpy" and process_count > 1:
+            raise ConfigError("data.train_input='numpy' reads in one process; use 'shards' for multi-host runs")
         if training and (2 * self.train.batch_pairs) % (data * fsdp):
             raise ConfigError(f"the global batch of 2 x {self.train.batch_pairs} notes does not divide over "
                               f"data x fsdp = {data * fsdp} devices")

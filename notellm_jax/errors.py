@@ -27,3 +27,9 @@ class CheckpointError(NotellmError, ValueError):
 
 class MissingInputError(NotellmError, FileNotFoundError):
     """An input the run needs (a dump, a prepared stage's output, a checkpoint, a tokenizer) is absent."""
+
+
+class TrainingDivergedError(NotellmError, RuntimeError):
+    """Training steps turned non-finite (loss or gradient norm) beyond `train.max_nonfinite_steps`; the
+    message names the step and the quantity. CLIs exit with status 3 (not 2: the input may be fine)."""
+    exit_code = 3

@@ -11,8 +11,12 @@ and argument errors cost nothing and `plan --devices` can fake devices before ja
     notellm job       --config C [--only STAGES] [--force STAGES]     (= python -m notellm_jax.job)
     notellm plan      --config C --devices N
     notellm convert   SRC DST [--to hf|orbax] [--overwrite]
+    notellm serve     --config C --index DIR [--export DIR] [--embeddings DIR] [--host H --port P]
+    notellm sweep     --config C --grid G.json --out DIR [--steps N] [--mode one_at_a_time|product]
+    notellm device    pack|run --config C --bundle DIR [--out OUT]   (the accelerator recipe, no TF/gguf there)
 
-User-input errors (the project's own `errors.NotellmError`s) end with one line and exit status 2;
+User-input errors (the project's own `errors.NotellmError`s) end with one line and exit status 2 (3 for
+a training run that diverged: `TrainingDivergedError`);
 anything else propagates with its traceback.
 """
 from __future__ import annotations
@@ -33,6 +37,9 @@ COMMANDS = {
     "job": ("notellm_jax.job.main_job", "the main job: every stage, then the report", True),
     "plan": ("notellm_jax.plan", "compile the step ahead of time; per-device memory", True),
     "convert": ("notellm_jax.weights.convert", "convert weights between HF, llama2.c, GGUF, orbax", False),
+    "serve": ("notellm_jax.serve.cli", "serve new-note embeddings and nearest notes over HTTP", True),
+    "sweep": ("notellm_jax.tools.sweep", "hyper-parameter sweep scored on validation pairs", True),
+    "device": ("notellm_jax.tools.device_recipe", "pack / run the accelerator recipe (numpy-only inputs)", True),
 }
 
 
@@ -44,7 +51,8 @@ def _tool_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--name", default="notellm", help="model name recorded in embeddings.json")
         p.add_argument("--out", help="output folder (default <work_dir>/embeddings/<name>)")
     elif name == "prepare":
-        p.add_argument("--stages", help="comma-separated subset of import,cooccurrence,splits,shards (default all)")
+        p.add_argument("--stages", help="comma-separated subset of import,cooccurrence,splits,shards,tfds "
+                       "(default all; tfds only with data.train_input=tfds)")
         p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     elif name == "recall":
         p.add_argument("--embeddings", required=True, help="folder written by embed or baselines")
@@ -68,11 +76,23 @@ def _tool_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--force", help="comma-separated stages to redo even if their outputs exist")
     elif name == "plan":
         p.add_argument("--devices", type=int, default=0, help="fake this many CPU devices")
+    elif name == "sweep":
+        p.add_argument("--grid", required=True, help="JSON: {section.field: [values, ...]}")
+        p.add_argument("--out", required=True, help="folder for the settings' runs and the table")
+        p.add_argument("--steps", type=int, default=64, help="training steps per setting")
+        p.add_argument("--mode", default="one_at_a_time", choices=("one_at_a_time", "product"))
+    elif name == "device":
+        p.add_argument("action", choices=("pack", "run"))
+        p.add_argument("--bundle", required=True, help="the folder that travels to the device")
+        p.add_argument("--out", help="run: where embeddings/ and summary.json go")
     elif name == "convert":
         p.add_argument("src", help="HF folder, llama2.c .bin, .gguf file or orbax folder")
         p.add_argument("dst", help="output folder")
         p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
         p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+    elif name == "serve":
+        from notellm_jax.serve.cli import add_arguments
+        add_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +131,7 @@ def main(argv: list[str] | None = None) -> Any:
         return importlib.import_module(module).run(args, config)
     except NotellmError as e:
         print(f"notellm {args.command}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(getattr(e, "exit_code", 2)) from None
 
 
 if __name__ == "__main__":

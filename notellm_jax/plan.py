@@ -31,7 +31,7 @@ def abstract_batch(config, setup) -> dict:
     shapes = {"input_ids": ((n, length), jnp.int32), "attention_mask": ((n, length), jnp.int32),
               "embed_read_pos": ((n,), jnp.int32), "target_positions": ((n, targets), jnp.int32),
               "target_ids": ((n, targets), jnp.int32), "target_mask": ((n, targets), jnp.float32),
-              "pair_id": ((n,), jnp.int32)}
+              "pair_id": ((n,), jnp.int32), "note_index": ((n,), jnp.int32)}
     return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(setup.mesh, len(s))) for k, (s, d) in shapes.items()}
 
 

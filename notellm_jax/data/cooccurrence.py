@@ -11,6 +11,10 @@
 - Repeated touches count once: u adds 1/N_u to s(A->B) at most once however often u touched A or B.
   A user who touched A, then B, then A again contributes to both s(A->B) and s(B->A).
 - A != B always; users with a single note contribute nothing (but their events count in stats).
+- Each 1/N_u is rounded to a multiple of 2^-32 (WEIGHT_QUANTUM, about 2.3e-10) before summing. Sums of
+  such numbers below 2^21 are exact in float64, so s(A->B) does not depend on the order of summation:
+  this path and the Beam path (beam_prepare.py), which adds in whatever order its workers finish,
+  give bit-identical scores, hence identical bounds, ranks and top-t ties.
 
 Vectorised with numpy: events are sorted by (user, note, time); all candidate (A, B) positions of a
 user are generated with `np.repeat` arithmetic in chunks of whole users (bounded memory), filtered,
@@ -32,6 +36,13 @@ from notellm_jax.data import store
 
 # Upper bound on candidate pairs materialised at once (about 16 bytes each in the main arrays).
 DEFAULT_CHUNK_PAIRS = 1 << 23
+# Weights 1/N_u are multiples of this (see the module docstring: order-independent exact sums).
+WEIGHT_QUANTUM = 2.0 ** -32
+
+
+def user_weight(num_notes: np.ndarray) -> np.ndarray:
+    """1/N_u rounded to a multiple of WEIGHT_QUANTUM."""
+    return np.round(1.0 / (num_notes * WEIGHT_QUANTUM)) * WEIGHT_QUANTUM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +106,7 @@ def _touches(user: np.ndarray, note: np.ndarray, time: np.ndarray) -> _Touches:
     user_of_row = np.cumsum(new_user) - 1
     return _Touches(user=user, time=time, row=np.cumsum(new_row) - 1, row_user=row_user, row_note=note[row_start],
                     row_first=time[row_start], row_last=time[row_end - 1],
-                    row_weight=1.0 / user_count[user_of_row], row_user_start=user_start[user_of_row],
+                    row_weight=user_weight(user_count)[user_of_row], row_user_start=user_start[user_of_row],
                     row_user_count=user_count[user_of_row])
 
 
@@ -172,7 +183,8 @@ def cooccurrence_scores(events: pa.Table | Mapping[str, Any], window_seconds: fl
     parts = [sp.csr_matrix((t.row_weight[a], (t.row_note[a], t.row_note[b])), shape=(n, n))
              for a, b in pair_chunks]
     matrix = _tree_sum(parts) if parts else sp.csr_matrix((n, n))
-    return CooccurrenceScores(matrix=matrix, note_ids=note_ids, num_users=int(len(np.unique(user))),
+    # user holds dictionary indices 0..k-1, every one used: k = max + 1 (np.unique cost 15% of the run).
+    return CooccurrenceScores(matrix=matrix, note_ids=note_ids, num_users=int(user.max()) + 1,
                               num_events=len(user))
 
 
@@ -191,7 +203,17 @@ def select_related(scores: CooccurrenceScores, upper: float, lower: float, top_t
     pairs (note_a, note_b, score; sorted by A, score desc, B) and the pair counts after each filter.
     """
     coo = scores.matrix.tocoo()
-    a, b, s = coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data
+    a, b, s, counts = select_coo(coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data, upper, lower, top_t)
+    ids = scores.note_ids
+    pairs = store.to_table({"note_a": ids[a].astype(str), "note_b": ids[b].astype(str), "score": s},
+                           store.PAIRS_SCHEMA, "related pairs")
+    return pairs, counts
+
+
+def select_coo(a: np.ndarray, b: np.ndarray, s: np.ndarray, upper: float, lower: float, top_t: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """select_related on (A, B, score) arrays whose integer codes sort like the note ids; the kept
+    triples in (A, score desc, B) order and the counts. The Beam engine selects with this too."""
     counts = {"candidates": len(s)}
     keep = s <= upper
     counts["after_upper"] = int(keep.sum())
@@ -204,10 +226,7 @@ def select_related(scores: CooccurrenceScores, upper: float, lower: float, top_t
     rank = np.arange(len(a)) - np.repeat(group_start, np.diff(np.append(group_start, len(a))))
     keep = rank < top_t if top_t > 0 else np.ones(len(a), bool)
     counts["after_top_t"] = int(keep.sum())
-    ids = scores.note_ids
-    pairs = store.to_table({"note_a": ids[a[keep]].astype(str), "note_b": ids[b[keep]].astype(str),
-                            "score": s[keep]}, store.PAIRS_SCHEMA, "related pairs")
-    return pairs, counts
+    return a[keep], b[keep], s[keep], counts
 
 
 def related_pairs(events: pa.Table | Mapping[str, Any], data: DataConfig) -> tuple[pa.Table, dict[str, int]]:

@@ -15,11 +15,23 @@ note are dropped and counted. Every skipped record is counted under a reason in 
 Malformed input raises `InputFormatError` naming the file and the position (line/column for XML,
 JSONL and CSV; byte offset for bytes that are not UTF-8). Inputs are decoded strictly as UTF-8 (an
 XML file's BOM is accepted): a wrong encoding is an error, never silent replacement characters.
+
+Typed fields (generic JSONL; the CSV columns where they apply), checked per record, reported as
+`file:line: field 'x' must be ...`: ids (note_id, user_id) are non-empty strings or integers (an
+integer becomes its decimal string, the same in notes and events); timestamps (created_at,
+timestamp) are integer unix seconds or ISO-8601 strings ("2020-01-02", "2020-01-02T03:04:05",
+with "Z" or "+02:00" offsets; no offset means UTC), stored as int64 unix seconds; topics is a list
+of strings; title and content are strings or null (null = empty); category and action are strings;
+exposure is a non-negative integer, or -1, null or absent (unknown, stored as -1). No other field
+may be null. A failed record stops the import and nothing is written to the store. An import that
+yields no notes, or neither events nor given pairs (nothing to build related pairs from), is an
+error naming the input.
 """
 from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -109,14 +121,23 @@ class StoreBuilder:
         self.skipped["event.unknown_note"] += len(events) - (pc.sum(known).as_py() or 0)
         return events.filter(known)
 
-    def finish(self) -> dict[str, Any]:
-        """Write events/links/given pairs, then the notes file; return the import counts."""
+    def finish(self, source: str) -> dict[str, Any]:
+        """Write events/links/given pairs, then the notes file; return the import counts.
+
+        An import without notes, or without events and given pairs, is refused (InputFormatError naming
+        `source`) before anything is written."""
         events = self._known_events()
+        given = self._known_pairs(self._given_pairs, "given_pair")
+        skipped = f"(read {self.notes_read} notes; skipped: {dict(self.skipped) or 'none'})"
+        if not self._note_ids:
+            raise InputFormatError(f"{source}: no notes {skipped}")
+        if not len(events) and not given:
+            raise InputFormatError(f"{source}: no events and no given pairs, nothing to build related pairs "
+                                   f"from {skipped}")
         store.write_events(events, self.data_dir / "events.parquet")
         links = self._known_pairs(self._links, "link")
         store.write_links({name: [r[i] for r in links] for i, name in enumerate(store.LINKS_SCHEMA.names)},
                           self.data_dir / "pairs_postlinks.parquet")
-        given = self._known_pairs(self._given_pairs, "given_pair")
         store.write_pairs({name: [r[i] for r in given] for i, name in enumerate(store.PAIRS_SCHEMA.names)},
                           self.data_dir / "pairs_given.parquet")
         self._notes.close()
@@ -200,8 +221,12 @@ def _utf8_error(path: Path) -> str | None:
 
 
 def _timestamp(text: str) -> int:
-    """Dump dates ("2016-08-02T15:39:14.947" or "2010-12-14") are UTC -> unix seconds."""
-    return int(datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp())
+    """ISO-8601 date/time -> unix seconds; without an offset it is UTC (as the dump dates
+    "2016-08-02T15:39:14.947" and "2010-12-14" are)."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp())
 
 
 # ----------------------------------------------------------------------------- Stack Exchange
@@ -409,6 +434,64 @@ def import_stackexchange(root: Path, sites: list[str], builder: StoreBuilder) ->
     return {"sites": {d.name: _SiteImporter(d, builder).run() for d in stackexchange_site_dirs(root, sites)}}
 
 
+# ----------------------------------------------------------------------------- typed fields
+
+
+class _Record:
+    """One input record's position (file:line), for the typed-field checks below."""
+
+    def __init__(self, path: Path, line: int, values: Mapping[str, Any]):
+        self.path, self.line, self.values = path, line, values
+
+    def error(self, name: str, expected: str) -> InputFormatError:
+        value = self.values.get(name)
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return InputFormatError(f"{self.path}:{self.line}: field {name!r} must be {expected}, got "
+                                f"{type(value).__name__} {shown}")
+
+    def identifier(self, name: str) -> str:
+        value = self.values.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str) and value:
+            return value
+        raise self.error(name, "a non-empty string or an integer")
+
+    def timestamp(self, name: str) -> int:
+        value = self.values.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return _timestamp(value)
+            except ValueError:
+                pass
+        raise self.error(name, "integer unix seconds or an ISO-8601 date/time string")
+
+    def text(self, name: str, nullable: bool = False) -> str:
+        value = self.values.get(name)
+        if isinstance(value, str):
+            return value
+        if value is None and nullable:
+            return ""
+        raise self.error(name, "a string or null" if nullable else "a string")
+
+    def topics(self, name: str) -> list[str]:
+        value = self.values.get(name)
+        if isinstance(value, list) and all(isinstance(t, str) for t in value):
+            return value
+        raise self.error(name, "a list of strings")
+
+    def count(self, name: str) -> int:
+        """An optional count: a non-negative integer, or -1, null or absent for unknown (stored as -1)."""
+        value = self.values.get(name)
+        if value is None:
+            return -1
+        if isinstance(value, int) and not isinstance(value, bool) and value >= -1:
+            return value
+        raise self.error(name, "a non-negative integer, -1 or null")
+
+
 # ----------------------------------------------------------------------------- reference CSV
 
 CSV_NOTE_COLUMNS = ("note_id", "title", "content", "image_id", "category")
@@ -434,19 +517,30 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict
                     raise InputFormatError(f"{path}: missing column {column!r} (header: {header})")
             for row in reader:
                 if None in row or any(row[c] is None for c in required):
-                    raise InputFormatError(f"{path}:{reader.line_num}: row has {len(row)} fields, header has "
+                    # DictReader fills a short row's missing columns with None and puts a long row's extra
+                    # cells in a list under the key None.
+                    fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+                    raise InputFormatError(f"{path}:{reader.line_num}: row has {fields} fields, header has "
                                            f"{len(header)}")
                 yield reader.line_num, row
     except UnicodeDecodeError:
         raise InputFormatError(f"{path}: not UTF-8 at {_utf8_error(path)}") from None
 
 
+def _csv_number(text: str | None) -> int | str | None:
+    """A CSV cell as the typed checks see it: integer text -> int, empty -> None (absent), else the text."""
+    if not text:
+        return None
+    return int(text) if re.fullmatch(r"-?\d+", text.strip()) else text
+
+
 def import_reference_csv(folder: Path, builder: StoreBuilder, category_depth: int) -> dict[str, Any]:
     """Import notes_*.csv and note_pairs_*.csv (the reference code's format) from `folder`.
 
     category = the first `category_depth` levels of the '@'-joined path (0 = whole path). The CSV has
-    no dates: created_at is an optional column, else the note's ordinal over the files in name order
-    (so a time split becomes a split by file order). exposure: optional column, else -1. image_id
+    no dates: created_at is an optional column (integer unix seconds or ISO-8601), else the note's
+    ordinal over the files in name order (so a time split becomes a split by file order). exposure:
+    optional column (a non-negative integer or -1), else -1. image_id
     is not stored. note_pairs files: the first two columns are note ids (an optional `score` column,
     else 1.0); they become given pairs.
     """
@@ -458,11 +552,9 @@ def import_reference_csv(folder: Path, builder: StoreBuilder, category_depth: in
         for line, row in _read_csv(path, CSV_NOTE_COLUMNS):
             content, topics = split_hashtags(row["content"])
             path_levels = row["category"].split("@")
-            try:
-                created_at = int(row["created_at"]) if row.get("created_at") else ordinal
-                exposure = int(row["exposure"]) if row.get("exposure") else -1
-            except ValueError as e:
-                raise InputFormatError(f"{path}:{line}: {e}") from None
+            typed = _Record(path, line, {k: _csv_number(row.get(k)) for k in ("created_at", "exposure")})
+            created_at = typed.timestamp("created_at") if row.get("created_at") else ordinal
+            exposure = typed.count("exposure")
             builder.add_note({"note_id": row["note_id"], "title": row["title"].strip(), "content": content,
                               "topics": topics, "category": "@".join(path_levels[:category_depth or None]),
                               "created_at": created_at, "exposure": exposure})
@@ -481,16 +573,18 @@ def _import_pair_csv(path: Path, builder: StoreBuilder) -> None:
     for line, row in _read_csv(path, tuple(header[:2])):
         try:
             score = float(row["score"]) if row.get("score") else 1.0
-        except ValueError as e:
-            raise InputFormatError(f"{path}:{line}: {e}") from None
+        except ValueError:
+            score = math.nan
+        if not math.isfinite(score):
+            raise InputFormatError(f"{path}:{line}: field 'score' must be a finite number, got {row['score']!r}")
         builder.add_given_pair(row[header[0]], row[header[1]], score)
 
 
 # ----------------------------------------------------------------------------- generic JSONL
 
 
-def _read_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[dict[str, Any]]:
-    """Records of a JSON-lines file; a bad line or a missing field raises with file:line."""
+def _read_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[_Record]:
+    """Records of a JSON-lines file; a bad line, a non-object or a missing field raises with file:line."""
     try:
         with open(path, encoding="utf-8") as f:
             for line_number, line in enumerate(f, start=1):
@@ -500,26 +594,36 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[dict[str, Any
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise InputFormatError(f"{path}:{line_number}:{e.colno}: invalid JSON: {e.msg}") from None
+                if not isinstance(record, dict):
+                    raise InputFormatError(f"{path}:{line_number}: expected a JSON object, got "
+                                           f"{type(record).__name__}")
                 missing = [k for k in required if k not in record]
                 if missing:
                     raise InputFormatError(f"{path}:{line_number}: missing field(s) {missing}")
-                yield record
+                yield _Record(path, line_number, record)
     except UnicodeDecodeError:
         raise InputFormatError(f"{path}: not UTF-8 at {_utf8_error(path)}") from None
 
 
+def _generic_note(r: _Record) -> dict[str, Any]:
+    return {"note_id": r.identifier("note_id"), "title": r.text("title", nullable=True),
+            "content": r.text("content", nullable=True), "topics": r.topics("topics"),
+            "category": r.text("category"), "created_at": r.timestamp("created_at"), "exposure": r.count("exposure")}
+
+
 def import_generic(folder: Path, builder: StoreBuilder) -> dict[str, Any]:
-    """Import notes.jsonl (store fields; exposure optional, -1) and, if present, events.jsonl."""
+    """Import notes.jsonl (store fields; exposure optional, -1) and, if present, events.jsonl; field
+    types as in the module docstring."""
     notes_path, events_path = folder / "notes.jsonl", folder / "events.jsonl"
     if not notes_path.is_file():
         raise MissingInputError(f"{notes_path} not found")
     required = tuple(n for n in store.NOTES_SCHEMA.names if n != "exposure")
     for record in _read_jsonl(notes_path, required):
-        builder.add_note({**{"exposure": -1}, **{k: record[k] for k in record if k in store.NOTES_SCHEMA.names}})
+        builder.add_note(_generic_note(record))
     if events_path.is_file():
-        for record in _read_jsonl(events_path, tuple(store.EVENTS_SCHEMA.names)):
-            builder.add_event(str(record["user_id"]), str(record["note_id"]), int(record["timestamp"]),
-                              str(record["action"]))
+        for r in _read_jsonl(events_path, tuple(store.EVENTS_SCHEMA.names)):
+            builder.add_event(r.identifier("user_id"), r.identifier("note_id"), r.timestamp("timestamp"),
+                              r.text("action"))
     return {"events_file": events_path.is_file()}
 
 
@@ -540,10 +644,11 @@ def import_source(config: Config, data_dir: Path) -> dict[str, Any]:
     builder = StoreBuilder(data_dir)
     try:
         details = importers[source](builder)
+        counts = builder.finish(f"{source} input {folder}")
     except BaseException:
         builder.abort()
         raise
-    return {"source": source, "input": str(folder), **builder.finish(), **details}
+    return {"source": source, "input": str(folder), **counts, **details}
 
 
 __all__ = ["InputFormatError", "StoreBuilder", "html_to_text", "parse_tags", "site_category", "iter_rows",

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from notellm_jax.config import Config
-from notellm_jax.errors import MissingInputError
+from notellm_jax.errors import ConfigError, MissingInputError, StoreFormatError
 from notellm_jax.data import store
 from notellm_jax.model.llama import LlamaConfig
 from notellm_jax.data.prompts import (Example, Note, PromptTooLongError, build_example, draw_topics,
@@ -104,10 +104,11 @@ def _example_bytes(tf, features: dict) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 
-def _pair_records(tf, path: Path, index_of: dict[str, int], encoded: list[dict], seed: int,
-                  counts: Counter, split: str) -> list[bytes]:
-    """Pair records in a seeded random order (so contiguous files are random samples); drops are counted."""
-    records = []
+def _pair_indices(path: Path, index_of: dict[str, int], encoded: list[dict], seed: int,
+                  counts: Counter, split: str) -> np.ndarray:
+    """[P, 2] note indices of the usable pairs in a seeded random order (so contiguous files are random
+    samples); drops are counted."""
+    pairs = []
     for row in store.read_columns(path, PAIR_COLUMNS).to_pylist():
         a, b = index_of.get(str(row["note_a"])), index_of.get(str(row["note_b"]))
         if a is None or b is None:
@@ -115,10 +116,14 @@ def _pair_records(tf, path: Path, index_of: dict[str, int], encoded: list[dict],
         elif encoded[a]["cat"] is None or encoded[b]["cat"] is None:
             counts[f"{split}_pairs_dropped_note_not_encodable"] += 1
         else:
-            records.append(_example_bytes(tf, {**_note_features(tf, "a_", a, encoded[a]),
-                                               **_note_features(tf, "b_", b, encoded[b])}))
-    order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(records))
-    return [records[i] for i in order]
+            pairs.append((a, b))
+    order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(pairs))
+    return np.asarray(pairs, np.int64).reshape(-1, 2)[order]
+
+
+def _pair_records(tf, pairs: np.ndarray, encoded: list[dict]) -> list[bytes]:
+    return [_example_bytes(tf, {**_note_features(tf, "a_", a, encoded[a]), **_note_features(tf, "b_", b, encoded[b])})
+            for a, b in pairs.tolist()]
 
 
 def write_shards(config: Config, data_dir: Path) -> dict:
@@ -139,12 +144,15 @@ def write_shards(config: Config, data_dir: Path) -> dict:
     num_shards = config.data.num_shards
     files = {}
     index_of = {note.note_id: i for i, note in enumerate(notes)}
+    pair_arrays = {}
     for split in SPLITS:
         path = data_dir / f"pairs_{split}.parquet"
         if path.is_file():
-            records = _pair_records(tf, path, index_of, encoded, config.data.seed, counts, split)
+            pair_arrays[split] = _pair_indices(path, index_of, encoded, config.data.seed, counts, split)
+            records = _pair_records(tf, pair_arrays[split], encoded)
             files[split] = _write_files(tf, out_dir, split, records, num_shards)
             counts[f"{split}_pairs_written"] = len(records)
+    write_token_arrays(out_dir / TOKEN_ARRAYS, notes, encoded, pair_arrays)
     meta = {"counts": dict(counts), "files": files, "num_shards": num_shards,
             "max_length": config.prompt.max_length, "max_targets": config.prompt.max_targets,
             "tokenizer": tokenizer_path, "base_vocab_size": tokenizer.base_vocab_size,
@@ -153,6 +161,61 @@ def write_shards(config: Config, data_dir: Path) -> dict:
             "prompt_hash": prompt_hash(config, tokenizer_path)}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return dict(counts)
+
+
+# The same tokens as the TFRecord shards, readable with numpy alone (hosts without TensorFlow).
+TOKEN_ARRAYS = "tokens.npz"
+
+
+def write_token_arrays(path: Path, notes: list[Note], encoded: list[dict], pairs: dict[str, np.ndarray]) -> None:
+    """Per variant: flat ids + offsets, [EMB] index (-1 = no such variant) and prefix length of every note;
+    per split: the [P, 2] note indices in the shards' order; the note ids."""
+    arrays: dict[str, np.ndarray] = {"note_id": np.asarray([n.note_id for n in notes], dtype=np.str_)}
+    for short in VARIANTS:
+        examples = [variants[short] for variants in encoded]
+        lengths = [0 if ex is None else len(ex.input_ids) for ex in examples]
+        arrays[f"{short}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        arrays[f"{short}_ids"] = np.asarray([t for ex in examples if ex is not None for t in ex.input_ids], np.int32)
+        arrays[f"{short}_emb"] = np.asarray([-1 if ex is None else ex.embed_read_pos for ex in examples], np.int32)
+        arrays[f"{short}_prefix"] = np.asarray([0 if ex is None else ex.prefix_length for ex in examples], np.int32)
+    arrays.update({f"{split}_pairs": value for split, value in pairs.items()})
+    np.savez(path, **arrays)
+
+
+def _token_batch(tokens: dict, pairs: np.ndarray) -> dict:
+    """Rows of `tokens.npz` for [b, 2] pairs in the layout `_assemble` reads (that of the parsed shards)."""
+    out = {}
+    for side, column in (("a_", 0), ("b_", 1)):
+        index = pairs[:, column]
+        out[f"{side}note_index"] = index
+        for short in VARIANTS:
+            offsets, ids = tokens[f"{short}_offsets"], tokens[f"{short}_ids"]
+            out[f"{side}{short}_ids"] = [ids[offsets[i]:offsets[i + 1]].astype(np.int64) for i in index]
+            out[f"{side}{short}_emb"] = tokens[f"{short}_emb"][index].astype(np.int64)
+            out[f"{side}{short}_prefix"] = tokens[f"{short}_prefix"][index].astype(np.int64)
+    return out
+
+
+def make_numpy_train_dataset(config: Config, data_dir: Path, split: str = "train",
+                             start_step: int = 0) -> Iterator[dict]:
+    """`make_train_dataset` for one process without TensorFlow: each epoch a seeded permutation of the
+    split's pairs (from `tokens.npz`) cut into `steps_per_epoch` batches; resumable from any step."""
+    meta = read_meta(config, data_dir)
+    path = Path(data_dir) / "shards" / TOKEN_ARRAYS
+    with np.load(path) as data:
+        tokens = {k: data[k] for k in data.files if k != "note_id"}
+    if f"{split}_pairs" not in tokens:
+        raise ValueError(f"{path}: no {split} pairs (pairs_{split}.parquet was absent at prepare time)")
+    pairs, b = tokens[f"{split}_pairs"], _local_batch_pairs(config, 1)
+    steps = len(pairs) // b
+    if steps == 0:
+        raise ValueError(f"{split}: {len(pairs)} pairs give no full batch of {b} pairs")
+    step = start_step
+    while True:
+        epoch, index = divmod(step, steps)
+        order = np.random.default_rng([config.train.seed, epoch]).permutation(len(pairs))
+        yield _assemble(_token_batch(tokens, pairs[order[index * b:(index + 1) * b]]), config, meta, step, 0, b)
+        step += 1
 
 
 def read_meta(config: Config, data_dir: Path) -> dict:
@@ -269,6 +332,33 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint32)[0])
 
 
+def _pair_source(tf, config: Config, data_dir: Path, split: str, paths: list[Path], file_ids: list[int],
+                 meta: dict):
+    """(records(): this host's records in file order, parse(ds, b): batches of parsed features).
+
+    data.train_input "tfds" reads the same records from the notellm_prepared/pairs dataset: the host's
+    files become TFDS index ranges (file i = records [start_i, start_i + count_i)), read in order."""
+    if config.data.train_input == "shards":
+        spec = _parse_spec(tf, ("a_", "b_"))
+        return (lambda: tf.data.TFRecordDataset([str(paths[i]) for i in file_ids]),
+                lambda ds, b: ds.batch(b, drop_remainder=True).map(lambda x: tf.io.parse_example(x, spec)))
+    if config.data.train_input != "tfds":
+        raise ConfigError(f"data.train_input={config.data.train_input!r}: expected 'shards' or 'tfds'")
+    import tensorflow_datasets as tfds
+
+    from notellm_jax.data.tfds_dataset import load_builder
+
+    builder = load_builder(data_dir, "pairs")
+    if builder.info.metadata["shards_meta"]["prompt_hash"] != meta["prompt_hash"]:
+        raise StoreFormatError(f"{builder.data_dir}: built from other shards than {Path(data_dir) / 'shards'}; "
+                               "rerun prepare --stages tfds --force")
+    starts = np.concatenate([[0], np.cumsum(meta["files"][split])]).tolist()
+    ranges = "+".join(f"{split}[{starts[i]}:{starts[i + 1]}]" for i in file_ids if starts[i + 1] > starts[i])
+    read = tfds.ReadConfig(interleave_cycle_length=1, shuffle_seed=None)
+    return (lambda: builder.as_dataset(split=ranges, shuffle_files=False, read_config=read),
+            lambda ds, b: ds.ragged_batch(b, drop_remainder=True))
+
+
 def make_train_dataset(config: Config, data_dir: Path, split: str = "train", process_index: int | None = None,
                        process_count: int | None = None, start_step: int = 0) -> Iterator[dict]:
     """Endless iterator of this host's numpy batches from global step `start_step` on (epochs repeat)."""
@@ -282,17 +372,16 @@ def make_train_dataset(config: Config, data_dir: Path, split: str = "train", pro
     if steps == 0:
         raise ValueError(f"{split}: {sum(meta['files'][split])} pairs give no full batch of "
                          f"{config.train.batch_pairs} pairs over {process_count} host(s)")
-    spec = _parse_spec(tf, ("a_", "b_"))
+    records, parse = _pair_source(tf, config, data_dir, split, paths, file_ids, meta)
     buffer = config.data.shuffle_buffer or host_records
     epoch, offset = divmod(start_step, steps)
     step = start_step
     while True:
-        ds = tf.data.TFRecordDataset([str(paths[i]) for i in file_ids])
+        ds = records()
         if shard_records:
             ds = ds.shard(process_count, process_index)
-        ds = (ds.shuffle(buffer, seed=_epoch_seed(config.train.seed, epoch), reshuffle_each_iteration=False)
-              .take(steps * b).skip(offset * b).batch(b, drop_remainder=True)
-              .map(lambda x: tf.io.parse_example(x, spec)).prefetch(2))
+        ds = parse(ds.shuffle(buffer, seed=_epoch_seed(config.train.seed, epoch), reshuffle_each_iteration=False)
+                   .take(steps * b).skip(offset * b), b).prefetch(2)
         for parsed in ds:
             yield _assemble(_to_numpy(parsed), config, meta, step, process_index, b)
             step += 1
@@ -330,13 +419,16 @@ def synthetic_batches(config: Config, llama_cfg: LlamaConfig, start_step: int, *
                "attention_mask": np.ones((n, length), np.int32), "embed_read_pos": embed_read_pos,
                "target_positions": positions,
                "target_ids": draw(llama_cfg.vocab_size - 1, targets, dtype=np.int32),
-               "target_mask": np.ones((n, targets), np.float32), "pair_id": np.concatenate([pair, pair])}
+               "target_mask": np.ones((n, targets), np.float32), "pair_id": np.concatenate([pair, pair]),
+               "note_index": np.concatenate([2 * pair, 2 * pair + 1])}
         step += 1
 
 
 def batches(config: Config, llama_cfg: LlamaConfig, split: str, start_step: int) -> Iterator[dict[str, np.ndarray]]:
     if config.train.synthetic_data:
         return synthetic_batches(config, llama_cfg, start_step)
+    if config.data.train_input == "numpy":  # one process (Config.validate)
+        return make_numpy_train_dataset(config, config.data_dir, split=split, start_step=start_step)
     return iter(make_train_dataset(config, config.data_dir, split=split,
                                             process_index=jax.process_index(),
                                             process_count=jax.process_count(), start_step=start_step))

@@ -11,7 +11,11 @@ Everything is written to `<paths.work_dir>/data/`:
                 splits compute each period's pairs from that period's own log)
 - splits:       pairs_train.parquet, pairs_val.parquet, pairs_test.parquet, split.json
 - shards:       shards/ (TFRecords of the tokenised pairs, by `data.input_pipeline.write_shards`)
-and stats.json: each stage's counts under its name, plus the config used.
+- tfds:         tfds/ (the notellm_prepared TensorFlow Datasets dataset of those shards, built on Beam;
+                run by default only with data.train_input="tfds")
+and stats.json: each stage's counts under its name, plus the config used. With data.engine="beam" the
+cooccurrence and splits stages run on Apache Beam (data/beam_prepare.py) and write the same files
+(the pipeline's own files go to beam/).
 
 A stage whose outputs all exist is skipped unless --force; once a stage runs, every later selected
 stage runs too, since its inputs changed.
@@ -24,6 +28,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from notellm_jax.config import Config
 from notellm_jax.data import importers, splits, store
 from notellm_jax.errors import ConfigError
@@ -33,20 +39,39 @@ def run_import(config: Config, data_dir: Path) -> dict[str, Any]:
     return importers.import_source(config, data_dir)
 
 
+def _use_beam(config: Config, given: pa.Table) -> bool:
+    """Beam mines co-occurrence; a source that supplies its own pairs has none to mine."""
+    if config.data.engine not in ("memory", "beam"):
+        raise ConfigError(f"data.engine={config.data.engine!r}: expected 'memory' or 'beam'")
+    return config.data.engine == "beam" and len(given) == 0
+
+
 def run_cooccurrence(config: Config, data_dir: Path) -> dict[str, Any]:
     notes = store.read_note_table(data_dir / "notes.parquet")
-    events = store.read_events(data_dir / "events.parquet")
     given = store.read_pairs(data_dir / "pairs_given.parquet")
-    pairs, counts = splits.period_pairs(events, given, notes["note_id"].combine_chunks(), config.data)
+    if _use_beam(config, given):
+        from notellm_jax.data import beam_prepare  # Apache Beam only for this engine
+
+        pairs, counts = beam_prepare.related_pairs(data_dir / "events.parquet", config.data,
+                                                   data_dir / "beam" / "cooccurrence")
+    else:
+        events = store.read_events(data_dir / "events.parquet")
+        pairs, counts = splits.period_pairs(events, given, notes["note_id"].combine_chunks(), config.data)
     store.write_pairs(pairs, data_dir / "pairs_all.parquet")
     return counts
 
 
 def run_splits(config: Config, data_dir: Path) -> dict[str, Any]:
     notes = store.read_note_table(data_dir / "notes.parquet")
-    events = store.read_events(data_dir / "events.parquet")
     given = store.read_pairs(data_dir / "pairs_given.parquet")
-    pairs, split, counts = splits.make_splits(notes, events, given, config.data)
+    if _use_beam(config, given):
+        from notellm_jax.data import beam_prepare
+
+        pairs, split, counts = beam_prepare.make_splits(notes, data_dir / "events.parquet", config.data,
+                                                        data_dir / "beam" / "splits")
+    else:
+        events = store.read_events(data_dir / "events.parquet")
+        pairs, split, counts = splits.make_splits(notes, events, given, config.data)
     for name, table in pairs.items():
         store.write_pairs(table, data_dir / f"pairs_{name}.parquet")
     (data_dir / "split.json").write_text(json.dumps(split, indent=1))
@@ -58,18 +83,30 @@ def run_shards(config: Config, data_dir: Path) -> dict[str, Any]:
     return write_shards(config, data_dir)
 
 
+def run_tfds(config: Config, data_dir: Path) -> dict[str, Any]:
+    from notellm_jax.data import tfds_dataset  # TensorFlow Datasets + Beam only for this stage
+
+    return tfds_dataset.build(data_dir, config.data.beam_runner, config.data.beam_options)
+
+
 STAGES: dict[str, tuple[Callable[[Config, Path], dict[str, Any]], tuple[str, ...]]] = {
     "import": (run_import, ("notes.parquet", "events.parquet", "pairs_postlinks.parquet", "pairs_given.parquet")),
     "cooccurrence": (run_cooccurrence, ("pairs_all.parquet",)),
     "splits": (run_splits, ("pairs_train.parquet", "pairs_val.parquet", "pairs_test.parquet", "split.json")),
     "shards": (run_shards, ("shards",)),
+    "tfds": (run_tfds, ("tfds",)),
 }
 
 
-def parse_stages(text: str | None) -> list[str]:
-    """`--stages a,b` -> the named stages in pipeline order (None = all)."""
+def default_stages(config: Config) -> list[str]:
+    """Every stage; the TFDS dataset only when training reads it (data.train_input = "tfds")."""
+    return [s for s in STAGES if s != "tfds" or config.data.train_input == "tfds"]
+
+
+def parse_stages(text: str | None) -> list[str] | None:
+    """`--stages a,b` -> the named stages in pipeline order (None = default_stages)."""
     if text is None:
-        return list(STAGES)
+        return None
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
     if unknown:
@@ -77,8 +114,10 @@ def parse_stages(text: str | None) -> list[str]:
     return [s for s in STAGES if s in names]  # always in pipeline order
 
 
-def prepare(config: Config, stages: Sequence[str] = tuple(STAGES), force: bool = False) -> dict[str, Any]:
-    """Run the selected stages in order into <work_dir>/data; returns (and writes) stats.json's content."""
+def prepare(config: Config, stages: Sequence[str] | None = None, force: bool = False) -> dict[str, Any]:
+    """Run the selected stages (default_stages if None) in order into <work_dir>/data; returns (and
+    writes) stats.json's content."""
+    stages = default_stages(config) if stages is None else stages
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     stats_path = data_dir / "stats.json"

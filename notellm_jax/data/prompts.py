@@ -14,7 +14,8 @@ leave the guidance tokens unchanged, so the generation prefix is an exact token 
 training example. Hashtag outputs are the j drawn topics joined with ", ".
 Budgets: title and content are cut to `title_max_tokens` / `content_max_tokens` tokens measured on
 the field encoded alone (cut points never split a character); in context the count can differ by
-a boundary merge. If the whole example exceeds `max_length`, content is shrunk further, then title.
+a boundary merge. Only a field's head of (budget + 16) x 64 characters is ever tokenised, so the
+cost of a prompt does not grow with the size of the note. If the whole example exceeds `max_length`, content is shrunk further, then title.
 """
 from __future__ import annotations
 
@@ -87,8 +88,22 @@ def _note_json(note: Note, title: str, content: str, with_topic: bool) -> str:
     return f"{{'title': '{title}', {topic}'content': '{content}'}}"
 
 
+# No token of the tokenizers we load spans more characters than this (sentencepiece pieces are at most
+# 16 by default; the longest BPE pieces, runs of spaces or dashes, stay well below 64).
+CHARS_PER_TOKEN = 64
+# Tokens of slack past a budget, so a merge at the character cut cannot reach into the kept tokens.
+CUT_SLACK_TOKENS = 16
+
+
+def char_bound(text: str, budget: int) -> str:
+    """The head of `text` that holds its first `budget` tokens (a generous multiple of the budget in
+    characters): tokenising that instead of the whole field keeps a huge note as cheap as a normal one."""
+    return text[:(budget + CUT_SLACK_TOKENS) * CHARS_PER_TOKEN]
+
+
 def cut_to_tokens(tokenizer: NoteTokenizer, text: str, budget: int) -> str:
     """`text` cut to at most `budget` tokens without splitting a character."""
+    text = char_bound(text, budget)
     ids = tokenizer.encode(text, split_special_tokens=True)
     if len(ids) <= budget:
         return text
@@ -149,8 +164,11 @@ def build_example(note: Note, tokenizer: NoteTokenizer, cfg: PromptConfig, task:
         topics = draw_topics(note, cfg.max_topics, rng)
     output = note.category if task == "category" else ", ".join(topics)
     # Budgets above a field's own length would make the shrink loop below step through no-ops.
-    title_budget = min(cfg.title_max_tokens, len(tokenizer.encode(note.title, split_special_tokens=True)))
-    content_budget = min(cfg.content_max_tokens, len(tokenizer.encode(note.content, split_special_tokens=True)))
+    title_budget = min(cfg.title_max_tokens, len(tokenizer.encode(char_bound(note.title, cfg.title_max_tokens),
+                                                                  split_special_tokens=True)))
+    content_budget = min(cfg.content_max_tokens,
+                         len(tokenizer.encode(char_bound(note.content, cfg.content_max_tokens),
+                                              split_special_tokens=True)))
     initial_budgets = (title_budget, content_budget)
     while True:
         before, after = _texts(note, tokenizer, cfg, task, topics, title_budget, content_budget)

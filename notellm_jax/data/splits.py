@@ -105,16 +105,34 @@ def _iso(ts: int) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
 
+def note_split(notes: pa.Table, data: DataConfig) -> tuple[dict[str, int], np.ndarray]:
+    """(cut-offs, per note: is it a test note)."""
+    cutoffs = time_cutoffs(notes, data.test_time_quantile, data.split_scope)
+    return cutoffs, notes["created_at"].to_numpy() >= note_cutoffs(notes, cutoffs)
+
+
 def make_splits(notes: pa.Table, events: pa.Table, given: pa.Table, data: DataConfig
                 ) -> tuple[dict[str, pa.Table], dict[str, Any], dict[str, Any]]:
     """({"train", "val", "test"} pairs, split description for split.json, counts for stats.json)."""
-    cutoffs = time_cutoffs(notes, data.test_time_quantile, data.split_scope)
-    is_test = notes["created_at"].to_numpy() >= note_cutoffs(notes, cutoffs)
+    cutoffs, is_test = note_split(notes, data)
     note_ids = notes["note_id"]
     train_notes, test_notes = note_ids.filter(pa.array(~is_test)), note_ids.filter(pa.array(is_test))
     train_events, test_events = period_events(events, notes, is_test, cutoffs, data.train_events_before_cutoff)
     train_period, train_counts = period_pairs(train_events, given, train_notes.combine_chunks(), data)
     test_pairs, test_counts = period_pairs(test_events, given, test_notes.combine_chunks(), data)
+    event_counts = {"all": len(events), "train_period": len(train_events), "test_period": len(test_events),
+                    "not_in_a_period": len(events) - len(train_events) - len(test_events)}
+    return finish_splits(notes, cutoffs, is_test, train_period, test_pairs, data,
+                         {"events": event_counts, "train_period_pairs": train_counts,
+                          "test_period_pairs": test_counts})
+
+
+def finish_splits(notes: pa.Table, cutoffs: dict[str, int], is_test: np.ndarray, train_period: pa.Table,
+                  test_pairs: pa.Table, data: DataConfig, period_counts: dict[str, Any]
+                  ) -> tuple[dict[str, pa.Table], dict[str, Any], dict[str, Any]]:
+    """From each period's related pairs to make_splits' result (shared by the memory and Beam engines)."""
+    note_ids = notes["note_id"]
+    train_notes, test_notes = note_ids.filter(pa.array(~is_test)), note_ids.filter(pa.array(is_test))
     train_pairs, val_pairs, val_sources = holdout_by_source(train_period, data.val_fraction, data.seed)
     sampled = _subsample(train_pairs, data.max_train_pairs, data.seed)
     pairs = {"train": sampled, "val": sort_for_eval(val_pairs), "test": sort_for_eval(test_pairs)}
@@ -130,10 +148,7 @@ def make_splits(notes: pa.Table, events: pa.Table, given: pa.Table, data: DataCo
     }
     stats = {
         "notes": {"train": len(train_notes), "test": len(test_notes)},
-        "events": {"all": len(events), "train_period": len(train_events), "test_period": len(test_events),
-                   "not_in_a_period": len(events) - len(train_events) - len(test_events)},
-        "train_period_pairs": train_counts,
-        "test_period_pairs": test_counts,
+        **period_counts,
         "val_source_notes": len(val_sources),
         "pairs": {"train_before_cap": len(train_pairs), **{name: len(t) for name, t in pairs.items()}},
         "notes_in_pairs": {name: len(pc.unique(pa.concat_arrays([t["note_a"].combine_chunks(),

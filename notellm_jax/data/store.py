@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -125,8 +126,29 @@ def write_events(data: TableLike, path: str | Path) -> pa.Table:
 
 
 def read_events(path: str | Path) -> pa.Table:
-    """Read an events Parquet file as a Table with EVENTS_SCHEMA."""
-    return _read(path, EVENTS_SCHEMA)
+    """Read an events Parquet file as a Table with EVENTS_SCHEMA (a null key field -> StoreFormatError)."""
+    table = _read(path, EVENTS_SCHEMA)
+    check_events(table, str(path))
+    return table
+
+
+EVENT_KEYS = ("user_id", "note_id", "timestamp")
+
+
+def check_events(table: pa.Table, what: str, first_row: int = 0) -> None:
+    """StoreFormatError naming `what`, the column and the row (first_row + index) for a missing key
+    column, a key column of the wrong type, or a null user_id / note_id / timestamp."""
+    for field in EVENTS_SCHEMA:
+        if field.name not in EVENT_KEYS:
+            continue
+        if field.name not in table.column_names:
+            raise StoreFormatError(f"{what}: missing column {field.name!r}")
+        column = table[field.name]
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise StoreFormatError(f"{what}: row {first_row + row}: {field.name} is null")
+        if not column.type.equals(field.type):
+            raise StoreFormatError(f"{what}: column {field.name!r} is {column.type}, not {field.type}")
 
 
 def write_pairs(data: TableLike, path: str | Path) -> pa.Table:

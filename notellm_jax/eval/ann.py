@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from notellm_jax.config import RetrievalConfig
+from notellm_jax.errors import MissingInputError, StoreFormatError
 from notellm_jax.eval.retrieval import l2_normalise
-from notellm_jax.errors import MissingInputError
 
 TREE_MIN_POINTS = 10_000
 
@@ -83,22 +83,39 @@ def search(searcher, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     return indices, np.asarray(scores, np.float32)
 
 
+def refuse_pickles(directory: str | os.PathLike) -> None:
+    """Index folders never hold pickles: loading one would run whatever code it names. ScaNN's own
+    `load_searcher` unpickles `scann_docids.pkl`, so the project keeps ids itself and refuses the folder."""
+    found = sorted(str(p.relative_to(directory)) for p in Path(directory).rglob("*.pkl"))
+    if found:
+        raise StoreFormatError(f"{directory}: refusing to load an index folder holding pickle files ({found[:5]}); "
+                               "indexes written by notellm_jax keep ids in plain files, never pickles")
+
+
 def save_index(searcher, directory: str | os.PathLike) -> Path:
-    """Serialise the searcher (ScaNN's own asset files) into `directory`, created if needed."""
-    # Absolute: ScaNN records asset paths as given, and a relative one does not reload.
+    """Serialise the searcher (ScaNN's own asset files, no pickle) into `directory`, created if needed."""
+    if getattr(searcher, "docids", None) is not None:
+        raise ValueError("a searcher built with docids would be saved with a pickle (scann_docids.pkl): "
+                         "keep ids outside ScaNN")
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    searcher.serialize(str(directory))
+    # Asset paths relative to the folder: it reloads from wherever it is moved (or was named relatively).
+    searcher.serialize(str(directory), relative_path=True)
     return directory
 
 
 def load_index(directory: str | os.PathLike):
-    """Reload a searcher written by `save_index`; a folder without ScaNN assets is an error."""
+    """Reload a searcher written by `save_index`. A folder without ScaNN assets is an error, and one holding
+    any pickle is refused; ScaNN's `load_searcher` is bypassed because it unpickles docids."""
     from scann import scann_ops_pybind
 
-    if not (Path(directory) / "scann_assets.pbtxt").is_file():
+    directory = Path(directory).absolute()
+    assets = directory / "scann_assets.pbtxt"
+    if not assets.is_file():
         raise MissingInputError(f"{directory} holds no ScaNN index (scann_assets.pbtxt missing)")
-    return scann_ops_pybind.load_searcher(str(Path(directory).absolute()), assets_backcompat_shim=False)
+    refuse_pickles(directory)
+    raw = scann_ops_pybind.scann_pybind.ScannNumpy(str(directory), assets.read_text())
+    return scann_ops_pybind.ScannSearcher(raw)
 
 
 def clustered_vectors(num: int, dim: int, num_clusters: int, seed: int, noise: float = 0.15) -> np.ndarray:

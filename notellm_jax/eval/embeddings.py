@@ -56,6 +56,10 @@ class EmbeddingWriter:
         bad = [i for i in ids if "\n" in i or "\r" in i]
         if bad:
             raise ValueError(f"note ids with line breaks cannot be stored one per line: {bad[:5]!r}")
+        nonfinite = [i for i, row in zip(ids, vectors) if not np.isfinite(row).all()]
+        if nonfinite:
+            raise ValueError(f"{len(nonfinite)} of {len(ids)} embeddings are not finite (notes {nonfinite[:5]}): "
+                             f"the model produced NaN/inf; nothing is written to {self.out_dir}")
         self._ids.extend(ids)
         self._vectors.append(vectors)
         while len(self._ids) >= self.shard_size:
@@ -70,6 +74,13 @@ class EmbeddingWriter:
         self.shards.append({"embeddings": emb_name, "ids": ids_name, "count": rows})
         self.count += rows
         self._ids, self._vectors = self._ids[rows:], [matrix[rows:]]
+
+    def abort(self) -> None:
+        """Remove the shards written so far (a failed run leaves no partial folder behind)."""
+        for shard in self.shards:
+            for name in (shard["embeddings"], shard["ids"]):
+                (self.out_dir / name).unlink(missing_ok=True)
+        self.shards, self._ids, self._vectors = [], [], []
 
     def close(self, meta: dict[str, Any]) -> Path:
         """Write what is left and embeddings.json (written last: its presence means the folder is complete)."""

@@ -58,7 +58,7 @@ class Generator:
 
         export = load_notellm(export_dir)
         self.tokenizer: NoteTokenizer = resolve_tokenizer(config, export.tokenizer, export.prompt.emb_token)
-        if self.tokenizer.vocab_size != export.llama.vocab_size:
+        if self.tokenizer.vocab_size > export.llama.vocab_size:  # equal, or a padded table (Qwen)
             raise ValueError(f"{export_dir}: the model has a {export.llama.vocab_size}-token vocabulary but its "
                              f"tokenizer {export.tokenizer} has {self.tokenizer.vocab_size} (with "
                              f"{export.prompt.emb_token}): they do not belong together")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from notellm_jax.config import Config, RetrievalConfig
+from notellm_jax.config import Config
 from notellm_jax.data import store
 from notellm_jax.eval import ann
 from notellm_jax.eval.embeddings import read_embeddings, read_meta

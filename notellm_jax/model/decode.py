@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from notellm_jax.model.llama import Llama, init_cache
+from notellm_jax.model.llama import Llama, LlamaConfig, init_cache
 
 NO_CHILD = -1
 

@@ -1,9 +1,13 @@
-"""The project's own Flax (Linen) LLaMA decoder.
+"""The project's own Flax (Linen) LLaMA-family decoder.
 
-Covers LLaMA-2 7B/13B/70B (grouped-query attention for 70B) and the small LLaMA-family models we load
-here (stories260K, SmolLM2): RMSNorm, RoPE in the Hugging Face rotate-half layout with configurable
-theta, SwiGLU MLP, tied or untied output head, causal attention with padding (positions come from the
-attention mask, so left and right padding both work), and a functional KV cache for decoding.
+Covers LLaMA-2 7B/13B/70B, LLaMA-3.1/3.2, Qwen2/2.5, Qwen3, Mistral and the small LLaMA-family models we
+load here (stories260K, SmolLM2): RMSNorm, RoPE in the Hugging Face rotate-half layout with configurable
+theta and optional LLaMA-3 frequency scaling, SwiGLU MLP, tied or untied output head, optional q/k/v and
+o projection biases (Qwen2, `attention_bias`), optional per-head q/k RMSNorm (Qwen3), causal attention
+with padding (positions come from the attention mask, so left and right padding both work) and an
+optional sliding window (Mistral), and a functional KV cache for decoding. `LlamaConfig.model_type`
+names the Hugging Face family (`FAMILIES`) a config belongs to; the config fields say which of these
+features it uses, so the decoder itself has no per-family code.
 
 Every parameter is created with logical axis names (see `notellm_jax.sharding.LOGICAL_RULES`), so the
 parallelism of a run is configuration only. Layers can be scanned (`scan_layers`, fast compiles for
@@ -12,6 +16,8 @@ deep models) and rematerialised (`remat_policy`).
 Parameter tree (unscanned; x = hidden, h = heads, k = kv heads, d = head_dim, m = mlp, v = vocab):
     embed_tokens/embedding [v, x]; layers_{i}/{input_norm,post_attn_norm}/scale [x];
     layers_{i}/attn/{q,k,v}_proj/kernel [x, h|k, d]; layers_{i}/attn/o_proj/kernel [h, d, x];
+    layers_{i}/attn/{q,k,v}_proj/bias [h|k, d], o_proj/bias [x] (with attention_bias / attention_out_bias);
+    layers_{i}/attn/{q,k}_norm/scale [d] (qk_norm);
     layers_{i}/mlp/{gate,up}_proj/kernel [x, m]; layers_{i}/mlp/down_proj/kernel [m, x];
     norm/scale [x]; lm_head/kernel [x, v] (untied only).
 With `scan_layers` the layers form one subtree `layers/...` with a leading [num_layers] axis.
@@ -19,7 +25,6 @@ With `scan_layers` the layers form one subtree `layers/...` with a leading [num_
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import jax
@@ -33,19 +38,38 @@ from notellm_jax.model.precision import Precision
 
 Array = jax.Array
 
-# Fields of a Hugging Face LlamaConfig we read; any other non-default architectural field is refused.
-_HF_FIELDS = {
-    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
-    "num_hidden_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
-    "num_key_value_heads": "num_key_value_heads", "head_dim": "head_dim", "rope_theta": "rope_theta",
-    "rms_norm_eps": "rms_norm_eps", "max_position_embeddings": "max_position_embeddings",
-    "tie_word_embeddings": "tie_word_embeddings", "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
-}
+# Hugging Face config.json fields copied one to one (same names) into LlamaConfig.
+_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "max_position_embeddings",
+              "tie_word_embeddings", "bos_token_id", "eos_token_id")
 # HF fields that change the architecture, with the only value this port implements.
-_HF_REQUIRED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_scaling": None,
-                "pretraining_tp": 1, "model_type": "llama"}
+_HF_REQUIRED = {"hidden_act": "silu", "mlp_bias": False, "pretraining_tp": 1, "partial_rotary_factor": 1.0,
+                "use_sliding_window": False}
+# The other config.json fields `from_hf_dict` interprets (family, biases, RoPE scaling, windows, layer kinds).
+_HF_INTERPRETED = ("model_type", "attention_bias", "rope_scaling", "sliding_window", "max_window_layers",
+                   "layer_types")
+_LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a Hugging Face `model_type` fixes: its transformers class, its attention-projection biases
+    ((q/k/v, o), or None where config.json's `attention_bias` sets both), per-head q/k RMSNorm, and
+    whether config.json's `sliding_window` applies."""
+    architecture: str
+    biases: tuple[bool, bool] | None
+    qk_norm: bool
+    sliding_window: bool
+
+
+FAMILIES = {
+    "llama": Family("LlamaForCausalLM", None, False, False),
+    "qwen2": Family("Qwen2ForCausalLM", (True, False), False, False),  # q/k/v bias always, no o bias
+    "qwen3": Family("Qwen3ForCausalLM", None, True, False),
+    "mistral": Family("MistralForCausalLM", (False, False), False, True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +87,17 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
+    model_type: str = "llama"            # the HF family (FAMILIES): decides the export's class and config
+    # RoPE frequencies: "default" (theta only) or "llama3" (LLaMA-3.1/3.2 scaling with the fields below).
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    attention_bias: bool = False         # biases on q/k/v (Qwen2, or LLaMA/Qwen3 with attention_bias)
+    attention_out_bias: bool = False     # bias on o (LLaMA/Qwen3 with attention_bias)
+    qk_norm: bool = False                # per-head RMSNorm on q and k before RoPE (Qwen3)
+    sliding_window: int | None = None    # Mistral: a query sees the last `sliding_window` positions
     # Runtime choices, not part of the checkpoint.
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
@@ -83,6 +118,23 @@ class LlamaConfig:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention {self.attention!r} not in {ATTENTION_IMPLEMENTATIONS}")
+        self._check_family()
+
+    def _check_family(self) -> None:
+        """Every config is one HF family's architecture, so that save_hf can write it as that family."""
+        family = FAMILIES.get(self.model_type)
+        if family is None:
+            raise ValueError(f"model_type {self.model_type!r} not in {sorted(FAMILIES)}")
+        biases = (self.attention_bias, self.attention_out_bias)
+        if biases != (family.biases or (self.attention_bias,) * 2):
+            raise ValueError(f"{self.model_type}: attention biases (q/k/v, o) = {biases} do not exist in this "
+                             f"family (it has {family.biases or 'both or neither'})")
+        if self.qk_norm != family.qk_norm:
+            raise ValueError(f"{self.model_type}: qk_norm={self.qk_norm}, the family has {family.qk_norm}")
+        if self.sliding_window is not None and (not family.sliding_window or self.sliding_window < 1):
+            raise ValueError(f"{self.model_type}: sliding_window={self.sliding_window} is not supported")
+        if self.rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope_type {self.rope_type!r} not in ('default', 'llama3')")
 
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
@@ -97,38 +149,97 @@ class LlamaConfig:
 
     def num_params(self) -> int:
         x, m, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
-        attn = x * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        layer = attn + 3 * x * m + 2 * x
+        h, k = self.num_attention_heads, self.num_key_value_heads
+        attn = x * d * (2 * h + 2 * k) + self.attention_bias * (h + 2 * k) * d + self.attention_out_bias * x
+        layer = attn + 3 * x * m + 2 * x + self.qk_norm * 2 * d
         head = 0 if self.tie_word_embeddings else x * v
         return v * x + self.num_hidden_layers * layer + x + head
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], **runtime) -> "LlamaConfig":
         """Build from a Hugging Face config.json dict; refuses fields that would change the model."""
-        for key, expected in _HF_REQUIRED.items():
-            if key in hf and hf[key] != expected and not (key == "rope_scaling" and not hf[key]):
-                raise ValueError(f"unsupported config field {key}={hf[key]!r} (this LLaMA port implements "
-                                 f"{key}={expected!r})")
+        model_type = hf.get("model_type", "llama")
+        if model_type not in FAMILIES:
+            raise ValueError(f"unsupported config field model_type={model_type!r} (this port implements "
+                             f"{', '.join(sorted(FAMILIES))})")
+        family = FAMILIES[model_type]
+        _refuse_unsupported(hf)
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in hf]
         if missing:
             raise ValueError(f"config is missing required fields: {', '.join(missing)}")
-        kwargs = {ours: hf[theirs] for theirs, ours in _HF_FIELDS.items() if hf.get(theirs) is not None}
+        kwargs = {k: hf[k] for k in _HF_FIELDS if hf.get(k) is not None}
         kwargs.setdefault("num_key_value_heads", hf["num_attention_heads"])
-        eos = kwargs.get("eos_token_id")
-        if isinstance(eos, list):
-            kwargs["eos_token_id"] = eos[0]
-        return cls(**kwargs, **runtime)
+        if isinstance(kwargs.get("eos_token_id"), list):
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        biases = family.biases or (bool(hf.get("attention_bias", False)),) * 2
+        window = hf.get("sliding_window") if family.sliding_window else None
+        return cls(**kwargs, **_rope_fields(hf.get("rope_scaling")), model_type=model_type,
+                   attention_bias=biases[0], attention_out_bias=biases[1], qk_norm=family.qk_norm,
+                   sliding_window=window, **runtime)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        out = {theirs: getattr(self, ours) for theirs, ours in _HF_FIELDS.items()}
-        out.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                   attention_bias=False, mlp_bias=False, rope_scaling=None, initializer_range=0.02,
-                   torch_dtype="float32", use_cache=True)
+        """config.json of this model's family, loadable by its transformers class."""
+        out = {k: getattr(self, k) for k in _HF_FIELDS}
+        rope = None if self.rope_type == "default" else {
+            "rope_type": "llama3", "factor": self.rope_factor, "low_freq_factor": self.rope_low_freq_factor,
+            "high_freq_factor": self.rope_high_freq_factor,
+            "original_max_position_embeddings": self.rope_original_max_position}
+        out.update(architectures=[FAMILIES[self.model_type].architecture], model_type=self.model_type,
+                   hidden_act="silu", rope_scaling=rope, initializer_range=0.02, torch_dtype="float32",
+                   use_cache=True)
+        if self.model_type in ("llama", "qwen3"):
+            out["attention_bias"] = self.attention_bias
+        if self.model_type == "llama":
+            out["mlp_bias"] = False
+        if self.model_type in ("qwen2", "qwen3"):
+            out.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
+        if self.model_type == "mistral":
+            out["sliding_window"] = self.sliding_window
         return out
 
 
+def _refuse_unsupported(hf: dict[str, Any]) -> None:
+    for key, expected in _HF_REQUIRED.items():
+        if key in hf and hf[key] != expected:
+            raise ValueError(f"unsupported config field {key}={hf[key]!r} (this port implements "
+                             f"{key}={expected!r})")
+    layer_types = hf.get("layer_types") or []
+    if any(kind != "full_attention" for kind in layer_types):
+        raise ValueError(f"unsupported config field layer_types={sorted(set(layer_types))} (this port "
+                         "implements the same attention in every layer)")
+
+
+def _rope_fields(scaling: Any) -> dict[str, Any]:
+    """LlamaConfig's rope_* fields from config.json's `rope_scaling` (None, 'default' or 'llama3')."""
+    if not scaling:
+        return {}
+    if not isinstance(scaling, dict):
+        raise ValueError(f"unsupported config field rope_scaling={scaling!r} (expected an object or null)")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return {}
+    if kind != "llama3":
+        raise ValueError(f"unsupported config field rope_scaling.rope_type={kind!r} (this port implements "
+                         "'default' and 'llama3')")
+    missing = [k for k in _LLAMA3_ROPE if k not in scaling]
+    if missing:
+        raise ValueError(f"config field rope_scaling (llama3) lacks {', '.join(missing)}")
+    return {"rope_type": "llama3", "rope_factor": float(scaling["factor"]),
+            "rope_low_freq_factor": float(scaling["low_freq_factor"]),
+            "rope_high_freq_factor": float(scaling["high_freq_factor"]),
+            "rope_original_max_position": int(scaling["original_max_position_embeddings"])}
+
+
 # Architecture presets (public shapes). Vocab sizes are the base models'; NoteLLM adds [EMB] on load.
+# The LLaMA-3, Qwen and Mistral entries copy the config.json published with each model on the Hugging Face
+# hub (meta-llama/Llama-3.1-8B, meta-llama/Llama-3.2-1B, Qwen/Qwen2.5-1.5B, Qwen/Qwen2.5-7B, Qwen/Qwen3-1.7B,
+# Qwen/Qwen3-8B, mistralai/Mistral-7B-v0.3 and -v0.1); only the architectural fields are kept.
+_LLAMA3_SCALING = dict(rope_type="llama3", rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                       rope_original_max_position=8192)
+_MISTRAL_7B = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                   rope_theta=1e6, model_type="mistral")
 PRESETS: dict[str, dict[str, Any]] = {
     "llama2_7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
@@ -136,6 +247,32 @@ PRESETS: dict[str, dict[str, Any]] = {
                        num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096),
     "llama2_70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096),
+    "llama3_1_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                        max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001,
+                        rope_factor=8.0, **_LLAMA3_SCALING),
+    "llama3_2_1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+                        max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001,
+                        tie_word_embeddings=True, rope_factor=32.0, **_LLAMA3_SCALING),
+    "qwen2_5_1_5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                         max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=151643,
+                         eos_token_id=151643, model_type="qwen2", attention_bias=True),
+    "qwen2_5_7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
+                       max_position_embeddings=131072, bos_token_id=151643, eos_token_id=151643,
+                       model_type="qwen2", attention_bias=True),
+    "qwen3_1_7b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                       rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=True,
+                       bos_token_id=151643, eos_token_id=151645, model_type="qwen3", qk_norm=True),
+    "qwen3_8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                     rms_norm_eps=1e-6, max_position_embeddings=40960, bos_token_id=151643,
+                     eos_token_id=151645, model_type="qwen3", qk_norm=True),
+    "mistral_7b": _MISTRAL_7B,  # v0.3: full attention (sliding_window null)
+    "mistral_7b_v0_1": {**_MISTRAL_7B, "vocab_size": 32000, "rope_theta": 10000.0, "sliding_window": 4096},
     "smollm2_135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
                          tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2),
@@ -158,13 +295,15 @@ def _dense_init(axes: tuple[str, ...]):
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm over the last axis (the hidden size, or head_dim for Qwen3's per-head q/k norms)."""
     eps: float
     dtype: Any
     param_dtype: Any
+    axis_name: str = "norm"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
                            (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -177,10 +316,29 @@ def positions_from_mask(attention_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
+    """The [head_dim / 2] float32 inverse frequencies of RoPE, as transformers computes them.
+
+    `llama3` (LLaMA-3.1/3.2): wavelengths shorter than original_max_position / high_freq_factor are kept,
+    those longer than original_max_position / low_freq_factor are divided by `factor`, and the band in
+    between is interpolated smoothly (transformers' `_compute_llama3_parameters`; attention factor 1).
+    """
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim // 2, dtype=np.float32) * 2.0 / cfg.head_dim))
+    if cfg.rope_type == "default":
+        return inv_freq
+    factor, low, high = (np.float32(f) for f in (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor))
+    context = np.float32(cfg.rope_original_max_position)
+    wavelen = np.float32(2 * np.pi) / inv_freq
+    scaled = np.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     """Rotary embedding, Hugging Face rotate-half layout. x: [B, T, H, D], positions: [B, T]."""
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (np.arange(0, half, dtype=np.float32) * 2.0 / x.shape[-1]))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
@@ -201,6 +359,7 @@ class Projection(nn.Module):
     contract: int
     dtype: Any
     param_dtype: Any
+    use_bias: bool = False
     precision: Precision | None = None  # given: logits, accumulated and returned in its output dtype
 
     @nn.compact
@@ -210,7 +369,13 @@ class Projection(nn.Module):
         dims = ((tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))), ((), ()))
         if self.precision is not None:
             return self.precision.logits(x, kernel, dims)
-        return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims)
+        out = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims)
+        if self.use_bias:
+            out_axes = self.axes[len(self.axes) - len(self.features):]
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
+                              tuple(self.features), self.param_dtype)
+            out = out + bias.astype(self.dtype)
+        return out
 
 
 class Attention(nn.Module):
@@ -222,13 +387,18 @@ class Attention(nn.Module):
         """cache: this layer's {"k", "v"} [B, S, kv_heads, head_dim]; new entries go to the query slots."""
         cfg = self.config
         h, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        dense = lambda feats, axes, name, contract=1: Projection(  # noqa: E731
-            feats, axes, contract, cfg.dtype, jnp.dtype(cfg.param_dtype), name=name)
+        dense = lambda feats, axes, name, contract=1, bias=cfg.attention_bias: Projection(  # noqa: E731
+            feats, axes, contract, cfg.dtype, jnp.dtype(cfg.param_dtype), bias, name=name)
         q = dense((h, d), ("embed", "heads", "head_dim"), "q_proj")(x)
         key = dense((k, d), ("embed", "kv_heads", "head_dim"), "k_proj")(x)
         value = dense((k, d), ("embed", "kv_heads", "head_dim"), "v_proj")(x)
-        q = apply_rope(q, positions, cfg.rope_theta)
-        key = apply_rope(key, positions, cfg.rope_theta)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of every q and k head, before RoPE
+            norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, jnp.dtype(cfg.param_dtype),  # noqa: E731
+                                        "head_dim", name=name)
+            q, key = norm("q_norm")(q), norm("k_norm")(key)
+        inv_freq = rope_frequencies(cfg)
+        q = apply_rope(q, positions, inv_freq)
+        key = apply_rope(key, positions, inv_freq)
 
         if cache is not None:
             start = query_slots[0, 0]
@@ -238,9 +408,15 @@ class Attention(nn.Module):
         key_slots = jnp.arange(key.shape[1])
         # [B, Tq, S]: causal over slots, and only real (unpadded) keys.
         allowed = (key_slots[None, None, :] <= query_slots[:, :, None]) & (key_mask[:, None, :] > 0)
+        if cfg.sliding_window is not None and cfg.sliding_window < key.shape[1]:
+            # Mistral: only the last `sliding_window` positions (the query's own included), counted in
+            # positions, not cache slots, so pads between a right-padded prompt and its continuation do
+            # not shrink the window. A window no shorter than the keys is plain causal attention.
+            key_positions = positions if cache is None else positions_from_mask(key_mask)
+            allowed &= positions[:, :, None] - key_positions[:, None, :] < cfg.sliding_window
 
         out = attend(q, key, value, allowed, key_mask, implementation=cfg.attention, precision=cfg.precision)
-        out = dense((cfg.hidden_size,), ("heads", "head_dim", "embed"), "o_proj", contract=2)(out)
+        out = dense((cfg.hidden_size,), ("heads", "head_dim", "embed"), "o_proj", 2, cfg.attention_out_bias)(out)
         return out, cache
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from notellm_jax.model.llama import Llama, LlamaConfig
@@ -65,19 +66,45 @@ class NoteLLM(nn.Module):
         return self.decoder(input_ids, attention_mask, last_layer=num_layers, final_norm=False)
 
 
-def contrastive_loss(embedding: jax.Array, pair_id: jax.Array, tau: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Symmetric in-batch InfoNCE over all N = 2B notes (METHOD.md 2).
+def check_pairs(pair_id, note_id=None) -> None:
+    """Host-side check of one batch: every pair id occurs exactly twice (and note ids, if given, are per row).
+
+    The device loss relies on it: a row without a partner would have no positive logit at all.
+    """
+    pair_id = np.asarray(pair_id)
+    values, counts = np.unique(pair_id, return_counts=True)
+    bad = values[counts != 2]
+    if bad.size:
+        raise ValueError(f"batch pair_id values {bad[:5].tolist()} occur {counts[counts != 2][:5].tolist()} "
+                         f"times; every pair id must occur exactly twice (the two notes of one pair)")
+    if note_id is not None and np.shape(note_id) != pair_id.shape:
+        raise ValueError(f"note ids have shape {np.shape(note_id)}, pair ids {pair_id.shape}: one per row")
+
+
+def contrastive_loss(embedding: jax.Array, pair_id: jax.Array, tau: jax.Array,
+                     note_id: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Symmetric in-batch InfoNCE over all N = 2B notes (METHOD.md 2), duplicate-aware.
 
     Row i's positive is the other row with the same pair_id; every other row j != i is a negative
-    (self-similarity masked). Returns (mean loss, top-1 accuracy of finding the positive).
+    (self-similarity masked), except rows that are the same note as row i or as row i's positive
+    (`note_id`): a note in two pairs of one batch, or (A, B) next to (B, A), would otherwise be its own
+    negative at similarity 1. Each pair id must occur exactly twice (`check_pairs` on the host); a row
+    whose partner count is not one gets a NaN loss, never a silent logit of 0.
+    Returns (mean loss, top-1 accuracy of finding the positive among the unmasked rows).
     """
     n = embedding.shape[0]
     sim = jnp.einsum("id,jd->ij", embedding, embedding, preferred_element_type=jnp.float32) * jnp.exp(tau)
     eye = jnp.eye(n, dtype=bool)
-    sim = jnp.where(eye, -jnp.inf, sim)
     positive = (pair_id[:, None] == pair_id[None, :]) & ~eye
+    masked = eye
+    if note_id is not None:
+        partner_note = jnp.sum(jnp.where(positive, note_id[None, :], 0), axis=-1)  # exactly one positive
+        same_note = (note_id[None, :] == note_id[:, None]) | (note_id[None, :] == partner_note[:, None])
+        masked = masked | (same_note & ~positive)
+    sim = jnp.where(masked, -jnp.inf, sim)
     log_denominator = jax.nn.logsumexp(sim, axis=-1)
-    positive_logit = jnp.sum(jnp.where(positive, sim, 0.0), axis=-1) / jnp.maximum(positive.sum(-1), 1)
+    positive_logit = jnp.sum(jnp.where(positive, sim, 0.0), axis=-1)
+    positive_logit = jnp.where(positive.sum(-1) == 1, positive_logit, jnp.nan)
     loss = jnp.mean(log_denominator - positive_logit)
     accuracy = jnp.mean(jnp.take_along_axis(positive, jnp.argmax(sim, axis=-1)[:, None], axis=1)[:, 0])
     return loss, accuracy
@@ -104,7 +131,8 @@ def combine_losses(l_cl: jax.Array, l_gen: jax.Array, alpha: float, objective: s
 
 def notellm_losses(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], alpha: float,
                    objective: str) -> dict[str, Any]:
-    l_cl, accuracy = contrastive_loss(outputs["embedding"], batch["pair_id"], outputs["log_logit_scale"])
+    l_cl, accuracy = contrastive_loss(outputs["embedding"], batch["pair_id"], outputs["log_logit_scale"],
+                                      batch.get("note_index"))
     l_gen = generation_loss(outputs["gen_logits"], batch["target_ids"], batch["target_mask"])
     return {"loss": combine_losses(l_cl, l_gen, alpha, objective), "loss_cl": l_cl, "loss_gen": l_gen,
             "accuracy": accuracy, "log_logit_scale": outputs["log_logit_scale"]}

@@ -6,6 +6,7 @@ device on its way to being sharded.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -79,15 +80,54 @@ def add_tokens(params: Params, cfg: LlamaConfig, n_new: int = 1) -> tuple[Params
         mean = np.mean(table.astype(np.float32), axis=axis, keepdims=True).astype(table.dtype)
         return np.concatenate([table, np.repeat(mean, n_new, axis=axis)], axis=axis)
 
+    return _map_token_tables(params, cfg, grow), cfg.replace(vocab_size=cfg.vocab_size + n_new)
+
+
+def init_unused_token(params: Params, cfg: LlamaConfig, token_id: int) -> Params:
+    """Give an existing but unused row `token_id` (an embedding table padded beyond its tokenizer, as
+    Qwen's: 151,936 rows for 151,665 tokens) the value `add_tokens` gives a new token: the mean of the
+    rows [0, token_id), and an untied head column the mean of those columns. Only that token's logit
+    changes."""
+    if not 0 < token_id < cfg.vocab_size:
+        raise ValueError(f"token id {token_id} is not an existing row of the {cfg.vocab_size}-row table")
+
+    def reset(table: Any, axis: int) -> np.ndarray:
+        table = np.array(table)
+        used = np.take(table, np.arange(token_id), axis=axis).astype(np.float32)
+        index = [slice(None)] * table.ndim
+        index[axis] = slice(token_id, token_id + 1)
+        table[tuple(index)] = np.mean(used, axis=axis, keepdims=True).astype(table.dtype)
+        return table
+
+    return _map_token_tables(params, cfg, reset)
+
+
+def _map_token_tables(params: Params, cfg: LlamaConfig, fn: Callable[[Any, int], np.ndarray]) -> Params:
+    """`fn(table, token_axis)` applied to the input embedding and, if untied, the head kernel."""
     params = dict(params)
-    params["embed_tokens"] = {"embedding": grow(params["embed_tokens"]["embedding"], 0)}
+    params["embed_tokens"] = {"embedding": fn(params["embed_tokens"]["embedding"], 0)}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": grow(params["lm_head"]["kernel"], 1)}
-    return params, cfg.replace(vocab_size=cfg.vocab_size + n_new)
+        params["lm_head"] = {"kernel": fn(params["lm_head"]["kernel"], 1)}
+    return params
 
 
 # ----------------------------------------------------------------------------------------------------
-# Partial training: the embedding table and the bottom layers frozen
+# Partial training: the embedding table and the bottom layers frozen (or every base weight, with LoRA)
+
+
+def untie_head(decoder: dict, cfg: LlamaConfig) -> tuple[dict, LlamaConfig]:
+    """A tied model made untied: `lm_head/kernel` = a copy of the embedding table's rows (same logits).
+
+    Used under partial training (train_top_layers, LoRA), where the embedding table is frozen: tied, the
+    head would be frozen with it and CSFT could not learn. A trainable untied copy is chosen over training
+    the tied rows with the input side held fixed because the frozen bottom's features (and their cache)
+    depend on the input table: they stay valid only if that table never moves, which needs two copies
+    anyway. Exports then carry an untied head (tie_word_embeddings false), which HF loads as is.
+    """
+    if not cfg.tie_word_embeddings:
+        return decoder, cfg
+    table = decoder["embed_tokens"]["embedding"]
+    return {**decoder, "lm_head": {"kernel": np.array(np.asarray(table).T)}}, cfg.replace(tie_word_embeddings=False)
 
 
 def frozen_layer_count(train_top_layers: int, cfg: LlamaConfig) -> int:
@@ -99,7 +139,9 @@ def frozen_layer_count(train_top_layers: int, cfg: LlamaConfig) -> int:
     return cfg.num_hidden_layers - train_top_layers
 
 
-def _is_frozen(path: tuple[str, ...], frozen_layers: int) -> bool:
+def _is_frozen(path: tuple[str, ...], frozen_layers: int, lora: bool) -> bool:
+    if lora:  # every base weight except an untied head (whose copy exists to be trained)
+        return path[0] == "decoder" and path[1] != "lm_head"
     if frozen_layers == 0 or path[0] != "decoder":
         return False
     if path[1] == "embed_tokens":
@@ -109,10 +151,12 @@ def _is_frozen(path: tuple[str, ...], frozen_layers: int) -> bool:
 
 
 def split_params(params: Params, frozen_layers: int) -> tuple[Params, Params]:
-    """(trainable, frozen): the embedding table and layers [0, frozen_layers) are frozen."""
+    """(trainable, frozen): the embedding table and layers [0, frozen_layers) are frozen; with LoRA adapters
+    in `params` ("lora"), every base decoder weight but an untied head."""
     flat = flatten_dict(params)
-    trainable = {k: v for k, v in flat.items() if not _is_frozen(k, frozen_layers)}
-    frozen = {k: v for k, v in flat.items() if _is_frozen(k, frozen_layers)}
+    lora = "lora" in params
+    trainable = {k: v for k, v in flat.items() if not _is_frozen(k, frozen_layers, lora)}
+    frozen = {k: v for k, v in flat.items() if _is_frozen(k, frozen_layers, lora)}
     return unflatten_dict(trainable), (unflatten_dict(frozen) if frozen else {})
 
 

@@ -55,6 +55,29 @@ def train_step_flops(cfg: LlamaConfig, *, sequences: int, seq_len: int, targets:
     return sequences * (seq_len * (3 * per_token_trained + per_token_frozen) + 3 * head)
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the rows after `step` from a metrics.jsonl (a run resumed from the checkpoint at `step` logs them
+    again), so each step appears once; a cut last line (a killed writer) goes too."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+        logger.info("%s: dropped %d rows after step %d (resumed there)", path, dropped, step)
+
+
 class StepFlops:
     """Model FLOPs of one step of a run: trained layers for every row, the frozen bottom only for the rows
     it actually ran on (the others came from the feature cache)."""
@@ -84,17 +107,19 @@ class MetricsWindow:
     def _reset(self) -> None:
         self.start, self.flops, self.tokens, self.metrics = time.time(), 0.0, 0, []
 
-    def add(self, metrics: dict, local_batch: dict, frozen_rows: int) -> None:
-        self.metrics.append(metrics)
+    def add(self, step: int, metrics: dict, local_batch: dict, frozen_rows: int) -> None:
+        self.metrics.append((step, metrics))
         self.flops += self.step_flops(frozen_rows)
         self.tokens += int(local_batch["attention_mask"].sum()) * jax.process_count()
 
-    def flush(self) -> dict[str, float]:
-        """Window means (single-step contrastive losses are noisy), the schedule's current value, speed."""
+    def flush(self, discarded: set[int] = frozenset()) -> dict[str, float]:
+        """Window means (single-step contrastive losses are noisy) over the steps not `discarded` (non-finite),
+        the schedule's current value, speed."""
         fetched = jax.device_get(self.metrics)
         elapsed = time.time() - self.start
-        out = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-        out["learning_rate"] = float(fetched[-1]["learning_rate"])
+        rows = [m for step, m in fetched if step not in discarded] or [m for _, m in fetched]
+        out = {k: float(np.mean([m[k] for m in rows])) for k in rows[-1]}
+        out["learning_rate"] = float(fetched[-1][1]["learning_rate"])
         out.update(tokens_per_s=self.tokens / elapsed, step_time_s=elapsed / len(fetched),
                    mfu=self.flops / elapsed / self.peak)
         self._reset()
@@ -102,7 +127,9 @@ class MetricsWindow:
 
 
 class MetricsWriter:
-    """Progress line on the console, one JSON object per line in metrics.jsonl, TensorBoard scalars."""
+    """Progress line on the console, one JSON object per line in metrics.jsonl, TensorBoard scalars.
+
+    metrics.jsonl is cut back to `start_step` first, so a resumed run's file has each step once."""
 
     def __init__(self, log_dir: Path, total_steps: int, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
@@ -117,6 +144,7 @@ class MetricsWriter:
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True,
                          mininterval=5.0, disable=not sys.stderr.isatty())  # logs get the metric lines only
         log_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(log_dir / "metrics.jsonl", start_step)
         self._jsonl = open(log_dir / "metrics.jsonl", "a", buffering=1)
         try:
             from tensorboardX import SummaryWriter

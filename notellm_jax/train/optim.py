@@ -34,4 +34,11 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTr
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay,
                              mask=decay_mask))
+    if cfg.logit_scale_lr_multiplier != 1.0:
+        parts.append(optax.masked(optax.scale(cfg.logit_scale_lr_multiplier), logit_scale_mask))
     return optax.chain(*parts), schedule
+
+
+def logit_scale_mask(params):
+    """True at the temperature only (the top-level `log_logit_scale` leaf)."""
+    return {k: jax.tree.map(lambda _: k == "log_logit_scale", v) for k, v in params.items()}

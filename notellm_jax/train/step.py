@@ -20,13 +20,16 @@ from flax import struct
 from notellm_jax import sharding as shd
 from notellm_jax.config import Config
 from notellm_jax.model.llama import LlamaConfig
-from notellm_jax.model.notellm import NoteLLM, notellm_losses
+from notellm_jax.model.lora import boxed_lora, lora_applied, lora_scale, merge_lora, split_adapters
+from notellm_jax.model.notellm import NoteLLM, check_pairs, notellm_losses
 from notellm_jax.model.params import frozen_layer_count, merge_params, split_params
+from notellm_jax.train.grad_cache import grad_cache_loss_and_grads
 from notellm_jax.train.optim import make_optimizer
 
-# Arrays the device step reads; the rest of a pipeline batch (task, note ids) stays on the host.
+# Arrays the device step reads; the rest of a pipeline batch (task, note_id strings) stays on the host.
+# note_index lets the contrastive loss mask negatives that are the same note as a row or its positive.
 STEP_KEYS = ("input_ids", "hidden_in", "attention_mask", "embed_read_pos", "target_positions", "target_ids",
-             "target_mask", "pair_id")
+             "target_mask", "pair_id", "note_index")
 
 
 @struct.dataclass
@@ -59,6 +62,14 @@ def abstract_boxed_params(model: NoteLLM) -> Any:
     return jax.eval_shape(lambda rng: model.init(rng, example_batch())["params"], jax.random.key(0))
 
 
+def abstract_train_params(config: Config, model: NoteLLM) -> Any:
+    """`abstract_boxed_params` plus the LoRA adapters when the run has them."""
+    boxed = abstract_boxed_params(model)
+    if config.model.lora_rank > 0:
+        boxed = {**boxed, "lora": boxed_lora(boxed["decoder"], config.model.lora_rank, config.model.lora_targets)}
+    return boxed
+
+
 @dataclasses.dataclass
 class TrainSetup:
     """The model, mesh and optimiser of a run, and its state's layout (shardings and abstract shapes)."""
@@ -68,6 +79,8 @@ class TrainSetup:
     schedule: optax.Schedule
     frozen_layers: int
     loss: LossConfig
+    lora_scale: float           # alpha / rank of the LoRA adapters (0.0 without)
+    grad_cache_chunk: int       # rows per chunk of the two-pass GradCache step (0 = one full-batch pass)
     state_shardings: TrainState
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings (for AOT and restore)
 
@@ -76,7 +89,7 @@ def make_train_setup(config: Config, llama_cfg: LlamaConfig, mesh, total_steps: 
     model = make_model(config, llama_cfg)
     frozen_layers = frozen_layer_count(config.model.train_top_layers, llama_cfg)
     tx, schedule = make_optimizer(config.train, total_steps)
-    boxed = abstract_boxed_params(model)
+    boxed = abstract_train_params(config, model)
     trainable_boxed, frozen_boxed = split_params(boxed, frozen_layers)
     opt_boxed = jax.eval_shape(tx.init, trainable_boxed)
     state_boxed = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable_boxed,
@@ -85,7 +98,9 @@ def make_train_setup(config: Config, llama_cfg: LlamaConfig, mesh, total_steps: 
     unboxed = nn.meta.unbox(state_boxed)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, shardings)
     loss = LossConfig(alpha=float(config.train.alpha), objective=config.train.objective)
-    return TrainSetup(model, mesh, tx, schedule, frozen_layers, loss, shardings, abstract)
+    scale = lora_scale(config.model.lora_rank, config.model.lora_alpha) if config.model.lora_rank > 0 else 0.0
+    return TrainSetup(model, mesh, tx, schedule, frozen_layers, loss, scale, config.train.grad_cache_chunk,
+                      shardings, abstract)
 
 
 def _place(array: np.ndarray, abstract: jax.ShapeDtypeStruct) -> jax.Array:
@@ -121,23 +136,56 @@ def create_state(setup: TrainSetup, params: dict) -> TrainState:
     return state
 
 
-def _loss_and_metrics(setup: TrainSetup, params: dict, batch: dict):
-    # A batch carrying the frozen bottom's output ("hidden_in") enters the decoder above the frozen layers.
+def apply_model(setup: TrainSetup, params: dict, batch: dict, with_logits: bool = True) -> dict:
+    """NoteLLM outputs for `batch`, with the LoRA adapters (if `params` has them) in the forward pass.
+    A batch carrying the frozen bottom's output ("hidden_in") enters the decoder above the frozen layers."""
     first_layer = setup.frozen_layers if "hidden_in" in batch else 0
-    with shd.axis_rules(setup.mesh):
-        outputs = setup.model.apply({"params": params}, batch, first_layer=first_layer)
-    metrics = notellm_losses(outputs, batch, setup.loss.alpha, setup.loss.objective)
+    params, adapters = split_adapters(params)
+    with shd.axis_rules(setup.mesh), lora_applied(adapters, setup.lora_scale):
+        return setup.model.apply({"params": params}, batch, first_layer=first_layer, with_logits=with_logits)
+
+
+def _loss_and_metrics(setup: TrainSetup, params: dict, batch: dict):
+    metrics = notellm_losses(apply_model(setup, params, batch), batch, setup.loss.alpha, setup.loss.objective)
     return metrics["loss"], metrics
 
 
-def train_step(state: TrainState, batch: dict, *, setup: TrainSetup) -> tuple[TrainState, dict]:
+def loss_and_grads(state: TrainState, batch: dict, *, setup: TrainSetup) -> tuple[dict, Any]:
+    """(metrics, gradients w.r.t. the trainable parameters): one full-batch backward pass, or the two-pass
+    GradCache step (`train.grad_cache_chunk` > 0), which gives the same gradient in chunks of rows."""
+    if setup.grad_cache_chunk > 0:
+        def apply(trainable, rows, with_logits):
+            return apply_model(setup, merge_params(trainable, state.frozen), rows, with_logits)
+        return grad_cache_loss_and_grads(apply, state.params, batch, chunk_rows=setup.grad_cache_chunk,
+                                         alpha=setup.loss.alpha, objective=setup.loss.objective)
+
     def loss_fn(trainable):
         return _loss_and_metrics(setup, merge_params(trainable, state.frozen), batch)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return metrics, grads
+
+
+def exportable_params(setup: TrainSetup, state: TrainState) -> dict:
+    """The full parameter tree as the export holds it: LoRA adapters merged, W + (alpha / r) A B, so every
+    tool loads the result as a plain model."""
+    params, adapters = split_adapters(merge_params(state.params, state.frozen))
+    if adapters:
+        params = {**params, "decoder": merge_lora(params["decoder"], adapters, setup.lora_scale)}
+    return params
+
+
+def train_step(state: TrainState, batch: dict, *, setup: TrainSetup) -> tuple[TrainState, dict]:
+    metrics, grads = loss_and_grads(state, batch, setup=setup)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "learning_rate": setup.schedule(state.step)}
+    # A step with a non-finite loss or gradient norm changes nothing but the step (its batch is consumed);
+    # the loop's NonFiniteGuard decides whether training may go on.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                     (state.params, state.opt_state))
+    metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": setup.schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -156,6 +204,12 @@ def compile_steps(setup: TrainSetup):
 
 
 def to_global_batch(setup: TrainSetup, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This host's rows -> global arrays sharded over (data, fsdp)."""
+    """This host's rows -> global arrays sharded over (data, fsdp), after the host check of its pairs.
+
+    Both notes of a pair always sit on the same host, so the local check covers the global batch."""
+    check_pairs(local["pair_id"], local.get("note_index"))
+    local = {k: v for k, v in local.items() if k in STEP_KEYS}
+    if "note_index" in local:  # int64 on the host; the device runs int32 (jax_enable_x64 off)
+        local["note_index"] = np.asarray(local["note_index"], np.int32)
     return {k: jax.make_array_from_process_local_data(shd.batch_sharding(setup.mesh, v.ndim), v)
-            for k, v in local.items() if k in STEP_KEYS}
+            for k, v in local.items()}

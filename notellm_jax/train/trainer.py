@@ -20,11 +20,14 @@ import jax
 
 from notellm_jax import sharding as shd
 from notellm_jax.config import Config
-from notellm_jax.data.input_pipeline import batches, total_train_steps
+from notellm_jax.data.input_pipeline import batches, read_meta, total_train_steps
 from notellm_jax.distributed import is_primary
 from notellm_jax.model.llama import LlamaConfig
-from notellm_jax.train.checkpointing import checkpoint_manager, export_params, restore_checkpoint, save_checkpoint
+from notellm_jax.errors import TrainingDivergedError
+from notellm_jax.train.checkpointing import (checkpoint_dir, checkpoint_manager, export_params, report_committed,
+                                             restore_checkpoint, save_checkpoint)
 from notellm_jax.train.feature_cache import FeatureCache, cache_path
+from notellm_jax.train.guard import NonFiniteGuard
 from notellm_jax.train.metrics import MetricsWindow, MetricsWriter, StepFlops
 from notellm_jax.train.step import (TrainSetup, TrainState, compile_steps, create_state, make_train_setup,
                                     to_global_batch)
@@ -48,6 +51,8 @@ class Run:
     writer: MetricsWriter
     total_steps: int
     start_step: int
+    guard: NonFiniteGuard
+    saving: list[int] = dataclasses.field(default_factory=list)  # checkpoint steps not yet reported committed
 
 
 def _feature_cache(config: Config, setup: TrainSetup, state: TrainState) -> FeatureCache | None:
@@ -71,11 +76,19 @@ def _announce(run: Run) -> None:
                 run.total_steps, 2 * config.train.batch_pairs, config.prompt.max_length)
 
 
+def _vocab_size(config: Config) -> int:
+    """The tokenizer's vocabulary with [EMB]; for numpy input the one the shards were written with (such a
+    host may lack the tokenizer's reader, e.g. the gguf package)."""
+    if config.data.train_input == "numpy":
+        return read_meta(config, config.data_dir)["vocab_size"]
+    return resolve_tokenizer(config).vocab_size
+
+
 def setup(config: Config) -> Run:
     """Mesh, weights, sharded state (restored if a checkpoint exists), compiled steps, cache and writer."""
     config.validate(jax.device_count(), jax.process_count(), training=True)
     mesh = shd.mesh_from_config(config.mesh)
-    emb_vocab = None if config.train.synthetic_data else resolve_tokenizer(config).vocab_size
+    emb_vocab = None if config.train.synthetic_data else _vocab_size(config)
     params, llama_cfg = load_initial_params(config, emb_vocab)
     total_steps = total_train_steps(config)
     train_setup = make_train_setup(config, llama_cfg, mesh, total_steps)
@@ -88,7 +101,8 @@ def setup(config: Config) -> Run:
     start_step = int(state.step)
     writer = MetricsWriter(config.work_dir / "logs", total_steps, enabled=is_primary(), start_step=start_step)
     run = Run(config, llama_cfg, train_setup, state, manager, step_fn, eval_fn,
-              _feature_cache(config, train_setup, state), writer, total_steps, start_step)
+              _feature_cache(config, train_setup, state), writer, total_steps, start_step,
+              NonFiniteGuard(config.train.max_nonfinite_steps))
     if is_primary():
         _announce(run)
     return run
@@ -104,7 +118,8 @@ def _with_frozen_features(run: Run, local: dict) -> tuple[dict, int]:
 
 
 def train_loop(run: Run) -> dict[str, Any]:
-    """Steps from the resumed position to the end; periodic logging, validation and checkpoints."""
+    """Steps from the resumed position to the end; periodic logging, validation and checkpoints. Every
+    step's loss and gradient norm are checked (NonFiniteGuard) before anything is logged or saved."""
     config, train_cfg = run.config, run.config.train
     flops = StepFlops(run.llama_cfg, config, run.setup.frozen_layers)
     window = MetricsWindow(flops)
@@ -113,11 +128,12 @@ def train_loop(run: Run) -> dict[str, Any]:
     for step in range(run.start_step, run.total_steps):
         local, frozen_rows = _with_frozen_features(run, next(data))
         run.state, metrics = run.step_fn(run.state, to_global_batch(run.setup, local))
-        window.add(metrics, local, frozen_rows)
         done = step + 1
+        run.guard.add(done, metrics)
+        window.add(done, metrics, local, frozen_rows)
         run.writer.advance()
         if done % train_cfg.log_every == 0 or done == run.total_steps:
-            last = window.flush()
+            last = window.flush(run.guard.check())
             if run.cache:
                 last["cache_hit_rate"] = run.cache.hit_rate()
             run.writer.write(done, last)
@@ -126,8 +142,22 @@ def train_loop(run: Run) -> dict[str, Any]:
         if train_cfg.eval_every and done % train_cfg.eval_every == 0:
             run.writer.write(done, validate(run), prefix="val")
         if done % train_cfg.checkpoint_every == 0:
+            run.guard.check()
             save_checkpoint(run.manager, run.state, config, run.total_steps)
+            run.saving.append(done)
+        run.saving = report_committed(run.manager, config, run.saving)
+    run.guard.check()
     return last
+
+
+def _stop_diverged(run: Run, error: TrainingDivergedError) -> TrainingDivergedError:
+    """The error to raise once a run diverged: saves in flight (of earlier, checked steps) are committed
+    first, and the message says which checkpoint is the last good one. Nothing is exported."""
+    run.manager.wait_until_finished()
+    run.writer.close()
+    kept = run.manager.latest_step()
+    where = "none" if kept is None else f"step {kept} in {checkpoint_dir(run.config)}"
+    return TrainingDivergedError(f"{error}. Last good checkpoint: {where}; no export written")
 
 
 def finish(run: Run, last: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +165,9 @@ def finish(run: Run, last: dict[str, Any]) -> dict[str, Any]:
     config, state = run.config, run.state
     if int(state.step) > run.start_step or run.manager.latest_step() != int(state.step):
         save_checkpoint(run.manager, state, config, run.total_steps, force=True)
+        run.saving.append(int(state.step))
     run.manager.wait_until_finished()
+    report_committed(run.manager, config, run.saving)
     if run.cache and is_primary():
         run.cache.save()
     if config.train.eval_batches > 0 and not config.train.synthetic_data:
@@ -143,7 +175,7 @@ def finish(run: Run, last: dict[str, Any]) -> dict[str, Any]:
         run.writer.write(int(state.step), val, prefix="val")
         last = {**last, **{f"val_{k}": v for k, v in val.items()}}
     if not config.train.synthetic_data:
-        export_params(config, state, run.llama_cfg)
+        export_params(config, run.setup, state, run.llama_cfg)
     run.writer.close()
     return last
 
@@ -161,9 +193,14 @@ def validate(run: Run) -> dict[str, float]:
 
 
 def train(config: Config) -> dict[str, Any]:
-    """Run (or resume) training; returns the last logged metrics (window means, plus val_* at the end)."""
+    """Run (or resume) training; returns the last logged metrics (window means, plus val_* at the end).
+    A run that diverges raises TrainingDivergedError (step and quantity named, no export)."""
     run = setup(config)
-    return finish(run, train_loop(run))
+    try:
+        last = train_loop(run)
+    except TrainingDivergedError as e:
+        raise _stop_diverged(run, e) from None
+    return finish(run, last)
 
 
 def run(args, config: Config) -> dict[str, Any]:

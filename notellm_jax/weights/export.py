@@ -64,3 +64,11 @@ def load_notellm(path: str | Path) -> NoteLLMExport:
     llama_cfg = LlamaConfig(**meta["llama"])
     return NoteLLMExport(params=params, llama=llama_cfg, emb_dim=meta["emb_dim"],
                          prompt=PromptConfig(**meta["prompt"]), tokenizer=meta["tokenizer"], meta=meta)
+
+
+def save_hf_decoder(params: dict, llama_cfg: LlamaConfig, out_dir: Path) -> Path:
+    """The fine-tuned decoder of an export's `params` (LoRA already merged, [EMB] row included, an untied
+    head when one was trained) as a transformers LlamaForCausalLM folder."""
+    from notellm_jax.model.params import unstack_layers
+    from notellm_jax.weights.formats import save_hf
+    return save_hf(unstack_layers(params["decoder"]), llama_cfg.replace(scan_layers=False), out_dir)

@@ -248,8 +248,109 @@ def open_gguf(path: str | Path):
         raise MissingInputError(f"GGUF file not found: {path}")
     try:
         return _cached_gguf_reader(str(path.absolute()), path.stat().st_mtime_ns)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: unreadable GGUF file, truncated or corrupt ({e})") from e
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        where = gguf_damage(path)
+        detail = where or f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path}: unreadable GGUF file, truncated or corrupt ({detail})") from e
+
+
+# GGUF metadata value types: struct format of the scalar ones; 8 = string, 9 = array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+class _GGUFCursor:
+    """Bounds-checked little-endian reads over a GGUF file's bytes; `what` names the part being read."""
+
+    def __init__(self, data: bytes):
+        self.data, self.offset, self.what = data, 0, "magic"
+
+    def read(self, fmt: str):
+        import struct
+        size = struct.calcsize("<" + fmt)
+        if self.offset + size > len(self.data):
+            raise EOFError(f"cut at byte offset {self.offset} inside {self.what} (a {size}-byte value, the file "
+                           f"has {len(self.data)} bytes)")
+        value = struct.unpack_from("<" + fmt, self.data, self.offset)[0]
+        self.offset += size
+        return value
+
+    def string(self) -> str:
+        length = self.read("Q")
+        if self.offset + length > len(self.data):
+            raise EOFError(f"cut at byte offset {self.offset} inside {self.what} (a {length}-byte string, the file "
+                           f"has {len(self.data)} bytes)")
+        self.offset += length
+        return self.data[self.offset - length:self.offset].decode("utf-8", "replace")
+
+    def value(self, kind: int) -> None:
+        if kind == 8:
+            self.string()
+        elif kind == 9:
+            item, count = self.read("I"), self.read("Q")
+            for _ in range(count):
+                self.value(item)
+        elif kind in _GGUF_SCALARS:
+            self.read(_GGUF_SCALARS[kind])
+        else:
+            raise EOFError(f"unknown metadata value type {kind} at byte offset {self.offset - 4} in {self.what}")
+
+
+def gguf_damage(path: Path) -> str | None:
+    """Where a GGUF file is cut or broken ('cut at byte offset N inside <part> ...'), or None if its header,
+    tensor table and tensor data bounds are all intact. Only called once the reader has failed."""
+    import mmap
+
+    size = path.stat().st_size
+    if size < 4:
+        return f"cut at byte offset {size} inside the magic (the file has {size} bytes)"
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"GGUF":
+            return f"no GGUF magic at byte offset 0 (starts with {data[:4]!r})"
+        cursor = _GGUFCursor(data)
+        cursor.offset, cursor.what = 4, "the header"
+        try:
+            tensors, alignment = _gguf_tables(cursor)
+        except EOFError as e:
+            return str(e)
+        return _gguf_data_damage(tensors, -(-cursor.offset // alignment) * alignment, size)
+
+
+def _gguf_tables(cursor: _GGUFCursor) -> tuple[list[tuple[str, list[int], int, int]], int]:
+    """Walk the header, metadata and tensor table: ([(name, dims, type, data offset)], alignment)."""
+    _, n_tensors, n_kv = cursor.read("I"), cursor.read("Q"), cursor.read("Q")
+    alignment = 32
+    for i in range(n_kv):
+        cursor.what = f"metadata entry {i} of {n_kv}"
+        key = cursor.string()
+        cursor.what = f"metadata value {key!r}"
+        kind = cursor.read("I")
+        if key == "general.alignment" and kind == 4:
+            alignment = cursor.read("I")
+        else:
+            cursor.value(kind)
+    tensors = []
+    for i in range(n_tensors):
+        cursor.what = f"tensor info {i} of {n_tensors}"
+        name = cursor.string()
+        cursor.what = f"tensor info {name!r}"
+        dims = [cursor.read("Q") for _ in range(cursor.read("I"))]
+        tensors.append((name, dims, cursor.read("I"), cursor.read("Q")))
+    return tensors, alignment
+
+
+def _gguf_data_damage(tensors: list[tuple[str, list[int], int, int]], start: int, size: int) -> str | None:
+    import gguf
+
+    known = {int(t) for t in gguf.GGMLQuantizationType}
+    for name, dims, kind, offset in tensors:
+        if kind not in known:
+            return f"tensor {name!r} has unknown type {kind}"
+        block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        end = start + offset + int(np.prod(dims)) // block * block_bytes
+        if end > size:
+            return (f"tensor {name!r} data spans byte offsets {start + offset}..{end}, past the end of the "
+                    f"{size}-byte file")
+    return None
 
 
 def gguf_field(fields: dict, key: str, path: Path, default: Any = ...) -> Any:
@@ -270,6 +371,8 @@ def _gguf_config(fields: dict, path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unsupported GGUF field llama.rope.scaling.type={scaling!r}")
     n_heads = gguf_field(fields, "llama.attention.head_count", path)
     hidden = gguf_field(fields, "llama.embedding_length", path)
+    if not isinstance(n_heads, int | np.integer) or n_heads <= 0:
+        raise CheckpointError(f"{path}: GGUF field llama.attention.head_count={n_heads!r} must be a positive integer")
     head_dim = gguf_field(fields, "llama.attention.key_length", path, hidden // n_heads)
     rope_dims = gguf_field(fields, "llama.rope.dimension_count", path, head_dim)
     if rope_dims != head_dim:
@@ -320,7 +423,8 @@ class _TensorSpec:
     tree_path: tuple[str, ...]
     hf_shape: tuple[int, ...]
     kernel_shape: tuple[int, ...]
-    # torch Linear weight [out, in] <-> Flax kernel: kernel = W.T reshaped (heads split out).
+    # torch Linear weight [out, in] <-> Flax kernel: kernel = W.T reshaped (heads split out); any other
+    # tensor is only reshaped (q/k/v biases [h * d] <-> [h, d]).
     linear: bool
 
 
@@ -341,9 +445,26 @@ def _tensor_specs(cfg: LlamaConfig) -> list[_TensorSpec]:
             _TensorSpec(hf + "mlp.up_proj.weight", (tree, "mlp", "up_proj", "kernel"), (m, x), (x, m), True),
             _TensorSpec(hf + "mlp.down_proj.weight", (tree, "mlp", "down_proj", "kernel"), (x, m), (m, x), True),
         ]
+        specs += _attention_extras(cfg, hf + "self_attn.", (tree, "attn"))
     specs.append(_TensorSpec("model.norm.weight", ("norm", "scale"), (x,), (x,), False))
     if not cfg.tie_word_embeddings:
         specs.append(_TensorSpec("lm_head.weight", ("lm_head", "kernel"), (v, x), (x, v), True))
+    return specs
+
+
+def _attention_extras(cfg: LlamaConfig, hf: str, tree: tuple[str, ...]) -> list[_TensorSpec]:
+    """Projection biases (Qwen2; LLaMA/Qwen3 with attention_bias) and Qwen3's per-head q/k norms."""
+    h, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    specs = []
+    if cfg.attention_bias:
+        specs += [_TensorSpec(f"{hf}{proj}.bias", (*tree, proj, "bias"), (n * d,), (n, d), False)
+                  for proj, n in (("q_proj", h), ("k_proj", k), ("v_proj", k))]
+    if cfg.attention_out_bias:
+        specs.append(_TensorSpec(hf + "o_proj.bias", (*tree, "o_proj", "bias"), (cfg.hidden_size,),
+                                 (cfg.hidden_size,), False))
+    if cfg.qk_norm:
+        specs += [_TensorSpec(f"{hf}{norm}.weight", (*tree, norm, "scale"), (d,), (d,), False)
+                  for norm in ("q_norm", "k_norm")]
     return specs
 
 
@@ -367,7 +488,7 @@ def hf_to_params(state: StateDict, cfg: LlamaConfig, source: str = "checkpoint")
         if w.shape != spec.hf_shape:
             raise CheckpointError(f"{source}: tensor {spec.hf_name} has shape {w.shape}, the config implies "
                                   f"{spec.hf_shape}")
-        value = np.ascontiguousarray(w.T.reshape(spec.kernel_shape)) if spec.linear else w
+        value = np.ascontiguousarray(w.T.reshape(spec.kernel_shape)) if spec.linear else w.reshape(spec.kernel_shape)
         node = params
         for key in spec.tree_path[:-1]:
             node = node.setdefault(key, {})
@@ -395,7 +516,8 @@ def params_to_hf(params: Params, cfg: LlamaConfig) -> StateDict:
         if value.shape != spec.kernel_shape:
             raise ValueError(f"param {'/'.join(spec.tree_path)} has shape {value.shape}, config implies "
                              f"{spec.kernel_shape}")
-        state[spec.hf_name] = np.ascontiguousarray(value.reshape(spec.hf_shape[::-1]).T if spec.linear else value)
+        state[spec.hf_name] = np.ascontiguousarray(
+            value.reshape(spec.hf_shape[::-1]).T if spec.linear else value.reshape(spec.hf_shape))
     return state
 
 
@@ -404,7 +526,8 @@ def params_to_hf(params: Params, cfg: LlamaConfig) -> StateDict:
 
 
 def save_hf(params: Params, cfg: LlamaConfig, out_dir: str | Path) -> Path:
-    """config.json + generation_config.json + model.safetensors loadable by transformers.LlamaForCausalLM."""
+    """config.json + generation_config.json + model.safetensors loadable by the family's transformers class
+    (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM: `cfg.model_type`)."""
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
@@ -433,8 +556,27 @@ def _read_orbax(folder: Path) -> tuple[Params, dict[str, Any]]:
     import orbax.checkpoint as ocp
 
     config = _read_json(folder / "config.json")
-    params = ocp.StandardCheckpointer().restore(folder.absolute() / ORBAX_PARAMS)
+    try:
+        params = ocp.StandardCheckpointer().restore(folder.absolute() / ORBAX_PARAMS)
+    except (ValueError, OSError, KeyError) as e:
+        raise CheckpointError(f"{folder / ORBAX_PARAMS}: unreadable orbax checkpoint, truncated or corrupt "
+                              f"({type(e).__name__}: {e})") from e
     return jax.tree.map(lambda a: np.asarray(a, np.float32), params), config
+
+
+def _check_orbax_params(params: Params, cfg: LlamaConfig, folder: Path) -> None:
+    """Every parameter the config implies is present with its shape, and nothing else is there."""
+    from flax.traverse_util import flatten_dict
+
+    have = {"/".join(k): np.shape(v) for k, v in flatten_dict(params).items()}
+    want = {"/".join(spec.tree_path): spec.kernel_shape for spec in _tensor_specs(cfg)}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    wrong = [f"{k} {have[k]} (config.json implies {want[k]})" for k in sorted(want) if k in have and have[k] != want[k]]
+    problems = ([f"missing {missing[:3]}"] if missing else []) + ([f"unexpected {extra[:3]}"] if extra else []) + \
+        ([f"shapes {wrong[:3]}"] if wrong else [])
+    if problems:
+        raise CheckpointError(f"{folder / ORBAX_PARAMS}: parameters do not match {folder / 'config.json'}: "
+                              + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -445,7 +587,60 @@ _READERS: dict[str, Callable[[Path], tuple[StateDict, dict[str, Any]]]] = {
     "hf": read_hf_folder, "llama2c": read_llama2c, "gguf": read_gguf}
 
 
+# config.json fields that describe no part of the computation (bookkeeping, generation defaults, output
+# flags, label maps): accepted and not used. Any field outside these, the ones LlamaConfig reads and the
+# architecture fields it checks is refused: an ignored field could silently mean another model.
+_HF_METADATA = frozenset({
+    "_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version", "use_cache",
+    "initializer_range", "pad_token_id", "sep_token_id", "decoder_start_token_id", "tokenizer_class",
+    "is_llama_config", "transformers.js_config", "return_dict", "output_attentions", "output_hidden_states",
+    "torchscript", "use_bfloat16", "tf_legacy_loss", "id2label", "label2id", "problem_type", "finetuning_task",
+    "task_specific_params", "prefix", "chunk_size_feed_forward", "max_length", "min_length", "do_sample",
+    "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
+    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens"})
+# Fields that would change the model, accepted only at the value this port implements.
+_HF_NEUTRAL = {"partial_rotary_factor": 1.0, "attention_dropout": 0.0, "rope_interleaved": False,
+               "is_encoder_decoder": False, "add_cross_attention": False, "tie_encoder_decoder": False,
+               "is_decoder": False, "pruned_heads": {}, "cross_attention_hidden_size": None}
+_HF_COUNTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def check_hf_config(hf: dict[str, Any], source: Path | str) -> dict[str, Any]:
+    """`hf` checked field by field (CheckpointError naming `source` and the field): counts are positive
+    integers that divide as attention needs; neutral-valued fields hold their neutral value; no field is
+    unknown. Returns it with `rope_scaling: {"rope_type": "default"}` (HF's spelling of none) as None."""
+    from notellm_jax.model import llama
+
+    known = set(llama._HF_FIELDS) | set(llama._HF_REQUIRED) | set(llama._HF_INTERPRETED) | set(_HF_NEUTRAL) | \
+        _HF_METADATA
+    unknown = sorted(k for k in hf if k not in known)
+    if unknown:
+        raise CheckpointError(f"{source}: unsupported config field(s) {unknown} (not implemented by this LLaMA "
+                              "port, so they cannot be honoured; remove them only if they do not change the model)")
+    for key, neutral in _HF_NEUTRAL.items():
+        if key in hf and hf[key] != neutral and not (neutral in ({}, None) and not hf[key]):
+            raise CheckpointError(f"{source}: unsupported config field {key}={hf[key]!r} (this LLaMA port "
+                                  f"implements {key}={neutral!r})")
+    for key in _HF_COUNTS:
+        value = hf.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise CheckpointError(f"{source}: config field {key}={value!r} must be a positive integer")
+    heads, kv_heads = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise CheckpointError(f"{source}: config field num_key_value_heads={kv_heads} does not divide "
+                              f"num_attention_heads={heads}")
+    scaling = hf.get("rope_scaling")
+    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default":
+        hf = {**hf, "rope_scaling": None}  # HF's "default" rope type is unscaled RoPE
+    return hf
+
+
 def _config_from_hf(hf_config: dict[str, Any], source: Path, runtime: dict[str, Any]) -> LlamaConfig:
+    hf_config = check_hf_config(hf_config, source)
     try:
         return LlamaConfig.from_hf_dict(hf_config, **runtime)
     except (ValueError, TypeError) as e:
@@ -460,7 +655,7 @@ def load_params(path: str | Path, **runtime: Any) -> tuple[Params, LlamaConfig]:
     if fmt == "orbax":
         params, hf_config = _read_orbax(path)
         cfg = _config_from_hf(hf_config, path, runtime)
-        params_to_hf(params, cfg)  # validates every shape against the config
+        _check_orbax_params(params, cfg, path)
     else:
         state, hf_config = _READERS[fmt](path)
         cfg = _config_from_hf(hf_config, path, runtime)

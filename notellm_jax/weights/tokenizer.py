@@ -83,9 +83,13 @@ def _tokenizer_beside_llama2c(bin_file: Path) -> Path:
     return candidates[0]
 
 
+def _is_transformers_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file())
+
+
 def _load_hf_tokenizer(path: Path):
     if path.is_dir():
-        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        if _is_transformers_folder(path):
             from transformers import AutoTokenizer
 
             return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -118,7 +122,18 @@ def load_tokenizer(path: str | Path, emb_token: str = "[EMB]") -> NoteTokenizer:
     tokenizer = NoteTokenizer(hf, emb_token=emb_token, source=str(path))
     if path.suffix.lower() == ".gguf":
         _apply_gguf_special_tokens(tokenizer, path)
+    if _is_transformers_folder(path):
+        _keep_bos_only_if_prepended(tokenizer)
     return tokenizer
+
+
+def _keep_bos_only_if_prepended(tokenizer: NoteTokenizer) -> None:
+    """A Hugging Face folder's tokenizer files say whether a sequence starts with BOS (LLaMA-2/3 and
+    Mistral prepend it; Qwen defines none; SmolLM2 names one but its template starts with <|im_start|>):
+    the prompt builder prepends `bos_id` only where the model's own tokenizer would."""
+    hf = tokenizer.hf
+    if hf.bos_token_id is not None and hf("a", add_special_tokens=True)["input_ids"][:1] != [hf.bos_token_id]:
+        tokenizer.bos_id = None
 
 
 def tokenizer_source(config) -> str:

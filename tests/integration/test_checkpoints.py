@@ -249,8 +249,8 @@ def test_missing_shard(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
-                                         ("attention_bias", True), ("hidden_act", "gelu"),
-                                         ("model_type", "mistral")])
+                                         ("mlp_bias", True), ("hidden_act", "gelu"),
+                                         ("model_type", "gemma")])
 def test_unsupported_config_fields(tmp_path, field, value):
     _torch_llama(1, **HF_SHAPES[0][1]).save_pretrained(tmp_path, safe_serialization=True)
     config = json.loads((tmp_path / "config.json").read_text())

@@ -167,3 +167,24 @@ def test_frozen_bottom_export_embeds_through_the_shared_feature_cache(tmp_path):
     expected2 = np.stack([direct_embedding(load_notellm(other_path), tokenizer, n) for n in notes])
     np.testing.assert_allclose(read_embeddings(out2)[1], expected2, atol=2e-5)
     assert list((config.data_dir / "feature_cache").glob("*.npz")) == cache_files
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_prefix_cache_gives_the_full_prompt_embeddings(export_dir, tmp_path, padding_side):
+    """The instruction's key/value cache computed once + each note's own tokens on top = the whole prompt run
+    at once (fp32), for titles whose first character could merge with the template's last token."""
+    from notellm_jax.config import override
+    from notellm_jax.eval.embed import note_encoder
+    from notellm_jax.data.prompts import INSTRUCTION_HEAD
+
+    config = tiny_config(tmp_path, f"prompt.padding_side={padding_side}", "embed.length_buckets=2")
+    cached = note_encoder(config, export_dir, make_mesh(1, -1, 1))
+    full = note_encoder(override(config, {"embed.prefix_cache": False}), export_dir, make_mesh(1, -1, 1))
+    assert not full.prefix and cached.tokenizer.decode(cached.prefix).startswith(INSTRUCTION_HEAD.strip())
+    assert cached.buckets[-1] == bucket_lengths(cached.prompt.max_length - len(cached.prefix), 2)[-1]
+    titles = ["s is for sour", "'quoted'", "(brackets)", "été", "", "9 grams", "x" * 300]
+    notes = [Note(f"n{i}", t, " ".join(WORDS[:i * 2]), ["t"], "coffee") for i, t in enumerate(titles)]
+    for note in notes:  # the cached path feeds exactly the whole prompt's tail
+        assert cached.prefix + cached.tokens(note) == full.tokens(note)
+    np.testing.assert_allclose(cached.embedder([cached.tokens(n) for n in notes]),
+                               full.embedder([full.tokens(n) for n in notes]), atol=1e-6, rtol=0)

@@ -134,15 +134,14 @@ def prepared(tmp_path_factory, shared_dir) -> Config:
 def reference_run(config: Config) -> tuple[list[dict], TrainSetup, TrainState, dict]:
     """One process, 4 devices, fed the global batch the two hosts form (each host's pipeline shard)."""
     from notellm_jax.data import input_pipeline
-    from notellm_jax.weights.tokenizer import load_tokenizer
     emb_vocab = resolve_tokenizer(config).vocab_size
     params, llama_cfg = load_initial_params(config, emb_vocab)
     spec = make_train_setup(config, llama_cfg, make_mesh(1, 4, 1, devices=jax.devices()[:4]), STEPS)
     state = create_state(spec, params)
     initial = host(state.params)
     step_fn, _ = compile_steps(spec)
-    hosts = [pipeline.make_train_dataset(config, config.data_dir, "train", process_index=h,
-                                         process_count=2) for h in range(2)]
+    hosts = [input_pipeline.make_train_dataset(config, config.data_dir, "train", process_index=h,
+                                               process_count=2) for h in range(2)]
     history = []
     for _ in range(STEPS):
         local = [next(stream) for stream in hosts]

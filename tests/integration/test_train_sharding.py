@@ -207,3 +207,34 @@ def test_frozen_bottom_with_feature_cache_equals_bottom_inside_the_step():
     assert sorted(state.frozen["decoder"]) == ["embed_tokens", "layers_0", "layers_1", "layers_2"]
     assert sorted(k for k in state.params["decoder"] if k.startswith("layers")) == ["layers_3", "layers_4"]
     jax.tree.map(np.testing.assert_array_equal, host(state.frozen), cached.initial_frozen)
+
+
+# One tiny Hugging Face model per family, each with what sets it apart from LLaMA-2 (transformers' own
+# random init, saved with save_pretrained and read by the trainer's loader). Mistral's window (8) is shorter
+# than the 32-token prompts.
+FAMILY_MODELS = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling={
+        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8)),
+}
+
+
+@pytest.mark.slow
+def test_each_family_sharded_step_equals_single_device_step(tmp_path):
+    import torch
+    import transformers
+
+    for family, (config_cls, model_cls, extra) in FAMILY_MODELS.items():
+        torch.manual_seed(0)
+        hf_config = getattr(transformers, config_cls)(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, **extra)
+        getattr(transformers, model_cls)(hf_config).save_pretrained(tmp_path / family, safe_serialization=True)
+        config = tiny_config(f"model.checkpoint={tmp_path / family}")
+        sharded = run_steps(config, mesh_of((2, 2, 2)), range(STEPS))
+        assert sharded.state.params["decoder"]["layers_0"]["attn"]["q_proj"]["kernel"].sharding.spec == \
+            P("fsdp", "tensor", None)
+        assert_same_run(sharded, run_steps(config, mesh_of((1, 1, 1)), range(STEPS)))

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from notellm_jax.config import RetrievalConfig
+from notellm_jax.errors import StoreFormatError
 from notellm_jax.eval import ann
 from notellm_jax.eval.retrieval import exact_topk, neighbour_overlap
 
@@ -67,3 +68,25 @@ def test_index_saved_under_a_relative_path_reloads(tmp_path, monkeypatch):
     ann.save_index(searcher, "runs/x/scann_index")
     reloaded = ann.load_index("runs/x/scann_index")
     np.testing.assert_array_equal(ann.search(reloaded, queries, 5)[0], ann.search(searcher, queries, 5)[0])
+
+
+def test_index_folder_holds_no_pickle_and_one_is_refused(tmp_path):
+    """ScaNN's load_searcher unpickles scann_docids.pkl; the project's loader refuses any pickle instead
+    (a planted one here would run code on load), and save never writes one."""
+    from scann import scann_ops_pybind
+
+    rng = np.random.default_rng(2)
+    database = rng.normal(size=(200, 8)).astype(np.float32)
+    searcher = ann.build_index(database, 3, ann.choose_params(len(database), 3, RetrievalConfig()))
+    folder = ann.save_index(searcher, tmp_path / "index")
+    assert not list(folder.rglob("*.pkl"))
+    moved = folder.rename(tmp_path / "moved")  # relative asset paths: the folder can be moved
+    queries = database[:5]
+    np.testing.assert_array_equal(ann.search(ann.load_index(moved), queries, 3)[0], ann.search(searcher, queries, 3)[0])
+    (moved / "scann_docids.pkl").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(StoreFormatError, match="refusing to load an index folder holding pickle files"):
+        ann.load_index(moved)
+    with_docids = scann_ops_pybind.builder(ann.l2_normalise(database), 3, "dot_product").score_brute_force().build(
+        docids=[str(i) for i in range(len(database))])
+    with pytest.raises(ValueError, match="keep ids outside ScaNN"):
+        ann.save_index(with_docids, tmp_path / "other")

@@ -14,8 +14,8 @@ import pytest
 from flax import linen as nn
 
 from notellm_jax.model.llama import Llama, preset
-from notellm_jax.model.notellm import (OBJECTIVES, NoteLLM, combine_losses, contrastive_loss, generation_loss,
-                                       notellm_losses)
+from notellm_jax.model.notellm import (OBJECTIVES, NoteLLM, check_pairs, combine_losses, contrastive_loss,
+                                       generation_loss, notellm_losses)
 
 # --------------------------------------------------------------------------------------------------
 # numpy reference (float64)
@@ -151,6 +151,93 @@ def test_contrastive_perfect_pairs_reach_full_accuracy_and_low_loss():
     assert float(accuracy) == 1.0
     np.testing.assert_allclose(float(loss), want_loss, atol=1e-6)  # e^-20-sized terms: float32 rounds to 0
     assert want_loss < 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# Duplicate-aware L_cl: repeated notes and reversed pairs in one batch
+
+
+def np_contrastive_dedup(x: np.ndarray, pair_id: np.ndarray, note_id: np.ndarray, tau: float) -> float:
+    """L_cl where row i's negatives exclude every row holding row i's note or its positive's note."""
+    n = x.shape[0]
+    sim = np_cosine(np.asarray(x, np.float64)) * np.exp(tau)
+    total = 0.0
+    for i in range(n):
+        (p,) = [j for j in range(n) if j != i and pair_id[j] == pair_id[i]]
+        negatives = [j for j in range(n) if j not in (i, p) and note_id[j] not in (note_id[i], note_id[p])]
+        denominator = np.exp(sim[i, p]) + np.sum(np.exp(sim[i, negatives]))
+        total += -np.log(np.exp(sim[i, p]) / denominator)
+    return total / n
+
+
+# Pairs (as note ids) with a note repeated across pairs and reversed pairs (A,B)+(B,A); layout [a..., b...].
+DUPLICATE_BATCHES = {
+    "repeated_note": [(0, 1), (0, 2), (3, 4), (5, 0)],
+    "reversed_pair": [(0, 1), (1, 0), (2, 3), (4, 5)],
+    "both": [(0, 1), (1, 0), (1, 2), (3, 4), (5, 6), (6, 5)],
+}
+
+
+def duplicate_batch(pairs, d: int, seed: int):
+    """Embeddings where repeated notes get the same vector (as the model would give them)."""
+    rng = np.random.default_rng(seed)
+    notes = np.array([a for a, _ in pairs] + [b for _, b in pairs], np.int32)
+    table = rng.normal(size=(notes.max() + 1, d))
+    return table[notes], layout_pair_ids(len(pairs)), notes
+
+
+@pytest.mark.parametrize("name", sorted(DUPLICATE_BATCHES))
+@pytest.mark.parametrize("tau", [3.0, 0.4])
+def test_duplicate_aware_contrastive_value_and_gradients_match_numpy(name, tau):
+    raw, pair_ids, notes = duplicate_batch(DUPLICATE_BATCHES[name], 6, seed=len(name))
+    raw = raw + 0.01 * np.random.default_rng(1).normal(size=raw.shape)  # distinct rows: FD sees every row
+
+    def jax_loss(x, t):
+        return contrastive_loss(jax_l2_normalise(x), jnp.asarray(pair_ids), t, jnp.asarray(notes))[0]
+
+    loss, (grad_x, grad_tau) = jax.jit(jax.value_and_grad(jax_loss, argnums=(0, 1)))(
+        jnp.asarray(raw, jnp.float32), jnp.float32(tau))
+    np.testing.assert_allclose(float(loss), np_contrastive_dedup(raw, pair_ids, notes, tau), rtol=2e-6)
+    want_x = central_difference(lambda x: np_contrastive_dedup(x, pair_ids, notes, tau), raw)
+    want_tau = central_difference(lambda t: np_contrastive_dedup(raw, pair_ids, notes, float(t[0])),
+                                  np.array([tau]))[0]
+    scale = np.abs(want_x).max()
+    np.testing.assert_allclose(np.asarray(grad_x), want_x, rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(float(grad_tau), want_tau, rtol=1e-4, atol=1e-6)
+    # The mask matters on these batches: the plain loss (duplicates as negatives) is different.
+    assert abs(np_contrastive(raw, tau)[0] - float(loss)) > 1e-2
+
+
+def test_duplicate_aware_loss_equals_plain_loss_when_every_note_is_distinct():
+    raw, pair_ids, _ = duplicate_batch([(0, 1), (2, 3), (4, 5)], 8, seed=4)
+    x = jnp.asarray(raw / np.linalg.norm(raw, axis=-1, keepdims=True), jnp.float32)
+    with_ids = contrastive(x, jnp.asarray(pair_ids), jnp.float32(2.0), jnp.arange(6, dtype=jnp.int32))
+    np.testing.assert_allclose([float(v) for v in with_ids], np_contrastive(raw, 2.0), rtol=2e-6)
+
+
+def test_reversed_pair_copy_is_no_negative_so_perfect_pairs_reach_full_accuracy():
+    """(A,B)+(B,A): without the mask, B's second copy ties with the positive and caps the accuracy."""
+    pairs = [(0, 1), (1, 0), (2, 3)]
+    raw, pair_ids, notes = duplicate_batch(pairs, 8, seed=0)
+    table = np.eye(8)[[0, 0, 1, 1]]  # notes 0,1 identical pair vectors; notes 2,3 identical too
+    x = jnp.asarray(table[notes], jnp.float32)
+    loss, accuracy = contrastive(x, jnp.asarray(pair_ids), jnp.float32(3.0), jnp.asarray(notes))
+    assert float(accuracy) == 1.0
+    np.testing.assert_allclose(float(loss), np_contrastive_dedup(table[notes], pair_ids, notes, 3.0), atol=1e-6)
+
+
+@pytest.mark.parametrize("pair_ids", [[0, 1, 0, 2], [0, 0, 0, 1, 1, 1], [3, 4, 3, 5]])
+def test_pair_ids_that_do_not_occur_exactly_twice_are_an_error(pair_ids):
+    with pytest.raises(ValueError, match="exactly twice"):
+        check_pairs(np.asarray(pair_ids))
+    check_pairs(np.asarray([5, 7, 5, 7]), np.asarray([1, 2, 3, 4]))  # a valid batch passes
+
+
+def test_row_without_partner_gets_nan_not_a_zero_positive_logit():
+    """If the host check were bypassed, the device loss must not quietly train on a missing positive."""
+    x = jnp.asarray(unit_rows(np.random.default_rng(0), 4, 4))
+    loss, _ = contrastive(x, jnp.asarray([0, 1, 0, 2], jnp.int32), jnp.float32(1.0), jnp.arange(4, dtype=jnp.int32))
+    assert np.isnan(float(loss))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -57,3 +57,20 @@ def test_gradients_are_clipped_by_global_norm():
     mu = state[1][0].mu
     np.testing.assert_allclose(np.asarray(mu["a"]), 0.1 * 3.0 / norm, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(mu["b"]), 0.1 * 4.0 / norm, rtol=1e-5)
+
+
+def test_logit_scale_lr_multiplier_scales_only_the_logit_scale_step():
+    params = {"kernel": jnp.ones((3, 4)), "log_logit_scale": jnp.asarray(3.0)}
+    grads = {"kernel": jnp.full((3, 4), 0.5), "log_logit_scale": jnp.asarray(0.5)}
+
+    def first_update(multiplier):
+        cfg = TrainConfig(learning_rate=1e-3, warmup_fraction=0.0, weight_decay=0.0, grad_clip=0.0,
+                          logit_scale_lr_multiplier=multiplier)
+        tx, _ = make_optimizer(cfg, 10)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return jax.tree.map(np.asarray, updates)
+
+    base, fast = first_update(1.0), first_update(50.0)
+    np.testing.assert_allclose(fast["log_logit_scale"], 50.0 * base["log_logit_scale"], rtol=1e-6)
+    np.testing.assert_array_equal(fast["kernel"], base["kernel"])
+    assert abs(float(base["log_logit_scale"])) == pytest.approx(1e-3, rel=1e-3)  # Adam's first step is ~lr

@@ -1,4 +1,5 @@
 """Time splits (METHOD.md 5) and the prepare CLI on small generated stores."""
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -88,7 +89,7 @@ def test_make_splits_properties(before_cutoff):
     # Same seed, same split; the cap samples a subset.
     again, _, _ = splits.make_splits(notes, events, given, data)
     assert again["val"].equals(pairs["val"])
-    data.max_train_pairs = 5
+    data = dataclasses.replace(data, max_train_pairs=5)  # configs are frozen
     capped, _, _ = splits.make_splits(notes, events, given, data)
     assert len(capped["train"]) == 5
     assert set(map(tuple, (r.values() for r in capped["train"].to_pylist()))) <= \

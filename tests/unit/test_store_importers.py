@@ -24,7 +24,7 @@ def _xml(root: str, rows: list[str], bom: bool = True) -> bytes:
 def _run_import(fn, tmp_path: Path) -> tuple[dict, dict]:
     builder = StoreBuilder(tmp_path / "out")
     details = fn(builder)
-    return {**builder.finish(), **details}, {
+    return {**builder.finish("test input"), **details}, {
         "notes": store.read_note_table(tmp_path / "out" / "notes.parquet").to_pylist(),
         "events": store.read_events(tmp_path / "out" / "events.parquet").to_pylist(),
         "links": store.read_links(tmp_path / "out" / "pairs_postlinks.parquet").to_pylist(),
@@ -202,7 +202,8 @@ def test_reference_csv(tmp_path):
 
 
 def test_reference_csv_category_depth_zero_keeps_path(tmp_path):
-    _write_csv(tmp_path / "notes_x.csv", "note_id,title,content,image_id,category\nn1,T,c,i,a@b@c\n")
+    _write_csv(tmp_path / "notes_x.csv", "note_id,title,content,image_id,category\nn1,T,c,i,a@b@c\nn2,U,d,i,a\n")
+    _write_csv(tmp_path / "note_pairs_x.csv", "a,b\nn1,n2\n")
     _, out = _run_import(lambda b: importers.import_reference_csv(tmp_path, b, category_depth=0), tmp_path)
     assert out["notes"][0]["category"] == "a@b@c"
 

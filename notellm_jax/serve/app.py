@@ -1,0 +1,228 @@
+"""The HTTP service: embed new notes, find their nearest stored notes, add and remove notes live.
+
+FastAPI on uvicorn: the standard ASGI stack on PyPI, with typed request validation by pydantic (a malformed
+body or a wrongly typed field is a 422 naming the field, never a crash) and an async event loop, so
+concurrent requests can wait together for one batched model call (`batching.Batcher`).
+
+    POST   /embed        {"notes": [{title, content, topics, category}]} -> unit vectors
+    POST   /similar      {"note_id": ...} or {"note": {...}}, "k" -> k nearest (id, score, title, category)
+    PUT    /notes/{id}   a note -> embedded and upserted; acknowledged only once its log record is fsynced
+    GET    /notes/{id}   its title and category (404 if unknown)
+    DELETE /notes/{id}   removed (durable once acknowledged)
+    GET    /healthz, GET /metrics (Prometheus text format), GET / (the page)
+A note over its token budgets is cut exactly as in training (`prompts.build_example`) and the response says
+so (`truncated`).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Path as PathParam, Request
+from fastapi.responses import HTMLResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from notellm_jax.config import ServeConfig
+from notellm_jax.data.prompts import Note, PromptTooLongError
+from notellm_jax.errors import StoreFormatError
+from notellm_jax.serve.batching import Batcher
+from notellm_jax.serve.index import LiveIndex, UnknownNoteError
+
+MAX_TEXT_CHARS = 200_000  # longer text is refused outright (it would be cut to the token budget anyway)
+PAGE = Path(__file__).with_name("page.html")
+
+
+class NoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: str = Field("", max_length=MAX_TEXT_CHARS)
+    content: str = Field("", max_length=MAX_TEXT_CHARS)
+    topics: list[str] = Field(default_factory=list, max_length=256)
+    category: str = Field("", max_length=1000)
+
+    @model_validator(mode="after")
+    def _not_empty(self):
+        if not (self.title.strip() or self.content.strip()):
+            raise ValueError("the note is empty: give a title or content")
+        return self
+
+    def to_note(self, note_id: str = "") -> Note:
+        return Note(note_id=note_id, title=self.title, content=self.content, topics=list(self.topics),
+                    category=self.category)
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    notes: list[NoteIn] = Field(min_length=1)
+
+
+class SimilarRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    note_id: str | None = None
+    note: NoteIn | None = None
+    k: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _one_query(self):
+        if (self.note_id is None) == (self.note is None):
+            raise ValueError("give exactly one of note_id (a stored note) or note (a new one)")
+        return self
+
+
+NoteId = PathParam(min_length=1, max_length=512, pattern=r"^[^\x00-\x1f\x7f]+$")
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own (several apps may live in one process)."""
+
+    def __init__(self, index: LiveIndex):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("notellm_requests", "HTTP requests", ("endpoint", "method", "status"),
+                                registry=self.registry)
+        self.latency = Histogram("notellm_request_latency_seconds", "Request latency", ("endpoint",),
+                                 buckets=(.002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
+                                 registry=self.registry)
+        self.batch_size = Histogram("notellm_embed_batch_size", "Notes per jitted embedder call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.truncated = Counter("notellm_truncated_notes", "Notes cut to their token budgets", registry=self.registry)
+        self.index_size = Gauge("notellm_index_size", "Notes in the live index", registry=self.registry)
+        self.index_size.set_function(lambda: len(index))
+
+
+class Service:
+    """The model (a `NoteEncoder`), the live index and the batcher behind the app."""
+
+    def __init__(self, encoder, index: LiveIndex, cfg: ServeConfig):
+        if encoder.export.emb_dim != index.dim:
+            raise StoreFormatError(f"the export embeds in {encoder.export.emb_dim} dimensions, the index holds "
+                             f"{index.dim}: the index was built from another model's embeddings")
+        self.encoder, self.index, self.cfg = encoder, index, cfg
+        self.metrics = Metrics(index)
+        self.batcher = Batcher(encoder.embedder, encoder.embedder.bucket, cfg.max_batch_size,
+                               cfg.max_wait_ms / 1000, on_batch=lambda size, _: self.metrics.batch_size.observe(size))
+
+    def warm_up(self) -> dict[int, float]:
+        """Compile every bucket before the first request (one call each); seconds per bucket."""
+        seconds = {}
+        for bucket in self.encoder.embedder.buckets:
+            start = time.perf_counter()
+            self.batcher.embed_now([[self.encoder.tokenizer.pad_id] * bucket])
+            seconds[bucket] = round(time.perf_counter() - start, 3)
+        return seconds
+
+    async def embed(self, notes: list[NoteIn]) -> tuple[np.ndarray, list[bool]]:
+        encoded = []
+        for number, note in enumerate(notes):
+            try:
+                encoded.append(self.encoder.encode(note.to_note(), report_cuts=True))
+            except PromptTooLongError as e:
+                raise HTTPException(422, f"note {number}: {e}") from None
+        cuts = [cut for _, cut in encoded]
+        self.metrics.truncated.inc(sum(cuts))
+        return await self.batcher.embed([tokens for tokens, _ in encoded]), cuts
+
+    def check_k(self, k: int, excluding: bool) -> None:
+        available = len(self.index) - (1 if excluding else 0)
+        if k > self.cfg.max_k:
+            raise HTTPException(422, f"k={k} exceeds serve.max_k={self.cfg.max_k}")
+        if k > available:
+            raise HTTPException(422, f"k={k} exceeds the {available} notes that can be returned")
+
+
+def _hits(hits) -> list[dict[str, Any]]:
+    return [{"id": h.note_id, "score": h.score, "title": h.title, "category": h.category} for h in hits]
+
+
+def create_app(service: Service) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        service.batcher.start()
+        await asyncio.to_thread(service.warm_up)
+        yield
+        await service.batcher.stop()
+
+    app = FastAPI(title="NoteLLM cold-start service", lifespan=lifespan)
+    metrics = service.metrics
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        metrics.requests.labels(endpoint, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
+    _add_query_routes(app, service)
+    _add_note_routes(app, service.index, service)
+    return app
+
+
+def _add_query_routes(app: FastAPI, service: Service) -> None:
+    index, cfg = service.index, service.cfg
+
+    @app.post("/embed")
+    async def embed(request: EmbedRequest):
+        if len(request.notes) > cfg.max_notes_per_request:
+            raise HTTPException(422, f"{len(request.notes)} notes in one request; at most "
+                                     f"serve.max_notes_per_request={cfg.max_notes_per_request}")
+        vectors, cuts = await service.embed(request.notes)
+        return {"dim": int(vectors.shape[1]), "embeddings": vectors.tolist(), "truncated": cuts}
+
+    @app.post("/similar")
+    async def similar(request: SimilarRequest):
+        service.check_k(request.k, excluding=request.note_id is not None)
+        truncated = False
+        if request.note_id is not None:
+            try:
+                query = index.vector(request.note_id)
+            except UnknownNoteError:
+                raise HTTPException(404, f"unknown note id {request.note_id!r}") from None
+        else:
+            vectors, cuts = await service.embed([request.note])
+            query, truncated = vectors[0], cuts[0]
+        hits = (await asyncio.to_thread(index.search, query[None], request.k, [request.note_id]))[0]
+        return {"k": request.k, "results": _hits(hits), "truncated": truncated}
+
+    @app.get("/healthz")
+    async def healthz():
+        export = service.encoder.export
+        return {"status": "ok", "index_size": len(index), "dim": index.dim, "run": export.meta.get("run"),
+                "buckets": service.encoder.embedder.buckets, "max_batch_size": cfg.max_batch_size}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE.read_text()
+
+
+def _add_note_routes(app: FastAPI, index: LiveIndex, service: Service) -> None:
+    @app.put("/notes/{note_id}")
+    async def put_note(note: NoteIn, note_id: str = NoteId):
+        vectors, cuts = await service.embed([note])
+        created = note_id not in index
+        await asyncio.to_thread(index.upsert, note_id, vectors[0], note.title, note.category)
+        return {"id": note_id, "acknowledged": True, "created": created, "truncated": cuts[0],
+                "index_size": len(index)}
+
+    @app.get("/notes/{note_id}")
+    async def get_note(note_id: str = NoteId):
+        if note_id not in index:
+            raise HTTPException(404, f"unknown note id {note_id!r}")
+        return {"id": note_id, **index.note(note_id)}
+
+    @app.delete("/notes/{note_id}")
+    async def delete_note(note_id: str = NoteId):
+        try:
+            await asyncio.to_thread(index.delete, note_id)
+        except UnknownNoteError:
+            raise HTTPException(404, f"unknown note id {note_id!r}") from None
+        return {"id": note_id, "deleted": True, "index_size": len(index)}

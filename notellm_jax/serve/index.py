@@ -1,0 +1,347 @@
+"""The service's live note index: ScaNN over unit vectors, updated in place, durable across kill -9.
+
+Folder layout (no pickle anywhere; a folder holding one is refused):
+    CURRENT          name of the live snapshot; replaced atomically (temp file, fsync, rename, fsync folder)
+    snap-NNNNNN/     one snapshot: ScaNN assets (relative paths), ids.json (ScaNN position -> note id),
+                     vectors.npy [n, d] float32 (exact search, rebuilds), notes.json (id -> title, category),
+                     index.json (format, dim, count, ScaNN parameters)
+    snap-NNNNNN.log  the upserts and deletes acknowledged since that snapshot, one record a line:
+                     "<crc32 as 8 hex digits> <json>\\n"
+A write is acknowledged only after its record is fsynced, and applied to memory after that. On open the
+snapshot is loaded and its log replayed; a torn last record (no newline or a wrong checksum: a write cut by
+a crash, so never acknowledged) is dropped and cut off the file; a bad record before the last is corruption
+and an error. A new snapshot is complete on disk before CURRENT names it, so a crash at any point leaves
+either the old snapshot with its log or the new one.
+
+ScaNN 1.4.2 updates brute-force and tree-AH searchers in place (`upsert`/`delete` on integer positions of
+the raw `ScannNumpy`; its docid wrapper would pickle the ids). A delete moves the last datapoint into the
+freed slot; `ids` mirrors that. A tree trained on the first vectors drifts as notes arrive: `rebuild`
+retrains on the current vectors and promotes the new tree only if its recall against exact search on a
+sample of stored vectors reaches a threshold (else the old one stays).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import threading
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from notellm_jax.config import RetrievalConfig
+from notellm_jax.data.prompts import Note
+from notellm_jax.errors import MissingInputError, StoreFormatError
+from notellm_jax.eval import ann
+from notellm_jax.eval.retrieval import l2_normalise, neighbour_overlap
+
+FORMAT = "notellm_jax.live_index/1"
+CURRENT = "CURRENT"
+
+
+class UnknownNoteError(KeyError):
+    """A note id that the index does not hold."""
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's entry list: renames and new files in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _record(op: dict[str, Any]) -> bytes:
+    body = json.dumps(op, separators=(",", ":"), ensure_ascii=True).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """(records, byte length of the intact part). Only the last record may be torn."""
+    data = path.read_bytes() if path.exists() else b""
+    records, good, lines = [], 0, data.split(b"\n")
+    for number, line in enumerate(lines[:-1]):  # lines[-1] is what follows the last newline: torn or empty
+        crc, _, body = line.partition(b" ")
+        intact = len(crc) == 8 and crc.isalnum() and int(crc, 16) == zlib.crc32(body)
+        if not intact:
+            if number == len(lines) - 2:
+                break  # the last complete-looking line, cut inside: treated as torn
+            raise StoreFormatError(f"{path}: record {number + 1} is corrupt (checksum mismatch) and is not the "
+                                   "last one: the log was damaged after it was written")
+        records.append(json.loads(body))
+        good += len(line) + 1
+    return records, good
+
+
+@dataclasses.dataclass
+class Hit:
+    note_id: str
+    score: float
+    title: str
+    category: str
+
+
+class LiveIndex:
+    """Thread-safe: one lock orders writes, searches and snapshots (ScaNN is not documented as safe
+    for a search during an update)."""
+
+    def __init__(self, directory: Path, raw, params: ann.ScannParams, ids: list[str], vectors: np.ndarray,
+                 notes: dict[str, dict[str, str]], snapshot: str, cfg: RetrievalConfig):
+        """In memory only: the log is opened by `open` (after replay) or by the first `snapshot`."""
+        self.directory, self._raw, self.params, self._cfg = directory, raw, params, cfg
+        self._ids, self._pos = list(ids), {note_id: i for i, note_id in enumerate(ids)}
+        if len(self._pos) != len(ids):
+            raise StoreFormatError(f"{directory}/{snapshot}: ids.json holds duplicate ids")
+        self._vectors = np.array(vectors, np.float32)  # grows by doubling; rows [0, n) are live
+        self._notes, self._snapshot = dict(notes), snapshot
+        self._lock = threading.RLock()
+        self._log = None
+        self.replayed = 0  # log records applied on open
+
+    # ----------------------------------------------------------------------------------------------
+    # Creating and opening
+
+    @classmethod
+    def create(cls, directory: str | os.PathLike, ids: Sequence[str], vectors: np.ndarray,
+               notes: dict[str, dict[str, str]], cfg: RetrievalConfig, k: int) -> LiveIndex:
+        """A new index folder over (ids, vectors); refuses a folder that already holds an index."""
+        directory = Path(directory).absolute()
+        if (directory / CURRENT).exists():
+            raise FileExistsError(f"{directory} already holds an index (CURRENT exists); open it instead")
+        directory.mkdir(parents=True, exist_ok=True)
+        vectors = l2_normalise(vectors) if len(vectors) else np.zeros((0, vectors.shape[1]), np.float32)
+        params = ann.choose_params(max(len(ids), 1), max(1, min(k, len(ids))), cfg)
+        raw = ann.build_index(vectors, max(1, k), params).searcher
+        index = cls(directory, raw, params, list(ids), vectors, notes, "snap-000000", cfg)
+        index.snapshot()
+        return index
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, cfg: RetrievalConfig) -> LiveIndex:
+        """Load the snapshot CURRENT names, replay its log (dropping a torn last record), clear leftovers."""
+        directory = Path(directory).absolute()
+        ann.refuse_pickles(directory)
+        if not (directory / CURRENT).is_file():
+            raise MissingInputError(f"{directory} holds no live index (no {CURRENT}); `notellm serve --embeddings "
+                                    "DIR` builds one from offline embeddings")
+        name = (directory / CURRENT).read_text().strip()
+        snap = directory / name
+        meta = json.loads((snap / "index.json").read_text())
+        if meta.get("format") != FORMAT:
+            raise StoreFormatError(f"{snap}/index.json: format {meta.get('format')!r}, expected {FORMAT!r}")
+        ids = json.loads((snap / "ids.json").read_text())
+        vectors = np.load(snap / "vectors.npy", allow_pickle=False)
+        raw = ann.load_index(snap).searcher
+        if not len(ids) == len(vectors) == raw.size() == meta["count"]:
+            raise StoreFormatError(f"{snap}: {len(ids)} ids, {len(vectors)} vectors, {raw.size()} ScaNN points, "
+                                   f"index.json says {meta['count']}")
+        index = cls(directory, raw, ann.ScannParams(**meta["params"]), ids, vectors,
+                    json.loads((snap / "notes.json").read_text()), name, cfg)
+        log_path = directory / f"{name}.log"
+        records, good = read_log(log_path)
+        for op in records:
+            index._apply(op)
+        index.replayed = len(records)
+        if log_path.stat().st_size != good:
+            os.truncate(log_path, good)  # a torn tail must not sit in front of the next record
+        index._log = open(log_path, "ab")
+        index._remove_leftovers()
+        return index
+
+    def close(self) -> None:
+        with self._lock:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Writes: logged and fsynced, then applied
+
+    def upsert(self, note_id: str, vector: np.ndarray, title: str = "", category: str = "") -> None:
+        vector = l2_normalise(np.asarray(vector, np.float32).reshape(1, -1))[0]
+        if vector.shape[0] != self.dim:
+            raise ValueError(f"vector of dim {vector.shape[0]}, the index holds dim {self.dim}")
+        op = {"op": "upsert", "id": str(note_id), "vector": [float(x) for x in vector], "title": title,
+              "category": category}
+        with self._lock:
+            self._append(op)
+            self._apply(op)
+
+    def delete(self, note_id: str) -> None:
+        with self._lock:
+            if note_id not in self._pos:
+                raise UnknownNoteError(note_id)
+            op = {"op": "delete", "id": note_id}
+            self._append(op)
+            self._apply(op)
+
+    def _append(self, op: dict[str, Any]) -> None:
+        self._log.write(_record(op))
+        self._log.flush()
+        os.fsync(self._log.fileno())
+
+    def _apply(self, op: dict[str, Any]) -> None:
+        note_id = op["id"]
+        if op["op"] == "delete":
+            pos, last = self._pos.pop(note_id), len(self._ids) - 1
+            self._raw.delete([pos])
+            if pos != last:  # ScaNN moved its last point into the freed slot
+                moved = self._ids[last]
+                self._ids[pos], self._pos[moved] = moved, pos
+                self._vectors[pos] = self._vectors[last]
+            self._ids.pop()
+            self._notes.pop(note_id, None)
+            return
+        vector = np.asarray(op["vector"], np.float32)
+        pos = self._pos.get(note_id)
+        self._raw.upsert([pos], vector[None], 1)
+        if pos is None:
+            pos = len(self._ids)
+            self._ids.append(note_id)
+            self._pos[note_id] = pos
+            if pos == len(self._vectors):
+                grown = np.zeros((max(16, 2 * len(self._vectors)), self.dim), np.float32)
+                grown[:pos] = self._vectors[:pos]
+                self._vectors = grown
+        self._vectors[pos] = vector
+        self._notes[note_id] = {"title": op.get("title", ""), "category": op.get("category", "")}
+
+    # ----------------------------------------------------------------------------------------------
+    # Reads
+
+    @property
+    def dim(self) -> int:
+        return self._vectors.shape[1]
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, note_id: str) -> bool:
+        return note_id in self._pos
+
+    def vector(self, note_id: str) -> np.ndarray:
+        with self._lock:
+            if note_id not in self._pos:
+                raise UnknownNoteError(note_id)
+            return self._vectors[self._pos[note_id]].copy()
+
+    def note(self, note_id: str) -> dict[str, str]:
+        return self._notes.get(note_id, {"title": "", "category": ""})
+
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[str | None] | None = None) -> list[list[Hit]]:
+        """The k nearest stored notes of each unit query, best first; exclude[i] is left out of row i."""
+        queries = l2_normalise(np.asarray(queries, np.float32).reshape(-1, self.dim))
+        exclude = list(exclude) if exclude is not None else [None] * len(queries)
+        with self._lock:
+            fetch = min(k + 1, len(self._ids))
+            if fetch == 0:
+                return [[] for _ in queries]
+            pre = max(fetch, self.params.reorder) if not self.params.brute_force else -1
+            positions, scores = self._raw.search_batched(queries, fetch, pre, -1, False, 0)
+            out = []
+            for row, skip in zip(range(len(queries)), exclude):
+                hits = [Hit(self._ids[p], float(s), **self.note(self._ids[p]))
+                        for p, s in zip(positions[row], scores[row]) if self._ids[p] != skip]
+                out.append(hits[:k])
+            return out
+
+    def exact_search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """Positions of the exact top k by dot product (numpy), for recall checks."""
+        with self._lock:
+            scores = np.asarray(queries, np.float32) @ self._vectors[:len(self._ids)].T
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+    def recall_vs_exact(self, k: int, sample: int, seed: int = 0) -> float:
+        """Share of the exact top k (of `sample` stored vectors as queries) that the live ScaNN returns."""
+        with self._lock:
+            return self._recall(self._raw, self.params, k, sample, seed)
+
+    def _recall(self, raw, params: ann.ScannParams, k: int, sample: int, seed: int) -> float:
+        n = len(self._ids)
+        if n == 0:
+            return 1.0
+        k = min(k, n)
+        rows = np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False)
+        queries = self._vectors[rows]
+        pre = -1 if params.brute_force else max(k, params.reorder)
+        approx = raw.search_batched(queries, k, pre, -1, False, 0)[0]
+        return neighbour_overlap(approx.astype(np.int64), self.exact_search(queries, k))
+
+    # ----------------------------------------------------------------------------------------------
+    # Snapshots and rebuilds
+
+    def snapshot(self) -> str:
+        """Write the whole index as a new snapshot with an empty log, then point CURRENT at it."""
+        with self._lock:
+            number = int(self._snapshot.split("-")[1]) + 1
+            name = f"snap-{number:06d}"
+            tmp = self.directory / f"{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            n = len(self._ids)
+            self._raw.serialize(str(tmp), True)
+            np.save(tmp / "vectors.npy", self._vectors[:n])
+            meta = {"format": FORMAT, "dim": self.dim, "count": n, "params": dataclasses.asdict(self.params)}
+            for file, value in (("ids.json", self._ids), ("notes.json", self._notes), ("index.json", meta)):
+                (tmp / file).write_text(json.dumps(value))
+            for file in tmp.iterdir():
+                _fsync_path(file)
+            _fsync_path(tmp)
+            tmp.rename(self.directory / name)
+            _write_durable(self.directory / f"{name}.log", b"")
+            _write_durable(self.directory / f"{CURRENT}.tmp", name.encode())
+            _fsync_path(self.directory)
+            os.replace(self.directory / f"{CURRENT}.tmp", self.directory / CURRENT)
+            _fsync_path(self.directory)
+            if self._log is not None:
+                self._log.close()
+            self._snapshot = name
+            self._log = open(self.directory / f"{name}.log", "ab")
+            self._remove_leftovers()
+            return name
+
+    def _remove_leftovers(self) -> None:
+        """Older snapshots and logs, and a snapshot or CURRENT half-written by a crash."""
+        for path in self.directory.iterdir():
+            if path.name.startswith(("snap-", f"{CURRENT}.tmp")) and path.name not in (
+                    self._snapshot, f"{self._snapshot}.log"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def rebuild(self, k: int, min_recall: float, sample: int, params: ann.ScannParams | None = None,
+                seed: int = 0) -> dict[str, Any]:
+        """Retrain ScaNN on the current vectors; promote (and snapshot) only if its recall@k against exact
+        search on `sample` stored vectors reaches `min_recall`. Writes wait meanwhile (one lock)."""
+        with self._lock:
+            n = len(self._ids)
+            k = min(k, n)
+            params = params or ann.choose_params(n, k, self._cfg)
+            candidate = ann.build_index(self._vectors[:n], k, params).searcher
+            recall = self._recall(candidate, params, k, sample, seed)
+            report = {"size": n, "k": k, "recall": recall, "min_recall": min_recall,
+                      "params": dataclasses.asdict(params), "promoted": recall >= min_recall}
+            if report["promoted"]:
+                self._raw, self.params = candidate, params
+                report["snapshot"] = self.snapshot()
+            return report
+
+
+def index_from_embeddings(emb_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: RetrievalConfig, k: int,
+                          notes: Sequence[Note] = ()) -> LiveIndex:
+    """A new live index over an embeddings folder (`notellm_jax.eval.embed`); titles and categories from `notes`."""
+    from notellm_jax.eval.embeddings import read_embeddings
+
+    ids, vectors = read_embeddings(emb_dir)
+    info = {n.note_id: {"title": n.title, "category": n.category} for n in notes}
+    return LiveIndex.create(out_dir, ids, vectors, {i: info[i] for i in ids if i in info}, cfg, k)

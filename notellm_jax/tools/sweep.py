@@ -1,0 +1,131 @@
+"""Hyper-parameter sweep on VALIDATION pairs only: `notellm sweep --config C --grid G.json --out DIR
+[--steps N] [--mode one_at_a_time|product] [--set section.field=value ...]` (= python -m notellm_jax.tools.sweep).
+
+G.json maps config fields to candidate values, e.g. {"train.learning_rate": [3e-5, 1e-4, 3e-4],
+"model.train_top_layers": [2, 4], "model.lora_rank": [8], "train.batch_pairs": [16, 32],
+"model.log_logit_scale_init": [3.0, 2.3], "train.logit_scale_lr_multiplier": [1, 100], "train.alpha": [0.01, 0.1],
+"prompt.hashtag_fraction": [0.4], "prompt.content_max_tokens": [48, 96]}, plus optionally "settings": a list
+of explicit override dicts (for changes that must go together, e.g. {"model.lora_rank": 8,
+"model.train_top_layers": 0}). "one_at_a_time" (default) varies one field at a time around the base config;
+"product" runs every combination. Each setting trains
+`--steps` steps and is scored by the trainer's validation pass (train.eval_batches batches of the val
+pairs: contrastive loss and in-batch accuracy, generation loss). Test pairs are never read.
+
+Settings share the prepared data folder, so the frozen-bottom feature cache (persisted beside it) is
+computed once per (base model, frozen depth) and reused. A setting that changes the tokenised prompt
+(token budgets, layout) gets its own shards, written once into DIR/data-<hash> from the same parquet files.
+Each setting's checkpoints and export are deleted after scoring (only the table is kept):
+DIR/sweep.json and DIR/sweep.md, ranked by validation contrastive loss.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from notellm_jax.config import Config, override
+
+SCORE = "val_loss_cl"  # lower is better; also reported: val_accuracy, val_loss_gen, val_loss
+COLUMNS = ("val_loss_cl", "val_accuracy", "val_loss_gen", "val_loss", "loss", "log_logit_scale", "seconds")
+
+
+def settings(grid: dict[str, list], mode: str) -> list[dict[str, Any]]:
+    """The override dicts to run: the base ({}) first, then one field at a time, or every combination; then
+    the grid's explicit "settings"."""
+    explicit = list(grid.get("settings", []))
+    fields = {k: v for k, v in grid.items() if k != "settings"}
+    if mode == "product":
+        keys = sorted(fields)
+        return [dict(zip(keys, values)) for values in itertools.product(*(fields[k] for k in keys))] + explicit
+    if mode != "one_at_a_time":
+        raise ValueError(f"sweep mode {mode!r}: choose one_at_a_time or product")
+    return [{}] + [{key: value} for key in sorted(fields) for value in fields[key]] + explicit
+
+
+def _typed(config: Config, updates: dict[str, Any]) -> Config:
+    """`override` with JSON numbers cast to the field's type (an int grid value for a float field)."""
+    typed = {}
+    for dotted, value in updates.items():
+        section, field = dotted.split(".")
+        current = getattr(getattr(config, section), field)
+        typed[dotted] = type(current)(value) if isinstance(current, (int, float)) and not isinstance(current, bool) \
+            else value
+    return override(config, typed)
+
+
+def data_dir_for(config: Config, base: Config, out: Path) -> Path:
+    """The base data folder if the setting tokenises prompts the same way, else its own shards."""
+    from notellm_jax.data.input_pipeline import prompt_hash, write_shards
+    from notellm_jax.weights.tokenizer import tokenizer_source
+
+    tokenizer = tokenizer_source(config)
+    digest = prompt_hash(config, tokenizer)
+    if digest == prompt_hash(base, tokenizer):
+        return base.data_dir
+    folder = out / f"data-{digest}"
+    if not (folder / "shards" / "meta.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        for source in base.data_dir.glob("*.parquet"):
+            shutil.copyfile(source, folder / source.name)
+        for name in ("split.json",):
+            if (base.data_dir / name).is_file():
+                shutil.copyfile(base.data_dir / name, folder / name)
+        write_shards(config, folder)
+    return folder
+
+
+def run_setting(base: Config, updates: dict[str, Any], index: int, out: Path, steps: int) -> dict[str, Any]:
+    from notellm_jax.train import train
+
+    config = _typed(base, {**updates, "train.max_steps": steps, "paths.work_dir": str(out / f"setting-{index:03d}"),
+                           "train.checkpoint_every": 10**9, "train.async_checkpoint": False})
+    if config.train.eval_batches <= 0:
+        raise ValueError("the sweep scores on validation batches: set train.eval_batches > 0")
+    config = override(config, {"paths.data_dir": str(data_dir_for(config, base, out))})
+    start = time.time()
+    metrics = train(config)
+    row = {"setting": index, "overrides": updates, "seconds": round(time.time() - start, 1),
+           **{k: metrics.get(k) for k in COLUMNS if k != "seconds"}}
+    for name in ("checkpoints", "export"):
+        shutil.rmtree(config.work_dir / name, ignore_errors=True)
+    return row
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| rank | setting | overrides | " + " | ".join(COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(COLUMNS)]
+    for rank, row in enumerate(rows, 1):
+        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c)) for c in COLUMNS]
+        changed = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "(base)"
+        lines.append(f"| {rank} | {row['setting']} | {changed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep(base: Config, grid: dict[str, list], out: Path, steps: int, mode: str = "one_at_a_time") -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [run_setting(base, updates, i, out, steps) for i, updates in enumerate(settings(grid, mode))]
+    rows.sort(key=lambda r: (r[SCORE] is None, r[SCORE]))
+    table = {"config": base.name, "steps": steps, "mode": mode, "score": f"{SCORE} (lower is better)",
+             "split": "val", "grid": grid, "rows": rows}
+    (out / "sweep.json").write_text(json.dumps(table, indent=2))
+    (out / "sweep.md").write_text(f"Sweep of {base.name}, {steps} steps per setting, scored on validation pairs "
+                                  f"({SCORE}, lower is better).\n\n" + markdown(rows))
+    return rows
+
+
+def run(args, config: Config) -> list[dict]:
+    """`notellm sweep`."""
+    out = Path(args.out)
+    rows = sweep(config, json.loads(Path(args.grid).read_text()), out, args.steps, args.mode)
+    print((out / "sweep.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    from notellm_jax.main import main
+    main(["sweep", *sys.argv[1:]])

@@ -1,0 +1,150 @@
+"""The service in-process (FastAPI TestClient, tiny stories260K export): served embeddings equal the offline
+`embed_notes` ones, a new note upserted is found first by its own text, deletes take effect, bad input is a
+clear 4xx and the server keeps serving, concurrent requests are batched, /metrics speaks Prometheus."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import notellm_jax  # noqa: F401
+from notellm_jax.config import load_config
+from notellm_jax.data.prompts import Note
+from notellm_jax.eval.embed import embed_notes, note_encoder
+from notellm_jax.eval.embeddings import read_embeddings
+from notellm_jax.weights.export import save_notellm
+from notellm_jax.serve.app import Service, create_app
+from notellm_jax.serve.index import index_from_embeddings
+from notellm_jax.sharding import make_mesh
+from notellm_jax.weights.tokenizer import resolve_tokenizer
+from notellm_jax.weights.loading import load_initial_params
+
+pytest.importorskip("scann")
+pytestmark = pytest.mark.slow  # an export, offline embeddings and the warm-up compiles: minutes on 2 cores
+from fastapi.testclient import TestClient  # noqa: E402
+
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py")
+WORDS = "the coffee bean was ground fine and brewed slowly with hot water for a rich dark cup".split()
+
+
+def tiny_config(work_dir: Path, *extra: str):
+    return load_config(TINY, [f"paths.work_dir={work_dir}", "embed.batch_size=8", "embed.length_buckets=2",
+                              "serve.max_batch_size=8", "serve.max_wait_ms=20", *extra], environ=os.environ)
+
+
+def make_notes(n: int, prefix: str = "site") -> list[Note]:
+    return [Note(note_id=f"{prefix}/{i}", title=f"Question {i} about {WORDS[i % len(WORDS)]}?",
+                 content=" ".join(WORDS[(i % 5):(i % 5) + 4 + i % 7]), topics=["brewing"], category=f"cat{i % 3}")
+            for i in range(n)]
+
+
+def note_json(note: Note) -> dict:
+    return {"title": note.title, "content": note.content, "topics": note.topics, "category": note.category}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """An export of the real stories260K weights (the trainer's own initial params: no training run), offline
+    embeddings of 12 notes, and an index over them."""
+    work = tmp_path_factory.mktemp("serve")
+    config = tiny_config(work)
+    tokenizer = resolve_tokenizer(config)
+    params, llama_cfg = load_initial_params(config, tokenizer.vocab_size)
+    export = save_notellm(work / "export", params, llama_cfg, config)
+    notes = make_notes(12)
+    mesh = make_mesh(1, -1, 1)
+    emb = embed_notes(config, export, notes, work / "emb", mesh=mesh)
+    index = index_from_embeddings(emb, work / "index", config.retrieval, config.serve.max_k, notes)
+    service = Service(note_encoder(config, export, mesh, batch_size=8), index, config.serve)
+    with TestClient(create_app(service)) as client:
+        yield client, config, export, emb, notes, service
+
+
+def test_served_embeddings_equal_offline_and_live_updates(setup):
+    client, config, export, emb, notes, service = setup
+    ids, offline = read_embeddings(emb)
+    got = client.post("/embed", json={"notes": [note_json(n) for n in notes[:5]]})
+    assert got.status_code == 200, got.text
+    body = got.json()
+    np.testing.assert_allclose(np.array(body["embeddings"]), offline[:5], atol=2e-5)
+    tok = service.encoder.tokenizer
+    over = [len(tok.encode(n.title, split_special_tokens=True)) > config.prompt.title_max_tokens
+            or len(tok.encode(n.content, split_special_tokens=True)) > config.prompt.content_max_tokens
+            for n in notes[:5]]
+    assert body["dim"] == 32 and body["truncated"] == over and any(over) and not all(over)
+
+    fresh = Note("new/1", "Why does my espresso taste sour and thin?", "under extracted shots pulled too fast",
+                 ["espresso"], "coffee")
+    put = client.put("/notes/new-1", json=note_json(fresh))
+    assert put.status_code == 200 and put.json()["created"] and put.json()["index_size"] == 13
+    similar = client.post("/similar", json={"note": note_json(fresh), "k": 3}).json()
+    assert similar["results"][0]["id"] == "new-1" and similar["results"][0]["score"] == pytest.approx(1, abs=1e-5)
+    assert similar["results"][0]["title"] == fresh.title and similar["results"][0]["category"] == "coffee"
+    by_id = client.post("/similar", json={"note_id": "new-1", "k": 12}).json()["results"]
+    assert "new-1" not in [r["id"] for r in by_id] and len(by_id) == 12  # the query itself is excluded
+    scores = np.array([r["score"] for r in by_id])
+    assert np.all(np.diff(scores) <= 1e-6)
+    expected = offline @ np.array(client.post("/embed", json={"notes": [note_json(fresh)]}).json()["embeddings"][0])
+    np.testing.assert_allclose(sorted(scores, reverse=True), np.sort(expected)[::-1], atol=1e-5)
+
+    assert client.delete("/notes/new-1").json() == {"id": "new-1", "deleted": True, "index_size": 12}
+    after = client.post("/similar", json={"note": note_json(fresh), "k": 12}).json()["results"]
+    assert "new-1" not in [r["id"] for r in after]
+    assert client.delete("/notes/new-1").status_code == 404
+
+
+@pytest.mark.parametrize("method, path, body, status, message", [
+    ("post", "/embed", b"{not json", 422, "JSON decode error"),
+    ("post", "/embed", {"notes": []}, 422, "at least 1 item"),
+    ("post", "/embed", {"notes": [{"title": 3, "content": "x"}]}, 422, "valid string"),
+    ("post", "/embed", {"notes": [{"title": "  ", "content": ""}]}, 422, "the note is empty"),
+    ("post", "/embed", {"notes": [{"title": "a", "colour": "red"}]}, 422, "Extra inputs are not permitted"),
+    ("post", "/embed", {"cards": []}, 422, "Field required"),
+    ("post", "/similar", {"note_id": "site/1", "k": 0}, 422, "greater than or equal to 1"),
+    ("post", "/similar", {"note_id": "site/1", "k": 12}, 422, "exceeds the 11 notes"),
+    ("post", "/similar", {"note_id": "site/1", "k": 101}, 422, "exceeds serve.max_k=100"),
+    ("post", "/similar", {"note_id": "nope", "k": 2}, 404, "unknown note id 'nope'"),
+    ("post", "/similar", {"k": 2}, 422, "exactly one of note_id"),
+    ("post", "/similar", {"note_id": "site/1", "note": {"title": "x"}}, 422, "exactly one of note_id"),
+    ("post", "/similar", {"note_id": "site/1", "k": "many"}, 422, "valid integer"),
+    ("delete", "/notes/unknown", None, 404, "unknown note id"),
+    ("put", "/notes/x", {"content": 5}, 422, "valid string"),
+])
+def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(setup, method, path, body, status, message):
+    client = setup[0]
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body} if body is not None else {}
+    response = client.request(method.upper(), path, **kwargs)
+    assert response.status_code == status, response.text
+    assert message in response.text
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_long_text_is_cut_as_in_training_and_said_so(setup):
+    client, config, export, *_ = setup
+    long = {"title": "espresso " * 200, "content": "crema and bitterness " * 3000, "topics": [], "category": "c"}
+    body = client.post("/embed", json={"notes": [long]}).json()
+    assert body["truncated"] == [True]
+    encoder = setup[5].encoder
+    tokens, cut = encoder.encode(Note("x", long["title"], long["content"], [], "c"), report_cuts=True)
+    assert cut and len(tokens) <= encoder.prompt.max_length
+    assert client.put("/notes/long", json=long).json()["truncated"] is True
+    client.delete("/notes/long")
+
+
+def test_concurrent_requests_are_batched_and_metrics_exported(setup):
+    client, *_, notes, service = setup
+    before = service.metrics.batch_size.collect()[0]
+    count_before = next(s.value for s in before.samples if s.name.endswith("_count"))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda n: client.post("/similar", json={"note": note_json(n), "k": 2}), notes[:8]))
+    assert all(r.status_code == 200 for r in results)
+    after = service.metrics.batch_size.collect()[0]
+    calls = next(s.value for s in after.samples if s.name.endswith("_count")) - count_before
+    assert 1 <= calls < 8  # 8 concurrent notes took fewer jitted calls than notes
+    text = client.get("/metrics").text
+    assert 'notellm_requests_total{endpoint="/similar",method="POST",status="200"}' in text
+    assert "notellm_request_latency_seconds_bucket" in text and "notellm_index_size 12.0" in text
+    assert "notellm_embed_batch_size_bucket" in text

@@ -1,0 +1,185 @@
+"""LLaMA-3 (RoPE scaling), Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms) and Mistral (sliding window) against
+Hugging Face transformers + torch: tiny random models of each family built with transformers, saved with
+`save_pretrained`, loaded through `load_causal_lm`, exported back with `save_hf` and reloaded in torch."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import notellm_jax  # noqa: F401
+import torch
+import transformers
+
+from notellm_jax.errors import CheckpointError
+from notellm_jax.model.decode import CausalLM
+from notellm_jax.weights.formats import load_causal_lm, save_hf
+
+VOCAB, LENGTH, PAD = 97, 40, 0
+# Rows: unpadded (positions 0..39), right-padded (30 real), left-padded (27 real).
+REAL = [slice(0, LENGTH), slice(0, 30), slice(LENGTH - 27, LENGTH)]
+CLASSES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}
+# head_dim 16, theta 1e4: wavelengths 6.3, 20, 63, 199, ...; with an original context of 32 (high/low
+# frequency factors 4/1) the first is kept, the second interpolated, the rest divided by the factor.
+# Row 0 reaches position 39, beyond the original context.
+LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}
+LLAMA3_B = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+            "original_max_position_embeddings": 16}
+
+# (name, family, HF config kwargs, what to check beyond parity): GQA and MHA, tied and untied, scaling
+# on/off, odd head counts, explicit head_dim, biases, a window shorter and one longer than the sequence.
+CASES = [
+    ("llama3_gqa_untied", "llama", dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                        intermediate_size=48, tie_word_embeddings=False, rope_scaling=LLAMA3),
+     {"decode", "scaling"}),
+    ("llama3_mha_tied_bias", "llama", dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=3,
+                                           intermediate_size=64, tie_word_embeddings=True, attention_bias=True,
+                                           rope_scaling=LLAMA3_B), {"scaling"}),
+    ("llama_rope_type_default", "llama", dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                              intermediate_size=48, rope_scaling={"rope_type": "default"},
+                                              tie_word_embeddings=False), set()),
+    ("qwen2_gqa_tied", "qwen2", dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+                                     intermediate_size=80, rope_theta=1e6, tie_word_embeddings=True), {"decode"}),
+    ("qwen2_odd_mha_untied", "qwen2", dict(hidden_size=24, num_attention_heads=3, num_key_value_heads=3,
+                                           intermediate_size=40, tie_word_embeddings=False), {"sharded"}),
+    ("qwen3_gqa_untied_head_dim", "qwen3", dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                                head_dim=16, intermediate_size=48, tie_word_embeddings=False),
+     {"decode", "sharded"}),
+    ("qwen3_odd_tied_bias", "qwen3", dict(hidden_size=24, num_attention_heads=3, num_key_value_heads=1, head_dim=8,
+                                          intermediate_size=40, tie_word_embeddings=True, attention_bias=True), set()),
+    ("mistral_window5_gqa", "mistral", dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                            intermediate_size=48, sliding_window=5, tie_word_embeddings=False),
+     {"decode", "window"}),
+    ("mistral_no_window_mha_tied", "mistral", dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                                                   head_dim=24, intermediate_size=48, sliding_window=None,
+                                                   tie_word_embeddings=True), set()),
+]
+
+
+def torch_model(family: str, seed: int, **shape) -> transformers.PreTrainedModel:
+    """A random tiny model whose every weight (norm scales and biases included) differs from its init, so
+    a swapped, transposed or ignored tensor cannot go unnoticed."""
+    config_cls, model_cls = CLASSES[family]
+    torch.manual_seed(seed)
+    cfg = config_cls(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                     bos_token_id=1, eos_token_id=2, **shape)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    return model
+
+
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(np.asarray(ids, np.int64))).logits.float().numpy()
+
+
+def padded_batch(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.random.default_rng(seed).integers(3, VOCAB, size=(len(REAL), LENGTH))
+    mask = np.zeros_like(ids)
+    for row, keep in enumerate(REAL):
+        mask[row, keep] = 1
+    return np.where(mask > 0, ids, PAD), mask
+
+
+def assert_matches_torch(lm: CausalLM, model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each row's real positions vs torch on that row alone, unpadded (so padding semantics are ours)."""
+    ours = lm.logits(ids, mask)
+    for row, keep in enumerate(REAL):
+        np.testing.assert_allclose(ours[row, keep], torch_logits(model, ids[None, row, keep])[0],
+                                   atol=1e-4, rtol=0, err_msg=f"row {row}")
+    return ours
+
+
+def greedy_by_recomputation(lm: CausalLM, prompt: list[int], n_new: int, width: int) -> list[int]:
+    """Greedy decoding without a cache: the full right-padded sequence every step."""
+    tokens = list(prompt)
+    for _ in range(n_new):
+        ids = np.zeros((1, width), np.int32)
+        ids[0, :len(tokens)] = tokens
+        mask = (np.arange(width) < len(tokens)).astype(np.int32)[None]
+        tokens.append(int(lm.logits(ids, mask)[0, len(tokens) - 1].argmax()))
+    return tokens[len(prompt):]
+
+
+def assert_cached_decode_equals_recomputation(lm: CausalLM, seed: int) -> None:
+    """Prompts of 30 and 19 tokens plus 14 new ones: past the LLaMA-3 original context (32) and far past
+    Mistral's window (5); left and right padding."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, VOCAB, 30).tolist(), rng.integers(3, VOCAB, 19).tolist()]
+    n_new, length = 14, 30
+    expected = [greedy_by_recomputation(lm, p, n_new, length + n_new) for p in prompts]
+    for side in ("left", "right"):
+        ids = np.zeros((2, length), np.int32)
+        mask = np.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            keep = slice(length - len(p), length) if side == "left" else slice(0, len(p))
+            ids[row, keep], mask[row, keep] = p, 1
+        out = lm.generate(ids, n_new, attention_mask=mask, eos_id=-1)
+        assert out[:, length:].tolist() == expected, side
+
+
+# Cases that also decode compile two more programs (~30 s on the shared 2-core machine): slow.
+@pytest.mark.parametrize("name,family,shape,checks", [
+    pytest.param(*case, marks=[pytest.mark.slow] if "decode" in case[3] else []) for case in CASES],
+    ids=[c[0] for c in CASES])
+def test_family_parity_export_and_decode(tmp_path, name, family, shape, checks):
+    model = torch_model(family, len(name), **shape)
+    shard = "20KB" if "sharded" in checks else "10GB"
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size=shard)
+    assert ("sharded" in checks) == (len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 2)
+    lm = load_causal_lm(tmp_path / "hf")
+    cfg = lm.config
+    assert (cfg.model_type, cfg.tie_word_embeddings) == (family, shape["tie_word_embeddings"])
+    assert cfg.attention_bias == (family == "qwen2" or shape.get("attention_bias", False))
+    assert cfg.qk_norm == (family == "qwen3")
+    ids, mask = padded_batch(len(name))
+    ours = assert_matches_torch(lm, model, ids, mask)
+
+    # The feature under test really changes the output (so parity is not vacuous for it).
+    if "scaling" in checks:
+        assert cfg.rope_type == "llama3" and cfg.rope_original_max_position < LENGTH
+        plain = CausalLM(lm.params, cfg.replace(rope_type="default")).logits(ids, mask)
+        assert np.abs(plain[0] - ours[0]).max() > 1e-2
+    if "window" in checks:
+        assert cfg.sliding_window == 5
+        full = CausalLM(lm.params, cfg.replace(sliding_window=None)).logits(ids, mask)
+        np.testing.assert_allclose(full[0, :5], ours[0, :5], atol=1e-5)  # within the window: the same
+        assert np.abs(full[0, 5:] - ours[0, 5:]).max() > 1e-2
+
+    save_hf(lm.params, cfg, tmp_path / "export")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert type(reloaded) is type(model)
+    np.testing.assert_allclose(torch_logits(reloaded, ids[:1]), torch_logits(model, ids[:1]), atol=1e-6, rtol=0)
+    if "decode" in checks:
+        assert_cached_decode_equals_recomputation(lm, len(name))
+
+
+UNSUPPORTED = [
+    ("llama", "rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling.rope_type='yarn'"),
+    ("llama", "rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling.rope_type='linear'"),
+    ("llama", "rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling \\(llama3\\) lacks"),
+    ("llama", "mlp_bias", True, "mlp_bias=True"),
+    ("llama", "model_type", "gemma", "model_type='gemma'"),
+    ("qwen2", "use_sliding_window", True, "use_sliding_window=True"),
+    ("qwen3", "layer_types", ["full_attention", "sliding_attention"], "layer_types="),
+    ("mistral", "hidden_act", "gelu", "hidden_act='gelu'"),
+    ("qwen3", "partial_rotary_factor", 0.5, "partial_rotary_factor=0.5"),
+]
+
+
+@pytest.mark.parametrize("family,field,value,message", UNSUPPORTED, ids=[f"{u[0]}-{u[1]}" for u in UNSUPPORTED])
+def test_unsupported_fields_name_the_field_and_the_path(tmp_path, family, field, value, message):
+    torch_model(family, 1, hidden_size=16, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                intermediate_size=24).save_pretrained(tmp_path, safe_serialization=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"{tmp_path.name}.*{message}"):
+        load_causal_lm(tmp_path)
