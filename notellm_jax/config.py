@@ -104,6 +104,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"      # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    # Embedding/head tables padded to a multiple of this (zero rows, logits masked), so they shard.
+    vocab_pad_multiple: int = 128
     # Train only the top k decoder layers (0 = all). The frozen bottom's hidden states are computed
     # once per note and reused (ENVIRONMENT.md's CPU budget).
     train_top_layers: int = 0

@@ -58,37 +58,79 @@ class TrainState:
 # Model and parameters
 
 
+def runtime_fields(config: Config) -> dict[str, Any]:
+    """The LlamaConfig fields a run chooses (not the checkpoint)."""
+    m = config.model
+    return dict(compute_dtype=m.compute_dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
+                remat_policy=m.remat_policy, vocab_pad_multiple=m.vocab_pad_multiple)
+
+
 def runtime_llama_config(config: Config, base: LlamaConfig) -> LlamaConfig:
-    return base.replace(compute_dtype=config.model.compute_dtype, param_dtype=config.model.param_dtype,
-                        scan_layers=config.model.scan_layers, remat_policy=config.model.remat_policy)
+    return base.replace(**runtime_fields(config))
 
 
-def load_initial_params(config: Config, emb_vocab_size: int | None) -> tuple[dict, LlamaConfig]:
-    """Pretrained (or random) decoder weights with the [EMB] row added, plus fresh projection and tau.
+def _check_emb_vocab(emb_vocab_size: int | None, base_vocab: int, ckpt: str) -> int:
+    """How many entries to add to the checkpoint's vocabulary: 1 ([EMB]) with a tokenizer, else 0."""
+    if emb_vocab_size is None:
+        return 0
+    if emb_vocab_size != base_vocab + 1:
+        raise ValueError(f"tokenizer has {emb_vocab_size - 1} base tokens but the checkpoint {ckpt} has a "
+                         f"{base_vocab}-row embedding table: they do not belong together")
+    return 1
+
+
+def _random_decoder(base: LlamaConfig, new_tokens: int, seed: int, abstract: dict) -> dict:
+    """Random decoder weights created by one jitted program directly in their shardings (never whole on
+    one device). Initialised unscanned and stacked inside the program, so scan_layers does not change
+    the weights; the [EMB] entries and the vocabulary padding as `grow_vocab` makes them."""
+    from notellm_jax.checkpoints import grow_vocab
+
+    def init(key):
+        params = init_params(base.replace(scan_layers=False, vocab_pad_multiple=1), key)
+        params, _ = grow_vocab(params, base, new_tokens)
+        if base.scan_layers:
+            params = stack_layers(params, stack=jnp.stack)
+        return jax.tree.map(lambda p, a: p.astype(a.dtype), params, abstract)
+
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def _host_to_global(value: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
+    value = np.asarray(value)
+    return jax.make_array_from_callback(target.shape, target.sharding,
+                                        lambda index: value[index].astype(target.dtype))
+
+
+def load_initial_params(config: Config, emb_vocab_size: int | None, mesh=None,
+                        on_leaf=None) -> tuple[dict, LlamaConfig]:
+    """Pretrained (or random) decoder weights with the [EMB] row added, plus fresh projection and tau, born
+    sharded on `mesh` (default: the config's) in the model's param dtype: each process reads only the
+    checkpoint slices its devices hold (`checkpoints.place_params`; `on_leaf(name)` runs after each
+    parameter is placed).
 
     `emb_vocab_size` is the tokenizer's vocabulary including [EMB] (whose id must be the base vocab size).
     """
+    mesh = mesh or shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     ckpt = config.model.checkpoint
     if ckpt.startswith("random:"):
         base = runtime_llama_config(config, preset(ckpt.split(":", 1)[1]))
-        decoder = init_params(base.replace(scan_layers=False), jax.random.key(config.train.seed))
+        new_tokens = _check_emb_vocab(emb_vocab_size, base.vocab_size, ckpt)
+        llama_cfg = base.replace(vocab_size=base.vocab_size + new_tokens)
+        abstract = abstract_params_on(make_model(config, llama_cfg), mesh)
+        decoder = _random_decoder(base, new_tokens, config.train.seed, abstract["decoder"])
     else:
-        from notellm_jax.checkpoints import load_params
-        decoder, base = load_params(config.resolve(ckpt))
-        base = runtime_llama_config(config, base)
-    if emb_vocab_size is not None:
-        if emb_vocab_size != base.vocab_size + 1:
-            raise ValueError(f"tokenizer has {emb_vocab_size - 1} base tokens but the checkpoint {ckpt} has a "
-                             f"{base.vocab_size}-row embedding table: they do not belong together")
-        from notellm_jax.checkpoints import add_tokens
-        decoder, base = add_tokens(decoder, base, 1)
-    decoder = jax.tree.map(np.asarray, decoder)
-    if base.scan_layers:
-        decoder = jax.tree.map(np.asarray, stack_layers(decoder))
+        from notellm_jax.checkpoints import open_params, place_params
+        new_tokens = 0 if emb_vocab_size is None else 1
+        lazy, llama_cfg = open_params(config.resolve(ckpt), new_tokens, **runtime_fields(config))
+        _check_emb_vocab(emb_vocab_size, llama_cfg.vocab_size - new_tokens, ckpt)
+        abstract = abstract_params_on(make_model(config, llama_cfg), mesh)
+        decoder = place_params(lazy, abstract["decoder"], on_leaf)
     rng = np.random.default_rng(config.train.seed)
-    proj = rng.normal(0.0, base.hidden_size ** -0.5, (base.hidden_size, config.model.emb_dim)).astype(np.float32)
-    params = {"decoder": decoder, "proj": {"kernel": proj}, "tau": np.asarray(config.model.tau_init, np.float32)}
-    return params, base
+    proj = rng.normal(0.0, llama_cfg.hidden_size ** -0.5, (llama_cfg.hidden_size, config.model.emb_dim))
+    params = {"decoder": decoder, "proj": {"kernel": _host_to_global(proj, abstract["proj"]["kernel"])},
+              "tau": _host_to_global(np.asarray(config.model.tau_init, np.float32), abstract["tau"])}
+    return params, llama_cfg
 
 
 def make_model(config: Config, llama_cfg: LlamaConfig) -> NoteLLM:
@@ -141,6 +183,14 @@ def abstract_boxed_params(model: NoteLLM) -> Any:
     return jax.eval_shape(lambda rng: model.init(rng, batch)["params"], jax.random.key(0))
 
 
+def abstract_params_on(model: NoteLLM, mesh) -> dict:
+    """ShapeDtypeStructs of every parameter carrying its NamedSharding on `mesh` (the logical rules)."""
+    boxed = abstract_boxed_params(model)
+    shardings = shd.logical_shardings(boxed, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
+                        shardings)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sharded state
 
@@ -172,19 +222,25 @@ def make_state_spec(config: Config, llama_cfg: LlamaConfig, mesh, total_steps: i
     return StateSpec(model, mesh, tx, schedule, frozen_layers, shardings, abstract)
 
 
-def _place(array: np.ndarray, sharding) -> jax.Array:
-    """Host array -> global array; each process only touches the slices its devices hold."""
-    array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+def _place(value: Any, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """A parameter in the abstract state's sharding and dtype: a global array is resharded (kept as it is
+    when it already matches), a host array is placed slice by slice."""
+    if not isinstance(value, jax.Array):
+        return _host_to_global(value, target)
+    if value.dtype != target.dtype:
+        value = value.astype(target.dtype)
+    return value if value.sharding == target.sharding else jax.device_put(value, target.sharding)
 
 
 def create_state(spec: StateSpec, params: dict) -> TrainState:
+    """The fresh train state from `params` (host arrays or `load_initial_params`' global arrays, which
+    then become the state: the jitted step donates them)."""
     trainable, frozen = split_params(params, spec.frozen_layers)
-    sh = spec.state_shardings
-    trainable = jax.tree.map(_place, trainable, sh.params)
-    frozen = jax.tree.map(_place, frozen, sh.frozen)
-    opt_state = jax.jit(spec.tx.init, out_shardings=sh.opt_state)(trainable)
-    step = jax.device_put(jnp.zeros((), jnp.int32), sh.step)
+    target = spec.abstract_state
+    trainable = jax.tree.map(_place, trainable, target.params)
+    frozen = jax.tree.map(_place, frozen, target.frozen)
+    opt_state = jax.jit(spec.tx.init, out_shardings=spec.state_shardings.opt_state)(trainable)
+    step = jax.device_put(jnp.zeros((), jnp.int32), spec.state_shardings.step)
     return TrainState(step=step, params=trainable, frozen=frozen, opt_state=opt_state)
 
 
@@ -384,7 +440,7 @@ def train(config: Config) -> dict[str, Any]:
     else:
         from notellm_jax.tokenizer import load_tokenizer
         emb_vocab = load_tokenizer(tokenizer_path(config), config.prompt.emb_token).vocab_size
-    params, llama_cfg = load_initial_params(config, emb_vocab)
+    params, llama_cfg = load_initial_params(config, emb_vocab, mesh)
     total_steps = total_train_steps(config)
     spec = make_state_spec(config, llama_cfg, mesh, total_steps)
     use_cache = spec.frozen_layers > 0 and config.model.cache_frozen_features

@@ -117,7 +117,7 @@ def _decode(model: Llama, params: Any, ids: jax.Array, mask: jax.Array, max_new_
             eos_id: jax.Array, trie: tuple[jax.Array, jax.Array] | None) -> jax.Array:
     """Prefill the cache with the prompt, then feed back one chosen token per step."""
     batch, length = ids.shape
-    vocab = model.config.vocab_size
+    vocab = model.config.padded_vocab_size  # the logits' width; padded entries are masked by Llama.logits
     variables = {"params": params}
     cache = init_cache(model.config, batch, length + max_new_tokens)
     hidden, cache = model.apply(variables, ids, mask, cache=cache)

@@ -64,6 +64,9 @@ class LlamaConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    # Embedding and head tables get padded_vocab_size entries (HF's pad_to_multiple_of): an odd vocabulary
+    # (32,001 with [EMB]) would otherwise not shard over `tensor`. Padded rows are zero, their logits masked.
+    vocab_pad_multiple: int = 1
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -79,6 +82,10 @@ class LlamaConfig:
 
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
 
     @property
     def dtype(self):
@@ -294,7 +301,7 @@ class Llama(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+            cfg.padded_vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=jnp.dtype(cfg.param_dtype),
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("vocab", "embed")))
         if cfg.scan_layers:
             self.layers = nn.scan(
@@ -306,7 +313,7 @@ class Llama(nn.Module):
             self.layers = [layer_cls(cfg) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, jnp.dtype(cfg.param_dtype))
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+            self.lm_head = nn.Dense(cfg.padded_vocab_size, use_bias=False, dtype=cfg.dtype,
                                     param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=_dense_init(("embed", "vocab")))
 
     def __call__(self, input_ids: Array | None = None, attention_mask: Array | None = None, *,
@@ -368,10 +375,17 @@ class Llama(nn.Module):
         return self.logits(self(input_ids))
 
     def logits(self, hidden: Array) -> Array:
-        """The LM head, for any [..., H] hidden states (apply it only where logits are needed)."""
-        if self.config.tie_word_embeddings:
-            return self.embed_tokens.attend(hidden.astype(self.config.dtype))
-        return self.lm_head(hidden)
+        """The LM head, for any [..., H] hidden states (apply it only where logits are needed). Entries of
+        the vocabulary padding get the lowest finite logit, so no loss or decoding ever picks them."""
+        cfg = self.config
+        if cfg.tie_word_embeddings:
+            logits = self.embed_tokens.attend(hidden.astype(cfg.dtype))
+        else:
+            logits = self.lm_head(hidden)
+        if cfg.padded_vocab_size == cfg.vocab_size:
+            return logits
+        real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+        return jnp.where(real, logits, jnp.finfo(logits.dtype).min)
 
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=None) -> dict[str, Array]:
@@ -398,12 +412,14 @@ def init_params(config: LlamaConfig, rng: Array) -> Any:
 _LAYER_KEY = re.compile(r"layers_(\d+)$")
 
 
-def stack_layers(params: dict) -> dict:
-    """layers_{i}/... subtrees -> one `layers/layer/...` subtree with a leading layer axis (scan layout)."""
+def stack_layers(params: dict, stack=np.stack) -> dict:
+    """layers_{i}/... subtrees -> one `layers/layer/...` subtree with a leading layer axis (scan layout).
+    `stack` joins one parameter's per-layer values: numpy on the host (never one device), jnp inside jit,
+    or a lazy stack (`checkpoints.Stacked`)."""
     layer_keys = sorted((k for k in params if _LAYER_KEY.match(k)), key=lambda k: int(_LAYER_KEY.match(k).group(1)))
     if not layer_keys:
         return params
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[k] for k in layer_keys])
+    stacked = jax.tree.map(lambda *xs: stack(xs), *[params[k] for k in layer_keys])
     out = {k: v for k, v in params.items() if k not in layer_keys}
     out["layers"] = {"layer": stacked}
     return out
