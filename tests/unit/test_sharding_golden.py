@@ -48,5 +48,7 @@ def test_llama2_7b_parameter_shardings_match_the_golden_file():
 
 if __name__ == "__main__":
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-    GOLDEN.write_text(json.dumps(current_layout(), indent=1, sort_keys=True) + "\n")
+    layout = current_layout()
+    lines = [f" {json.dumps(name)}: {json.dumps(layout[name])}" for name in sorted(layout)]
+    GOLDEN.write_text("{\n" + ",\n".join(lines) + "\n}\n")  # one parameter per line: readable diffs
     print(f"wrote {GOLDEN}")
