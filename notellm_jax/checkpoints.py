@@ -718,9 +718,12 @@ def place_params(params: Params, abstract: Params, on_leaf: Callable[[str], None
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(f"parameter {name}: checkpoint gives shape {tensor.shape}, the model expects "
                                   f"{target.shape}")
+        # One device at a time (not make_array_from_callback, which reads every shard before the first
+        # transfer): the host holds at most one shard of one parameter beyond what is already placed.
         dtype = np.dtype(target.dtype)
-        array = jax.make_array_from_callback(target.shape, target.sharding,
-                                             lambda index: tensor.read(index).astype(dtype))
+        shards = [jax.device_put(tensor.read(index).astype(dtype, copy=False), device)
+                  for device, index in target.sharding.addressable_devices_indices_map(target.shape).items()]
+        array = jax.make_array_from_single_device_arrays(target.shape, target.sharding, shards)
         if on_leaf is not None:
             on_leaf(name)
         return array
