@@ -367,13 +367,13 @@ def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: st
     from notellm_jax.train import tokenizer_path
 
     source = str(export) if isinstance(export, (str, Path)) else f"export of run {export.meta.get('run')!r}"
+    mesh = mesh or shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     if isinstance(export, (str, Path)):
-        export = load_notellm(export)
+        export = load_notellm(export, mesh)
     prompt = dataclasses.replace(export.prompt, padding_side=config.prompt.padding_side)
     tok_path = tokenizer_path(config)
     tokenizer = load_tokenizer(tok_path, emb_token=prompt.emb_token)
     check_export(export, tokenizer, source)
-    mesh = mesh or shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     buckets = bucket_lengths(prompt.max_length, config.eval.embed_length_buckets)
     batch_size = config.eval.embed_batch_size
     cache_dir = config.data_dir if config.model.cache_frozen_features and config.model.persist_feature_cache else None

@@ -37,8 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import notellm_jax  # noqa: F401  (environment defaults before transformers is imported)
-import jax
-import jax.numpy as jnp
 
 from notellm_jax.config import Config, PromptConfig, add_config_args, config_from_args
 from notellm_jax.distributed import init_distributed
@@ -57,10 +55,14 @@ PAD_MULTIPLE = 8  # prompts are left-padded to the task's longest prompt rounded
 class Generator:
     """The decoder of a NoteLLM export with its tokenizer and the prompt settings it was trained with."""
 
-    def __init__(self, config: Config, export_dir: str | Path):
+    def __init__(self, config: Config, export_dir: str | Path, mesh=None):
+        """The weights are restored onto `mesh` (default: the config's) in their logical shardings, as the
+        embedder's are; the decode program then runs over the whole mesh."""
+        from notellm_jax import sharding as shd
         from notellm_jax.model.export import load_notellm
 
-        export = load_notellm(export_dir)
+        mesh = mesh or shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        export = load_notellm(export_dir, mesh)
         self.tokenizer: NoteTokenizer = load_tokenizer(config.resolve(export.tokenizer_path), export.prompt.emb_token)
         if self.tokenizer.vocab_size != export.llama.vocab_size:
             raise ValueError(f"{export_dir}: the model has a {export.llama.vocab_size}-token vocabulary but its "
@@ -68,7 +70,7 @@ class Generator:
                              f"{export.prompt.emb_token}): they do not belong together")
         self.prompt: PromptConfig = export.prompt
         self.model = Llama(export.llama)
-        self.params = jax.tree.map(jnp.asarray, export.params["decoder"])  # on the device once, not per batch
+        self.params = export.params["decoder"]
 
     def decode(self, examples: Sequence[Example], length: int, max_new_tokens: int, repetition_penalty: float,
                trie: TokenTrie | None) -> list[list[int]]:

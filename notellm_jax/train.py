@@ -400,16 +400,10 @@ def restore_checkpoint(manager, spec: StateSpec, config: Config, total_steps: in
 
 
 def export_params(config: Config, state: TrainState, llama_cfg: LlamaConfig, tokenizer_path: str) -> Path:
-    """Param-only export for the embedding / eval tools: orbax params + notellm.json.
-
-    Called by every process: the parameters are gathered to host arrays (a collective) and orbax saves
-    them from process 0, with barriers that every process must reach.
-    """
-    from jax.experimental import multihost_utils
+    """Param-only export for the embedding / eval tools: orbax params + notellm.json. Called by every
+    process; each writes its own shards of the sharded parameters (no gather)."""
     from notellm_jax.model.export import save_notellm
     params = merge_params(state.params, state.frozen)
-    if jax.process_count() > 1:
-        params = multihost_utils.process_allgather(params, tiled=True)
     return save_notellm(config.work_dir / "export", params, llama_cfg, config, tokenizer_path)
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from notellm_jax.config import Config, PromptConfig
 from notellm_jax.model.llama import LlamaConfig
@@ -30,12 +29,13 @@ class NoteLLMExport:
 
 
 def save_notellm(out_dir: Path, params: dict, llama_cfg: LlamaConfig, config: Config, tokenizer_path: str) -> Path:
+    """Called by every process: orbax writes each process's own shards of the (sharded) parameters, so
+    nothing is gathered to one host."""
     import orbax.checkpoint as ocp
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out_dir / "params", host, force=True)
+        ckptr.save(out_dir / "params", params, force=True)
     meta = {"format": FORMAT, "llama": dataclasses.asdict(llama_cfg), "emb_dim": config.model.emb_dim,
             "prompt": dataclasses.asdict(config.prompt), "tokenizer_path": tokenizer_path,
             "objective": config.train.objective, "run": config.name, "checkpoint": config.model.checkpoint,
@@ -45,7 +45,9 @@ def save_notellm(out_dir: Path, params: dict, llama_cfg: LlamaConfig, config: Co
     return out_dir
 
 
-def load_notellm(path: str | Path) -> NoteLLMExport:
+def load_notellm(path: str | Path, mesh=None) -> NoteLLMExport:
+    """The export; with `mesh` the parameters are restored straight into their shardings on it (each
+    process reads its own slices), otherwise as host arrays."""
     import orbax.checkpoint as ocp
     path = Path(path).absolute()
     meta_file = path / "notellm.json"
@@ -55,8 +57,13 @@ def load_notellm(path: str | Path) -> NoteLLMExport:
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(path / "params")
     llama_cfg = LlamaConfig(**meta["llama"])
+    target = None
+    if mesh is not None:
+        from notellm_jax.model.notellm import NoteLLM
+        from notellm_jax.train import abstract_params_on
+        target = abstract_params_on(NoteLLM(llama_cfg, emb_dim=meta["emb_dim"]), mesh)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(path / "params", target)
     return NoteLLMExport(params=params, llama=llama_cfg, emb_dim=meta["emb_dim"],
                          prompt=PromptConfig(**meta["prompt"]), tokenizer_path=meta["tokenizer_path"], meta=meta)
