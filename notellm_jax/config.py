@@ -114,6 +114,7 @@ class ModelConfig:
     cache_frozen_features: bool = True
     # Keep that cache on disk beside the prepared data (shared by ablation runs and embedding).
     persist_feature_cache: bool = True
+    feature_cache_max_gb: float = 16.0  # host memory cap of that cache (stored in the compute dtype)
 
 
 @dataclasses.dataclass

@@ -324,7 +324,8 @@ def check_export(export, tokenizer, source: str) -> None:
 
 
 def notellm_embedder(export, mesh, batch_size: int, buckets: Sequence[int], pad_id: int, padding_side: str,
-                     source: str, cache_dir: Path | None = None) -> tuple[BatchEmbedder, Any]:
+                     source: str, cache_dir: Path | None = None,
+                     cache_max_bytes: float = float("inf")) -> tuple[BatchEmbedder, Any]:
     """(embedder, feature cache or None). With `cache_dir` and an export trained with frozen lower layers,
     the frozen bottom runs through the shared FeatureCache (every fine-tuned variant of one base model
     embeds the same test prompts: the bottom runs once for all of them)."""
@@ -338,7 +339,7 @@ def notellm_embedder(export, mesh, batch_size: int, buckets: Sequence[int], pad_
     cache = None
     if cache_dir is not None and frozen_layers and not export.llama.scan_layers:
         frozen = split_params(export.params, frozen_layers)[1]
-        cache = FeatureCache(model, mesh, frozen_layers,
+        cache = FeatureCache(model, mesh, frozen_layers, max_bytes=cache_max_bytes,
                              path=cache_path(cache_dir, export.meta.get("checkpoint", "model"), frozen_layers, frozen))
 
     def apply(params, inputs, attention_mask, read_index):
@@ -378,7 +379,8 @@ def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: st
     batch_size = config.eval.embed_batch_size
     cache_dir = config.data_dir if config.model.cache_frozen_features and config.model.persist_feature_cache else None
     embedder, cache = notellm_embedder(export, mesh, batch_size, buckets, tokenizer.pad_id, prompt.padding_side,
-                                       source, cache_dir=cache_dir)
+                                       source, cache_dir=cache_dir,
+                                       cache_max_bytes=config.model.feature_cache_max_gb * 1e9)
 
     def tokens_of(note: Note) -> list[int]:
         example = build_example(note, tokenizer, prompt, "category", with_output=False)

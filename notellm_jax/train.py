@@ -452,7 +452,8 @@ def train(config: Config) -> dict[str, Any]:
     if use_cache:
         path = (cache_path(config.data_dir, config.model.checkpoint, spec.frozen_layers, state.frozen)
                 if config.model.persist_feature_cache else None)
-        cache = FeatureCache(spec.model, spec.mesh, spec.frozen_layers, path=path)
+        cache = FeatureCache(spec.model, spec.mesh, spec.frozen_layers, path=path,
+                             max_bytes=config.model.feature_cache_max_gb * 1e9)
 
     primary = is_primary()
     if primary:
@@ -511,6 +512,8 @@ def train(config: Config) -> dict[str, Any]:
             writer.write(done, validate(config, spec, state, eval_fn, cache, llama_cfg), prefix="val")
         if done % config.train.checkpoint_every == 0 and done != total_steps:
             save_checkpoint(manager, state, config, total_steps)
+            if cache and primary:
+                cache.save()  # appends the new sequences only
     if int(state.step) > start_step or manager.latest_step() != int(state.step):
         save_checkpoint(manager, state, config, total_steps, force=True)
     manager.wait_until_finished()
