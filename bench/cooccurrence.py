@@ -37,7 +37,8 @@ def synthetic_events(num_events: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def run_one(num_events: int, window_days: float) -> dict:
-    import notellm_jax  # noqa: F401
+    from notellm_jax import runtime
+    runtime.set_environment_defaults()
     from notellm_jax.data.cooccurrence import cooccurrence_scores, select_related
 
     events = synthetic_events(num_events)

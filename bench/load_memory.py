@@ -101,7 +101,7 @@ def measure(folder: Path, scan: bool) -> dict:
     import jax
     from notellm_jax.config import Config, override
     from notellm_jax.sharding import make_mesh
-    from notellm_jax.train import load_initial_params
+    from notellm_jax.weights.loading import load_initial_params
 
     cfg = json.loads((folder / "config.json").read_text())
     config = override(Config(name="load_memory"), {"model.checkpoint": str(folder), "model.scan_layers": scan,

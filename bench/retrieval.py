@@ -12,7 +12,9 @@ import argparse
 import json
 import time
 
-import notellm_jax  # noqa: F401  (environment defaults before anything heavy is imported)
+from notellm_jax import runtime  # noqa: E402
+
+runtime.set_environment_defaults()
 import jax
 
 from notellm_jax.config import EvalConfig

@@ -18,13 +18,16 @@ import platform
 import sys
 import time
 
-import notellm_jax  # noqa: F401
-import jax
-import numpy as np
+from notellm_jax import runtime
+
+runtime.set_environment_defaults()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def _batch(config, llama_cfg, frozen_layers: int, seed: int = 0) -> dict[str, np.ndarray]:
-    from notellm_jax.train import synthetic_batches
+    from notellm_jax.data.input_pipeline import synthetic_batches
     batch = next(synthetic_batches(config, llama_cfg, seed))
     if frozen_layers:
         rng = np.random.default_rng(seed)
@@ -36,15 +39,15 @@ def _batch(config, llama_cfg, frozen_layers: int, seed: int = 0) -> dict[str, np
 
 def bench_jax(config, steps: int) -> tuple[dict, dict, object, int]:
     from notellm_jax import sharding as shd
-    from notellm_jax.metrics import peak_flops_per_device, train_step_flops
-    from notellm_jax.train import (compile_steps, create_state, load_initial_params, make_state_spec,
-                                   to_global_batch)
+    from notellm_jax.train.metrics import peak_flops_per_device, train_step_flops
+    from notellm_jax.train.step import compile_steps, create_state, make_train_setup, to_global_batch
+    from notellm_jax.weights.loading import load_initial_params
     params, llama_cfg = load_initial_params(config, emb_vocab_size=None)
     host_params = jax.tree.map(np.array, params)
-    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    spec = make_state_spec(config, llama_cfg, mesh, total_steps=1000)
+    mesh = shd.mesh_from_config(config.mesh)
+    spec = make_train_setup(config, llama_cfg, mesh, total_steps=1000)
     state = create_state(spec, params)
-    step_fn, _ = compile_steps(spec, config)
+    step_fn, _ = compile_steps(spec)
     batch = to_global_batch(spec, _batch(config, llama_cfg, spec.frozen_layers))
     start = time.time()
     state, metrics = step_fn(state, batch)
@@ -74,8 +77,8 @@ def _torch_state_dict(params: dict, llama_cfg, frozen_layers: int) -> dict:
 
     import torch
 
-    from notellm_jax.checkpoints import params_to_hf
-    from notellm_jax.model.llama import unstack_layers
+    from notellm_jax.weights.formats import params_to_hf
+    from notellm_jax.model.params import unstack_layers
     hf = params_to_hf(unstack_layers(params["decoder"]), llama_cfg)
     out = {}
     for name, value in hf.items():
@@ -110,7 +113,7 @@ def bench_torch(config, params: dict, llama_cfg, frozen_layers: int, steps: int)
     proj = torch.nn.Linear(llama_cfg.hidden_size, config.model.emb_dim, bias=False)
     proj.weight.data = torch.from_numpy(np.array(params["proj"]["kernel"]).T.copy())
     proj = proj.to(device)
-    tau = torch.nn.Parameter(torch.tensor(float(params["tau"]), device=device))
+    tau = torch.nn.Parameter(torch.tensor(float(params["log_logit_scale"]), device=device))
     params = [p for p in list(top.parameters()) + list(proj.parameters()) + [tau] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
     batch = {k: torch.as_tensor(v).to(device) for k, v in _batch(config, llama_cfg, frozen_layers).items()}
@@ -123,7 +126,7 @@ def bench_torch(config, params: dict, llama_cfg, frozen_layers: int, steps: int)
             else:
                 hidden = top(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             rows = torch.arange(hidden.shape[0], device=device)
-            z = torch.nn.functional.normalize(proj(hidden[rows, batch["emb_index"]].float()), dim=-1)
+            z = torch.nn.functional.normalize(proj(hidden[rows, batch["embed_read_pos"]].float()), dim=-1)
             sim = (z @ z.T) * tau.exp()
             sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=device), float("-inf"))
             pid = batch["pair_id"]
@@ -171,7 +174,7 @@ def main() -> None:
     config = load_config(args.config, args.overrides)
     if not config.model.checkpoint.startswith("random:"):
         # Speed does not depend on the weights: use the architecture the checkpoint would give.
-        from notellm_jax.checkpoints import load_params
+        from notellm_jax.weights.formats import load_params
         _, cfg = load_params(config.resolve(config.model.checkpoint))
         from notellm_jax.model.llama import PRESETS
         match = [k for k, v in PRESETS.items() if all(getattr(cfg, f) == x for f, x in v.items())]

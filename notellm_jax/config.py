@@ -18,6 +18,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from notellm_jax.errors import ConfigError
+
 
 @dataclasses.dataclass
 class PathsConfig:
@@ -99,7 +101,7 @@ class ModelConfig:
     # Tokenizer location when it is not inside the checkpoint (llama2.c needs tokenizer.model).
     tokenizer: str = ""
     emb_dim: int = 128              # paper d=128 (reference code 64)
-    tau_init: float = 3.0           # logits scaled by e^tau
+    log_logit_scale_init: float = 3.0           # logits scaled by e^tau
     compute_dtype: str = "float32"  # "bfloat16" on accelerators
     param_dtype: str = "float32"
     scan_layers: bool = False
@@ -156,7 +158,7 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
-    # The main job (notellm_jax.pipeline): variants to train (train.objective values) and baselines to embed.
+    # The main job (notellm_jax.job): variants to train (train.objective values) and baselines to embed.
     train_variants: list[str] = dataclasses.field(default_factory=lambda: ["notellm", "gcl_only", "csft_only"])
     baselines: list[str] = dataclasses.field(
         default_factory=lambda: ["llm_last_token", "prompteol", "sbert_zeroshot", "sbert_finetuned"])
@@ -174,7 +176,7 @@ class EvalConfig:
     # Sequences are padded to the smallest of this many evenly spaced lengths up to prompt.max_length
     # (one compile per length; short notes do not pay for the longest).
     embed_length_buckets: int = 4
-    # SentenceBERT baselines (notellm_jax.baselines): token cap, and the fine-tune kept CPU-sized
+    # SentenceBERT baselines (eval.baselines): token cap, and the fine-tune kept CPU-sized
     # (ENVIRONMENT.md: ~17.8 s per 32 x 256-token step here). Seeded by train.seed.
     sbert_max_tokens: int = 128
     sbert_finetune_steps: int = 64
@@ -232,36 +234,36 @@ def _parse_value(text: str, annotation: Any) -> Any:
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"expected a boolean, got {text!r}")
+        raise ConfigError(f"expected a boolean, got {text!r}")
     if annotation in (int, float, str):
         return annotation(text)
     if origin in (list, dict):
         value = json.loads(text)
         if not isinstance(value, origin):
-            raise ValueError(f"expected a JSON {origin.__name__}, got {text!r}")
+            raise ConfigError(f"expected a JSON {origin.__name__}, got {text!r}")
         return value
-    raise ValueError(f"cannot parse a value of type {annotation!r}")
+    raise ConfigError(f"cannot parse a value of type {annotation!r}")
 
 
 def apply_override(config: Config, assignment: str) -> None:
     """Apply one `section.field=value` override in place; unknown names are errors."""
     if "=" not in assignment:
-        raise ValueError(f"override {assignment!r} is not of the form section.field=value")
+        raise ConfigError(f"override {assignment!r} is not of the form section.field=value")
     dotted, text = assignment.split("=", 1)
     *parents, leaf = dotted.strip().split(".")
     target: Any = config
     for name in parents:
         if not dataclasses.is_dataclass(target) or not hasattr(target, name):
-            raise ValueError(f"override {dotted!r}: no config section {name!r}")
+            raise ConfigError(f"override {dotted!r}: no config section {name!r}")
         target = getattr(target, name)
     hints = typing.get_type_hints(type(target))
     if leaf not in hints or not dataclasses.is_dataclass(target):
         fields = ", ".join(sorted(hints))
-        raise ValueError(f"override {dotted!r}: no field {leaf!r} (fields: {fields})")
+        raise ConfigError(f"override {dotted!r}: no field {leaf!r} (fields: {fields})")
     try:
         setattr(target, leaf, _parse_value(text, hints[leaf]))
-    except ValueError as e:
-        raise ValueError(f"override {dotted!r}: {e}") from None
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ConfigError(f"override {dotted!r}: {e}") from None
 
 
 def override(config: Config, updates: dict[str, Any]) -> Config:
@@ -275,10 +277,10 @@ def override(config: Config, updates: dict[str, Any]) -> Config:
         target: Any = new
         for name in parents:
             if not dataclasses.is_dataclass(target) or not hasattr(target, name):
-                raise ValueError(f"override {dotted!r}: no config section {name!r}")
+                raise ConfigError(f"override {dotted!r}: no config section {name!r}")
             target = getattr(target, name)
         if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
-            raise ValueError(f"override {dotted!r}: no field {leaf!r}")
+            raise ConfigError(f"override {dotted!r}: no field {leaf!r}")
         setattr(target, leaf, value)
     return new
 
@@ -287,16 +289,16 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     """Load `path/to/config.py[:arg]` (its `get_config(arg)`), then apply overrides."""
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}")
     module_spec = importlib.util.spec_from_file_location(f"notellm_config_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     assert module_spec.loader is not None
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} defines no get_config()")
+        raise ConfigError(f"config file {path} defines no get_config()")
     config = module.get_config(arg) if arg else module.get_config()
     if not isinstance(config, Config):
-        raise TypeError(f"{path}: get_config() returned {type(config).__name__}, not Config")
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not Config")
     for assignment in overrides:
         apply_override(config, assignment)
     return config

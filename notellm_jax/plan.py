@@ -1,30 +1,27 @@
 """Ahead-of-time planning: compile the NoteLLM train step for a mesh with abstract (unallocated) state
 and report XLA's per-device memory and the model FLOPs per step.
 
-    python -m notellm_jax.plan --config configs/llama2_7b.py:aot --devices 8 [--set mesh.fsdp=...]
+    notellm plan --config configs/llama2_7b.py:aot --devices 8 [--set mesh.fsdp=...]   (or python -m notellm_jax.plan)
 
 `--devices N` fakes N CPU devices (it must come before jax is imported, so this module sets XLA_FLAGS
-itself when run as a script). The figures are the CPU backend's buffer assignment for the sharded
+before the planning code is imported). The figures are the CPU backend's buffer assignment for the sharded
 program: a planning estimate of what each accelerator holds, not a measurement on one.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 
 
-def _set_fake_devices(argv: list[str]) -> None:
-    if "--devices" in argv:
-        n = argv[argv.index("--devices") + 1]
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={n}")
+def fake_devices(n: int) -> None:
+    """N fake CPU devices for the planning compile; must run before jax is imported."""
+    if n:
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def abstract_batch(config, spec) -> dict:
+def abstract_batch(config, setup) -> dict:
     """ShapeDtypeStructs of one global batch with its sharding (what the pipeline would deliver)."""
     import jax
     import jax.numpy as jnp
@@ -32,10 +29,10 @@ def abstract_batch(config, spec) -> dict:
     from notellm_jax import sharding as shd
     n, length, targets = 2 * config.train.batch_pairs, config.prompt.max_length, config.prompt.max_targets
     shapes = {"input_ids": ((n, length), jnp.int32), "attention_mask": ((n, length), jnp.int32),
-              "emb_index": ((n,), jnp.int32), "target_positions": ((n, targets), jnp.int32),
+              "embed_read_pos": ((n,), jnp.int32), "target_positions": ((n, targets), jnp.int32),
               "target_ids": ((n, targets), jnp.int32), "target_mask": ((n, targets), jnp.float32),
               "pair_id": ((n,), jnp.int32)}
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(spec.mesh, len(s))) for k, (s, d) in shapes.items()}
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(setup.mesh, len(s))) for k, (s, d) in shapes.items()}
 
 
 def plan(config) -> dict:
@@ -43,20 +40,21 @@ def plan(config) -> dict:
     import jax
 
     from notellm_jax import sharding as shd
-    from notellm_jax.metrics import train_step_flops
     from notellm_jax.model.llama import preset
-    from notellm_jax.train import compile_steps, make_state_spec, runtime_llama_config
+    from notellm_jax.train.metrics import train_step_flops
+    from notellm_jax.train.step import compile_steps, make_train_setup
+    from notellm_jax.weights.loading import runtime_llama_config
 
     name = config.model.checkpoint.split(":", 1)[1] if config.model.checkpoint.startswith("random:") else None
     if name is None:
         raise ValueError("planning needs model.checkpoint='random:<preset>' (shapes only, no weights)")
     llama_cfg = runtime_llama_config(config, preset(name))
     llama_cfg = llama_cfg.replace(vocab_size=llama_cfg.vocab_size + 1)  # [EMB]
-    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    spec = make_state_spec(config, llama_cfg, mesh, total_steps=1000)
-    step_fn, _ = compile_steps(spec, config)
+    mesh = shd.mesh_from_config(config.mesh)
+    setup = make_train_setup(config, llama_cfg, mesh, total_steps=1000)
+    step_fn, _ = compile_steps(setup)
     start = time.time()
-    compiled = step_fn.lower(spec.abstract_state, abstract_batch(config, spec)).compile()
+    compiled = step_fn.lower(setup.abstract_state, abstract_batch(config, setup)).compile()
     compile_s = time.time() - start
     mem = compiled.memory_analysis()
     gib = 1024 ** 3
@@ -77,18 +75,16 @@ def plan(config) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    _set_fake_devices(argv)
-    import notellm_jax  # noqa: F401
-    from notellm_jax.config import add_config_args, config_from_args
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_args(parser)
-    parser.add_argument("--devices", type=int, default=0, help="fake this many CPU devices")
-    result = plan(config_from_args(parser.parse_args(argv)))
+def run(args, config) -> dict:
+    """`notellm plan`: compile the step ahead of time and print the memory and FLOP figures as JSON."""
+    result = plan(config)
     print(json.dumps(result))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from notellm_jax.main import main
+
+    main(["plan", *sys.argv[1:]])

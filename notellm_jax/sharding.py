@@ -78,6 +78,11 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     return Mesh(grid, MESH_AXES)
 
 
+def mesh_from_config(mesh_config) -> Mesh:
+    """The run's mesh from its `MeshConfig` (data, fsdp, tensor sizes): the one place tools build it."""
+    return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor)
+
+
 _warned: set[tuple] = set()
 
 

@@ -34,10 +34,7 @@ import pyarrow.compute as pc
 
 from notellm_jax.config import Config
 from notellm_jax.data import store
-
-
-class InputFormatError(ValueError):
-    """Malformed input; the message names the file and the position (line/column or byte offset)."""
+from notellm_jax.errors import InputFormatError, MissingInputError
 
 
 # ----------------------------------------------------------------------------- shared builder
@@ -238,7 +235,7 @@ def _dump_file(site_dir: Path, name: str) -> Path | None:
 def stackexchange_site_dirs(root: Path, sites: list[str]) -> list[Path]:
     """The site folders to import: `root` itself if it holds Posts.xml, else its sub-folders that do."""
     if not root.is_dir():
-        raise FileNotFoundError(f"Stack Exchange input folder not found: {root}")
+        raise MissingInputError(f"Stack Exchange input folder not found: {root}")
     if _dump_file(root, "Posts.xml"):
         return [root]
     available = sorted(p for p in root.iterdir() if p.is_dir() and _dump_file(p, "Posts.xml"))
@@ -455,7 +452,7 @@ def import_reference_csv(folder: Path, builder: StoreBuilder, category_depth: in
     """
     note_files = sorted(folder.glob("notes_*.csv"))
     if not note_files:
-        raise FileNotFoundError(f"{folder}: no notes_*.csv files")
+        raise MissingInputError(f"{folder}: no notes_*.csv files")
     ordinal = 0
     for path in note_files:
         for line, row in _read_csv(path, CSV_NOTE_COLUMNS):
@@ -515,7 +512,7 @@ def import_generic(folder: Path, builder: StoreBuilder) -> dict[str, Any]:
     """Import notes.jsonl (store fields; exposure optional, -1) and, if present, events.jsonl."""
     notes_path, events_path = folder / "notes.jsonl", folder / "events.jsonl"
     if not notes_path.is_file():
-        raise FileNotFoundError(f"{notes_path} not found")
+        raise MissingInputError(f"{notes_path} not found")
     required = tuple(n for n in store.NOTES_SCHEMA.names if n != "exposure")
     for record in _read_jsonl(notes_path, required):
         builder.add_note({**{"exposure": -1}, **{k: record[k] for k in record if k in store.NOTES_SCHEMA.names}})

@@ -10,7 +10,7 @@ Everything is written to `<paths.work_dir>/data/`:
 - cooccurrence: pairs_all.parquet, related pairs over the whole log (for inspection and stats; the
                 splits compute each period's pairs from that period's own log)
 - splits:       pairs_train.parquet, pairs_val.parquet, pairs_test.parquet, split.json
-- shards:       shards/ (TFRecords, by notellm_jax.data.pipeline.write_shards)
+- shards:       shards/ (TFRecords of the tokenised pairs, by `data.input_pipeline.write_shards`)
 and stats.json: each stage's counts under its name, plus the config used.
 
 A stage whose outputs all exist is skipped unless --force; once a stage runs, every later selected
@@ -18,17 +18,15 @@ stage runs too, since its inputs changed.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import notellm_jax  # noqa: F401  (environment defaults before anything imports transformers)
-from notellm_jax.config import Config, add_config_args, config_from_args
+from notellm_jax.config import Config
 from notellm_jax.data import importers, splits, store
+from notellm_jax.errors import ConfigError
 
 
 def run_import(config: Config, data_dir: Path) -> dict[str, Any]:
@@ -36,7 +34,7 @@ def run_import(config: Config, data_dir: Path) -> dict[str, Any]:
 
 
 def run_cooccurrence(config: Config, data_dir: Path) -> dict[str, Any]:
-    notes = store.read_notes(data_dir / "notes.parquet")
+    notes = store.read_note_table(data_dir / "notes.parquet")
     events = store.read_events(data_dir / "events.parquet")
     given = store.read_pairs(data_dir / "pairs_given.parquet")
     pairs, counts = splits.period_pairs(events, given, notes["note_id"].combine_chunks(), config.data)
@@ -45,7 +43,7 @@ def run_cooccurrence(config: Config, data_dir: Path) -> dict[str, Any]:
 
 
 def run_splits(config: Config, data_dir: Path) -> dict[str, Any]:
-    notes = store.read_notes(data_dir / "notes.parquet")
+    notes = store.read_note_table(data_dir / "notes.parquet")
     events = store.read_events(data_dir / "events.parquet")
     given = store.read_pairs(data_dir / "pairs_given.parquet")
     pairs, split, counts = splits.make_splits(notes, events, given, config.data)
@@ -56,7 +54,7 @@ def run_splits(config: Config, data_dir: Path) -> dict[str, Any]:
 
 
 def run_shards(config: Config, data_dir: Path) -> dict[str, Any]:
-    from notellm_jax.data.pipeline import write_shards  # TensorFlow only when shards are written
+    from notellm_jax.data.input_pipeline import write_shards  # TensorFlow only when shards are written
     return write_shards(config, data_dir)
 
 
@@ -68,11 +66,14 @@ STAGES: dict[str, tuple[Callable[[Config, Path], dict[str, Any]], tuple[str, ...
 }
 
 
-def _parse_stages(text: str) -> list[str]:
+def parse_stages(text: str | None) -> list[str]:
+    """`--stages a,b` -> the named stages in pipeline order (None = all)."""
+    if text is None:
+        return list(STAGES)
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown stage(s) {unknown}; stages: {','.join(STAGES)}")
+        raise ConfigError(f"--stages: unknown stage(s) {unknown}; stages: {','.join(STAGES)}")
     return [s for s in STAGES if s in names]  # always in pipeline order
 
 
@@ -105,17 +106,16 @@ def _headline(counts: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in counts.items() if k != "sites"}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_args(parser)
-    parser.add_argument("--stages", type=_parse_stages, default=list(STAGES),
-                        help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
-    parser.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
-    args = parser.parse_args(argv)
-    stats = prepare(config_from_args(args), args.stages, args.force)
+def run(args, config: Config) -> dict[str, Any]:
+    """`notellm prepare`: the selected stages; prints stats.json's counts."""
+    stats = prepare(config, parse_stages(args.stages), args.force)
     print(json.dumps({k: v for k, v in stats.items() if k != "config"}, indent=1))
-    return 0
+    return stats
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import sys
+
+    from notellm_jax.main import main
+
+    main(["prepare", *sys.argv[1:]])

@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from notellm_jax.config import PromptConfig
-from notellm_jax.tokenizer import NoteTokenizer
+from notellm_jax.weights.tokenizer import NoteTokenizer
 
 TASKS = ("category", "hashtag")
 TASK_IDS = {name: i for i, name in enumerate(TASKS)}
@@ -43,7 +43,7 @@ class Note:
 @dataclasses.dataclass
 class Example:
     input_ids: list[int]
-    emb_index: int                  # position of the token just before [EMB]
+    embed_read_pos: int                  # position of the token just before [EMB]
     target_positions: list[int]     # position t predicts target_ids[k] = input_ids[t + 1]
     target_ids: list[int]           # only output tokens + EOS are supervised
     task: str
@@ -55,11 +55,11 @@ class PromptTooLongError(ValueError):
     """The example cannot fit `max_length` even with empty title and content."""
 
 
-def example_from_tokens(input_ids: list[int], emb_index: int, prefix_length: int, task: str,
+def example_from_tokens(input_ids: list[int], embed_read_pos: int, prefix_length: int, task: str,
                         shrunk: bool = False) -> Example:
     """Targets are every token after the prefix (output + EOS), each predicted from the position before it."""
     n = len(input_ids)
-    return Example(input_ids=list(input_ids), emb_index=emb_index,
+    return Example(input_ids=list(input_ids), embed_read_pos=embed_read_pos,
                    target_positions=list(range(prefix_length - 1, n - 1)),
                    target_ids=list(input_ids[prefix_length:n]), task=task,
                    prefix_length=prefix_length, shrunk=shrunk)
@@ -178,7 +178,7 @@ def pad_batch(examples: list[Example], length: int, padding_side: str, pad_id: i
     n = len(examples)
     out = {"input_ids": np.full((n, length), pad_id, np.int32),
            "attention_mask": np.zeros((n, length), np.int32),
-           "emb_index": np.zeros((n,), np.int32),
+           "embed_read_pos": np.zeros((n,), np.int32),
            "target_positions": np.zeros((n, max_targets), np.int32),
            "target_ids": np.full((n, max_targets), pad_id, np.int32),
            "target_mask": np.zeros((n, max_targets), np.float32),
@@ -191,7 +191,7 @@ def pad_batch(examples: list[Example], length: int, padding_side: str, pad_id: i
         shift = length - size if padding_side == "left" else 0
         out["input_ids"][row, shift:shift + size] = ex.input_ids
         out["attention_mask"][row, shift:shift + size] = 1
-        out["emb_index"][row] = ex.emb_index + shift
+        out["embed_read_pos"][row] = ex.embed_read_pos + shift
         out["target_positions"][row, :m] = np.asarray(ex.target_positions, np.int32) + shift
         out["target_ids"][row, :m] = ex.target_ids
         out["target_mask"][row, :m] = 1.0

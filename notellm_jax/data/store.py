@@ -12,12 +12,16 @@ Timestamps are int64 unix seconds (UTC); `exposure` is the view count, -1 when t
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from notellm_jax.data.prompts import Note
+from notellm_jax.errors import MissingInputError, StoreFormatError
 
 NOTES_SCHEMA = pa.schema([
     ("note_id", pa.string()),
@@ -46,10 +50,6 @@ LINKS_SCHEMA = pa.schema([
 ])
 
 TableLike = pa.Table | Mapping[str, Any] | Iterable[Mapping[str, Any]]
-
-
-class StoreFormatError(ValueError):
-    """A store file or in-memory table does not match its schema (the message names file and field)."""
 
 
 def to_table(data: TableLike, schema: pa.Schema, what: str = "table") -> pa.Table:
@@ -93,7 +93,7 @@ def _write(data: TableLike, schema: pa.Schema, path: str | Path) -> pa.Table:
 
 def _read(path: str | Path, schema: pa.Schema) -> pa.Table:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"store file not found: {path}")
+        raise MissingInputError(f"store file not found: {path}")
     table = pq.read_table(path)
     return to_table(table, schema, str(path))
 
@@ -101,7 +101,7 @@ def _read(path: str | Path, schema: pa.Schema) -> pa.Table:
 def read_columns(path: str | Path, columns: tuple[str, ...] | list[str]) -> pa.Table:
     """Only `columns` of a store file (they must exist): for readers that need a few fields of big files."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found (run notellm_jax.data.prepare first)")
+        raise MissingInputError(f"{path} not found (run notellm_jax.data.prepare first)")
     names = pq.read_schema(path).names
     missing = [c for c in columns if c not in names]
     if missing:
@@ -114,7 +114,7 @@ def write_notes(data: TableLike, path: str | Path) -> pa.Table:
     return _write(data, NOTES_SCHEMA, path)
 
 
-def read_notes(path: str | Path) -> pa.Table:
+def read_note_table(path: str | Path) -> pa.Table:
     """Read a notes Parquet file as a Table with NOTES_SCHEMA (missing column -> StoreFormatError)."""
     return _read(path, NOTES_SCHEMA)
 
@@ -180,3 +180,50 @@ class NoteWriter:
         self._flush()
         self._writer.close()
         self._tmp.replace(self.path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Typed views: notes as `Note`s, and the one reader of split.json
+
+NOTE_COLUMNS = ("note_id", "title", "content", "topics", "category")
+
+
+def load_notes(path: str | Path) -> list[Note]:
+    """Notes in file order (= note_index); duplicate ids are an error, missing text becomes ""."""
+    notes, seen = [], {}
+    for row_number, row in enumerate(read_columns(path, NOTE_COLUMNS).to_pylist()):
+        note_id = str(row["note_id"])
+        if note_id in seen:
+            raise StoreFormatError(f"{path}: duplicate note_id {note_id!r} at rows {seen[note_id]} and {row_number}")
+        seen[note_id] = row_number
+        notes.append(Note(note_id=note_id, title=row["title"] or "", content=row["content"] or "",
+                          topics=[str(t) for t in row["topics"] or []], category=row["category"] or ""))
+    return notes
+
+
+def read_split(data_dir: str | Path) -> dict[str, Any]:
+    """split.json of a prepared data folder (written by the splits stage)."""
+    path = Path(data_dir) / "split.json"
+    if not path.is_file():
+        raise MissingInputError(f"{path} not found: run notellm_jax.data.prepare (splits stage) first")
+    return json.loads(path.read_text())
+
+
+def split_note_ids(data_dir: str | Path, split: str) -> list[str]:
+    """The note ids of one split ("train" or "test"), in split.json order."""
+    ids = read_split(data_dir).get(f"{split}_notes")
+    if ids is None:
+        raise StoreFormatError(f"{Path(data_dir) / 'split.json'}: no {split}_notes list")
+    return [str(i) for i in ids]
+
+
+def split_notes(data_dir: str | Path, split: str, notes: list[Note] | None = None) -> list[Note]:
+    """The notes of one split in split.json order (`notes`: notes.parquet already loaded)."""
+    data_dir = Path(data_dir)
+    by_id = {n.note_id: n for n in (notes if notes is not None else load_notes(data_dir / "notes.parquet"))}
+    ids = split_note_ids(data_dir, split)
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise StoreFormatError(f"{data_dir / 'split.json'}: {len(missing)} {split} note ids are not in notes.parquet "
+                               f"(e.g. {missing[:3]}); the data folder is inconsistent, rerun prepare --force")
+    return [by_id[i] for i in ids]

@@ -18,6 +18,7 @@ import numpy as np
 
 from notellm_jax.config import EvalConfig
 from notellm_jax.eval.retrieval import l2_normalise
+from notellm_jax.errors import MissingInputError
 
 TREE_MIN_POINTS = 10_000
 
@@ -96,7 +97,7 @@ def load_index(directory: str | os.PathLike):
     from scann import scann_ops_pybind
 
     if not (Path(directory) / "scann_assets.pbtxt").is_file():
-        raise FileNotFoundError(f"{directory} holds no ScaNN index (scann_assets.pbtxt missing)")
+        raise MissingInputError(f"{directory} holds no ScaNN index (scann_assets.pbtxt missing)")
     return scann_ops_pybind.load_searcher(str(Path(directory).absolute()), assets_backcompat_shim=False)
 
 

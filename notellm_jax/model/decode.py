@@ -1,4 +1,4 @@
-"""Greedy decoding with the model's KV cache: the one decode loop (CausalLM.generate and notellm_jax.generate).
+"""Greedy decoding with the model's KV cache (the one decode loop) and `CausalLM`, the loaded-model API.
 
 One jitted program per (batch shape, max_new_tokens, penalty, constrained or not): the cache is
 prefilled with the whole padded prompt batch (left or right padding; the cache masks pads), then one
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from notellm_jax.model.llama import Llama, init_cache
+from notellm_jax.model.params import sharded_abstract_params
 
 NO_CHILD = -1
 
@@ -150,3 +151,64 @@ def _decode(model: Llama, params: Any, ids: jax.Array, mask: jax.Array, max_new_
     carry = (jnp.int32(1), out, token, done, cache, seen, state)
     carry = jax.lax.while_loop(lambda c: (c[0] < max_new_tokens) & ~jnp.all(c[3]), step, carry)
     return carry[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The causal-LM API
+
+Params = dict[str, Any]
+
+
+def _as_batch(input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray, bool]:
+    """[B, T] int32 ids and mask (1-D inputs become a batch of one; the flag says to squeeze back)."""
+    ids = np.asarray(input_ids)
+    single = ids.ndim == 1
+    ids = np.atleast_2d(ids).astype(np.int32)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length] with length > 0, got shape {np.shape(input_ids)}")
+    mask = np.ones_like(ids) if attention_mask is None else np.atleast_2d(np.asarray(attention_mask)).astype(np.int32)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    if not mask.any(axis=1).all():
+        raise ValueError(f"rows {np.flatnonzero(~mask.any(axis=1)).tolist()} of attention_mask have no real token")
+    return ids, mask, single
+
+
+class CausalLM:
+    """A loaded LLaMA: `logits` for scoring, greedy `generate` with the model's KV cache (numpy in and out)."""
+
+    def __init__(self, params: Params, config: LlamaConfig, mesh: jax.sharding.Mesh | None = None):
+        """params: host arrays, or jax.Arrays already placed (`load_causal_lm(..., mesh=)`). Host params are
+        laid out over `mesh` by the logical rules (default: the first device alone)."""
+        self.config = config
+        self.model = Llama(config)
+        if mesh is None:
+            mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+        abstract = sharded_abstract_params(config, mesh)
+        self.params = jax.tree.map(lambda p, a: p if isinstance(p, jax.Array) else
+                                   jax.device_put(np.asarray(p, a.dtype), a.sharding), params, abstract)
+
+    def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
+        """float32 [B, T, V] logits (pad positions hold values for the pad token; ignore them)."""
+        ids, mask, single = _as_batch(input_ids, attention_mask)
+        logits = np.asarray(_forward_logits(self.model, self.params, ids, mask), np.float32)
+        logits = logits[..., :self.config.vocab_size]  # the padded entries are never predicted
+        return logits[0] if single else logits
+
+    def generate(self, input_ids: Any, max_new_tokens: int, attention_mask: Any = None,
+                 eos_id: int | None = None) -> np.ndarray:
+        """Greedy decoding: [B, T + max_new_tokens], the prompt followed by the new tokens (as HF's
+        generate). Left or right padded prompts both work (the cache masks pads). A row that produced
+        `eos_id` (default config.eos_token_id; -1 never stops) is filled with it; decoding ends early
+        once every row has finished."""
+        ids, mask, single = _as_batch(input_ids, attention_mask)
+        eos = self.config.eos_token_id if eos_id is None else eos_id
+        new = greedy_decode(self.model, self.params, ids, mask, int(max_new_tokens), int(eos))
+        out = np.concatenate([ids, new], axis=1)
+        return out[0] if single else out
+
+
+@partial(jax.jit, static_argnums=0)
+def _forward_logits(model: Llama, params: Params, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    hidden = model.apply({"params": params}, ids, mask)
+    return model.apply({"params": params}, hidden, method=Llama.logits).astype(jnp.float32)

@@ -24,7 +24,7 @@ OBJECTIVES = ("notellm", "gcl_only", "csft_only")
 class NoteLLM(nn.Module):
     llama: LlamaConfig
     emb_dim: int = 128
-    tau_init: float = 3.0
+    log_logit_scale_init: float = 3.0
 
     def setup(self):
         self.decoder = Llama(self.llama)
@@ -38,24 +38,24 @@ class NoteLLM(nn.Module):
     def __call__(self, batch: dict[str, jax.Array], *, first_layer: int = 0, last_layer: int | None = None,
                  with_logits: bool = True) -> dict[str, jax.Array]:
         """batch: input_ids [N, T] (or hidden_in [N, T, H] = output of frozen layers [0, first_layer)),
-        attention_mask [N, T], emb_index [N], and for generation target_positions [N, M]."""
+        attention_mask [N, T], embed_read_pos [N], and for generation target_positions [N, M]."""
         if "hidden_in" in batch:
             hidden = self.decoder(None, batch["attention_mask"], inputs_embeds=batch["hidden_in"],
                                   first_layer=first_layer, last_layer=last_layer)
         else:
             hidden = self.decoder(batch["input_ids"], batch["attention_mask"], first_layer=first_layer,
                                   last_layer=last_layer)
-        tau = self.param("tau", nn.with_logical_partitioning(nn.initializers.constant(self.tau_init), ()),
+        tau = self.param("log_logit_scale", nn.with_logical_partitioning(nn.initializers.constant(self.log_logit_scale_init), ()),
                          (), jnp.float32)
-        out = {"embedding": self.embed_hidden(hidden, batch["emb_index"]), "tau": tau}
+        out = {"embedding": self.embed_hidden(hidden, batch["embed_read_pos"]), "log_logit_scale": tau}
         if with_logits:
             gathered = jnp.take_along_axis(hidden, batch["target_positions"][..., None], axis=1)  # [N, M, H]
             out["gen_logits"] = self.decoder.logits(gathered).astype(jnp.float32)
         return out
 
-    def embed_hidden(self, hidden: jax.Array, emb_index: jax.Array) -> jax.Array:
-        """[N, T, H] final hidden states -> [N, emb_dim] unit vectors taken at `emb_index`."""
-        h = jnp.take_along_axis(hidden, emb_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    def embed_hidden(self, hidden: jax.Array, embed_read_pos: jax.Array) -> jax.Array:
+        """[N, T, H] final hidden states -> [N, emb_dim] unit vectors taken at `embed_read_pos`."""
+        h = jnp.take_along_axis(hidden, embed_read_pos[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         z = self.proj(h.astype(jnp.float32))
         return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-12))
 
@@ -103,7 +103,7 @@ def combine_losses(l_cl: jax.Array, l_gen: jax.Array, alpha: float, objective: s
 
 def notellm_losses(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], alpha: float,
                    objective: str) -> dict[str, Any]:
-    l_cl, accuracy = contrastive_loss(outputs["embedding"], batch["pair_id"], outputs["tau"])
+    l_cl, accuracy = contrastive_loss(outputs["embedding"], batch["pair_id"], outputs["log_logit_scale"])
     l_gen = generation_loss(outputs["gen_logits"], batch["target_ids"], batch["target_mask"])
     return {"loss": combine_losses(l_cl, l_gen, alpha, objective), "loss_cl": l_cl, "loss_gen": l_gen,
-            "accuracy": accuracy, "tau": outputs["tau"]}
+            "accuracy": accuracy, "log_logit_scale": outputs["log_logit_scale"]}

@@ -26,8 +26,9 @@ from safetensors import safe_open
 
 from notellm_jax.config import load_config, override
 from notellm_jax.sharding import make_mesh
-from notellm_jax.train import (compile_steps, create_state, load_initial_params, make_state_spec,
-                               synthetic_batches, to_global_batch)
+from notellm_jax.data.input_pipeline import synthetic_batches
+from notellm_jax.train.step import compile_steps, create_state, make_train_setup, to_global_batch
+from notellm_jax.weights.loading import load_initial_params
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "load_memory.py"
@@ -131,7 +132,7 @@ def test_llama2_7b_config_loads_hf_weights_sharded_and_steps(small_7b_checkpoint
     assert config.model.scan_layers and config.model.compute_dtype == "bfloat16"
     mesh = make_mesh(1, 8, 1)
     params, llama_cfg = load_initial_params(config, 32001, mesh)
-    spec = make_state_spec(config, llama_cfg, mesh, 1)
+    spec = make_train_setup(config, llama_cfg, mesh, 1)
     abstract = spec.abstract_state.params
     for (path, leaf), target in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(abstract),
                                     strict=True):
@@ -144,7 +145,7 @@ def test_llama2_7b_config_loads_hf_weights_sharded_and_steps(small_7b_checkpoint
     assert jax.tree.map(lambda a: a.dtype, state.params) == jax.tree.map(lambda a: a.dtype, abstract)
     if param_dtype == "bfloat16":
         return  # steps with bf16 parameters are tested with the precision policy (issue 10b)
-    step_fn, _ = compile_steps(spec, config)
+    step_fn, _ = compile_steps(spec)
     batch = to_global_batch(spec, next(synthetic_batches(config, llama_cfg, 0)))
     state, metrics = step_fn(state, batch)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0

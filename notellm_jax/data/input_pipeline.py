@@ -1,0 +1,354 @@
+"""Tokenised TFRecord shards and the tf.data pair pipeline (issue 3 part 6).
+
+`write_shards` encodes every note once in both task variants (category; hashtag with j topics drawn
+once per note from a generator seeded by (data.seed, note_index)) and writes
+    shards/notes-XXXXX-of-NNNNN.tfrecord   every note, in note_index order
+    shards/<split>-XXXXX-of-NNNNN.tfrecord pairs (seeded random order) carrying both notes' variants
+    shards/meta.json                       counts, shapes, special ids, a hash of what shaped the tokens
+`make_train_dataset` streams one host's pairs: whole files per host when the file count divides by the
+host count, else `ds.shard(process_count, process_index)` over records. Each epoch is a seeded full
+shuffle (seed = (train.seed, epoch)) cut to `steps_per_epoch` local batches, the same number on every
+host, so a host never waits for another; pairs beyond steps * global batch sit out that epoch (a
+different set each epoch). Resuming at step s replays epoch s // steps from batch s % steps, which
+yields exactly the batches of an uninterrupted run. TensorFlow is imported inside functions only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from notellm_jax.config import Config
+from notellm_jax.errors import MissingInputError
+from notellm_jax.data import store
+from notellm_jax.model.llama import LlamaConfig
+from notellm_jax.data.prompts import (Example, Note, PromptTooLongError, build_example, draw_topics,
+                                      example_from_tokens, pad_batch)
+
+PAIR_COLUMNS = ("note_a", "note_b")
+SPLITS = ("train", "val", "test")
+VARIANTS = {"cat": "category", "hash": "hashtag"}
+
+
+def _tf():
+    import tensorflow as tf  # lazy: model and train code must import without TensorFlow
+
+    return tf
+
+
+def prompt_hash(config: Config, tokenizer_path: str) -> str:
+    """What fixes the stored tokens; read-time choices (padding side, hashtag fraction) are left out."""
+    p = config.prompt
+    key = dict(layout=p.layout, title=p.title_max_tokens, content=p.content_max_tokens, topics=p.max_topics,
+               max_length=p.max_length, max_targets=p.max_targets, emb=p.emb_token, seed=config.data.seed,
+               tokenizer=tokenizer_path)
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _encode_note(note: Note, index: int, tokenizer, config: Config, counts: Counter) -> dict[str, Example | None]:
+    """Both task variants of one note; a variant that cannot be built is None and counted by reason."""
+    variants: dict[str, Example | None] = {}
+    for short, task in VARIANTS.items():
+        try:
+            topics = None
+            if task == "hashtag":
+                topics = draw_topics(note, config.prompt.max_topics, np.random.default_rng([config.data.seed, index]))
+            ex = build_example(note, tokenizer, config.prompt, task, topics=topics)
+        except PromptTooLongError:
+            counts[f"{task}_rejected_too_long"] += 1
+            ex = None
+        except ValueError:  # raised by draw_topics only: the note has no topics
+            counts[f"{task}_rejected_no_topics"] += 1
+            ex = None
+        if ex is not None and len(ex.target_ids) > config.prompt.max_targets:
+            counts[f"{task}_rejected_output_over_max_targets"] += 1
+            ex = None
+        if ex is not None and ex.shrunk:
+            counts[f"{task}_shrunk_to_fit"] += 1
+        variants[short] = ex
+    return variants
+
+
+def _variant_features(tf, name: str, ex: Example | None) -> dict:
+    ints = lambda values: tf.train.Feature(int64_list=tf.train.Int64List(value=values))  # noqa: E731
+    if ex is None:
+        return {f"{name}_ids": ints([]), f"{name}_emb": ints([-1]), f"{name}_prefix": ints([0])}
+    return {f"{name}_ids": ints(ex.input_ids), f"{name}_emb": ints([ex.embed_read_pos]),
+            f"{name}_prefix": ints([ex.prefix_length])}
+
+
+def _note_features(tf, side: str, index: int, variants: dict[str, Example | None]) -> dict:
+    features = {f"{side}note_index": tf.train.Feature(int64_list=tf.train.Int64List(value=[index]))}
+    for short, ex in variants.items():
+        features.update(_variant_features(tf, f"{side}{short}", ex))
+    return features
+
+
+def _write_files(tf, out_dir: Path, stem: str, records: list[bytes], num_shards: int) -> list[int]:
+    """Contiguous chunks into `num_shards` files; returns the record count per file."""
+    counts = []
+    for shard, chunk in enumerate(np.array_split(np.arange(len(records)), num_shards)):
+        with tf.io.TFRecordWriter(str(out_dir / f"{stem}-{shard:05d}-of-{num_shards:05d}.tfrecord")) as writer:
+            for i in chunk:
+                writer.write(records[i])
+        counts.append(len(chunk))
+    return counts
+
+
+def _example_bytes(tf, features: dict) -> bytes:
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def _pair_records(tf, path: Path, index_of: dict[str, int], encoded: list[dict], seed: int,
+                  counts: Counter, split: str) -> list[bytes]:
+    """Pair records in a seeded random order (so contiguous files are random samples); drops are counted."""
+    records = []
+    for row in store.read_columns(path, PAIR_COLUMNS).to_pylist():
+        a, b = index_of.get(str(row["note_a"])), index_of.get(str(row["note_b"]))
+        if a is None or b is None:
+            counts[f"{split}_pairs_dropped_unknown_note"] += 1
+        elif encoded[a]["cat"] is None or encoded[b]["cat"] is None:
+            counts[f"{split}_pairs_dropped_note_not_encodable"] += 1
+        else:
+            records.append(_example_bytes(tf, {**_note_features(tf, "a_", a, encoded[a]),
+                                               **_note_features(tf, "b_", b, encoded[b])}))
+    order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(records))
+    return [records[i] for i in order]
+
+
+def write_shards(config: Config, data_dir: Path) -> dict:
+    """Tokenise notes.parquet and pairs_<split>.parquet under `data_dir` into `data_dir/shards`."""
+    from notellm_jax.weights.tokenizer import resolve_tokenizer, tokenizer_source
+
+    tf = _tf()
+    data_dir = Path(data_dir)
+    tokenizer_path = tokenizer_source(config)
+    tokenizer = resolve_tokenizer(config)
+    notes = store.load_notes(data_dir / "notes.parquet")
+    counts: Counter = Counter(notes=len(notes))
+    encoded = [_encode_note(note, i, tokenizer, config, counts) for i, note in enumerate(notes)]
+    out_dir = data_dir / "shards"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.tfrecord"):
+        stale.unlink()
+    num_shards = config.data.num_shards
+    files = {}
+    index_of = {note.note_id: i for i, note in enumerate(notes)}
+    for split in SPLITS:
+        path = data_dir / f"pairs_{split}.parquet"
+        if path.is_file():
+            records = _pair_records(tf, path, index_of, encoded, config.data.seed, counts, split)
+            files[split] = _write_files(tf, out_dir, split, records, num_shards)
+            counts[f"{split}_pairs_written"] = len(records)
+    meta = {"counts": dict(counts), "files": files, "num_shards": num_shards,
+            "max_length": config.prompt.max_length, "max_targets": config.prompt.max_targets,
+            "tokenizer": tokenizer_path, "base_vocab_size": tokenizer.base_vocab_size,
+            "vocab_size": tokenizer.vocab_size, "emb_id": tokenizer.emb_id, "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+            "prompt_hash": prompt_hash(config, tokenizer_path)}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    return dict(counts)
+
+
+def read_meta(config: Config, data_dir: Path) -> dict:
+    """meta.json, checked against the config so stale shards are never read silently."""
+    path = Path(data_dir) / "shards" / "meta.json"
+    if not path.is_file():
+        raise MissingInputError(f"{path} not found: run notellm_jax.data.prepare (write_shards) first")
+    meta = json.loads(path.read_text())
+    if meta["prompt_hash"] != prompt_hash(config, meta["tokenizer"]):
+        raise ValueError(f"{path}: shards were written with other prompt/tokenizer settings; rerun write_shards")
+    return meta
+
+
+def _shard_paths(data_dir: Path, stem: str, meta: dict) -> list[Path]:
+    if stem not in meta["files"]:
+        raise ValueError(f"no {stem} shards under {Path(data_dir) / 'shards'} (pairs_{stem}.parquet was absent)")
+    n = meta["num_shards"]
+    return [Path(data_dir) / "shards" / f"{stem}-{i:05d}-of-{n:05d}.tfrecord" for i in range(n)]
+
+
+def _host_split(meta: dict, split: str, process_index: int, process_count: int) -> tuple[list[int], bool, int]:
+    """(file ids this host reads, whether to shard records, this host's record count)."""
+    per_file = meta["files"][split]
+    if len(per_file) % process_count == 0:
+        mine = list(range(process_index, len(per_file), process_count))
+        return mine, False, sum(per_file[i] for i in mine)
+    total = sum(per_file)
+    return list(range(len(per_file))), True, len(range(process_index, total, process_count))
+
+
+def _local_batch_pairs(config: Config, process_count: int) -> int:
+    b, rem = divmod(config.train.batch_pairs, process_count)
+    if rem or b == 0:
+        raise ValueError(f"train.batch_pairs={config.train.batch_pairs} must be a positive multiple of "
+                         f"process_count={process_count}")
+    return b
+
+
+def steps_per_epoch(config: Config, data_dir: Path, split: str = "train", process_count: int = 1) -> int:
+    """Global batches per epoch: the same on every host (the smallest host's share decides)."""
+    meta = read_meta(config, data_dir)
+    _shard_paths(data_dir, split, meta)
+    b = _local_batch_pairs(config, process_count)
+    return min(_host_split(meta, split, h, process_count)[2] for h in range(process_count)) // b
+
+
+def _parse_spec(tf, sides: tuple[str, ...]) -> dict:
+    spec = {}
+    for side in sides:
+        spec[f"{side}note_index"] = tf.io.FixedLenFeature([], tf.int64)
+        for short in VARIANTS:
+            spec[f"{side}{short}_ids"] = tf.io.RaggedFeature(tf.int64)
+            spec[f"{side}{short}_emb"] = tf.io.FixedLenFeature([], tf.int64)
+            spec[f"{side}{short}_prefix"] = tf.io.FixedLenFeature([], tf.int64)
+    return spec
+
+
+def _to_numpy(parsed: dict) -> dict:
+    """Ragged id lists become Python lists of arrays; everything else numpy."""
+    out = {}
+    for key, value in parsed.items():
+        if hasattr(value, "row_lengths"):
+            splits = np.cumsum(value.row_lengths().numpy())[:-1]
+            out[key] = np.split(value.flat_values.numpy(), splits)
+        else:
+            out[key] = value.numpy()
+    return out
+
+
+def _variant_example(batch: dict, side: str, short: str, row: int, with_output: bool = True) -> Example | None:
+    emb = int(batch[f"{side}{short}_emb"][row])
+    if emb < 0:
+        return None
+    ids = batch[f"{side}{short}_ids"][row].tolist()
+    prefix = int(batch[f"{side}{short}_prefix"][row])
+    return example_from_tokens(ids if with_output else ids[:prefix], emb, prefix, VARIANTS[short])
+
+
+def _hashtag_rows(config: Config, eligible: np.ndarray, step: int, process_index: int) -> np.ndarray:
+    """round(r * 2b) rows (half up) for the hashtag task, drawn among notes that have a hashtag variant."""
+    want = int(np.floor(config.prompt.hashtag_fraction * len(eligible) + 0.5))
+    rng = np.random.default_rng([config.train.seed, step, process_index])
+    candidates = np.flatnonzero(eligible)
+    return rng.choice(candidates, size=min(want, len(candidates)), replace=False)
+
+
+def _assemble(batch: dict, config: Config, meta: dict, step: int, process_index: int, b: int) -> dict:
+    """Local batch [a_1..a_b, b_1..b_b] with the task of each note chosen per (seed, step, host)."""
+    rows = [("a_", i) for i in range(b)] + [("b_", i) for i in range(b)]
+    eligible = np.array([batch[f"{side}hash_emb"][i] >= 0 for side, i in rows])
+    use_hashtag = np.zeros(2 * b, bool)
+    use_hashtag[_hashtag_rows(config, eligible, step, process_index)] = True
+    examples = [_variant_example(batch, side, "hash" if h else "cat", i) for (side, i), h in zip(rows, use_hashtag)]
+    out = pad_batch(examples, config.prompt.max_length, config.prompt.padding_side, meta["pad_id"],
+                    config.prompt.max_targets)
+    note_index = np.array([batch[f"{side}note_index"][i] for side, i in rows], np.int64)
+    out["pair_id"] = np.tile(np.arange(b, dtype=np.int32) + process_index * b, 2)
+    out["note_index"] = note_index
+    return out
+
+
+def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+    return process_index, process_count
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint32)[0])
+
+
+def make_train_dataset(config: Config, data_dir: Path, split: str = "train", process_index: int | None = None,
+                       process_count: int | None = None, start_step: int = 0) -> Iterator[dict]:
+    """Endless iterator of this host's numpy batches from global step `start_step` on (epochs repeat)."""
+    tf = _tf()
+    process_index, process_count = _host(process_index, process_count)
+    meta = read_meta(config, data_dir)
+    paths = _shard_paths(data_dir, split, meta)
+    b = _local_batch_pairs(config, process_count)
+    file_ids, shard_records, host_records = _host_split(meta, split, process_index, process_count)
+    steps = steps_per_epoch(config, data_dir, split, process_count)
+    if steps == 0:
+        raise ValueError(f"{split}: {sum(meta['files'][split])} pairs give no full batch of "
+                         f"{config.train.batch_pairs} pairs over {process_count} host(s)")
+    spec = _parse_spec(tf, ("a_", "b_"))
+    buffer = config.data.shuffle_buffer or host_records
+    epoch, offset = divmod(start_step, steps)
+    step = start_step
+    while True:
+        ds = tf.data.TFRecordDataset([str(paths[i]) for i in file_ids])
+        if shard_records:
+            ds = ds.shard(process_count, process_index)
+        ds = (ds.shuffle(buffer, seed=_epoch_seed(config.train.seed, epoch), reshuffle_each_iteration=False)
+              .take(steps * b).skip(offset * b).batch(b, drop_remainder=True)
+              .map(lambda x: tf.io.parse_example(x, spec)).prefetch(2))
+        for parsed in ds:
+            yield _assemble(_to_numpy(parsed), config, meta, step, process_index, b)
+            step += 1
+        epoch, offset = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the trainer iterates: real or synthetic batches, and how many steps a run has
+
+
+def synthetic_batches(config: Config, llama_cfg: LlamaConfig, start_step: int, *, process_index: int | None = None,
+                      process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Random token batches with the pipeline's shapes and layout, for performance runs (no TF needed).
+
+    A step's GLOBAL batch depends on (seed, step) alone; host h keeps pairs [h*b, (h+1)*b), laid out
+    [a..., b...] like the pipeline, so any process count trains on the same global batch (up to row order).
+    """
+    host = jax.process_index() if process_index is None else process_index
+    b = config.train.batch_pairs // (jax.process_count() if process_count is None else process_count)
+    n, length, targets = 2 * b, config.prompt.max_length, config.prompt.max_targets
+    step = start_step
+    while True:
+        rng = np.random.default_rng([config.train.seed, step])
+
+        def draw(high: int, *shape: int, dtype=np.int64) -> np.ndarray:
+            """This host's rows of a global (side, pair, *shape) draw."""
+            full = rng.integers(0, high, (2, config.train.batch_pairs, *shape), dtype=dtype)
+            return full[:, host * b:(host + 1) * b].reshape(n, *shape)
+
+        embed_read_pos = np.full((n,), length - targets - 2, np.int32)
+        positions = (embed_read_pos[:, None] + 2 + np.arange(targets)[None, :]).astype(np.int32)
+        positions = np.minimum(positions, length - 1)
+        pair = np.arange(b, dtype=np.int32) + host * b
+        yield {"input_ids": draw(llama_cfg.vocab_size - 1, length, dtype=np.int32),
+               "attention_mask": np.ones((n, length), np.int32), "embed_read_pos": embed_read_pos,
+               "target_positions": positions,
+               "target_ids": draw(llama_cfg.vocab_size - 1, targets, dtype=np.int32),
+               "target_mask": np.ones((n, targets), np.float32), "pair_id": np.concatenate([pair, pair])}
+        step += 1
+
+
+def batches(config: Config, llama_cfg: LlamaConfig, split: str, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    if config.train.synthetic_data:
+        return synthetic_batches(config, llama_cfg, start_step)
+    return iter(make_train_dataset(config, config.data_dir, split=split,
+                                            process_index=jax.process_index(),
+                                            process_count=jax.process_count(), start_step=start_step))
+
+
+def total_train_steps(config: Config) -> int:
+    if config.train.max_steps > 0:
+        return config.train.max_steps
+    if config.train.synthetic_data:
+        raise ValueError("train.synthetic_data needs train.max_steps > 0")
+    per_epoch = steps_per_epoch(config, config.data_dir, process_count=jax.process_count())
+    steps = int(np.ceil(config.train.epochs * per_epoch))
+    if steps <= 0:
+        raise ValueError(f"no training steps: check the training pairs under {config.data_dir}")
+    return steps

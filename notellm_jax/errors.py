@@ -1,0 +1,29 @@
+"""The project's own user-input errors. Command-line tools catch exactly these (one-line message, exit 2);
+anything else is a bug or an environment problem and propagates with its traceback.
+
+Each subclasses the built-in it refines (ValueError / FileNotFoundError), so callers that catch the
+built-in keep working."""
+
+
+class NotellmError(Exception):
+    """Base of every user-input error; the message names the file, field or position at fault."""
+
+
+class ConfigError(NotellmError, ValueError):
+    """A config file, argument or override that is malformed or inconsistent."""
+
+
+class InputFormatError(NotellmError, ValueError):
+    """A malformed record in an input dump (file and line/byte in the message)."""
+
+
+class StoreFormatError(NotellmError, ValueError):
+    """A prepared-data (Parquet store, shards, split.json) file that does not have the expected shape."""
+
+
+class CheckpointError(NotellmError, ValueError):
+    """A checkpoint that cannot be read as a supported model; the message names file and problem."""
+
+
+class MissingInputError(NotellmError, FileNotFoundError):
+    """An input the run needs (a dump, a prepared stage's output, a checkpoint, a tokenizer) is absent."""

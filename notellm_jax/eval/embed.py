@@ -1,0 +1,295 @@
+"""Embed notes with a trained NoteLLM export: `python -m notellm_jax.eval.embed --config ... --checkpoint <export>`.
+
+Every note gets the category-task prompt of the export (METHOD.md 1, built by `prompts.build_example`, the
+one prompt builder) and its embedding is read at the token just before `[EMB]`. Attention is causal, so
+nothing after that token can change it: only the prefix up to it is fed, and the read position is then
+always the last real token. Notes are embedded in fixed-shape, jitted batches: sorted by length within a
+chunk and padded to the smallest of a few bucket lengths (one compile each), the batch axis sharded over
+the mesh's data x fsdp devices, the parameters laid out by the logical sharding rules.
+The output is the embeddings file format of `eval.embeddings`, which the baselines write too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax.traverse_util import flatten_dict
+
+from notellm_jax import sharding as shd
+from notellm_jax.config import Config
+from notellm_jax.data import store
+from notellm_jax.data.prompts import Note, PromptTooLongError, build_example, example_from_tokens, pad_batch
+from notellm_jax.eval.embeddings import EmbeddingWriter, embedding_dir, written_summary
+
+CHUNK_BATCHES = 16  # batches per length-sorted chunk (also the progress-report interval)
+
+# A chunk of notes -> (ids of the embedded notes, their vectors [n, d], skipped notes by reason).
+ChunkEmbedder = Callable[[list[Note]], tuple[list[str], np.ndarray, Counter]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixed-shape, length-bucketed, sharded batches
+
+
+def bucket_lengths(max_length: int, count: int) -> list[int]:
+    """`count` evenly spaced lengths up to max_length, rounded up to multiples of 8 (the last covers max_length)."""
+    if count < 1:
+        raise ValueError(f"eval.embed_length_buckets must be >= 1, got {count}")
+    ceil_div = lambda a, b: -(-a // b)  # noqa: E731
+    return sorted({8 * ceil_div(ceil_div(max_length * (i + 1), count), 8) for i in range(count)})
+
+
+def _check_params(params: Any, boxed_abstract: Any, source: str) -> None:
+    """Every parameter the model needs is present with its shape, and nothing else: else the weights
+    belong to another model."""
+    expected = {k: v.shape for k, v in flatten_dict(nn.meta.unbox(boxed_abstract)).items()}
+    got = {k: np.shape(v) for k, v in flatten_dict(params).items()}
+    problems = [f"{'/'.join(k)}: missing" for k in expected if k not in got]
+    problems += [f"{'/'.join(k)}: unexpected" for k in got if k not in expected]
+    problems += [f"{'/'.join(k)}: shape {got[k]}, model needs {s}" for k, s in expected.items()
+                 if k in got and tuple(got[k]) != tuple(s)]
+    if problems:
+        raise ValueError(f"{source}: parameters do not fit the model ({len(problems)} problems: "
+                         f"{'; '.join(problems[:5])})")
+
+
+class BatchEmbedder:
+    """token lists -> [n, d] vectors through `apply(params, input_ids, attention_mask, read_index)`.
+
+    The vector of a sequence is read at its last real token (`read_index`). Batches always have
+    `batch_size` rows and a bucket length, so the jitted function compiles once per bucket.
+    """
+
+    def __init__(self, apply: Callable, params: Any, boxed_abstract: Any, mesh, batch_size: int,
+                 buckets: Sequence[int], pad_id: int, padding_side: str, source: str,
+                 features: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None):
+        """`features`, if given, maps (input_ids, attention_mask) to [B, T, H] inputs on the host (the frozen
+        bottom's cached features); `apply` then receives those instead of the token ids."""
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if batch_size < 1 or batch_size % shards:
+            raise ValueError(f"eval.embed_batch_size={batch_size} must be a positive multiple of the "
+                             f"{shards} devices on the mesh's data x fsdp axes")
+        _check_params(params, boxed_abstract, source)
+        param_shardings = shd.logical_shardings(boxed_abstract, mesh)
+        self.params = jax.device_put(params, param_shardings)
+        self.batch_size, self.buckets = batch_size, sorted(buckets)
+        self.pad_id, self.padding_side = pad_id, padding_side
+
+        def sharded_apply(p, input_ids, attention_mask, read_index):
+            with shd.axis_rules(mesh):
+                return apply(p, input_ids, attention_mask, read_index)
+
+        rows, matrix = shd.batch_sharding(mesh, 1), shd.batch_sharding(mesh, 2)
+        inputs = shd.batch_sharding(mesh, 3) if features else matrix
+        self._features = features
+        self._fn = jax.jit(sharded_apply, in_shardings=(param_shardings, inputs, matrix, rows), out_shardings=matrix)
+
+    def _bucket(self, length: int) -> int:
+        for bucket in self.buckets:
+            if length <= bucket:
+                return bucket
+        raise ValueError(f"a sequence of {length} tokens exceeds the longest bucket ({self.buckets[-1]})")
+
+    def _batch(self, token_lists: list[list[int]]) -> dict[str, np.ndarray]:
+        """Padded arrays (the read index travels in pad_batch's embed_read_pos); filler rows are all padding."""
+        length = self._bucket(max(len(t) for t in token_lists))
+        examples = [example_from_tokens(t, len(t) - 1, len(t), "category") for t in token_lists]
+        padded = pad_batch(examples, length, self.padding_side, self.pad_id, max_targets=0)
+        fill = self.batch_size - len(token_lists)
+        out = {k: np.pad(padded[k], [(0, fill)] + [(0, 0)] * (padded[k].ndim - 1))
+               for k in ("input_ids", "attention_mask", "embed_read_pos")}
+        out["input_ids"][len(token_lists):] = self.pad_id
+        return out
+
+    def __call__(self, token_lists: Sequence[list[int]]) -> np.ndarray:
+        empty = [i for i, t in enumerate(token_lists) if not t]
+        if empty:
+            raise ValueError(f"empty token sequences at positions {empty[:5]}")
+        order = np.argsort([len(t) for t in token_lists], kind="stable")
+        out: np.ndarray | None = None
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            batch = self._batch([token_lists[r] for r in rows])
+            inputs = batch["input_ids"]
+            if self._features is not None:
+                inputs = self._features(inputs, batch["attention_mask"])
+            vectors = np.asarray(self._fn(self.params, inputs, batch["attention_mask"],
+                                          batch["embed_read_pos"]))[:len(rows)]
+            if out is None:
+                out = np.zeros((len(token_lists), vectors.shape[1]), np.float32)
+            out[rows] = vectors
+        return out if out is not None else np.zeros((0, 0), np.float32)
+
+
+def token_chunk_embedder(embedder: Callable[[Sequence[list[int]]], np.ndarray],
+                         tokens_of: Callable[[Note], list[int]]) -> ChunkEmbedder:
+    """A ChunkEmbedder from token lists -> vectors and a per-note tokeniser; notes whose prompt cannot fit
+    are skipped and counted."""
+    def embed_chunk(notes: list[Note]) -> tuple[list[str], np.ndarray, Counter]:
+        ids, tokens, skipped = [], [], Counter()
+        for note in notes:
+            try:
+                tokens.append(tokens_of(note))
+                ids.append(note.note_id)
+            except PromptTooLongError:
+                skipped["prompt_too_long"] += 1
+        return ids, embedder(tokens) if tokens else np.zeros((0, 0), np.float32), skipped
+    return embed_chunk
+
+
+def _chunks(items: Iterable[Note], size: int) -> Iterator[list[Note]]:
+    chunk: list[Note] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def write_embeddings(notes: Iterable[Note], embed_chunk: ChunkEmbedder, out_dir: str | Path, shard_size: int,
+                     chunk_size: int, meta: dict[str, Any]) -> Path:
+    """Stream `notes` through `embed_chunk` into an embeddings folder, printing notes/s per chunk."""
+    writer = EmbeddingWriter(out_dir, shard_size)
+    skipped: Counter = Counter()
+    start, done = time.time(), 0
+    for chunk in _chunks(notes, chunk_size):
+        ids, vectors, chunk_skipped = embed_chunk(chunk)
+        if ids:
+            writer.add(ids, vectors)
+        skipped.update(chunk_skipped)
+        done += len(chunk)
+        elapsed = time.time() - start
+        print(f"[embed] {meta.get('model', '?')}: {done} notes, {done / elapsed:.1f} notes/s", flush=True)
+    elapsed = time.time() - start
+    if writer.dim is None:
+        raise ValueError(f"no note could be embedded ({done} read, skipped: {dict(skipped) or 'none'})")
+    return writer.close({**meta, "notes_read": done, "skipped": dict(skipped), "seconds": round(elapsed, 3),
+                         "notes_per_s": round(done / max(elapsed, 1e-9), 2)})
+
+
+# --------------------------------------------------------------------------------------------------
+# NoteLLM
+
+
+def check_export(export, tokenizer, source: str) -> None:
+    """The export must have been trained with this tokenizer. NoteTokenizer always appends [EMB] at
+    id = base vocabulary size, so equal vocabulary sizes also mean [EMB] sits on the export's last row."""
+    vocab = export.llama.vocab_size
+    if vocab != tokenizer.vocab_size:
+        raise ValueError(f"{source}: the model has a {vocab}-row embedding table but the tokenizer "
+                         f"{tokenizer.source} has {tokenizer.vocab_size} tokens ({tokenizer.base_vocab_size} + "
+                         f"{tokenizer.emb_token}): the export was trained with another model or tokenizer")
+
+
+def notellm_embedder(export, mesh, batch_size: int, buckets: Sequence[int], pad_id: int, padding_side: str,
+                     source: str, cache_dir: Path | None = None,
+                     cache_max_bytes: float = float("inf")) -> tuple[BatchEmbedder, Any]:
+    """(embedder, feature cache or None). With `cache_dir` and an export trained with frozen lower layers,
+    the frozen bottom runs through the shared FeatureCache (every fine-tuned variant of one base model
+    embeds the same test prompts: the bottom runs once for all of them)."""
+    from notellm_jax.model.notellm import NoteLLM
+    from notellm_jax.model.params import frozen_layer_count, split_params
+    from notellm_jax.train.feature_cache import FeatureCache, cache_path
+    from notellm_jax.train.step import abstract_boxed_params
+
+    model = NoteLLM(export.llama, emb_dim=export.emb_dim)
+    frozen_layers = frozen_layer_count(export.meta.get("train_top_layers", 0), export.llama)
+    cache = None
+    if cache_dir is not None and frozen_layers:
+        frozen = split_params(export.params, frozen_layers)[1]
+        cache = FeatureCache(model, mesh, frozen_layers, max_bytes=cache_max_bytes,
+                             path=cache_path(cache_dir, export.meta.get("checkpoint", "model"), frozen_layers, frozen))
+
+    def apply(params, inputs, attention_mask, read_index):
+        key = "hidden_in" if cache is not None else "input_ids"
+        batch = {key: inputs, "attention_mask": attention_mask, "embed_read_pos": read_index}
+        first = frozen_layers if cache is not None else 0
+        return model.apply({"params": params}, batch, first_layer=first, with_logits=False)["embedding"]
+
+    features = (lambda ids, mask: cache.features(frozen, ids, mask)) if cache is not None else None
+    embedder = BatchEmbedder(apply, export.params, abstract_boxed_params(model), mesh, batch_size, buckets, pad_id,
+                             padding_side, source, features=features)
+    return embedder, cache
+
+
+def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: str | Path, name: str = "notellm",
+                mesh=None) -> Path:
+    """Embed `note_source` with a NoteLLM export (a folder or a loaded `NoteLLMExport`) into `out_dir`.
+
+    Prompt budgets and layout come from the export (what the model was trained with); the padding side,
+    batch size, buckets and shard size from `config`; the tokenizer is the one the export recorded,
+    resolved against `config`'s roots, and checked against the export.
+    """
+    from notellm_jax.data.input_pipeline import prompt_hash
+    from notellm_jax.weights.export import load_notellm
+    from notellm_jax.weights.tokenizer import resolve_tokenizer
+
+    source = str(export) if isinstance(export, (str, Path)) else f"export of run {export.meta.get('run')!r}"
+    mesh = mesh or shd.mesh_from_config(config.mesh)
+    if isinstance(export, (str, Path)):
+        export = load_notellm(export, mesh)
+    prompt = dataclasses.replace(export.prompt, padding_side=config.prompt.padding_side)
+    tokenizer = resolve_tokenizer(config, export.tokenizer, prompt.emb_token)
+    check_export(export, tokenizer, source)
+    buckets = bucket_lengths(prompt.max_length, config.eval.embed_length_buckets)
+    batch_size = config.eval.embed_batch_size
+    cache_dir = config.data_dir if config.model.cache_frozen_features and config.model.persist_feature_cache else None
+    embedder, cache = notellm_embedder(export, mesh, batch_size, buckets, tokenizer.pad_id, prompt.padding_side,
+                                       source, cache_dir=cache_dir,
+                                       cache_max_bytes=config.model.feature_cache_max_gb * 1e9)
+
+    def tokens_of(note: Note) -> list[int]:
+        example = build_example(note, tokenizer, prompt, "category", with_output=False)
+        return example.input_ids[:example.embed_read_pos + 1]
+
+    meta = {"model": name, "kind": "notellm", "source": source, "run": export.meta.get("run"),
+            "objective": export.meta.get("objective"), "tokenizer": export.tokenizer,
+            "prompt_hash": prompt_hash(dataclasses.replace(config, prompt=prompt), export.tokenizer),
+            "prompt": dataclasses.asdict(prompt), "buckets": buckets, "batch_size": batch_size,
+            "devices": int(mesh.devices.size)}
+    out = write_embeddings(note_source, token_chunk_embedder(embedder, tokens_of), out_dir,
+                           config.eval.embed_shard_size, batch_size * CHUNK_BATCHES, meta)
+    if cache is not None and jax.process_index() == 0:
+        cache.save()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Which notes
+
+
+def select_notes(config: Config, split: str) -> list[Note]:
+    """Notes of <config.data_dir>/notes.parquet: every note ("all") or the test notes ("test")."""
+    notes = store.load_notes(config.data_dir / "notes.parquet")
+    if split == "all":
+        return notes
+    if split != "test":
+        raise ValueError(f"split must be 'test' or 'all', got {split!r}")
+    wanted = {n.note_id for n in store.split_notes(config.data_dir, "test", notes)}
+    return [n for n in notes if n.note_id in wanted]
+
+
+def run(args, config: Config) -> Path:
+    """`notellm embed`: embed the test (or all) notes with an export into the embeddings format."""
+    out = Path(args.out) if args.out else embedding_dir(config, args.name)
+    notes = select_notes(config, args.split)
+    path = embed_notes(config, args.checkpoint or config.work_dir / "export", notes, out, name=args.name)
+    print(f"[embed] {written_summary(path)}")
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    from notellm_jax.main import main
+
+    main(["embed", *sys.argv[1:]])

@@ -1,0 +1,147 @@
+"""The embeddings file format: streamed shards of unit vectors with their note ids.
+
+A folder (at most one shard is held in memory, writing or reading):
+    embeddings-XXXXX.npy   float32 [n, d] unit vectors
+    ids-XXXXX.txt          the n note ids of that shard, one per line
+    embeddings.json        format, model name, dim, count, shards, prompt hash, skipped notes, timing
+NoteLLM (`eval.embed`) and every baseline (`eval.baselines`) write it through `EmbeddingWriter`.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from notellm_jax.config import Config
+from notellm_jax.errors import MissingInputError
+
+FORMAT = "notellm_jax.embeddings/1"
+META_FILE = "embeddings.json"
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming storage
+
+
+class EmbeddingWriter:
+    """Appends (ids, vectors) and writes a shard each time `shard_size` rows are buffered."""
+
+    def __init__(self, out_dir: str | Path, shard_size: int):
+        if shard_size < 1:
+            raise ValueError(f"eval.embed_shard_size must be >= 1, got {shard_size}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.out_dir.glob("embeddings-*.npy"), *self.out_dir.glob("ids-*.txt"),
+                      self.out_dir / META_FILE]:
+            stale.unlink(missing_ok=True)  # a shorter rerun must not leave old shards behind
+        self.shard_size = shard_size
+        self.dim: int | None = None
+        self.count = 0
+        self.shards: list[dict[str, Any]] = []
+        self._ids: list[str] = []
+        self._vectors: list[np.ndarray] = []
+
+    def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or len(ids) != len(vectors):
+            raise ValueError(f"{len(ids)} ids for embeddings of shape {vectors.shape}")
+        if self.dim is None:
+            self.dim = vectors.shape[1]
+        if vectors.shape[1] != self.dim:
+            raise ValueError(f"embedding dim changed from {self.dim} to {vectors.shape[1]}")
+        bad = [i for i in ids if "\n" in i or "\r" in i]
+        if bad:
+            raise ValueError(f"note ids with line breaks cannot be stored one per line: {bad[:5]!r}")
+        self._ids.extend(ids)
+        self._vectors.append(vectors)
+        while len(self._ids) >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, rows: int) -> None:
+        matrix = np.concatenate(self._vectors) if len(self._vectors) > 1 else self._vectors[0]
+        index = len(self.shards)
+        emb_name, ids_name = f"embeddings-{index:05d}.npy", f"ids-{index:05d}.txt"
+        np.save(self.out_dir / emb_name, matrix[:rows])
+        (self.out_dir / ids_name).write_text("".join(i + "\n" for i in self._ids[:rows]))
+        self.shards.append({"embeddings": emb_name, "ids": ids_name, "count": rows})
+        self.count += rows
+        self._ids, self._vectors = self._ids[rows:], [matrix[rows:]]
+
+    def close(self, meta: dict[str, Any]) -> Path:
+        """Write what is left and embeddings.json (written last: its presence means the folder is complete)."""
+        if self._ids:
+            self._flush(len(self._ids))
+        info = {**meta, "format": FORMAT, "dim": self.dim, "count": self.count, "shards": self.shards}
+        (self.out_dir / META_FILE).write_text(json.dumps(info, indent=2))
+        return self.out_dir
+
+
+def embedding_dir(config: Config, model: str) -> Path:
+    """Where the tools and the main job keep one model's embeddings: <work_dir>/embeddings/<model>."""
+    return config.work_dir / "embeddings" / model
+
+
+def written_summary(emb_dir: str | Path) -> str:
+    """One line for the CLIs: what an embeddings folder holds."""
+    meta = read_meta(emb_dir)
+    return (f"wrote {meta['count']} x {meta['dim']} {meta['model']} embeddings to {emb_dir} "
+            f"({meta['notes_per_s']} notes/s, skipped {meta['skipped'] or 'none'})")
+
+
+def read_meta(emb_dir: str | Path) -> dict[str, Any]:
+    path = Path(emb_dir) / META_FILE
+    if not path.is_file():
+        raise MissingInputError(f"{emb_dir} holds no embeddings ({META_FILE} missing: run notellm embed "
+                                "or notellm baselines, or the run was interrupted)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def iter_shards(emb_dir: str | Path) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(ids, memory-mapped vectors) of each shard in order, checked against embeddings.json."""
+    emb_dir = Path(emb_dir)
+    for shard in read_meta(emb_dir)["shards"]:
+        ids = (emb_dir / shard["ids"]).read_text().splitlines()
+        vectors = np.load(emb_dir / shard["embeddings"], mmap_mode="r")
+        if not len(ids) == len(vectors) == shard["count"]:
+            raise ValueError(f"{emb_dir}: shard {shard['embeddings']} has {len(vectors)} rows and {shard['ids']} "
+                             f"{len(ids)} ids, embeddings.json says {shard['count']}")
+        yield ids, vectors
+
+
+def read_embeddings(emb_dir: str | Path, ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """All (ids, vectors) in file order, or with `ids` only those rows, in the order of `ids`.
+
+    Selecting keeps one memory-mapped shard plus the selected rows in memory. An id that is missing, or
+    stored twice, is an error naming the folder and the ids.
+    """
+    meta = read_meta(emb_dir)
+    if ids is None:
+        parts = list(iter_shards(emb_dir))
+        all_ids = [i for shard_ids, _ in parts for i in shard_ids]
+        vectors = np.concatenate([np.asarray(v) for _, v in parts]) if parts else np.zeros((0, meta["dim"] or 0))
+        return all_ids, vectors.astype(np.float32)
+    wanted = {note_id: pos for pos, note_id in enumerate(ids)}
+    if len(wanted) != len(ids):
+        raise ValueError("the requested ids contain duplicates")
+    out = np.zeros((len(ids), meta["dim"] or 0), np.float32)
+    hits = np.zeros(len(ids), np.int64)
+    for shard_ids, vectors in iter_shards(emb_dir):
+        positions = np.array([wanted.get(i, -1) for i in shard_ids], np.int64)
+        found = positions >= 0
+        out[positions[found]] = vectors[found]
+        np.add.at(hits, positions[found], 1)
+    missing = [ids[p] for p in np.flatnonzero(hits == 0)]
+    if missing:
+        raise ValueError(f"{emb_dir}: {len(missing)} of {len(ids)} requested notes have no embedding "
+                         f"(e.g. {missing[:5]!r}); were these embeddings made from another data set or split?")
+    twice = [ids[p] for p in np.flatnonzero(hits > 1)]
+    if twice:
+        raise ValueError(f"{emb_dir}: {len(twice)} notes are stored more than once (e.g. {twice[:5]!r})")
+    return list(ids), out

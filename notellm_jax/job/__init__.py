@@ -1,0 +1,1 @@
+"""The main job (prepare, train, embed, recall, generate, report) and its report."""

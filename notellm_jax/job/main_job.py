@@ -1,0 +1,177 @@
+"""The main job: prepare -> train -> embed -> recall eval -> generation eval -> report.
+
+    python -m notellm_jax.job --config configs/smollm2_se.py [--set ...] [--force STAGE,...] [--only STAGE,...]
+    notellm job --config ...   (the same)
+
+Stages (each skips work whose outputs exist, unless named in --force):
+  prepare    <work_dir>/data: notes, events, pairs, splits, TFRecord shards (notellm_jax.data.prepare)
+  train      one NoteLLM per objective in eval.train_variants (NoteLLM, w/o CSFT = PromptEOL+CSE, w/o GCL),
+             each under <work_dir>/models/<objective>, all reading the same data and frozen-feature cache
+  embed      the test notes with every trained variant and every baseline in eval.baselines
+             (<work_dir>/embeddings/<model>)
+  recall     Recall@k with the paper's protocol, exact and ScaNN (<work_dir>/eval/<model>.recall.json)
+  generate   category / hashtag generation of the trained variants that were taught to generate
+             (<work_dir>/eval/generation/<variant>[-constrained])
+  report     <work_dir>/report: report.md, metrics.json, recall-curve and embedding-projection PNGs
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from notellm_jax.config import Config, override
+
+STAGES = ("prepare", "train", "embed", "recall", "generate", "report")
+
+LABELS = {
+    "notellm": "NoteLLM",
+    "gcl_only": "PromptEOL+CSE (NoteLLM w/o CSFT)",
+    "csft_only": "NoteLLM w/o GCL (CSFT only)",
+    "llm_last_token": "LLM zero-shot (last token, no prompt)",
+    "prompteol": "PromptEOL zero-shot",
+    "sbert_zeroshot": "SentenceBERT zero-shot (all-MiniLM-L6-v2)",
+    "sbert_finetuned": "SentenceBERT fine-tuned (in-batch negatives)",
+}
+GENERATING = ("notellm", "csft_only")  # variants trained with the generation loss
+
+
+def variant_config(config: Config, objective: str) -> Config:
+    """The run config of one trained variant: its own folder, the shared prepared data."""
+    return override(config, {"name": f"{config.name}-{objective}",
+                             "paths.work_dir": str(config.work_dir / "models" / objective),
+                             "paths.data_dir": str(config.data_dir), "train.objective": objective})
+
+
+class Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        print(f"[job] {name} ...", file=sys.stderr, flush=True)
+        start = time.time()
+        result = fn()
+        self.seconds[name] = round(time.time() - start, 1)
+        print(f"[job] {name} done in {self.seconds[name]:.0f}s", file=sys.stderr, flush=True)
+        return result
+
+
+def _export_dir(config: Config, objective: str) -> Path:
+    return variant_config(config, objective).work_dir / "export"
+
+
+def stage_prepare(config: Config, force: bool, timer: Timer) -> None:
+    from notellm_jax.data.prepare import prepare
+    timer.run("prepare", lambda: prepare(config, force=force))
+
+
+def stage_train(config: Config, force: bool, timer: Timer) -> None:
+    from notellm_jax.train import train
+    for objective in config.eval.train_variants:
+        sub = variant_config(config, objective)
+        if (sub.work_dir / "export" / "notellm.json").is_file() and not force:
+            print(f"[job] train {objective}: export exists, skipped", file=sys.stderr)
+            continue
+        if force and sub.work_dir.exists():
+            import shutil
+            shutil.rmtree(sub.work_dir / "checkpoints", ignore_errors=True)
+        timer.run(f"train {objective}", lambda sub=sub: train(sub))
+
+
+def stage_embed(config: Config, force: bool, timer: Timer) -> None:
+    from notellm_jax.eval.baselines import embed_baseline
+    from notellm_jax.eval.embed import embed_notes, select_notes
+    from notellm_jax.eval.embeddings import embedding_dir
+    test_notes = None
+    for objective in config.eval.train_variants:
+        out = embedding_dir(config, objective)
+        if (out / "embeddings.json").is_file() and not force:
+            continue
+        test_notes = test_notes or select_notes(config, "test")
+        sub = variant_config(config, objective)
+        timer.run(f"embed {objective}", lambda sub=sub, out=out, o=objective:
+                  embed_notes(sub, _export_dir(config, o), test_notes, out, name=o))
+    for name in config.eval.baselines:
+        out = embedding_dir(config, name)
+        if (out / "embeddings.json").is_file() and not force:
+            continue
+        timer.run(f"embed {name}", lambda name=name, out=out: embed_baseline(config, name, out))
+
+
+def _models(config: Config) -> list[str]:
+    return list(config.eval.train_variants) + list(config.eval.baselines)
+
+
+def stage_recall(config: Config, force: bool, timer: Timer) -> None:
+    from notellm_jax.eval.embeddings import embedding_dir
+    from notellm_jax.eval.recall import evaluate_embeddings
+    out_dir = config.work_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for model in _models(config):
+        path = out_dir / f"{model}.recall.json"
+        if path.is_file() and not force:
+            continue
+        result = timer.run(f"recall {model}", lambda model=model: evaluate_embeddings(
+            config, embedding_dir(config, model), name=model))
+        path.write_text(json.dumps(result, indent=1))
+
+
+def stage_generate(config: Config, force: bool, timer: Timer) -> None:
+    from notellm_jax.eval.generation import generate_and_score
+    runs = [(o, False) for o in config.eval.train_variants if o in GENERATING]
+    if config.eval.constrain_categories and "notellm" in config.eval.train_variants:
+        runs.append(("notellm", True))
+    for objective, constrain in runs:
+        name = objective + ("-constrained" if constrain else "")
+        out = config.work_dir / "eval" / "generation" / name
+        if (out / "metrics.json").is_file() and not force:
+            continue
+        tasks = ("category",) if constrain else ("category", "hashtag")
+        sub = variant_config(config, objective)
+        timer.run(f"generate {name}", lambda sub=sub, o=objective, out=out, tasks=tasks, constrain=constrain:
+                  generate_and_score(sub, _export_dir(config, o), out, tasks=tasks, constrain=constrain,
+                                     limit=config.eval.generation_limit or None))
+
+
+def stage_report(config: Config, force: bool, timer: Timer) -> None:
+    from notellm_jax.job.report import write_report
+    timer.run("report", lambda: write_report(config, LABELS, GENERATING))
+
+
+STAGE_FNS = {"prepare": stage_prepare, "train": stage_train, "embed": stage_embed, "recall": stage_recall,
+             "generate": stage_generate, "report": stage_report}
+
+
+def _stage_list(text: str | None, default: tuple[str, ...]) -> list[str]:
+    if text is None:
+        return list(default)
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = sorted(set(names) - set(STAGES))
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+    return [s for s in STAGES if s in names]
+
+
+def run_pipeline(config: Config, only: list[str], force: list[str]) -> dict[str, float]:
+    timer = Timer()
+    timings_path = config.work_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    for stage in only:
+        STAGE_FNS[stage](config, stage in force, timer)
+        timings.update(timer.seconds)
+        timings_path.parent.mkdir(parents=True, exist_ok=True)
+        timings_path.write_text(json.dumps(timings, indent=1))
+    return timings
+
+
+def run(args, config: Config) -> dict[str, float]:
+    """`notellm job`: the stages in order, skipping finished ones; returns the stage wall times."""
+    only = _stage_list(args.only, STAGES)
+    force = _stage_list(args.force, ())
+    start = time.time()
+    timings = run_pipeline(config, only, force)
+    print(f"[job] finished in {time.time() - start:.0f}s; report: {config.work_dir / 'report' / 'report.md'}",
+          file=sys.stderr)
+    return timings

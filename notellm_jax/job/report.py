@@ -1,0 +1,220 @@
+"""The main job's report folder: report.md (tables), metrics.json (everything), PNG plots.
+
+Reads only what the pipeline's stages wrote under <work_dir>: data/stats.json, models/*/logs/metrics.jsonl,
+eval/*.recall.json, eval/generation/*/metrics.json, embeddings/, timings.json.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from notellm_jax.config import Config
+from notellm_jax.errors import MissingInputError
+
+
+def run_info() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    import jax
+    return {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "python": platform.python_version(), "jax": jax.__version__,
+            "devices": sorted({d.device_kind for d in jax.devices()})}
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def training_summary(config: Config, objective: str) -> dict[str, Any] | None:
+    """Start/end of the loss curve, validation, throughput of one trained variant (from metrics.jsonl)."""
+    path = config.work_dir / "models" / objective / "logs" / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    if not train:
+        return None
+    steady = train[1:] or train  # the first window includes compilation
+    return {"steps": train[-1]["step"], "first": {k: train[0].get(k) for k in ("step", "loss", "loss_cl", "loss_gen", "accuracy")},
+            "last": {k: train[-1].get(k) for k in ("step", "loss", "loss_cl", "loss_gen", "accuracy", "log_logit_scale")},
+            "val": val[-1] if val else None,
+            "median_step_time_s": float(np.median([r["step_time_s"] for r in steady])),
+            "median_tokens_per_s": float(np.median([r["tokens_per_s"] for r in steady])),
+            "median_mfu": float(np.median([r["mfu"] for r in steady])),
+            "curve": [(r["step"], r["loss_cl"], r["loss_gen"]) for r in train]}
+
+
+def _fmt(entry: dict[str, Any] | None, with_ci: bool = True) -> str:
+    if not entry or entry.get("recall") is None:
+        return "n/a"
+    text = f"{100 * entry['recall']:.1f}"
+    if with_ci and entry.get("ci_low") is not None:
+        text += f" [{100 * entry['ci_low']:.1f}, {100 * entry['ci_high']:.1f}]"
+    return text
+
+
+def _recall_table(models: list[str], recalls: dict[str, Any], labels: dict[str, str], section: str,
+                  ks: list[int], paper_ks: dict[str, int]) -> list[str]:
+    """paper_ks: {ratio: k} (k = ratio x pool, the paper's k/N for R@100, 1k, 10k, 100k of ~258k notes)."""
+    head = [f"R@{k}" for k in ks] + [f"R@{k} (k/N={100 * float(r):.2g}%)" for r, k in paper_ks.items()]
+    paper_ks = list(paper_ks.values())
+    lines = ["| model | " + " | ".join(head) + " | Avg. (paper ks) |", "|---" * (len(head) + 2) + "|"]
+    for model in models:
+        result = (recalls.get(model) or {}).get(section) or {}
+        table = result.get("recall", {})
+        cells = [_fmt(table.get(str(k))) for k in ks + paper_ks]
+        paper_values = [table.get(str(k), {}).get("recall") for k in paper_ks]
+        avg = f"{100 * np.mean(paper_values):.1f}" if paper_values and None not in paper_values else "n/a"
+        lines.append(f"| {labels.get(model, model)} | " + " | ".join(cells) + f" | {avg} |")
+    return lines
+
+
+def _plot_recall(models: list[str], recalls: dict[str, Any], labels: dict[str, str], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in models:
+        table = ((recalls.get(model) or {}).get("cooccurrence") or {}).get("recall", {})
+        points = sorted((int(k), v["recall"]) for k, v in table.items() if v.get("recall") is not None)
+        if points:
+            ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=labels.get(model, model))
+    ax.set_xscale("log")
+    ax.set_xlabel("k (candidates retrieved)")
+    ax.set_ylabel("Recall@k (%)")
+    ax.set_title("Item-to-item recall on the test period (co-occurrence pairs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _plot_projection(config: Config, model: str, label: str, out: Path) -> bool:
+    """2-D PCA of the model's test-note embeddings, coloured by category (site)."""
+    from notellm_jax.eval.embeddings import embedding_dir, read_embeddings
+    from notellm_jax.eval.recall import load_test_data
+    emb_dir = embedding_dir(config, model)
+    if not (emb_dir / "embeddings.json").is_file():
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = load_test_data(config.data_dir)
+    ids, vectors = read_embeddings(emb_dir, data["test_ids"])
+    centred = vectors - vectors.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T
+    categories = [data["categories"][i] for i in ids]
+    fig, ax = plt.subplots(figsize=(7, 6))
+    palette = plt.get_cmap("tab20")  # 20 distinct colours: the default cycle repeats after 10 categories
+    for i, category in enumerate(sorted(set(categories))):
+        rows = [j for j, c in enumerate(categories) if c == category]
+        ax.scatter(xy[rows, 0], xy[rows, 1], s=6, alpha=0.7, color=palette(i % 20), label=f"{category} ({len(rows)})")
+    ax.set_title(f"{label}: test-note embeddings, first two principal components")
+    ax.legend(fontsize=7, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _generation_lines(generation: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    lines = ["| model | notes | category Acc. | Ill. | hashtag P | R | F1 | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in generation.items():
+        cat, tag = m.get("category") or {}, m.get("hashtag") or {}
+        base = name.replace("-constrained", "")
+        label = labels.get(base, base) + (" (constrained decoding)" if name.endswith("-constrained") else "")
+        pct = lambda d, k: f"{100 * d[k]:.1f}" if k in d else "n/a"  # noqa: E731
+        lines.append(f"| {label} | {m.get('notes')} | {pct(cat, 'accuracy')} | {pct(cat, 'illusory')} | "
+                     f"{pct(tag, 'precision')} | {pct(tag, 'recall')} | {pct(tag, 'f1')} | {pct(tag, 'bleu4')} | "
+                     f"{pct(tag, 'rouge1')} | {pct(tag, 'rouge2')} | {pct(tag, 'rougeL')} |")
+    return lines
+
+
+def write_report(config: Config, labels: dict[str, str], generating: tuple[str, ...]) -> Path:
+    out = config.work_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    models = list(config.eval.train_variants) + list(config.eval.baselines)
+    recalls = {m: _read_json(config.work_dir / "eval" / f"{m}.recall.json") for m in models}
+    missing = [m for m, r in recalls.items() if r is None]
+    if missing:
+        raise MissingInputError(f"no recall results for {missing}: run the pipeline's recall stage first")
+    generation = {p.name: _read_json(p / "metrics.json")
+                  for p in sorted((config.work_dir / "eval" / "generation").glob("*")) if (p / "metrics.json").is_file()}
+    training = {o: training_summary(config, o) for o in config.eval.train_variants}
+    stats = _read_json(config.data_dir / "stats.json") or {}
+    timings = _read_json(config.work_dir / "timings.json") or {}
+    info = run_info()
+
+    _plot_recall(models, recalls, labels, out / "recall_at_k.png")
+    projected = _plot_projection(config, models[0], labels.get(models[0], models[0]), out / "embedding_projection.png")
+
+    first = recalls[models[0]]["cooccurrence"]
+    ks, paper_ks = [k for k in config.eval.ks if k in first["ks"]], first["paper_ks"]
+    lines = [f"# NoteLLM report: {config.name}", "",
+             f"Commit `{info['commit']}`, {info['date']}, {info['machine']}, jax {info['jax']} on {', '.join(info['devices'])}.",
+             f"Model `{config.model.checkpoint}`, prompt layout `{config.prompt.layout}`, "
+             f"train top {config.model.train_top_layers or 'all'} layers, {config.train.batch_pairs} pairs/batch, "
+             f"lr {config.train.learning_rate}, alpha {config.train.alpha}, r {config.prompt.hashtag_fraction}.", "",
+             "## Data", ""]
+    splits = stats.get("splits", {})
+    if splits:
+        lines += [f"- notes: {splits.get('notes')}; pairs: {splits.get('pairs')}; notes in pairs: {splits.get('notes_in_pairs')}",
+                  f"- test pool: {first['test_notes']} test notes, {first['pairs_kept']} disjoint query pairs kept of "
+                  f"{first['pairs_read']} read, {first['pool_size']} candidates per query", ""]
+    lines += ["## Recall@k (%, exact search; 95% bootstrap interval over queries)", "",
+              "Co-occurrence pairs of the test period (METHOD.md 5 protocol):", ""]
+    lines += _recall_table(models, recalls, labels, "cooccurrence", ks, paper_ks)
+    lines += ["", "Explicit PostLinks between test questions (a second relevance set):", ""]
+    lines += _recall_table(models, recalls, labels, "postlinks", ks, paper_ks)
+    k_small = ks[min(2, len(ks) - 1)] if ks else min(paper_ks.values())
+    lines += ["", f"Exposure buckets and within-category recall at k={k_small}:", "",
+              "| model | low exposure | high exposure | within category |", "|---|---|---|---|"]
+    for m in models:
+        co = recalls[m]["cooccurrence"]
+        exposure = co.get("exposure") or {}
+        within = (co.get("within_category") or {}).get("recall", {})
+        lines.append(f"| {labels.get(m, m)} | {_fmt((exposure.get('low') or {}).get(str(k_small)))} | "
+                     f"{_fmt((exposure.get('high') or {}).get(str(k_small)))} | {_fmt(within.get(str(k_small)))} |")
+    scann = recalls[models[0]].get("scann") or {}
+    if scann:
+        overlap = {k: round(v, 3) for k, v in (scann.get("overlap_with_exact") or {}).items()}
+        timing = {k: round(v, 4) for k, v in (scann.get("timing") or {}).items()}
+        lines += ["", f"ScaNN ({labels.get(models[0], models[0])}): params {scann.get('params')}, "
+                  f"neighbour overlap with exact top-k {overlap}, timing (s, queries/s) {timing}."]
+    lines += ["", "![recall](recall_at_k.png)", ""]
+    if projected:
+        lines += ["![projection](embedding_projection.png)", ""]
+    if generation:
+        lines += ["## Generation (test notes)", ""] + _generation_lines(generation, labels) + [""]
+    lines += ["## Training", "", "| variant | steps | loss_cl start → end | loss_gen start → end | val loss_cl | "
+              "step time (s) | tokens/s | MFU |", "|---|---|---|---|---|---|---|---|"]
+    for o, t in training.items():
+        if t is None:
+            continue
+        val = t["val"]["loss_cl"] if t["val"] else float("nan")
+        lines.append(f"| {labels.get(o, o)} | {t['steps']} | {t['first']['loss_cl']:.3f} → {t['last']['loss_cl']:.3f} | "
+                     f"{t['first']['loss_gen']:.3f} → {t['last']['loss_gen']:.3f} | {val:.3f} | "
+                     f"{t['median_step_time_s']:.2f} | {t['median_tokens_per_s']:.0f} | {100 * t['median_mfu']:.1f}% |")
+    lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in timings.items()]
+    lines += [f"| total | {round(sum(timings.values()), 1)} |", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    (out / "metrics.json").write_text(json.dumps(
+        {"run": info, "config": config.to_dict(), "timings": timings, "data": stats, "training": training,
+         "recall": recalls, "generation": generation}, indent=1, default=str))
+    return out

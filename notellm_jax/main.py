@@ -1,0 +1,113 @@
+"""`notellm <command>`: the one command line. Sets the environment, logging and the cluster up once, loads
+the config, then calls the command's `run(args, config)` in its module (imported only then, so `--help`
+and argument errors cost nothing and `plan --devices` can fake devices before jax is imported).
+
+    notellm train     --config C [--set section.field=value ...]       (= python -m notellm_jax.train)
+    notellm prepare   --config C [--stages a,b] [--force]              (= python -m notellm_jax.data.prepare)
+    notellm embed     --config C [--checkpoint EXPORT] [--split test|all] [--name N] [--out DIR]
+    notellm recall    --config C --embeddings DIR [--name N] [--out FILE]
+    notellm generate  --config C --checkpoint EXPORT [--task ...] [--split ...] [--constrain-categories]
+    notellm baselines --config C --name NAME [--split test|all] [--out DIR]
+    notellm job       --config C [--only STAGES] [--force STAGES]     (= python -m notellm_jax.job)
+    notellm plan      --config C --devices N
+    notellm convert   SRC DST [--to hf|orbax] [--overwrite]
+
+User-input errors (the project's own `errors.NotellmError`s) end with one line and exit status 2;
+anything else propagates with its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any
+
+# command -> (module holding `run(args, config)`, one-line help, whether it takes --config)
+COMMANDS = {
+    "train": ("notellm_jax.train.trainer", "train or resume NoteLLM; checkpoints, metrics, export", True),
+    "prepare": ("notellm_jax.data.prepare", "import -> co-occurrence -> splits -> tokenised shards", True),
+    "embed": ("notellm_jax.eval.embed", "embed notes with a trained export", True),
+    "recall": ("notellm_jax.eval.recall", "Recall@k of an embeddings folder (exact + ScaNN)", True),
+    "generate": ("notellm_jax.eval.generation", "generate categories/hashtags and score them", True),
+    "baselines": ("notellm_jax.eval.baselines", "baseline embeddings in the same format", True),
+    "job": ("notellm_jax.job.main_job", "the main job: every stage, then the report", True),
+    "plan": ("notellm_jax.plan", "compile the step ahead of time; per-device memory", True),
+    "convert": ("notellm_jax.weights.convert", "convert weights between HF, llama2.c, GGUF, orbax", False),
+}
+
+
+def _tool_arguments(name: str, p: argparse.ArgumentParser) -> None:
+    """The options of each command beyond --config/--set."""
+    if name == "embed":
+        p.add_argument("--checkpoint", help="NoteLLM export folder (default <work_dir>/export)")
+        p.add_argument("--split", choices=("test", "all"), default="test")
+        p.add_argument("--name", default="notellm", help="model name recorded in embeddings.json")
+        p.add_argument("--out", help="output folder (default <work_dir>/embeddings/<name>)")
+    elif name == "prepare":
+        p.add_argument("--stages", help="comma-separated subset of import,cooccurrence,splits,shards (default all)")
+        p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+    elif name == "recall":
+        p.add_argument("--embeddings", required=True, help="folder written by embed or baselines")
+        p.add_argument("--name", help="model name in the output (default: the one in embeddings.json)")
+        p.add_argument("--out", help="metrics JSON (default <embeddings>/metrics.json)")
+    elif name == "generate":
+        p.add_argument("--checkpoint", required=True, help="a NoteLLM export folder (<work_dir>/export)")
+        p.add_argument("--task", choices=("both", "category", "hashtag"), default="both")
+        p.add_argument("--split", choices=("train", "test"), default="test")
+        p.add_argument("--out", help="output folder (default <work_dir>/generation)")
+        p.add_argument("--constrain-categories", action="store_true", default=None,
+                       help="decode categories through the closed-set trie (default: eval.constrain_categories)")
+        p.add_argument("--limit", type=int, help="only the split's first N notes")
+    elif name == "baselines":
+        p.add_argument("--name", required=True,
+                       choices=("llm_last_token", "prompteol", "sbert_zeroshot", "sbert_finetuned"))
+        p.add_argument("--split", choices=("test", "all"), default="test")
+        p.add_argument("--out", help="output folder (default <work_dir>/embeddings/<name>)")
+    elif name == "job":
+        p.add_argument("--only", help="comma-separated stages to run (default all)")
+        p.add_argument("--force", help="comma-separated stages to redo even if their outputs exist")
+    elif name == "plan":
+        p.add_argument("--devices", type=int, default=0, help="fake this many CPU devices")
+    elif name == "convert":
+        p.add_argument("src", help="HF folder, llama2.c .bin, .gguf file or orbax folder")
+        p.add_argument("dst", help="output folder")
+        p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
+        p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="notellm", description="NoteLLM in JAX/Flax (arXiv 2403.01744).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text, takes_config) in COMMANDS.items():
+        p = commands.add_parser(name, help=help_text, description=help_text)
+        if takes_config:
+            p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+            p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                           help="override a config field (repeatable), e.g. --set train.learning_rate=1e-5")
+        _tool_arguments(name, p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Any:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "plan":
+        from notellm_jax.plan import fake_devices
+        fake_devices(args.devices)
+    from notellm_jax import runtime
+    runtime.set_environment_defaults()
+    runtime.configure_logging()
+    from notellm_jax.config import load_config
+    from notellm_jax.distributed import init_distributed
+    from notellm_jax.errors import NotellmError
+    module, _, takes_config = COMMANDS[args.command]
+    try:
+        config = load_config(args.config, args.overrides) if takes_config else None
+        init_distributed()
+        return importlib.import_module(module).run(args, config)
+    except NotellmError as e:
+        print(f"notellm {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

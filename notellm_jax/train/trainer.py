@@ -1,0 +1,183 @@
+"""The NoteLLM trainer: `train(config)` = set up, loop, finish.
+
+One jitted step (explicit in/out shardings, donated state) computes the [EMB] projection and both losses
+(GCL + CSFT) on the global batch laid out over a (data, fsdp, tensor) mesh. State is created abstractly
+and born sharded; batches become global arrays with `jax.make_array_from_process_local_data`; Orbax
+saves {state, data position} periodically and the run resumes from (seed, step).
+
+With `model.train_top_layers = k` only the top k decoder layers (plus final norm, projection and logit
+scale) train; the frozen bottom's hidden states depend on the token ids alone, so they are computed once
+per distinct sequence and cached on the host (`FeatureCache`), which makes CPU fine-tuning practical.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any
+
+import jax
+
+from notellm_jax import sharding as shd
+from notellm_jax.config import Config
+from notellm_jax.data.input_pipeline import batches, total_train_steps
+from notellm_jax.distributed import is_primary
+from notellm_jax.model.llama import LlamaConfig
+from notellm_jax.train.checkpointing import checkpoint_manager, export_params, restore_checkpoint, save_checkpoint
+from notellm_jax.train.feature_cache import FeatureCache, cache_path
+from notellm_jax.train.metrics import MetricsWindow, MetricsWriter, StepFlops
+from notellm_jax.train.step import (TrainSetup, TrainState, compile_steps, create_state, make_train_setup,
+                                    to_global_batch)
+from notellm_jax.weights.loading import load_initial_params
+from notellm_jax.weights.tokenizer import resolve_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds between setup and finish."""
+    config: Config
+    llama_cfg: LlamaConfig
+    setup: TrainSetup
+    state: TrainState
+    manager: Any
+    step_fn: Any
+    eval_fn: Any
+    cache: FeatureCache | None
+    writer: MetricsWriter
+    total_steps: int
+    start_step: int
+
+
+def check_batch_layout(config: Config, mesh) -> None:
+    pairs = config.train.batch_pairs
+    if pairs % jax.process_count():
+        raise ValueError(f"train.batch_pairs={pairs} is not divisible by the {jax.process_count()} processes")
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (2 * pairs) % shards:
+        raise ValueError(f"the global batch of 2 x {pairs} notes does not divide over data x fsdp = {shards}")
+
+
+def _feature_cache(config: Config, setup: TrainSetup, state: TrainState) -> FeatureCache | None:
+    if not (setup.frozen_layers > 0 and config.model.cache_frozen_features):
+        return None
+    if jax.process_count() > 1:
+        raise ValueError("model.cache_frozen_features works in one process; set it False for multi-host runs")
+    path = (cache_path(config.data_dir, config.model.checkpoint, setup.frozen_layers, state.frozen)
+            if config.model.persist_feature_cache else None)
+    return FeatureCache(setup.model, setup.mesh, setup.frozen_layers, path=path,
+                        max_bytes=config.model.feature_cache_max_gb * 1e9)
+
+
+def _announce(run: Run) -> None:
+    config, state = run.config, run.state
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    (config.work_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    n_train = sum(x.size for x in jax.tree.leaves(state.params))
+    n_all = n_train + sum(x.size for x in jax.tree.leaves(state.frozen))
+    logger.info("%s: %.1fM parameters (%.1fM trained), mesh %s, steps %d->%d, %d notes x %d tokens per step",
+                config.name, n_all / 1e6, n_train / 1e6, dict(run.setup.mesh.shape), run.start_step,
+                run.total_steps, 2 * config.train.batch_pairs, config.prompt.max_length)
+
+
+def setup(config: Config) -> Run:
+    """Mesh, weights, sharded state (restored if a checkpoint exists), compiled steps, cache and writer."""
+    mesh = shd.mesh_from_config(config.mesh)
+    check_batch_layout(config, mesh)
+    emb_vocab = None if config.train.synthetic_data else resolve_tokenizer(config).vocab_size
+    params, llama_cfg = load_initial_params(config, emb_vocab, mesh)
+    total_steps = total_train_steps(config)
+    train_setup = make_train_setup(config, llama_cfg, mesh, total_steps)
+    manager = checkpoint_manager(config)
+    state = restore_checkpoint(manager, train_setup, config, total_steps)
+    if state is None:
+        state = create_state(train_setup, params)
+    del params
+    step_fn, eval_fn = compile_steps(train_setup)
+    start_step = int(state.step)
+    writer = MetricsWriter(config.work_dir / "logs", total_steps, enabled=is_primary(), start_step=start_step)
+    run = Run(config, llama_cfg, train_setup, state, manager, step_fn, eval_fn,
+              _feature_cache(config, train_setup, state), writer, total_steps, start_step)
+    if is_primary():
+        _announce(run)
+    return run
+
+
+def _with_frozen_features(run: Run, local: dict) -> tuple[dict, int]:
+    """The batch with the frozen bottom's output filled in, and how many rows the bottom ran on."""
+    if run.cache is None:
+        return local, (len(local["input_ids"]) if run.setup.frozen_layers else 0)
+    misses_before = run.cache.misses
+    local = run.cache(run.state.frozen, local)
+    return local, run.cache.misses - misses_before
+
+
+def train_loop(run: Run) -> dict[str, Any]:
+    """Steps from the resumed position to the end; periodic logging, validation and checkpoints."""
+    config, train_cfg = run.config, run.config.train
+    flops = StepFlops(run.llama_cfg, config, run.setup.frozen_layers)
+    window = MetricsWindow(flops)
+    data = batches(config, run.llama_cfg, "train", run.start_step)
+    last: dict[str, Any] = {}
+    for step in range(run.start_step, run.total_steps):
+        local, frozen_rows = _with_frozen_features(run, next(data))
+        run.state, metrics = run.step_fn(run.state, to_global_batch(run.setup, local))
+        window.add(metrics, local, frozen_rows)
+        done = step + 1
+        run.writer.advance()
+        if done % train_cfg.log_every == 0 or done == run.total_steps:
+            last = window.flush()
+            if run.cache:
+                last["cache_hit_rate"] = run.cache.hit_rate()
+            run.writer.write(done, last)
+        if done == run.total_steps:
+            break
+        if train_cfg.eval_every and done % train_cfg.eval_every == 0:
+            run.writer.write(done, validate(run), prefix="val")
+        if done % train_cfg.checkpoint_every == 0:
+            save_checkpoint(run.manager, run.state, config, run.total_steps)
+            if run.cache and is_primary():
+                run.cache.save()  # appends the sequences added since the last save
+    return last
+
+
+def finish(run: Run, last: dict[str, Any]) -> dict[str, Any]:
+    """Final checkpoint, feature-cache save, final validation and the export."""
+    config, state = run.config, run.state
+    if int(state.step) > run.start_step or run.manager.latest_step() != int(state.step):
+        save_checkpoint(run.manager, state, config, run.total_steps, force=True)
+    run.manager.wait_until_finished()
+    if run.cache and is_primary():
+        run.cache.save()
+    if config.train.eval_batches > 0 and not config.train.synthetic_data:
+        val = validate(run)
+        run.writer.write(int(state.step), val, prefix="val")
+        last = {**last, **{f"val_{k}": v for k, v in val.items()}}
+    if not config.train.synthetic_data:
+        export_params(config, state, run.llama_cfg)
+    run.writer.close()
+    return last
+
+
+def validate(run: Run) -> dict[str, float]:
+    """Mean loss/accuracy over the first `train.eval_batches` batches of the validation pairs."""
+    n = run.config.train.eval_batches
+    totals: dict[str, float] = {}
+    data = batches(run.config, run.llama_cfg, "val", 0)
+    for _ in range(n):
+        local, _ = _with_frozen_features(run, next(data))
+        for k, v in jax.device_get(run.eval_fn(run.state, to_global_batch(run.setup, local))).items():
+            totals[k] = totals.get(k, 0.0) + float(v) / n
+    return totals
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Run (or resume) training; returns the last logged metrics (window means, plus val_* at the end)."""
+    run = setup(config)
+    return finish(run, train_loop(run))
+
+
+def run(args, config: Config) -> dict[str, Any]:
+    """`notellm train` / `python -m notellm_jax.train`."""
+    return train(config)

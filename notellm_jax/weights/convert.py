@@ -1,0 +1,37 @@
+"""Convert any supported checkpoint to a Hugging Face folder or the project's orbax format.
+
+    notellm convert SRC DST [--to hf|orbax] [--overwrite]   (or python -m notellm_jax.weights.convert)
+
+SRC: an HF folder, a llama2.c .bin, a .gguf file or an orbax folder (format detected). GGUF weights are
+written dequantised (float32).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from notellm_jax.errors import ConfigError
+from notellm_jax.weights.formats import load_params, save_hf, save_orbax
+
+WRITERS = {"hf": save_hf, "orbax": save_orbax}
+
+
+def run(args, config=None) -> Path:
+    """`notellm convert`: read SRC (any format) and write DST in `--to`'s format."""
+    dst = Path(args.dst)
+    if dst.is_file() or (dst.is_dir() and any(dst.iterdir()) and not args.overwrite):
+        raise ConfigError(f"{dst} is a file or a non-empty folder (pass --overwrite to write into a folder)")
+    start = time.perf_counter()
+    params, cfg = load_params(args.src)
+    WRITERS[args.to](params, cfg, dst)
+    print(f"converted {args.src} -> {dst} ({args.to}, {cfg.num_params():,} parameters, "
+          f"{time.perf_counter() - start:.1f} s)")
+    return dst
+
+
+if __name__ == "__main__":
+    import sys
+
+    from notellm_jax.main import main
+
+    main(["convert", *sys.argv[1:]])

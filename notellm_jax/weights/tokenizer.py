@@ -1,0 +1,152 @@
+"""The tokenizer that belongs to each weight format, plus the NoteLLM `[EMB]` token.
+
+Every format goes through a transformers 4.57 tokenizer so all of them behave alike:
+sentencepiece `.model` files (llama2.c, LLaMA-2) through the slow `LlamaTokenizer` in its
+non-legacy mode (it matches the `sentencepiece` library on plain text and does not insert a
+space after an added special token, so `is:"[EMB]".` keeps its quotes tight), Hugging Face
+folders through `AutoTokenizer`, GGUF files through transformers' GGUF tokenizer conversion.
+`[EMB]` is appended as a special token at id == base vocabulary size, so the embedding table
+grows by exactly one row (`model.params.add_tokens`).
+
+`resolve_tokenizer` is the one way tools find a run's tokenizer: the configured source (or the one an
+export recorded), resolved against the configured roots, so an export copied to another machine works.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from notellm_jax.errors import MissingInputError
+
+
+
+class NoteTokenizer:
+    """A transformers tokenizer with `[EMB]` appended; encodes without adding BOS/EOS."""
+
+    def __init__(self, hf, emb_token: str = "[EMB]", source: str = ""):
+        from transformers import AddedToken
+
+        self.hf = hf
+        self.source = source
+        self.emb_token = emb_token
+        existing = hf.convert_tokens_to_ids(emb_token) if emb_token in hf.get_vocab() else None
+        if existing is not None and existing != len(hf) - 1:
+            raise ValueError(f"{source}: {emb_token!r} already exists at id {existing}, not at the end of the "
+                             f"vocabulary ({len(hf)} tokens); cannot use it as the appended [EMB] token")
+        self.base_vocab_size = len(hf) if existing is None else len(hf) - 1
+        if existing is None:
+            hf.add_special_tokens(
+                {"additional_special_tokens": [AddedToken(emb_token, special=True, normalized=False)]},
+                replace_additional_special_tokens=False)
+        self.emb_id = hf.convert_tokens_to_ids(emb_token)
+        if self.emb_id != self.base_vocab_size:
+            raise ValueError(f"{source}: {emb_token!r} got id {self.emb_id}, expected {self.base_vocab_size}")
+        if hf.eos_token_id is None:
+            raise ValueError(f"{source}: tokenizer defines no EOS token")
+        self.bos_id: int | None = hf.bos_token_id
+        self.eos_id: int = hf.eos_token_id
+        self.pad_id: int = hf.pad_token_id if hf.pad_token_id is not None else self.eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_vocab_size + 1
+
+    def encode(self, text: str, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text` with no BOS/EOS added.
+
+        Special-token strings in `text` (such as `[EMB]`) become their ids unless
+        `split_special_tokens` is set: user text is encoded with it set, so a note that
+        literally contains "</s>" or "[EMB]" cannot inject control tokens.
+        """
+        return self.hf.encode(text, add_special_tokens=False, split_special_tokens=split_special_tokens)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens,
+                              clean_up_tokenization_spaces=False, spaces_between_special_tokens=False)
+
+
+def _sentencepiece_tokenizer(model_file: Path):
+    from transformers import LlamaTokenizer
+
+    return LlamaTokenizer(vocab_file=str(model_file), legacy=False, add_bos_token=False, add_eos_token=False)
+
+
+def _tokenizer_beside_llama2c(bin_file: Path) -> Path:
+    """llama2.c checkpoints carry no tokenizer: use `tokenizer.model` or the single `tok*.model` beside it."""
+    folder = bin_file.parent
+    if (folder / "tokenizer.model").is_file():
+        return folder / "tokenizer.model"
+    candidates = sorted(folder.glob("tok*.model"))
+    if len(candidates) != 1:
+        found = ", ".join(c.name for c in candidates) or "none"
+        raise MissingInputError(f"{bin_file}: llama2.c checkpoint needs exactly one tokenizer.model or tok*.model "
+                                f"beside it (found: {found}); set model.tokenizer")
+    return candidates[0]
+
+
+def _load_hf_tokenizer(path: Path):
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if (path / "tokenizer.model").is_file():
+            return _sentencepiece_tokenizer(path / "tokenizer.model")
+        raise MissingInputError(f"{path}: folder has no tokenizer.json, tokenizer_config.json or tokenizer.model")
+    suffix = path.suffix.lower()
+    if suffix == ".model":
+        return _sentencepiece_tokenizer(path)
+    if suffix == ".gguf":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    if suffix == ".bin":
+        return _sentencepiece_tokenizer(_tokenizer_beside_llama2c(path))
+    raise ValueError(f"{path}: unknown tokenizer format (expected a folder, .model, .gguf or llama2.c .bin)")
+
+
+def load_tokenizer(path: str | Path, emb_token: str = "[EMB]") -> NoteTokenizer:
+    """Load the tokenizer for a weight file or folder and append `emb_token` at id == base vocab size."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MissingInputError(f"tokenizer path not found: {path}")
+    try:
+        hf = _load_hf_tokenizer(path)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as e:  # parse failures inside transformers/sentencepiece: name the file
+        raise ValueError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})") from e
+    tokenizer = NoteTokenizer(hf, emb_token=emb_token, source=str(path))
+    if path.suffix.lower() == ".gguf":
+        _apply_gguf_special_tokens(tokenizer, path)
+    return tokenizer
+
+
+def tokenizer_source(config) -> str:
+    """The run's tokenizer as configured (relative to the config's roots or absolute): `model.tokenizer`,
+    else the checkpoint itself (HF folders and GGUF files carry their tokenizer)."""
+    return config.model.tokenizer or config.model.checkpoint
+
+
+def resolve_tokenizer(config, source: str | None = None, emb_token: str | None = None) -> NoteTokenizer:
+    """The tokenizer of `source` (default: the run's own, `tokenizer_source(config)`; an export passes the
+    source it recorded), resolved against `paths.cache_dir` / `paths.shared_dir`, with [EMB] appended."""
+    return load_tokenizer(config.resolve(source or tokenizer_source(config)), emb_token or config.prompt.emb_token)
+
+
+def _apply_gguf_special_tokens(tokenizer: NoteTokenizer, path: Path) -> None:
+    """Take BOS/EOS/PAD and whether BOS is prepended from the GGUF metadata itself.
+
+    transformers' GGUF tokenizer conversion gets these wrong for some files (SmolLM2-135M-Instruct: EOS
+    becomes <|im_start|> instead of <|im_end|>, so generation would never stop at the end of a turn).
+    """
+    from notellm_jax.weights.formats import gguf_field, open_gguf
+
+    fields = open_gguf(path).fields
+    value = lambda key: gguf_field(fields, key, path, default=None)  # noqa: E731
+    eos, pad, bos = (value(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "padding_token_id", "bos_token_id"))
+    if eos is not None:
+        tokenizer.eos_id = int(eos)
+    if pad is not None:
+        tokenizer.pad_id = int(pad)
+    add_bos = value("tokenizer.ggml.add_bos_token")
+    tokenizer.bos_id = None if add_bos is False or bos is None else int(bos)

@@ -1,0 +1,169 @@
+"""eval.embed: batched, bucketed, sharded embeddings equal a direct one-note forward pass; the
+streaming shard format round-trips; an export that does not belong to the tokenizer is refused.
+
+The export is built from the real stories260K weights with the trainer's own `load_initial_params`
+(a seeded random projection) and `save_notellm`, so no training run is needed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from notellm_jax.config import load_config
+from notellm_jax.data.prompts import Note, build_example
+from notellm_jax.eval.embed import bucket_lengths, embed_notes
+from notellm_jax.eval.embeddings import EmbeddingWriter, read_embeddings, read_meta
+from notellm_jax.weights.export import load_notellm, save_notellm
+from notellm_jax.model.notellm import NoteLLM
+from notellm_jax.sharding import make_mesh
+from notellm_jax.weights.tokenizer import resolve_tokenizer
+from notellm_jax.weights.loading import load_initial_params
+
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py")
+WORDS = "the coffee bean was ground fine and brewed slowly with hot water for a rich dark cup".split()
+
+
+def tiny_config(work_dir: Path, *extra: str):
+    return load_config(TINY, [f"paths.work_dir={work_dir}", "eval.embed_batch_size=8", "eval.embed_shard_size=4",
+                              "eval.embed_length_buckets=4", *extra])
+
+
+def make_notes(n: int) -> list[Note]:
+    """Notes from empty to long content, so the prompts fall into different length buckets."""
+    return [Note(note_id=f"site/{i}", title=f"Question {i} about {WORDS[i % len(WORDS)]}?",
+                 content=" ".join(WORDS[:(3 * i) % len(WORDS)] * (i % 3)), topics=["brewing"], category="coffee")
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("embed_run")
+    config = tiny_config(work)
+    tokenizer = resolve_tokenizer(config)
+    params, llama_cfg = load_initial_params(config, tokenizer.vocab_size)
+    return save_notellm(work / "export", params, llama_cfg, config)
+
+
+def direct_embedding(export, tokenizer, note: Note) -> np.ndarray:
+    """NoteLLM on the whole unpadded category prefix (with [EMB] and the guidance after it), batch of one."""
+    example = build_example(note, tokenizer, export.prompt, "category", with_output=False)
+    ids = jnp.asarray([example.input_ids], jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "embed_read_pos": jnp.asarray([example.embed_read_pos])}
+    model = NoteLLM(export.llama, emb_dim=export.emb_dim)
+    return np.asarray(model.apply({"params": export.params}, batch, with_logits=False)["embedding"][0])
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_embeddings_equal_direct_forward(export_dir, tmp_path, padding_side):
+    # 16 buckets (multiples of 16): the prompts here are 144-179 tokens, so they land in three of them.
+    config = tiny_config(tmp_path, f"prompt.padding_side={padding_side}", "eval.embed_length_buckets=16")
+    export = load_notellm(export_dir)
+    tokenizer = resolve_tokenizer(config)
+    notes = make_notes(11)  # 11 = one full batch of 8 + a partial one, over 3 shards of 4
+    fed = [build_example(n, tokenizer, export.prompt, "category", with_output=False).embed_read_pos + 1 for n in notes]
+    buckets = bucket_lengths(export.prompt.max_length, config.eval.embed_length_buckets)
+    used = {min(b for b in buckets if b >= length) for length in fed}
+    assert len(used) >= 2, f"test notes should span several length buckets, got lengths {fed}"
+
+    mesh = make_mesh(1, -1, 1)  # 8 fake devices: the batch axis is split 8 ways
+    out = embed_notes(config, export_dir, notes, tmp_path / "emb", mesh=mesh)
+    ids, vectors = read_embeddings(out)
+    assert ids == [n.note_id for n in notes]
+    expected = np.stack([direct_embedding(export, tokenizer, n) for n in notes])
+    np.testing.assert_allclose(vectors, expected, atol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    meta = read_meta(out)
+    assert (meta["count"], meta["dim"], len(meta["shards"])) == (11, export.emb_dim, 3)
+    assert meta["prompt"]["padding_side"] == padding_side and meta["skipped"] == {}
+    assert meta["devices"] == jax.device_count() == 8
+
+
+def test_shards_round_trip_and_select(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = [f"n{i}" for i in range(10)]
+    vectors = rng.normal(size=(10, 6)).astype(np.float32)
+    writer = EmbeddingWriter(tmp_path, shard_size=4)
+    for start, stop in [(0, 3), (3, 9), (9, 10)]:  # uneven pieces: shards still hold 4, 4, 2
+        writer.add(ids[start:stop], vectors[start:stop])
+    writer.close({"model": "random"})
+    assert [s["count"] for s in read_meta(tmp_path)["shards"]] == [4, 4, 2]
+    got_ids, got = read_embeddings(tmp_path)
+    assert got_ids == ids
+    np.testing.assert_array_equal(got, vectors)
+    pick = ["n9", "n0", "n5"]
+    _, selected = read_embeddings(tmp_path, pick)
+    np.testing.assert_array_equal(selected, vectors[[9, 0, 5]])
+    with pytest.raises(ValueError, match="1 of 2 requested notes have no embedding.*'nope'"):
+        read_embeddings(tmp_path, ["n1", "nope"])
+    # A rerun into the same folder replaces the old shards instead of mixing with them.
+    writer = EmbeddingWriter(tmp_path, shard_size=4)
+    writer.add(ids[:2], vectors[:2])
+    writer.close({"model": "random"})
+    assert read_embeddings(tmp_path)[0] == ids[:2] and len(list(tmp_path.glob("*.npy"))) == 1
+
+
+def test_bad_store_input(tmp_path):
+    writer = EmbeddingWriter(tmp_path, shard_size=4)
+    with pytest.raises(ValueError, match="line breaks"):
+        writer.add(["a\nb"], np.ones((1, 3)))
+    writer.add(["a", "b"], np.ones((2, 3)))
+    with pytest.raises(ValueError, match="dim changed from 3 to 5"):
+        writer.add(["c"], np.ones((1, 5)))
+    writer.close({})
+    (tmp_path / "ids-00000.txt").write_text("a\n")  # a truncated ids file
+    with pytest.raises(ValueError, match="has 2 rows and ids-00000.txt 1 ids"):
+        read_embeddings(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no embeddings"):
+        read_embeddings(tmp_path / "missing")
+
+
+def test_export_from_another_model_is_refused(export_dir, tmp_path):
+    config = tiny_config(tmp_path)
+    export = load_notellm(export_dir)
+    other_vocab = dataclasses.replace(export, llama=export.llama.replace(vocab_size=export.llama.vocab_size + 7))
+    with pytest.raises(ValueError, match="520-row embedding table but the tokenizer .* has 513 tokens"):
+        embed_notes(config, other_vocab, make_notes(2), tmp_path / "a")
+    decoder = {k: v for k, v in export.params["decoder"].items() if k != "layers_4"}
+    fewer_layers = dataclasses.replace(export, params={**export.params, "decoder": decoder})
+    with pytest.raises(ValueError, match="parameters do not fit the model.*layers_4.*missing"):
+        embed_notes(config, fewer_layers, make_notes(2), tmp_path / "b")
+    with pytest.raises(ValueError, match="multiple of the 8 devices"):
+        embed_notes(tiny_config(tmp_path, "eval.embed_batch_size=12"), export, make_notes(2), tmp_path / "c")
+
+
+def test_bucket_lengths():
+    assert bucket_lengths(256, 4) == [64, 128, 192, 256]
+    assert bucket_lengths(160, 3) == [56, 112, 160]
+    assert bucket_lengths(100, 1) == [104]  # the longest bucket always covers max_length
+
+
+def test_frozen_bottom_export_embeds_through_the_shared_feature_cache(tmp_path):
+    """An export trained with the top 2 layers reads the frozen bottom from the on-disk FeatureCache: same
+    vectors as the full forward pass, and a second variant sharing that bottom uses the same cache file."""
+    config = tiny_config(tmp_path, "model.train_top_layers=2")
+    tokenizer = resolve_tokenizer(config)
+    params, llama_cfg = load_initial_params(config, tokenizer.vocab_size)
+    export_path = save_notellm(tmp_path / "export", params, llama_cfg, config)
+    export = load_notellm(export_path)
+    assert export.meta["train_top_layers"] == 2
+    notes = make_notes(9)
+    mesh = make_mesh(1, -1, 1)
+    out = embed_notes(config, export_path, notes, tmp_path / "emb1", mesh=mesh)
+    cache_files = list((config.data_dir / "feature_cache").glob("*.npz"))
+    assert len(cache_files) == 1
+    expected = np.stack([direct_embedding(export, tokenizer, n) for n in notes])
+    np.testing.assert_allclose(read_embeddings(out)[1], expected, atol=2e-5)
+
+    # A second variant: same frozen bottom (same fingerprint, same file), a different projection on top.
+    other = jax.tree.map(np.asarray, params)
+    other["proj"]["kernel"] = other["proj"]["kernel"][:, ::-1].copy()
+    other_path = save_notellm(tmp_path / "export2", other, llama_cfg, config)
+    out2 = embed_notes(config, other_path, notes, tmp_path / "emb2", mesh=mesh)
+    expected2 = np.stack([direct_embedding(load_notellm(other_path), tokenizer, n) for n in notes])
+    np.testing.assert_allclose(read_embeddings(out2)[1], expected2, atol=2e-5)
+    assert list((config.data_dir / "feature_cache").glob("*.npz")) == cache_files

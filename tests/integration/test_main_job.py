@@ -1,0 +1,79 @@
+"""The real tiny run (issue 4) and the main job end to end (issue 5), on real Stack Exchange data.
+
+`configs/tiny.py` is prepared once from ../shared (four small sites), trained with the real stories260K
+weights through `python -m notellm_jax.train`, and its contrastive loss must fall well below where it
+started. The pipeline then runs every stage on the same data with short settings and must write a report
+whose numbers are the ones in the per-model result files.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, shared_dir) -> Path:
+    work = tmp_path_factory.mktemp("tiny_main")
+    cmd = [sys.executable, "-m", "notellm_jax.data.prepare", "--config", TINY, "--set", f"paths.work_dir={work}",
+           "--set", f"paths.shared_dir={shared_dir}"]
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True)
+    stats = json.loads((work / "data" / "stats.json").read_text())
+    assert stats["splits"]["pairs"]["train"] == 64
+    return work
+
+
+@pytest.mark.slow
+def test_tiny_config_trains_and_its_contrastive_loss_falls(prepared, shared_dir):
+    cmd = [sys.executable, "-m", "notellm_jax.train", "--config", TINY, "--set", f"paths.work_dir={prepared}",
+           "--set", f"paths.shared_dir={shared_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (prepared / "logs" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert train[-1]["step"] == 96  # 64 pairs / 8 per batch x 12 epochs
+    start, end = train[0]["loss_cl"], sum(r["loss_cl"] for r in train[-2:]) / 2
+    assert start > 2.4  # about log(15): chance among 15 in-batch candidates
+    assert end < 0.5 * start, [r["loss_cl"] for r in train]
+    assert train[-1]["accuracy"] >= 0.5
+    assert (prepared / "export" / "notellm.json").is_file()
+    assert sorted(p.name for p in (prepared / "checkpoints").iterdir() if p.name.isdigit())[-1] == "96"
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_and_reports(prepared, shared_dir, tmp_path):
+    from notellm_jax.main import main
+    work = tmp_path / "job"
+    overrides = [f"paths.work_dir={work}", f"paths.data_dir={prepared / 'data'}", f"paths.shared_dir={shared_dir}",
+                 "train.epochs=1", "train.log_every=4", "train.eval_batches=1",
+                 'eval.train_variants=["notellm", "gcl_only"]', 'eval.baselines=["llm_last_token", "sbert_zeroshot"]',
+                 "eval.generation_limit=6", "eval.constrain_categories=true", "eval.bootstrap_samples=50"]
+    argv = ["job", "--config", TINY] + [a for o in overrides for a in ("--set", o)]
+    timings = main(argv)
+    assert {"train notellm", "train gcl_only", "embed notellm", "embed sbert_zeroshot", "report"} <= set(timings)
+
+    report = (work / "report" / "report.md").read_text()
+    metrics = json.loads((work / "report" / "metrics.json").read_text())
+    for model in ("notellm", "gcl_only", "llm_last_token", "sbert_zeroshot"):
+        result = json.loads((work / "eval" / f"{model}.recall.json").read_text())
+        assert metrics["recall"][model]["cooccurrence"]["recall"] == result["cooccurrence"]["recall"]
+        r10 = result["cooccurrence"]["recall"]["10"]["recall"]
+        assert f"| {100 * r10:.1f} [" in report
+    assert {"notellm", "notellm-constrained"} == set(metrics["generation"])
+    assert metrics["generation"]["notellm-constrained"]["category"]["illusory"] == 0.0
+    for png in ("recall_at_k.png", "embedding_projection.png"):
+        assert (work / "report" / png).stat().st_size > 10_000
+
+    # A second run skips every stage whose outputs exist.
+    outputs = [work / "models" / "notellm" / "export" / "notellm.json", work / "embeddings" / "notellm" / "embeddings.json",
+               work / "eval" / "notellm.recall.json"]
+    before = [p.stat().st_mtime_ns for p in outputs]
+    main(argv + ["--only", "train,embed,recall"])
+    assert [p.stat().st_mtime_ns for p in outputs] == before
