@@ -11,6 +11,7 @@ The output is the embeddings file format of `eval.embeddings`, which the baselin
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,7 +27,8 @@ from notellm_jax import sharding as shd
 from notellm_jax.config import Config
 from notellm_jax.data import store
 from notellm_jax.data.prompts import Note, PromptTooLongError, build_example, example_from_tokens, pad_batch
-from notellm_jax.eval.embeddings import EmbeddingWriter, embedding_dir, written_summary
+from notellm_jax.eval.embeddings import (EmbeddingWriter, clear_folder, embedding_dir, write_meta, write_shard,
+                                         written_summary)
 
 CHUNK_BATCHES = 16  # batches per length-sorted chunk (also the progress-report interval)
 
@@ -176,6 +178,46 @@ def write_embeddings(notes: Iterable[Note], embed_chunk: ChunkEmbedder, out_dir:
                          "notes_per_s": round(done / max(elapsed, 1e-9), 2)})
 
 
+def write_embeddings_across_hosts(notes: Iterable[Note], embed_chunk: ChunkEmbedder, out_dir: str | Path,
+                                  shard_size: int, meta: dict[str, Any]) -> Path:
+    """Every process calls this with the same notes. They form blocks of `shard_size`; process p embeds
+    blocks p, p + P, ... and writes each as the shard of that number (with no skipped note, the very files
+    one process writes), then process 0 writes embeddings.json from every process's part-*.json."""
+    from jax.experimental import multihost_utils
+
+    processes, me = jax.process_count(), jax.process_index()
+    out_dir = Path(out_dir)
+    if me == 0:
+        clear_folder(out_dir)
+    multihost_utils.sync_global_devices("embed: folder cleared")
+    notes, start = list(notes), time.time()
+    shards, skipped, dim = [], Counter(), None
+    for block in range(me, -(-len(notes) // shard_size), processes):
+        ids, vectors, block_skipped = embed_chunk(notes[block * shard_size:(block + 1) * shard_size])
+        skipped.update(block_skipped)
+        if ids:
+            dim = vectors.shape[1]
+            shards.append({**write_shard(out_dir, block, ids, vectors), "block": block})
+    (out_dir / f"part-{me:05d}.json").write_text(json.dumps({"shards": shards, "skipped": skipped, "dim": dim}))
+    print(f"[embed] process {me}/{processes}: wrote shards {[s['block'] for s in shards]}", flush=True)
+    multihost_utils.sync_global_devices("embed: shards written")
+    if me == 0:
+        parts = [json.loads(p.read_text()) for p in sorted(out_dir.glob("part-*.json"))]
+        shards = sorted((s for part in parts for s in part["shards"]), key=lambda s: s.pop("block"))
+        skipped = sum((Counter(part["skipped"]) for part in parts), Counter())
+        dims = {part["dim"] for part in parts} - {None}
+        if not shards:
+            raise ValueError(f"no note could be embedded ({len(notes)} read, skipped: {dict(skipped) or 'none'})")
+        elapsed = time.time() - start
+        write_meta(out_dir, {**meta, "notes_read": len(notes), "skipped": dict(skipped), "processes": processes,
+                             "seconds": round(elapsed, 3), "notes_per_s": round(len(notes) / max(elapsed, 1e-9), 2)},
+                   dims.pop(), shards)
+        for part in out_dir.glob("part-*.json"):
+            part.unlink()
+    multihost_utils.sync_global_devices("embed: embeddings.json written")
+    return out_dir
+
+
 # --------------------------------------------------------------------------------------------------
 # NoteLLM
 
@@ -234,7 +276,10 @@ def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: st
     from notellm_jax.weights.tokenizer import resolve_tokenizer
 
     source = str(export) if isinstance(export, (str, Path)) else f"export of run {export.meta.get('run')!r}"
-    mesh = mesh or shd.mesh_from_config(config.mesh)
+    multi_host = jax.process_count() > 1
+    # Across hosts each process embeds its own notes on its own devices (no cross-host collective per batch).
+    mesh = mesh or (shd.make_mesh(1, -1, 1, devices=jax.local_devices()) if multi_host
+                    else shd.mesh_from_config(config.mesh))
     if isinstance(export, (str, Path)):
         export = load_notellm(export, mesh)
     prompt = dataclasses.replace(export.prompt, padding_side=config.prompt.padding_side)
@@ -256,8 +301,12 @@ def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: st
             "prompt_hash": prompt_hash(dataclasses.replace(config, prompt=prompt), export.tokenizer),
             "prompt": dataclasses.asdict(prompt), "buckets": buckets, "batch_size": batch_size,
             "devices": int(mesh.devices.size)}
-    out = write_embeddings(note_source, token_chunk_embedder(embedder, tokens_of), out_dir,
-                           config.eval.embed_shard_size, batch_size * CHUNK_BATCHES, meta)
+    embed_chunk = token_chunk_embedder(embedder, tokens_of)
+    if multi_host:
+        out = write_embeddings_across_hosts(note_source, embed_chunk, out_dir, config.eval.embed_shard_size, meta)
+    else:
+        out = write_embeddings(note_source, embed_chunk, out_dir, config.eval.embed_shard_size,
+                               batch_size * CHUNK_BATCHES, meta)
     if cache is not None and jax.process_index() == 0:
         cache.save()
     return out

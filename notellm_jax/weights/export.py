@@ -50,8 +50,9 @@ def save_notellm(out_dir: Path, params: dict, llama_cfg: LlamaConfig, config: Co
 
 
 def load_notellm(path: str | Path, mesh=None) -> NoteLLMExport:
-    """The export; with `mesh` the parameters are restored straight into their shardings on it (each
-    process reads its own slices), otherwise as host arrays."""
+    """The export, its parameters restored straight into their shardings on `mesh` (each process reads
+    only its own slices; default: this process's first device). Always into an explicit target, so the
+    mesh the export was written from does not matter."""
     import orbax.checkpoint as ocp
     path = Path(path).absolute()
     meta_file = path / "notellm.json"
@@ -62,11 +63,11 @@ def load_notellm(path: str | Path, mesh=None) -> NoteLLMExport:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
     llama_cfg = LlamaConfig(**meta["llama"])
-    target = None
-    if mesh is not None:
-        from notellm_jax.model.notellm import NoteLLM
-        from notellm_jax.train.step import abstract_params_on
-        target = abstract_params_on(NoteLLM(llama_cfg, emb_dim=meta["emb_dim"]), mesh)
+    from notellm_jax.model.notellm import NoteLLM
+    from notellm_jax.sharding import make_mesh
+    from notellm_jax.train.step import abstract_params_on
+    mesh = mesh or make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
+    target = abstract_params_on(NoteLLM(llama_cfg, emb_dim=meta["emb_dim"]), mesh)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(path / "params", target)
     return NoteLLMExport(params=params, llama=llama_cfg, emb_dim=meta["emb_dim"],
