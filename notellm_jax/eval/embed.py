@@ -91,7 +91,9 @@ class BatchEmbedder:
         rows, matrix = shd.batch_sharding(mesh, 1), shd.batch_sharding(mesh, 2)
         inputs = shd.batch_sharding(mesh, 3) if features else matrix
         self._features = features
-        self._fn = jax.jit(sharded_apply, in_shardings=(param_shardings, inputs, matrix, rows), out_shardings=matrix)
+        self._input_shardings = (inputs, matrix, rows)
+        self._fn = jax.jit(sharded_apply, in_shardings=(param_shardings, *self._input_shardings),
+                           out_shardings=matrix)
 
     def _bucket(self, length: int) -> int:
         for bucket in self.buckets:
@@ -122,8 +124,10 @@ class BatchEmbedder:
             inputs = batch["input_ids"]
             if self._features is not None:
                 inputs = self._features(inputs, batch["attention_mask"])
-            vectors = np.asarray(self._fn(self.params, inputs, batch["attention_mask"],
-                                          batch["embed_read_pos"]))[:len(rows)]
+            # Placed explicitly: jit refuses sharded numpy inputs once several processes exist (the mesh
+            # here is this process's own devices then, see embed_notes).
+            placed = jax.device_put((inputs, batch["attention_mask"], batch["embed_read_pos"]), self._input_shardings)
+            vectors = np.asarray(self._fn(self.params, *placed))[:len(rows)]
             if out is None:
                 out = np.zeros((len(token_lists), vectors.shape[1]), np.float32)
             out[rows] = vectors
