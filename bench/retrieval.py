@@ -17,7 +17,7 @@ from notellm_jax import runtime  # noqa: E402
 runtime.set_environment_defaults()
 import jax
 
-from notellm_jax.config import EvalConfig
+from notellm_jax.config import RetrievalConfig
 from notellm_jax.eval import ann
 from notellm_jax.eval.retrieval import exact_topk, neighbour_overlap
 
@@ -55,7 +55,7 @@ def main() -> None:
 
 
 def _bench_scann(database, queries, exact, k: int) -> dict:
-    params = ann.choose_params(len(database), k, EvalConfig())
+    params = ann.choose_params(len(database), k, RetrievalConfig())
     searcher, build_s = _timed(ann.build_index, database, k, params)
     ann.search(searcher, queries[:64], k)  # warm-up
     (approx, _), search_s = _timed(ann.search, searcher, queries, k)

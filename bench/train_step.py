@@ -164,7 +164,7 @@ def bench_torch(config, params: dict, llama_cfg, frozen_layers: int, steps: int)
 
 
 def main() -> None:
-    from notellm_jax.config import load_config
+    from notellm_jax.config import load_config, override
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/smollm2_se.py")
     parser.add_argument("--steps", type=int, default=5)
@@ -180,8 +180,8 @@ def main() -> None:
         match = [k for k, v in PRESETS.items() if all(getattr(cfg, f) == x for f, x in v.items())]
         if not match:
             raise SystemExit(f"no preset matches {config.model.checkpoint}; pass --set model.checkpoint=random:<preset>")
-        config.model.checkpoint = f"random:{match[0]}"
-    config.train.synthetic_data = True
+        config = override(config, {"model.checkpoint": f"random:{match[0]}"})
+    config = override(config, {"train.synthetic_data": True})
     result = {"benchmark": "train_step", "config": args.config, "machine": platform.node(),
               "cpu_count": os.cpu_count(), "batch_notes": 2 * config.train.batch_pairs,
               "seq_len": config.prompt.max_length, "train_top_layers": config.model.train_top_layers,

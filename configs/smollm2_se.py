@@ -2,55 +2,46 @@
 
 Sized for the project's 2-core CPU machines (ENVIRONMENT.md: a full fine-tune of even 135M parameters over
 all ~36k pairs takes hours there): the top `train_top_layers` decoder layers, the final norm, the [EMB]
-projection and tau train; the frozen bottom's hidden states are computed once per distinct sequence and
-cached; notes are cut to 16 title + 48 content tokens; two epochs over a seeded sample of 1,024 training pairs.
-On a GPU use `get_config("full")`: every layer trains, all pairs, bf16 compute.
+projection and the logit scale train; the frozen bottom's hidden states are computed once per distinct
+sequence and cached; notes are cut to 16 title + 48 content tokens; two epochs over a seeded sample of
+1,024 training pairs.
+
+Arguments (`configs/smollm2_se.py:ARG`):
+- `quick`: a newcomer's first look, the whole main job in minutes on this CPU: four small sites, 256 pairs
+  for one epoch, NoteLLM and two baselines, generation on 16 notes.
+- `full`: the accelerator setting: every layer trains, all pairs, bf16 compute, scanned and rematerialised.
 """
-from notellm_jax.config import Config
+from notellm_jax.config import (BaselineConfig, Config, DataConfig, GenerationConfig, JobConfig, ModelConfig,
+                                PathsConfig, PromptConfig, TrainConfig, override, parse_arg)
 
 
 def get_config(arg: str = "") -> Config:
-    c = Config(name="smollm2_se")
-    c.paths.work_dir = "runs/smollm2_se"
-    c.data.source = "stackexchange"
-    c.data.input_path = "data/stackexchange"
-    c.data.num_shards = 4
-    c.data.max_train_pairs = 1024
-    c.model.checkpoint = "SmolLM2-135M-Instruct.Q4_1.gguf"  # under paths.cache_dir (launch/setup.sh)
-    c.model.emb_dim = 128
-    c.model.train_top_layers = 2
-    c.prompt.layout = "paper"
-    c.prompt.title_max_tokens = 16
-    c.prompt.content_max_tokens = 48
-    c.prompt.max_length = 144
-    c.prompt.max_targets = 16
-    c.prompt.hashtag_fraction = 0.4
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    c.train.batch_pairs = 16
-    c.train.epochs = 2.0  # the second epoch reads the frozen-layer cache: ~4x cheaper per step
-    c.train.learning_rate = 1e-4
-    c.train.warmup_fraction = 0.1
-    c.train.alpha = 0.01
-    c.train.log_every = 8
-    c.train.checkpoint_every = 64
-    c.train.eval_batches = 4
-    c.eval.embed_batch_size = 32
-    c.eval.generation_limit = 96
-    c.eval.sbert_finetune_steps = 32  # ~5 s per 16-pair step on this CPU
-    c.eval.constrain_categories = True
-    if arg == "full":  # accelerator setting: every layer, every pair, bf16
-        c.name = "smollm2_se_full"
-        c.paths.work_dir = "runs/smollm2_se_full"
-        c.data.max_train_pairs = 0
-        c.train.epochs = 1.0
-        c.model.train_top_layers = 0
-        c.model.compute_dtype = "bfloat16"
-        c.model.scan_layers = True
-        c.model.remat_policy = "dots_with_no_batch_dims_saveable"
-        c.prompt.title_max_tokens = 20
-        c.prompt.content_max_tokens = 80
-        c.prompt.max_length = 192
-        c.prompt.max_targets = 32
-        c.train.batch_pairs = 64
-        c.train.learning_rate = 3e-5
-    return c
+    args = parse_arg(arg, quick=False, full=False)
+    config = Config(
+        name="smollm2_se",
+        paths=PathsConfig(work_dir="runs/smollm2_se"),
+        data=DataConfig(max_train_pairs=1024),
+        model=ModelConfig(checkpoint="SmolLM2-135M-Instruct.Q4_1.gguf",  # under paths.cache_dir (launch/setup.sh)
+                          train_top_layers=2),
+        prompt=PromptConfig(title_max_tokens=16, content_max_tokens=48, max_length=144, max_targets=16),
+        train=TrainConfig(batch_pairs=16, epochs=2.0,  # the second epoch reads the frozen-layer cache
+                          learning_rate=1e-4, log_every=8, checkpoint_every=64),
+        generation=GenerationConfig(limit=96, constrain_categories=True),
+        baselines=BaselineConfig(sbert_finetune_steps=32),  # ~5 s per 16-pair step on this CPU
+    )
+    if args.quick:
+        config = override(config, {
+            "name": "smollm2_se_quick", "paths.work_dir": "runs/smollm2_se_quick",
+            "data.sites": ("coffee.stackexchange.com", "gadgets.stackexchange.com", "genai.stackexchange.com",
+                           "htw.stackexchange.com"),
+            "data.max_train_pairs": 256, "train.epochs": 1.0, "train.log_every": 4, "train.eval_batches": 2,
+            "generation.limit": 16, "job.train_variants": ("notellm",),
+            "job.baselines": ("prompteol", "sbert_zeroshot")})
+    if args.full:
+        config = override(config, {
+            "name": "smollm2_se_full", "paths.work_dir": "runs/smollm2_se_full", "data.max_train_pairs": 0,
+            "train.epochs": 1.0, "model.train_top_layers": 0, "model.compute_dtype": "bfloat16",
+            "model.scan_layers": True, "model.remat_policy": "dots_with_no_batch_dims_saveable",
+            "prompt.title_max_tokens": 20, "prompt.content_max_tokens": 80, "prompt.max_length": 192,
+            "prompt.max_targets": 32, "train.batch_pairs": 64, "train.learning_rate": 3e-5})
+    return config

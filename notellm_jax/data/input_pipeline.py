@@ -1,4 +1,4 @@
-"""Tokenised TFRecord shards and the tf.data pair pipeline (issue 3 part 6).
+"""Tokenised TFRecord shards and the tf.data pair pipeline.
 
 `write_shards` encodes every note once in both task variants (category; hashtag with j topics drawn
 once per note from a generator seeded by (data.seed, note_index)) and writes

@@ -1,7 +1,7 @@
 """ScaNN cosine index: tree partitioning + asymmetric hashing + exact float reordering.
 
 `scann` is imported inside the functions that need it: the model and training path, and GPU
-machines without ScaNN, import this package without it. Parameters come from config.eval.scann_*;
+machines without ScaNN, import this package without it. Parameters come from config.retrieval.scann_*;
 0 means "chosen from the index size" (`choose_params`), following ScaNN's own guidance: about
 sqrt(N) leaves, search ~10% of them, score with 2-dimension AH blocks, reorder a few hundred
 candidates exactly. Tiny pools (< TREE_MIN_POINTS) get exact brute-force scoring: a tree there
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from notellm_jax.config import EvalConfig
+from notellm_jax.config import RetrievalConfig
 from notellm_jax.eval.retrieval import l2_normalise
 from notellm_jax.errors import MissingInputError
 
@@ -36,7 +36,7 @@ class ScannParams:
         return self.num_leaves == 0
 
 
-def choose_params(num_points: int, k: int, cfg: EvalConfig) -> ScannParams:
+def choose_params(num_points: int, k: int, cfg: RetrievalConfig) -> ScannParams:
     """Index parameters for `num_points` vectors and k neighbours: config values, 0 = by size."""
     if num_points < 1:
         raise ValueError("cannot build a ScaNN index over zero vectors")
@@ -44,13 +44,13 @@ def choose_params(num_points: int, k: int, cfg: EvalConfig) -> ScannParams:
         raise ValueError(f"k={k} is outside 1..{num_points}, the number of indexed vectors")
     num_leaves = cfg.scann_num_leaves or (0 if num_points < TREE_MIN_POINTS else round(math.sqrt(num_points)))
     if num_leaves > num_points:
-        raise ValueError(f"eval.scann_num_leaves={num_leaves} exceeds the {num_points} indexed vectors")
+        raise ValueError(f"retrieval.scann_num_leaves={num_leaves} exceeds the {num_points} indexed vectors")
     leaves_to_search = cfg.scann_leaves_to_search or max(1, math.ceil(num_leaves / 10))
     if num_leaves and leaves_to_search > num_leaves:
-        raise ValueError(f"eval.scann_leaves_to_search={leaves_to_search} exceeds num_leaves={num_leaves}")
+        raise ValueError(f"retrieval.scann_leaves_to_search={leaves_to_search} exceeds num_leaves={num_leaves}")
     reorder = cfg.scann_reorder or min(num_points, max(250, 10 * k))
     if reorder < k:
-        raise ValueError(f"eval.scann_reorder={reorder} is smaller than k={k}")
+        raise ValueError(f"retrieval.scann_reorder={reorder} is smaller than k={k}")
     return ScannParams(num_leaves, leaves_to_search if num_leaves else 0, reorder)
 
 

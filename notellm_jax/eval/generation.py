@@ -1,4 +1,4 @@
-"""Category and hashtag generation with the trained NoteLLM, and its metrics (METHOD.md 5; issue 5 part 3).
+"""Category and hashtag generation with the trained NoteLLM, and its metrics (METHOD.md 5).
 
     python -m notellm_jax.eval.generation --config configs/<name>.py --checkpoint <work_dir>/export
         [--task category|hashtag|both] [--split test] [--out DIR] [--constrain-categories] [--limit N]
@@ -6,9 +6,9 @@
 For every note of the split, the generation prompt is `build_example(..., with_output=False)` with the
 prompt settings the model was trained with (the export's), left-padded to one fixed length (the task's
 longest prompt rounded up to a multiple of 8) in batches
-of `eval.generate_batch_size` (the last batch is filled with copies of its last prompt and trimmed),
+of `generation.batch_size` (the last batch is filled with copies of its last prompt and trimmed),
 then decoded greedily with the KV cache (`notellm_jax.model.decode.greedy_decode`), stopping at EOS or
-after `eval.generate_max_new_tokens` (`eval.repetition_penalty` applies to generated tokens).
+after `generation.max_new_tokens` (`generation.repetition_penalty` applies to generated tokens).
 
 Decisions:
 - Hashtag prompts ask for j = min(prompt.max_topics, #tags) topics (the range seen in training);
@@ -119,17 +119,17 @@ def generate_task(gen: Generator, notes: Sequence[Note], task: str, config: Conf
     """(one record per note with a prompt, notes without one) for `task`, printing progress per batch."""
     prompts = [(note, generation_prompt(note, task, gen.tokenizer, gen.prompt)) for note in notes]
     kept = [(note, ex) for note, ex in prompts if ex is not None]
-    max_new = trie.depth if trie is not None else config.eval.generate_max_new_tokens
+    max_new = trie.depth if trie is not None else config.generation.max_new_tokens
     # One prompt length for the whole task, so the decode program compiles once.
     length = -(-max((len(ex.input_ids) for _, ex in kept), default=1) // PAD_MULTIPLE) * PAD_MULTIPLE
-    size = config.eval.generate_batch_size
+    size = config.generation.batch_size
     records: list[dict[str, Any]] = []
     start = time.perf_counter()
     for first in range(0, len(kept), size):
         chunk = kept[first:first + size]
         examples = [ex for _, ex in chunk]
         examples += [examples[-1]] * (size - len(examples))
-        outputs = gen.decode(examples, length, max_new, config.eval.repetition_penalty, trie)
+        outputs = gen.decode(examples, length, max_new, config.generation.repetition_penalty, trie)
         for (note, _), tokens in zip(chunk, outputs):
             finished = bool(tokens) and tokens[-1] == gen.tokenizer.eos_id
             gold = note.category if task == "category" else ", ".join(note.topics)
@@ -178,8 +178,8 @@ def generate_and_score(config: Config, export_dir: str | Path, out_dir: str | Pa
     gen = Generator(config, export_dir)
     records: list[dict[str, Any]] = []
     result: dict[str, Any] = {"split": split, "notes": len(notes), "constrained": constrain,
-                              "repetition_penalty": config.eval.repetition_penalty,
-                              "max_new_tokens": config.eval.generate_max_new_tokens, "seconds": {},
+                              "repetition_penalty": config.generation.repetition_penalty,
+                              "max_new_tokens": config.generation.max_new_tokens, "seconds": {},
                               "without_prompt": {}}
     for task in tasks:
         trie = category_trie(categories, gen.tokenizer, gen.prompt) if constrain and task == "category" else None
@@ -199,7 +199,7 @@ def generate_and_score(config: Config, export_dir: str | Path, out_dir: str | Pa
 
 def run(args, config: Config) -> dict[str, Any]:
     """`notellm generate`: generate categories and/or hashtags for a split's notes and score them."""
-    constrain = config.eval.constrain_categories if args.constrain_categories is None else True
+    constrain = config.generation.constrain_categories if args.constrain_categories is None else True
     out = Path(args.out) if args.out else config.work_dir / "generation"
     result = generate_and_score(config, args.checkpoint, out, TASK_CHOICES[args.task], constrain, args.limit,
                                 args.split)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from notellm_jax.config import Config, EvalConfig
+from notellm_jax.config import Config, RetrievalConfig
 from notellm_jax.data import store
 from notellm_jax.eval import ann
 from notellm_jax.eval.embeddings import read_embeddings, read_meta
@@ -28,6 +28,7 @@ from notellm_jax.eval.retrieval import (build_protocol, evaluate_recall, exact_t
                                         neighbour_overlap, ranks_from_neighbours, recall_table)
 
 Pair = tuple[str, str]
+DEFAULT_KS = (1, 5, 10, 20, 50, 100)  # retrieval.ks=None: these, clipped to the candidate pool
 
 
 def _pairs(path: Path) -> list[Pair]:
@@ -60,9 +61,9 @@ def scann_recall(vectors: np.ndarray, test_ids: Sequence[str], pairs: Sequence[P
     queries, candidates = vectors[setup.query_rows], vectors[setup.candidate_rows]
     ks = sorted(k for k in ks if k <= len(candidates))
     if not ks:
-        raise ValueError(f"every eval.ks value exceeds the candidate pool of {len(candidates)} notes")
+        raise ValueError(f"every retrieval.ks value exceeds the candidate pool of {len(candidates)} notes")
     k = ks[-1]
-    params = ann.choose_params(len(candidates), k, config.eval)
+    params = ann.choose_params(len(candidates), k, config.retrieval)
     timings: dict[str, float] = {}
     from scann import scann_ops_pybind  # noqa: F401  (imported here so its import time is not build time)
 
@@ -81,7 +82,7 @@ def scann_recall(vectors: np.ndarray, test_ids: Sequence[str], pairs: Sequence[P
     exact, _ = exact_topk(queries, candidates, k)
     timings["exact_search_s"] = time.perf_counter() - start
     ranks = ranks_from_neighbours(approx, setup.target_pos)
-    samples, seed = config.eval.bootstrap_samples, config.eval.bootstrap_seed
+    samples, seed = config.retrieval.bootstrap_samples, config.retrieval.bootstrap_seed
     return {"params": {"num_leaves": params.num_leaves, "leaves_to_search": params.leaves_to_search,
                        "reorder": params.reorder, "brute_force": params.brute_force},
             "index_dir": str(index_dir), "pool_size": len(candidates), "queries": len(queries), "ks": ks,
@@ -109,12 +110,12 @@ def evaluate_embeddings(config: Config, emb_dir: str | Path, name: str | None = 
         raise ValueError(f"{config.data_dir / 'split.json'}: the test set is empty")
     ids, vectors = read_embeddings(emb_dir, test_ids)
     views, views_missing = _exposure_views(data["views"])
-    ev = config.eval
-    # The default ks scale down to a small test pool (those beyond it are dropped and listed); ks a user
-    # set explicitly must all fit, else it is an error.
-    clip = list(ev.ks) == EvalConfig().ks
-    common = dict(ks=ev.ks, paper_k_ratios=ev.paper_k_ratios, bootstrap_samples=ev.bootstrap_samples,
-                  seed=ev.bootstrap_seed, categories=data["categories"], clip_ks=clip)
+    ev = config.retrieval
+    # ks=None: the default ks, scaled down to a small test pool (those beyond it are dropped and listed);
+    # ks a user set must all fit, else it is an error.
+    ks = DEFAULT_KS if ev.ks is None else ev.ks
+    common = dict(ks=ks, paper_k_ratios=ev.paper_k_ratios, bootstrap_samples=ev.bootstrap_samples,
+                  seed=ev.bootstrap_seed, categories=data["categories"], clip_ks=ev.ks is None)
     result: dict[str, Any] = {
         "model": name or meta.get("model"), "embeddings": str(emb_dir), "dim": meta["dim"],
         "embedded_notes": meta["count"],
@@ -125,7 +126,7 @@ def evaluate_embeddings(config: Config, emb_dir: str | Path, name: str | None = 
     if data["postlinks"]:
         links.update(evaluate_recall(test_ids, ids, vectors, data["postlinks"], **common))
     result["postlinks"] = links
-    result["scann"] = scann_recall(vectors, test_ids, data["pairs"], ev.ks, config,
+    result["scann"] = scann_recall(vectors, test_ids, data["pairs"], ks, config,
                                    Path(index_dir) if index_dir else emb_dir / "scann_index")
     return result
 

@@ -5,9 +5,9 @@
 
 Stages (each skips work whose outputs exist, unless named in --force):
   prepare    <work_dir>/data: notes, events, pairs, splits, TFRecord shards (notellm_jax.data.prepare)
-  train      one NoteLLM per objective in eval.train_variants (NoteLLM, w/o CSFT = PromptEOL+CSE, w/o GCL),
+  train      one NoteLLM per objective in job.train_variants (NoteLLM, w/o CSFT = PromptEOL+CSE, w/o GCL),
              each under <work_dir>/models/<objective>, all reading the same data and frozen-feature cache
-  embed      the test notes with every trained variant and every baseline in eval.baselines
+  embed      the test notes with every trained variant and every baseline in job.baselines
              (<work_dir>/embeddings/<model>)
   recall     Recall@k with the paper's protocol, exact and ScaNN (<work_dir>/eval/<model>.recall.json)
   generate   category / hashtag generation of the trained variants that were taught to generate
@@ -69,7 +69,7 @@ def stage_prepare(config: Config, force: bool, timer: Timer) -> None:
 
 def stage_train(config: Config, force: bool, timer: Timer) -> None:
     from notellm_jax.train import train
-    for objective in config.eval.train_variants:
+    for objective in config.job.train_variants:
         sub = variant_config(config, objective)
         if (sub.work_dir / "export" / "notellm.json").is_file() and not force:
             print(f"[job] train {objective}: export exists, skipped", file=sys.stderr)
@@ -85,7 +85,7 @@ def stage_embed(config: Config, force: bool, timer: Timer) -> None:
     from notellm_jax.eval.embed import embed_notes, select_notes
     from notellm_jax.eval.embeddings import embedding_dir
     test_notes = None
-    for objective in config.eval.train_variants:
+    for objective in config.job.train_variants:
         out = embedding_dir(config, objective)
         if (out / "embeddings.json").is_file() and not force:
             continue
@@ -93,7 +93,7 @@ def stage_embed(config: Config, force: bool, timer: Timer) -> None:
         sub = variant_config(config, objective)
         timer.run(f"embed {objective}", lambda sub=sub, out=out, o=objective:
                   embed_notes(sub, _export_dir(config, o), test_notes, out, name=o))
-    for name in config.eval.baselines:
+    for name in config.job.baselines:
         out = embedding_dir(config, name)
         if (out / "embeddings.json").is_file() and not force:
             continue
@@ -101,7 +101,7 @@ def stage_embed(config: Config, force: bool, timer: Timer) -> None:
 
 
 def _models(config: Config) -> list[str]:
-    return list(config.eval.train_variants) + list(config.eval.baselines)
+    return list(config.job.train_variants) + list(config.job.baselines)
 
 
 def stage_recall(config: Config, force: bool, timer: Timer) -> None:
@@ -120,8 +120,8 @@ def stage_recall(config: Config, force: bool, timer: Timer) -> None:
 
 def stage_generate(config: Config, force: bool, timer: Timer) -> None:
     from notellm_jax.eval.generation import generate_and_score
-    runs = [(o, False) for o in config.eval.train_variants if o in GENERATING]
-    if config.eval.constrain_categories and "notellm" in config.eval.train_variants:
+    runs = [(o, False) for o in config.job.train_variants if o in GENERATING]
+    if config.generation.constrain_categories and "notellm" in config.job.train_variants:
         runs.append(("notellm", True))
     for objective, constrain in runs:
         name = objective + ("-constrained" if constrain else "")
@@ -132,7 +132,7 @@ def stage_generate(config: Config, force: bool, timer: Timer) -> None:
         sub = variant_config(config, objective)
         timer.run(f"generate {name}", lambda sub=sub, o=objective, out=out, tasks=tasks, constrain=constrain:
                   generate_and_score(sub, _export_dir(config, o), out, tasks=tasks, constrain=constrain,
-                                     limit=config.eval.generation_limit or None))
+                                     limit=config.generation.limit or None))
 
 
 def stage_report(config: Config, force: bool, timer: Timer) -> None:

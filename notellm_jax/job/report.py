@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from notellm_jax.config import Config
+from notellm_jax.eval.recall import DEFAULT_KS
 from notellm_jax.errors import MissingInputError
 
 
@@ -145,26 +146,7 @@ def _generation_lines(generation: dict[str, Any], labels: dict[str, str]) -> lis
     return lines
 
 
-def write_report(config: Config, labels: dict[str, str], generating: tuple[str, ...]) -> Path:
-    out = config.work_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    models = list(config.eval.train_variants) + list(config.eval.baselines)
-    recalls = {m: _read_json(config.work_dir / "eval" / f"{m}.recall.json") for m in models}
-    missing = [m for m, r in recalls.items() if r is None]
-    if missing:
-        raise MissingInputError(f"no recall results for {missing}: run the pipeline's recall stage first")
-    generation = {p.name: _read_json(p / "metrics.json")
-                  for p in sorted((config.work_dir / "eval" / "generation").glob("*")) if (p / "metrics.json").is_file()}
-    training = {o: training_summary(config, o) for o in config.eval.train_variants}
-    stats = _read_json(config.data_dir / "stats.json") or {}
-    timings = _read_json(config.work_dir / "timings.json") or {}
-    info = run_info()
-
-    _plot_recall(models, recalls, labels, out / "recall_at_k.png")
-    projected = _plot_projection(config, models[0], labels.get(models[0], models[0]), out / "embedding_projection.png")
-
-    first = recalls[models[0]]["cooccurrence"]
-    ks, paper_ks = [k for k in config.eval.ks if k in first["ks"]], first["paper_ks"]
+def _header_lines(config: Config, info: dict[str, Any], stats: dict[str, Any], first: dict[str, Any]) -> list[str]:
     lines = [f"# NoteLLM report: {config.name}", "",
              f"Commit `{info['commit']}`, {info['date']}, {info['machine']}, jax {info['jax']} on {', '.join(info['devices'])}.",
              f"Model `{config.model.checkpoint}`, prompt layout `{config.prompt.layout}`, "
@@ -176,8 +158,15 @@ def write_report(config: Config, labels: dict[str, str], generating: tuple[str, 
         lines += [f"- notes: {splits.get('notes')}; pairs: {splits.get('pairs')}; notes in pairs: {splits.get('notes_in_pairs')}",
                   f"- test pool: {first['test_notes']} test notes, {first['pairs_kept']} disjoint query pairs kept of "
                   f"{first['pairs_read']} read, {first['pool_size']} candidates per query", ""]
-    lines += ["## Recall@k (%, exact search; 95% bootstrap interval over queries)", "",
-              "Co-occurrence pairs of the test period (METHOD.md 5 protocol):", ""]
+    return lines
+
+
+def _recall_lines(config: Config, models: list[str], recalls: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """Both recall tables, exposure buckets and within-category recall, and the ScaNN summary."""
+    first = recalls[models[0]]["cooccurrence"]
+    ks, paper_ks = [k for k in (config.retrieval.ks or DEFAULT_KS) if k in first["ks"]], first["paper_ks"]
+    lines = ["## Recall@k (%, exact search; 95% bootstrap interval over queries)", "",
+             "Co-occurrence pairs of the test period (METHOD.md 5 protocol):", ""]
     lines += _recall_table(models, recalls, labels, "cooccurrence", ks, paper_ks)
     lines += ["", "Explicit PostLinks between test questions (a second relevance set):", ""]
     lines += _recall_table(models, recalls, labels, "postlinks", ks, paper_ks)
@@ -196,13 +185,12 @@ def write_report(config: Config, labels: dict[str, str], generating: tuple[str, 
         timing = {k: round(v, 4) for k, v in (scann.get("timing") or {}).items()}
         lines += ["", f"ScaNN ({labels.get(models[0], models[0])}): params {scann.get('params')}, "
                   f"neighbour overlap with exact top-k {overlap}, timing (s, queries/s) {timing}."]
-    lines += ["", "![recall](recall_at_k.png)", ""]
-    if projected:
-        lines += ["![projection](embedding_projection.png)", ""]
-    if generation:
-        lines += ["## Generation (test notes)", ""] + _generation_lines(generation, labels) + [""]
-    lines += ["## Training", "", "| variant | steps | loss_cl start → end | loss_gen start → end | val loss_cl | "
-              "step time (s) | tokens/s | MFU |", "|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _training_lines(training: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    lines = ["## Training", "", "| variant | steps | loss_cl start → end | loss_gen start → end | val loss_cl | "
+             "step time (s) | tokens/s | MFU |", "|---|---|---|---|---|---|---|---|"]
     for o, t in training.items():
         if t is None:
             continue
@@ -210,6 +198,35 @@ def write_report(config: Config, labels: dict[str, str], generating: tuple[str, 
         lines.append(f"| {labels.get(o, o)} | {t['steps']} | {t['first']['loss_cl']:.3f} → {t['last']['loss_cl']:.3f} | "
                      f"{t['first']['loss_gen']:.3f} → {t['last']['loss_gen']:.3f} | {val:.3f} | "
                      f"{t['median_step_time_s']:.2f} | {t['median_tokens_per_s']:.0f} | {100 * t['median_mfu']:.1f}% |")
+    return lines
+
+
+def write_report(config: Config, labels: dict[str, str], generating: tuple[str, ...]) -> Path:
+    out = config.work_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    models = list(config.job.train_variants) + list(config.job.baselines)
+    recalls = {m: _read_json(config.work_dir / "eval" / f"{m}.recall.json") for m in models}
+    missing = [m for m, r in recalls.items() if r is None]
+    if missing:
+        raise MissingInputError(f"no recall results for {missing}: run the pipeline's recall stage first")
+    generation = {p.name: _read_json(p / "metrics.json")
+                  for p in sorted((config.work_dir / "eval" / "generation").glob("*")) if (p / "metrics.json").is_file()}
+    training = {o: training_summary(config, o) for o in config.job.train_variants}
+    stats = _read_json(config.data_dir / "stats.json") or {}
+    timings = _read_json(config.work_dir / "timings.json") or {}
+    info = run_info()
+
+    _plot_recall(models, recalls, labels, out / "recall_at_k.png")
+    projected = _plot_projection(config, models[0], labels.get(models[0], models[0]), out / "embedding_projection.png")
+
+    lines = _header_lines(config, info, stats, recalls[models[0]]["cooccurrence"])
+    lines += _recall_lines(config, models, recalls, labels)
+    lines += ["", "![recall](recall_at_k.png)", ""]
+    if projected:
+        lines += ["![projection](embedding_projection.png)", ""]
+    if generation:
+        lines += ["## Generation (test notes)", ""] + _generation_lines(generation, labels) + [""]
+    lines += _training_lines(training, labels)
     lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
     lines += [f"| total | {round(sum(timings.values()), 1)} |", ""]

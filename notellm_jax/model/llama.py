@@ -224,7 +224,6 @@ class Attention(nn.Module):
         key = apply_rope(key, positions, cfg.rope_theta)
 
         if cache is not None:
-            # Write the new keys/values at slots [index, index + T) of the preallocated cache.
             start = query_slots[0, 0]
             key = jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype), start, axis=1)
             value = jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype), start, axis=1)

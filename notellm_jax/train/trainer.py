@@ -50,15 +50,6 @@ class Run:
     start_step: int
 
 
-def check_batch_layout(config: Config, mesh) -> None:
-    pairs = config.train.batch_pairs
-    if pairs % jax.process_count():
-        raise ValueError(f"train.batch_pairs={pairs} is not divisible by the {jax.process_count()} processes")
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (2 * pairs) % shards:
-        raise ValueError(f"the global batch of 2 x {pairs} notes does not divide over data x fsdp = {shards}")
-
-
 def _feature_cache(config: Config, setup: TrainSetup, state: TrainState) -> FeatureCache | None:
     if not (setup.frozen_layers > 0 and config.model.cache_frozen_features):
         return None
@@ -83,8 +74,8 @@ def _announce(run: Run) -> None:
 
 def setup(config: Config) -> Run:
     """Mesh, weights, sharded state (restored if a checkpoint exists), compiled steps, cache and writer."""
+    config.validate(jax.device_count(), jax.process_count(), training=True)
     mesh = shd.mesh_from_config(config.mesh)
-    check_batch_layout(config, mesh)
     emb_vocab = None if config.train.synthetic_data else resolve_tokenizer(config).vocab_size
     params, llama_cfg = load_initial_params(config, emb_vocab, mesh)
     total_steps = total_train_steps(config)

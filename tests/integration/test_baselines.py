@@ -1,4 +1,4 @@
-"""eval.baselines: unit vectors with the right ids, each baseline equal to a direct computation.
+"""job.baselines: unit vectors with the right ids, each baseline equal to a direct computation.
 
 LLM baselines run the real stories260K model (configs/tiny.py); the reference is the project's Llama on
 one unpadded sequence and numpy for the read-out. SentenceBERT is compared with sentence-transformers'
@@ -44,12 +44,12 @@ def work_dir(tmp_path_factory) -> Path:
 
 
 def config_for(work: Path, *extra: str):
-    return load_config(TINY, [f"paths.work_dir={work}", "eval.embed_batch_size=8", *extra])
+    return load_config(TINY, [f"paths.work_dir={work}", "embed.batch_size=8", *extra])
 
 
 @pytest.mark.parametrize("name", ["llm_last_token", "prompteol"])
 def test_llm_baselines_equal_direct_last_token(work_dir, tmp_path, name):
-    config = config_for(work_dir, "eval.embed_length_buckets=1")  # one compile
+    config = config_for(work_dir, "embed.length_buckets=1")  # one compile
     out = embed_baseline(config, name, tmp_path / name, mesh=make_mesh(1, -1, 1))
     ids, vectors = read_embeddings(out)
     assert ids == ["site/0", "site/2", "site/4"]  # None = the test notes, in notes.parquet order
@@ -86,14 +86,14 @@ def test_sbert_zeroshot_equals_encode(work_dir, tmp_path):
     assert ids == ["site/0", "site/1", "site/3"]
     notes = {n.note_id: n for n in store.load_notes(work_dir / "data" / "notes.parquet")}
     model = SentenceTransformer(str(sbert_model_dir()), device="cpu")
-    model.max_seq_length = config.eval.sbert_max_tokens
+    model.max_seq_length = config.baselines.sbert_max_tokens
     expected = model.encode([f"{notes[i].title}\n{notes[i].content}" for i in ids], normalize_embeddings=True)
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
 
 
 def test_sbert_finetuned_moves_and_records(work_dir, tmp_path):
-    config = config_for(work_dir, "eval.sbert_finetune_steps=2", "eval.sbert_finetune_batch_pairs=2",
-                        "eval.sbert_learning_rate=1e-3")
+    config = config_for(work_dir, "baselines.sbert_finetune_steps=2", "baselines.sbert_finetune_batch_pairs=2",
+                        "baselines.sbert_learning_rate=1e-3")
     base = read_embeddings(embed_baseline(config, "sbert_zeroshot", tmp_path / "zero"))[1]
     out = embed_baseline(config, "sbert_finetuned", tmp_path / "tuned")
     ids, tuned = read_embeddings(out)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from notellm_jax.weights import convert
+from notellm_jax.main import main
 from notellm_jax.weights.formats import (CausalLM, CheckpointError, detect_format, load_causal_lm, load_params,
                                          read_state, save_hf, save_orbax)
 
@@ -196,14 +196,15 @@ def test_orbax_round_trip_and_scanned_layers(stories_lm, tmp_path):
 
 
 def test_convert_cli_llama2c_to_hf(stories_dir, stories_lm, tmp_path, capsys):
-    assert convert.main([str(stories_dir / "stories260K.bin"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    main(["convert", str(stories_dir / "stories260K.bin"), str(tmp_path / "hf"), "--to", "hf"])
     assert "converted" in capsys.readouterr().out
     ids = np.array([[1, 400, 261, 300, 77, 42]])
     np.testing.assert_allclose(load_causal_lm(tmp_path / "hf").logits(ids), stories_lm.logits(ids), atol=1e-6)
     torch_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     np.testing.assert_allclose(_torch_logits(torch_model, ids), stories_lm.logits(ids), atol=1e-4)
     with pytest.raises(SystemExit):  # refuses to write into a non-empty folder
-        convert.main([str(stories_dir / "stories260K.bin"), str(tmp_path / "hf")])
+        main(["convert", str(stories_dir / "stories260K.bin"), str(tmp_path / "hf")])
+    assert "non-empty folder" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ def _tied(stories_dir):
 
 
 def _untied(stories_dir):
-    """stories260K's body with a separate random head (the model's init_params skips lm_head, see report)."""
+    """stories260K's body with a separate random head (stories260K ties its head, so an untied head is made up here)."""
     params, cfg = _tied(stories_dir)
     head = np.random.default_rng(0).normal(0, 0.5, (cfg.hidden_size, cfg.vocab_size)).astype(np.float32)
     return {**params, "lm_head": {"kernel": head}}, cfg.replace(tie_word_embeddings=False)

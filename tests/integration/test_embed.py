@@ -29,8 +29,8 @@ WORDS = "the coffee bean was ground fine and brewed slowly with hot water for a 
 
 
 def tiny_config(work_dir: Path, *extra: str):
-    return load_config(TINY, [f"paths.work_dir={work_dir}", "eval.embed_batch_size=8", "eval.embed_shard_size=4",
-                              "eval.embed_length_buckets=4", *extra])
+    return load_config(TINY, [f"paths.work_dir={work_dir}", "embed.batch_size=8", "embed.shard_size=4",
+                              "embed.length_buckets=4", *extra])
 
 
 def make_notes(n: int) -> list[Note]:
@@ -61,12 +61,12 @@ def direct_embedding(export, tokenizer, note: Note) -> np.ndarray:
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_embeddings_equal_direct_forward(export_dir, tmp_path, padding_side):
     # 16 buckets (multiples of 16): the prompts here are 144-179 tokens, so they land in three of them.
-    config = tiny_config(tmp_path, f"prompt.padding_side={padding_side}", "eval.embed_length_buckets=16")
+    config = tiny_config(tmp_path, f"prompt.padding_side={padding_side}", "embed.length_buckets=16")
     export = load_notellm(export_dir)
     tokenizer = resolve_tokenizer(config)
     notes = make_notes(11)  # 11 = one full batch of 8 + a partial one, over 3 shards of 4
     fed = [build_example(n, tokenizer, export.prompt, "category", with_output=False).embed_read_pos + 1 for n in notes]
-    buckets = bucket_lengths(export.prompt.max_length, config.eval.embed_length_buckets)
+    buckets = bucket_lengths(export.prompt.max_length, config.embed.length_buckets)
     used = {min(b for b in buckets if b >= length) for length in fed}
     assert len(used) >= 2, f"test notes should span several length buckets, got lengths {fed}"
 
@@ -133,7 +133,7 @@ def test_export_from_another_model_is_refused(export_dir, tmp_path):
     with pytest.raises(ValueError, match="parameters do not fit the model.*layers_4.*missing"):
         embed_notes(config, fewer_layers, make_notes(2), tmp_path / "b")
     with pytest.raises(ValueError, match="multiple of the 8 devices"):
-        embed_notes(tiny_config(tmp_path, "eval.embed_batch_size=12"), export, make_notes(2), tmp_path / "c")
+        embed_notes(tiny_config(tmp_path, "embed.batch_size=12"), export, make_notes(2), tmp_path / "c")
 
 
 def test_bucket_lengths():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from notellm_jax.weights.formats import load_causal_lm
-from notellm_jax.config import Config
+from notellm_jax.config import Config, override
 from notellm_jax.data.prompts import Note, build_example
 from notellm_jax.data.store import write_notes
 from notellm_jax.eval.generation import (Generator, category_trie, generate_and_score, generation_prompt,
@@ -37,16 +37,10 @@ def _as_note(row: dict) -> Note:
 
 
 def make_config(work_dir, stories_dir, shared_dir) -> Config:
-    config = Config(name="gen-test")
-    config.paths.work_dir = str(work_dir)
-    config.paths.shared_dir = str(shared_dir)
-    config.model.checkpoint = str(stories_dir / "stories260K.bin")
-    config.model.tokenizer = str(stories_dir / "tok512.model")
-    config.model.emb_dim = 8
-    config.prompt.max_length = 192
-    config.eval.generate_batch_size = 16
-    config.eval.generate_max_new_tokens = 12
-    return config
+    return override(Config(name="gen-test"), {
+        "paths.work_dir": str(work_dir), "paths.shared_dir": str(shared_dir),
+        "model.checkpoint": str(stories_dir / "stories260K.bin"), "model.tokenizer": str(stories_dir / "tok512.model"),
+        "model.emb_dim": 8, "prompt.max_length": 192, "generation.batch_size": 16, "generation.max_new_tokens": 12})
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +278,6 @@ def test_bad_input(run, tmp_path, stories_dir, shared_dir):
         generate_and_score(empty, export, tmp_path)
     # An export whose embedding table lacks the [EMB] row does not belong to the tokenizer.
     params, llama_cfg = load_initial_params(config, None)
-    save_notellm(tmp_path / "other", params, llama_cfg, config, config.model.tokenizer)
+    save_notellm(tmp_path / "other", params, llama_cfg, config)
     with pytest.raises(ValueError, match="do not belong together"):
         Generator(config, tmp_path / "other")

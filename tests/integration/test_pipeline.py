@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from notellm_jax.config import Config
+from notellm_jax.config import Config, override
 from notellm_jax.data.input_pipeline import make_train_dataset, steps_per_epoch, write_shards
 from notellm_jax.weights.tokenizer import load_tokenizer
 
@@ -15,17 +15,11 @@ WORDS = ["ball", "park", "cat", "dog", "sun", "tree", "boat", "cake"]
 
 
 def make_config(stories_dir, **prompt):
-    config = Config()
-    config.model.tokenizer = str(stories_dir / "tok512.model")
-    config.prompt.layout = "reference"   # short prompts keep the test fast
-    config.prompt.max_length = 128
-    config.prompt.max_targets = 16
-    config.prompt.hashtag_fraction = 0.4
-    for key, value in prompt.items():
-        setattr(config.prompt, key, value)
-    config.train.batch_pairs = 4
-    config.data.num_shards = 4
-    return config
+    # The reference layout's short prompts keep the test fast.
+    return override(Config(), {"model.tokenizer": str(stories_dir / "tok512.model"), "prompt.layout": "reference",
+                               "prompt.max_length": 128, "prompt.max_targets": 16, "prompt.hashtag_fraction": 0.4,
+                               "train.batch_pairs": 4, "data.num_shards": 4,
+                               **{f"prompt.{key}": value for key, value in prompt.items()}})
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +109,7 @@ def test_stale_shards_and_bad_batch_rejected(store, stories_dir):
     data_dir, _, _, _, _ = store
     with pytest.raises(ValueError, match="rerun write_shards"):
         next(make_train_dataset(make_config(stories_dir, max_length=160), data_dir, process_index=0, process_count=1))
-    config = make_config(stories_dir)
-    config.train.batch_pairs = 3
+    config = override(make_config(stories_dir), {"train.batch_pairs": 3})
     with pytest.raises(ValueError, match="multiple of process_count"):
         next(make_train_dataset(config, data_dir, process_index=0, process_count=2))
 
@@ -125,8 +118,7 @@ def test_record_sharding_when_files_do_not_divide_hosts(store, stories_dir, tmp_
     data_dir, _, _, pairs, _ = store
     for name in ("notes.parquet", "pairs_train.parquet"):
         (tmp_path / name).write_bytes((data_dir / name).read_bytes())
-    config = make_config(stories_dir)
-    config.data.num_shards = 3          # 3 files over 2 hosts: ds.shard over records
+    config = override(make_config(stories_dir), {"data.num_shards": 3})  # 3 files over 2 hosts: ds.shard over records
     write_shards(config, tmp_path)
     steps = steps_per_epoch(config, tmp_path, process_count=2)
     seen = collections.Counter()

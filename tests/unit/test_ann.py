@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from notellm_jax.config import EvalConfig
+from notellm_jax.config import RetrievalConfig
 from notellm_jax.eval import ann
 from notellm_jax.eval.retrieval import exact_topk, neighbour_overlap
 
@@ -17,7 +17,7 @@ def clustered():
 
 def test_default_tree_index_recall_vs_exact(clustered, tmp_path):
     database, queries = clustered
-    params = ann.choose_params(len(database), 10, EvalConfig())
+    params = ann.choose_params(len(database), 10, RetrievalConfig())
     assert not params.brute_force and params.num_leaves == round(len(database) ** 0.5)
     searcher = ann.build_index(database, 10, params)
     approx, scores = ann.search(searcher, queries, 10)
@@ -34,7 +34,7 @@ def test_default_tree_index_recall_vs_exact(clustered, tmp_path):
 def test_small_pool_is_brute_force_and_exact():
     rng = np.random.default_rng(1)
     database, queries = rng.normal(size=(800, 16)), rng.normal(size=(40, 16))
-    params = ann.choose_params(len(database), 20, EvalConfig())
+    params = ann.choose_params(len(database), 20, RetrievalConfig())
     assert params.brute_force
     approx, _ = ann.search(ann.build_index(database, 20, params), queries, 20)
     exact, _ = exact_topk(queries / np.linalg.norm(queries, axis=1, keepdims=True),
@@ -43,16 +43,16 @@ def test_small_pool_is_brute_force_and_exact():
 
 
 def test_param_rules_and_errors(tmp_path):
-    assert ann.choose_params(40_000, 10, EvalConfig()) == ann.ScannParams(200, 20, 250)
-    assert ann.choose_params(40_000, 100, EvalConfig()).reorder == 1000
-    custom = EvalConfig(scann_num_leaves=50, scann_leaves_to_search=5, scann_reorder=64)
+    assert ann.choose_params(40_000, 10, RetrievalConfig()) == ann.ScannParams(200, 20, 250)
+    assert ann.choose_params(40_000, 100, RetrievalConfig()).reorder == 1000
+    custom = RetrievalConfig(scann_num_leaves=50, scann_leaves_to_search=5, scann_reorder=64)
     assert ann.choose_params(900, 10, custom) == ann.ScannParams(50, 5, 64)
     with pytest.raises(ValueError, match="k=11 is outside 1..10"):
-        ann.choose_params(10, 11, EvalConfig())
+        ann.choose_params(10, 11, RetrievalConfig())
     with pytest.raises(ValueError, match="scann_reorder=5 is smaller than k=10"):
-        ann.choose_params(100, 10, EvalConfig(scann_reorder=5))
+        ann.choose_params(100, 10, RetrievalConfig(scann_reorder=5))
     with pytest.raises(ValueError, match="leaves_to_search=60 exceeds num_leaves=50"):
-        ann.choose_params(1000, 10, EvalConfig(scann_num_leaves=50, scann_leaves_to_search=60))
+        ann.choose_params(1000, 10, RetrievalConfig(scann_num_leaves=50, scann_leaves_to_search=60))
     with pytest.raises(FileNotFoundError, match="holds no ScaNN index"):
         ann.load_index(tmp_path)
 
@@ -63,7 +63,7 @@ def test_index_saved_under_a_relative_path_reloads(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     database = rng.normal(size=(300, 16)).astype(np.float32)
     queries = rng.normal(size=(20, 16)).astype(np.float32)
-    searcher = ann.build_index(database, 5, ann.choose_params(len(database), 5, EvalConfig()))
+    searcher = ann.build_index(database, 5, ann.choose_params(len(database), 5, RetrievalConfig()))
     ann.save_index(searcher, "runs/x/scann_index")
     reloaded = ann.load_index("runs/x/scann_index")
     np.testing.assert_array_equal(ann.search(reloaded, queries, 5)[0], ann.search(searcher, queries, 5)[0])

@@ -68,7 +68,7 @@ def write_embeddings(folder: Path, ids: list[str], vectors: np.ndarray) -> Path:
 def setup_run(tmp_path: Path, shuffle: bool, *overrides: str):
     ids, vectors, source = ids_and_vectors(shuffle)
     write_data(tmp_path, ids)
-    config = load_config(TINY, [f"paths.work_dir={tmp_path}", "eval.bootstrap_samples=200", *overrides])
+    config = load_config(TINY, [f"paths.work_dir={tmp_path}", "retrieval.bootstrap_samples=200", *overrides])
     return config, write_embeddings(tmp_path / "emb", ids, vectors), ids, vectors
 
 
@@ -95,8 +95,8 @@ def test_ground_truth_nearest_gives_recall_one(tmp_path):
 
 def test_shuffled_is_chance_and_matches_brute_force(tmp_path):
     # A real tree + asymmetric hashing index; searching every leaf with exact reordering returns exact lists.
-    config, emb, ids, vectors = setup_run(tmp_path, True, "eval.scann_num_leaves=8",
-                                          "eval.scann_leaves_to_search=8", "eval.scann_reorder=200")
+    config, emb, ids, vectors = setup_run(tmp_path, True, "retrieval.scann_num_leaves=8",
+                                          "retrieval.scann_leaves_to_search=8", "retrieval.scann_reorder=200")
     metrics = evaluate_embeddings(config, emb)
     pool = vectors[Q:]  # every non-query test note; ground truth g_i is pool row i
     scores = vectors[:Q] @ pool.T
@@ -117,7 +117,7 @@ def test_bad_input_errors(tmp_path):
     other = write_embeddings(tmp_path / "other", [f"x{i}" for i in range(len(ids))], vectors)
     with pytest.raises(ValueError, match=r"260 of 260 requested notes have no embedding"):
         evaluate_embeddings(config, other)
-    too_big = load_config(TINY, [f"paths.work_dir={tmp_path}", "eval.ks=[1, 500]"])
+    too_big = load_config(TINY, [f"paths.work_dir={tmp_path}", "retrieval.ks=[1, 500]"])
     with pytest.raises(ValueError, match="k=500 is outside 1..200"):
         evaluate_embeddings(too_big, emb)
     (tmp_path / "data" / "split.json").write_text(json.dumps({"test_notes": []}))
@@ -128,7 +128,7 @@ def test_bad_input_errors(tmp_path):
 def test_cli_writes_metrics(tmp_path, capsys):
     _, emb, _, _ = setup_run(tmp_path, shuffle=False)
     out = tmp_path / "metrics.json"
-    main(["recall", "--config", TINY, "--set", f"paths.work_dir={tmp_path}", "--set", "eval.bootstrap_samples=50",
+    main(["recall", "--config", TINY, "--set", f"paths.work_dir={tmp_path}", "--set", "retrieval.bootstrap_samples=50",
           "--embeddings", str(emb), "--name", "oracle", "--out", str(out)])
     metrics = json.loads(out.read_text())
     assert metrics["model"] == "oracle" and metrics["cooccurrence"]["recall"]["1"]["recall"] == 1.0

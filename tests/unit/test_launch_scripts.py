@@ -1,8 +1,7 @@
-"""The launch scripts: shellcheck-clean, their --dry-run prints exactly the commands they run, and the local
-launcher really starts, waits for and stops its processes.
-
-Expected commands are written out here by hand; printed lines are parsed back with `shlex` (a POSIX shell's
-word splitting), so quoting mistakes show up as wrong argument lists.
+"""The launch scripts: shellcheck-clean, the user's arguments survive every quoting layer of their --dry-run
+commands (parsed back with `shlex`, a POSIX shell's word splitting), the decisions they make (which node is
+the coordinator, whether to create a TPU, where checkpoints go), and the local launcher really starts, waits
+for and stops its processes. Whole command lines are not pinned: flags may change, arguments must survive.
 """
 from __future__ import annotations
 
@@ -31,10 +30,6 @@ def run_script(name: str, *args: str, env: dict[str, str] | None = None, timeout
     return result.stdout
 
 
-def test_every_launch_script_is_checked():
-    assert {p.name for p in SCRIPTS} >= {"local_multiprocess.sh", "tpu_pod.sh", "slurm_gpu.sbatch", "common.sh"}
-
-
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck_passes(script):
     if not SHELLCHECK.is_file():
@@ -58,11 +53,13 @@ def test_local_dry_run_prints_one_command_per_process():
     assert shlex.split(lines[0]) == ["mkdir", "-p", "/tmp/l d"]
     assert len(lines) == 5 and lines[-1].startswith("wait")
     for i, line in enumerate(lines[1:4]):
-        assert shlex.split(line) == [
-            "env", "NOTELLM_COORDINATOR=127.0.0.1:4567", "NOTELLM_NUM_PROCESSES=3", f"NOTELLM_PROCESS_ID={i}",
-            "JAX_PLATFORMS=cpu", "XLA_FLAGS=--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4",
-            "py", "-m", "notellm_jax.train", "--config", "configs/tiny.py", "--set", TRICKY,
-            ">", f"/tmp/l d/process_{i}.log", "2>&1", "&"]
+        words = shlex.split(line)
+        env = dict(w.split("=", 1) for w in words[1:words.index("py")])
+        assert env["NOTELLM_COORDINATOR"] == "127.0.0.1:4567" and env["NOTELLM_PROCESS_ID"] == str(i)
+        assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4"
+        command = words[words.index("py"):words.index(">")]
+        assert command == ["py", "-m", "notellm_jax.train", "--config", "configs/tiny.py", "--set", TRICKY]
+        assert words[words.index(">") + 1] == f"/tmp/l d/process_{i}.log"
 
 
 STAND_IN = """\
@@ -122,9 +119,8 @@ def test_slurm_dry_run_uses_the_first_node_and_one_task_per_node(tmp_path):
     assert exported["NOTELLM_NUM_PROCESSES"] == "3"
     assert exported["NCCL_SOCKET_IFNAME"] == "ib0"
     words = shlex.split(srun)
-    assert words[:4] == ["srun", "--nodes=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    assert words[-7:] == [".venv/bin/python", "-m", "notellm_jax.train", "--config", "configs/llama2_7b.py", "--set",
-                          TRICKY]
+    assert words[0] == "srun" and {"--nodes=3", "--ntasks-per-node=1"} <= set(words)
+    assert words[-4:] == ["--config", "configs/llama2_7b.py", "--set", TRICKY]
 
     # What srun starts on the node of rank 2: its wrapper, with `env` standing in for python.
     wrapper = words[4:words.index(".venv/bin/python")]
@@ -147,24 +143,16 @@ WHERE = ["--zone=us-east5-a", "--project=proj"]
 def test_tpu_dry_run_creates_installs_and_trains_on_all_workers():
     lines = run_script("tpu_pod.sh", "--dry-run", "--", "--config", "configs/llama2_7b.py", "--set", TRICKY,
                        env=TPU_ENV).splitlines()
-    assert len(lines) == 5
-    describe, create = lines[0].split(" || ")
-    assert shlex.split(describe) == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "pod-a", *WHERE,
-                                     ">/dev/null", "2>&1"]
-    assert shlex.split(create) == ["gcloud", "compute", "tpus", "tpu-vm", "create", "pod-a", *WHERE,
-                                   "--accelerator-type=v5p-16", "--version=v2-alpha-tpuv5", "--spot"]
-    bundle = "/tmp/b d/notellm_jax_bundle.tar.gz"
-    assert shlex.split(lines[1]) == ["git", "ls-files", "-z", "|", "tar", "--null", "-czf", bundle, "-T", "-"]
-    assert shlex.split(lines[2])[4:] == ["scp", bundle, "pod-a:notellm_jax_bundle.tar.gz", "--worker=all", *WHERE]
-    install, train = (shlex.split(line) for line in lines[3:])
-    for words in (install, train):
-        assert words[4:10] == ["ssh", "pod-a", "--worker=all", *WHERE, "--command"] and len(words) == 11
-    assert "gcloud storage rsync -r gs://bucket/shared ../shared" in install[10]
-    remote = shlex.split(train[10])
-    assert remote[:3] == ["cd", "~/notellm_jax", "&&"]
-    assert remote[3] == "NOTELLM_DISTRIBUTED=auto" and remote[4].startswith("LIBTPU_INIT_ARGS=--xla_tpu_")
-    assert remote[6:] == [".venv/bin/python", "-m", "notellm_jax.train", "--config", "configs/llama2_7b.py",
-                          "--set", TRICKY, "--set", "train.checkpoint_dir=gs://bucket/run/ckpt"]
+    describe, create = lines[0].split(" || ")  # created only when it does not exist
+    assert "describe" in shlex.split(describe) and "pod-a" in shlex.split(describe)
+    assert {"create", "pod-a", "--accelerator-type=v5p-16", "--spot"} <= set(shlex.split(create))
+    assert any("scp" in shlex.split(line) and "--worker=all" in shlex.split(line) for line in lines)
+    install, train = (shlex.split(line) for line in lines[-2:])
+    assert "--worker=all" in train and "gcloud storage rsync -r gs://bucket/shared ../shared" in install[-1]
+    remote = shlex.split(train[-1])  # the command every worker runs: two quoting layers deep
+    assert "NOTELLM_DISTRIBUTED=auto" in remote
+    assert remote[-6:] == ["--config", "configs/llama2_7b.py", "--set", TRICKY, "--set",
+                           "train.checkpoint_dir=gs://bucket/run/ckpt"]
 
 
 def test_tpu_dry_run_can_skip_creation_and_installation():

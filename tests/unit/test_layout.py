@@ -71,3 +71,17 @@ def test_the_rule_checker_sees_violations(tmp_path):
                       "if __name__ == '__main__':\n    from notellm_jax.main import main\n")
     assert [m for _, m in imports(sample)] == ["notellm_jax.config", "notellm_jax.config.Config"]
     assert "notellm_jax.main" in [m for _, m in imports(sample, skip_main_guard=False)]
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long.append(f"{module_name(path)}.{node.name}: {length} lines")
+    assert not long, long

@@ -98,14 +98,10 @@ def test_make_splits_properties(before_cutoff):
 def _write_config(tmp_path: Path, source: str, input_dir: Path) -> Path:
     path = tmp_path / "cfg.py"
     path.write_text(
-        "from notellm_jax.config import Config\n"
+        "from notellm_jax.config import Config, DataConfig, PathsConfig\n"
         "def get_config():\n"
-        "    c = Config(name='t')\n"
-        f"    c.paths.work_dir = {str(tmp_path / 'run')!r}\n"
-        f"    c.data.source = {source!r}\n"
-        f"    c.data.input_path = {str(input_dir)!r}\n"
-        "    c.data.cooc_lower = 0.0\n"
-        "    return c\n")
+        f"    return Config(name='t', paths=PathsConfig(work_dir={str(tmp_path / 'run')!r}),\n"
+        f"                  data=DataConfig(source={source!r}, input_path={str(input_dir)!r}, cooc_lower=0.0))\n")
     return path
 
 

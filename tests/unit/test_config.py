@@ -1,0 +1,109 @@
+"""Config files, `--set` parsing, `override`, the environment step and `Config.validate`."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from notellm_jax.config import Config, apply_override, load_config, override, parse_arg
+from notellm_jax.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("spec", ["tiny.py", "tiny.py:random", "smollm2_se.py", "smollm2_se.py:quick",
+                                  "smollm2_se.py:full", "llama2_7b.py", "llama2_7b.py:aot"])
+def test_every_shipped_config_loads_and_validates(spec):
+    config = load_config(str(CONFIGS / spec))
+    assert config.validate(8, 1, training=True) is config
+
+
+def test_configs_are_frozen_and_hashable():
+    config = load_config(str(CONFIGS / "tiny.py"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.batch_pairs = 3  # type: ignore[misc]
+    assert hash(config) == hash(load_config(str(CONFIGS / "tiny.py")))
+    assert isinstance(config.data.sites, tuple)
+
+
+def test_set_parses_by_field_type_and_lists_become_tuples():
+    config = Config()
+    config = apply_override(config, "train.learning_rate=1e-5")
+    config = apply_override(config, "model.scan_layers=yes")
+    config = apply_override(config, "retrieval.ks=[1, 10]")
+    config = apply_override(config, 'job.baselines=["prompteol"]')
+    assert (config.train.learning_rate, config.model.scan_layers) == (1e-5, True)
+    assert config.retrieval.ks == (1, 10) and config.job.baselines == ("prompteol",)
+    assert Config().train.learning_rate == 3e-6  # the original is untouched
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("train.nope=1", "no field 'nope'"),
+    ("nosection.lr=1", "no config section 'nosection'"),
+    ("train.batch_pairs=eight", "expected int"),
+    ('retrieval.ks=["a", 2]', r"retrieval.ks\[0\]: expected int"),
+    ("retrieval.ks=[1,", "expected JSON"),
+    ("model.scan_layers=maybe", "expected a boolean"),
+    ("train.batch_pairs", "not of the form"),
+])
+def test_bad_overrides_name_the_field(assignment, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_override(Config(), assignment)
+
+
+def test_override_type_checks_python_values():
+    assert override(Config(), {"data.sites": ["a", "b"]}).data.sites == ("a", "b")
+    with pytest.raises(ConfigError, match="expected int"):
+        override(Config(), {"train.batch_pairs": "8"})
+    with pytest.raises(ConfigError, match="expected int"):
+        override(Config(), {"train.batch_pairs": True})
+
+
+def test_config_arguments_follow_big_vision_grammar():
+    args = parse_arg("quick,batch_pairs=64", quick=False, batch_pairs=8, full=False)
+    assert (args.quick, args.batch_pairs, args.full) == (True, 64, False)
+    with pytest.raises(ConfigError, match="'extra' is not understood"):
+        load_config(str(CONFIGS / "tiny.py") + ":random,extra")
+    with pytest.raises(ConfigError, match="'random:extra' is not understood"):
+        load_config(str(CONFIGS / "tiny.py") + ":random:extra")
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_arg("batch_pairs", batch_pairs=8)
+
+
+def test_environment_paths_apply_before_overrides_and_only_when_asked():
+    tiny = str(CONFIGS / "tiny.py")
+    assert load_config(tiny).paths.shared_dir == "../shared"  # nothing read from the environment by default
+    env = {"NOTELLM_SHARED": "/data/shared", "NOTELLM_CACHE": "/data/cache"}
+    config = load_config(tiny, environ=env)
+    assert (config.paths.shared_dir, config.paths.cache_dir) == ("/data/shared", "/data/cache")
+    assert load_config(tiny, ["paths.shared_dir=/x"], environ=env).paths.shared_dir == "/x"
+
+
+def test_missing_config_and_missing_get_config(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "none.py"))
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="defines no get_config"):
+        load_config(str(tmp_path / "empty.py"))
+
+
+@pytest.mark.parametrize("updates,devices,message", [
+    ({"train.batch_pairs": 3}, 8, "does not divide over data x fsdp = 8"),
+    ({"mesh.fsdp": 3}, 8, "does not fit 8 devices"),
+    ({"mesh.data": -1}, 8, "at most one -1"),
+    ({"train.objective": "both"}, 1, "train.objective"),
+    ({"prompt.title_max_tokens": 100, "prompt.content_max_tokens": 100}, 1, "below prompt.max_length"),
+    ({"model.scan_layers": True, "model.train_top_layers": 2}, 1, "train_top_layers needs"),
+    ({"model.remat_policy": "everything"}, 1, "remat_policy"),
+    ({"retrieval.ks": (0, 10)}, 1, "retrieval.ks"),
+])
+def test_validate_rejects_inconsistent_settings(updates, devices, message):
+    with pytest.raises(ConfigError, match=message):
+        override(Config(), updates).validate(devices, 1, training=True)
+
+
+def test_batch_layout_is_checked_only_for_training():
+    config = override(Config(), {"train.batch_pairs": 3})
+    config.validate(8, 1)  # embedding or evaluating with this config is fine
+    with pytest.raises(ConfigError, match="not divisible by the 2 processes"):
+        config.validate(2, 2, training=True)
+    assert override(Config(), {"mesh.fsdp": 4, "mesh.data": -1}).mesh_shape(8) == (2, 4, 1)

@@ -1,0 +1,57 @@
+"""The report from hand-made result files: every number in its tables is the one in the inputs, formatted
+as percentages with their intervals; missing results are an error naming the models."""
+import json
+
+import pytest
+
+from notellm_jax.config import Config, override
+from notellm_jax.errors import MissingInputError
+from notellm_jax.job.report import write_report
+
+
+def recall_result(r1: float, r10: float) -> dict:
+    table = {"1": {"recall": r1, "ci_low": r1 - 0.01, "ci_high": r1 + 0.01},
+             "10": {"recall": r10, "ci_low": r10 - 0.02, "ci_high": r10 + 0.03},
+             "3": {"recall": 0.5, "ci_low": 0.4, "ci_high": 0.6}}
+    section = {"recall": table, "ks": [1, 10], "paper_ks": {"0.004": 3}, "test_notes": 40, "pairs_kept": 12,
+               "pairs_read": 30, "pool_size": 28, "exposure": {"low": {"10": table["10"]}, "high": {"10": table["1"]}},
+               "within_category": {"recall": {"10": table["10"]}}}
+    return {"cooccurrence": section, "postlinks": {**section, "recall": {"10": table["1"]}}}
+
+
+@pytest.fixture
+def run(tmp_path):
+    config = override(Config(name="unit"), {"paths.work_dir": str(tmp_path), "retrieval.ks": (1, 10),
+                                            "job.train_variants": ("notellm",), "job.baselines": ("sbert_zeroshot",)})
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "notellm.recall.json").write_text(json.dumps(recall_result(0.125, 0.5)))
+    (tmp_path / "eval" / "sbert_zeroshot.recall.json").write_text(json.dumps(recall_result(0.25, 0.75)))
+    logs = tmp_path / "models" / "notellm" / "logs"
+    logs.mkdir(parents=True)
+    rows = [{"step": s, "split": "train", "loss": 2.0 / s, "loss_cl": 3.0 / s, "loss_gen": 5.0 / s, "accuracy": 0.1 * s,
+             "step_time_s": 0.5, "tokens_per_s": 1000.0, "mfu": 0.25} for s in (1, 2, 4)]
+    rows.append({"step": 4, "split": "val", "loss_cl": 0.9})
+    (logs / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    gen = tmp_path / "eval" / "generation" / "notellm"
+    gen.mkdir(parents=True)
+    (gen / "metrics.json").write_text(json.dumps({"notes": 6, "category": {"accuracy": 0.5, "illusory": 1 / 6}}))
+    (tmp_path / "timings.json").write_text(json.dumps({"train notellm": 12.5, "report": 0.5}))
+    return config
+
+
+def test_tables_carry_the_input_numbers(run):
+    out = write_report(run, {"notellm": "NoteLLM", "sbert_zeroshot": "SBERT"}, ("notellm",))
+    report = (out / "report.md").read_text()
+    assert "| NoteLLM | 12.5 [11.5, 13.5] | 50.0 [48.0, 53.0] | 50.0 [40.0, 60.0] | 50.0 |" in report
+    assert "| SBERT | 25.0 [24.0, 26.0] | 75.0 [73.0, 78.0] |" in report
+    assert "| NoteLLM | 6 | 50.0 | 16.7 |" in report                       # generation: Acc., Ill.
+    assert "| NoteLLM | 4 | 3.000 → 0.750 | 5.000 → 1.250 | 0.900 | 0.50 | 1000 | 25.0% |" in report
+    assert "| total | 13.0 |" in report
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recall"]["sbert_zeroshot"]["cooccurrence"]["recall"]["10"]["recall"] == 0.75
+
+
+def test_missing_results_name_the_models(run, tmp_path):
+    (tmp_path / "eval" / "sbert_zeroshot.recall.json").unlink()
+    with pytest.raises(MissingInputError, match="sbert_zeroshot"):
+        write_report(run, {}, ())

@@ -1,0 +1,60 @@
+"""The FLOP formula behind MFU, against the matmuls the model actually runs (counted from its jaxpr), and
+the metrics writer and window."""
+import json
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from notellm_jax.model.llama import Llama, preset
+from notellm_jax.model.params import init_params
+from notellm_jax.train.metrics import MetricsWriter, forward_flops_per_token, train_step_flops
+
+
+def matmul_flops(jaxpr) -> float:
+    """2 x output elements x contracted size, summed over every dot_general, sub-jaxprs included."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contract])
+    for sub in jax.extend.core.subjaxprs(jaxpr):  # pjit / remat bodies (the model is unscanned here)
+        total += matmul_flops(sub)
+    return total
+
+
+@pytest.mark.parametrize("layers,seq_len,gqa", [(2, 16, True), (3, 24, False)])
+def test_forward_flops_equal_the_model_matmuls(layers, seq_len, gqa):
+    cfg = preset("stories260k", num_hidden_layers=layers, num_key_value_heads=4 if gqa else 8)
+    params = init_params(cfg, jax.random.key(0))
+    ids = jnp.zeros((2, seq_len), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p: Llama(cfg).apply({"params": p}, ids, jnp.ones_like(ids)))(params)
+    counted = matmul_flops(jaxpr.jaxpr)
+    assert counted > 0
+    assert forward_flops_per_token(cfg, seq_len, layers) * ids.size == pytest.approx(counted, rel=1e-9)
+
+
+def test_train_step_flops_compose():
+    """3x (forward + backward) for trained layers, 1x for frozen ones run, head at the supervised positions."""
+    cfg = preset("stories260k")
+    per_token = forward_flops_per_token(cfg, 32, 1)
+    head = 2.0 * cfg.hidden_size * cfg.vocab_size * 4 + 2.0 * cfg.hidden_size * 16
+    got = train_step_flops(cfg, sequences=6, seq_len=32, targets=4, emb_dim=16, trained_layers=2,
+                           forward_only_layers=3)
+    assert got == pytest.approx(6 * (32 * (3 * 2 * per_token + 3 * per_token) + 3 * head))
+
+
+def test_writer_writes_jsonl_and_disabled_writer_writes_nothing(tmp_path):
+    writer = MetricsWriter(tmp_path / "logs", total_steps=4)
+    writer.write(2, {"loss": 1.5, "accuracy": 0.25})
+    writer.write(2, {"loss": 1.25}, prefix="val")
+    writer.close()
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"], r["loss"]) for r in rows] == [(2, "train", 1.5), (2, "val", 1.25)]
+    silent = MetricsWriter(tmp_path / "other", total_steps=4, enabled=False)
+    silent.write(1, {"loss": 1.0})
+    silent.close()
+    assert not (tmp_path / "other").exists()
