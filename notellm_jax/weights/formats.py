@@ -246,7 +246,10 @@ class VocabGrown(LazyTensor):
             raise ValueError(f"strided vocabulary slice {vocab}")
         others = [slice(r.start, r.stop, r.step) for r in ranges]
         others[self.axis] = slice(min(vocab.start, self.real), min(vocab.stop, self.real))
-        real = self.base.read(tuple(others))
+        if vocab.start < self.real:
+            real = self.base.read(tuple(others))
+        else:  # a shard of only [EMB] rows and padding (e.g. the vocabulary split over `tensor`)
+            real = np.zeros([0 if a == self.axis else len(r) for a, r in enumerate(ranges)], np.float32)
         grown_end = self.real + self.n_new
         n_new = max(0, min(vocab.stop, grown_end) - max(vocab.start, self.real))
         n_pad = max(0, vocab.stop - max(vocab.start, grown_end))

@@ -278,7 +278,7 @@ def test_inconsistent_environments_are_named(env, message):
 
 
 @pytest.mark.slow
-def test_two_processes_embed_the_files_one_process_writes(tmp_path):
+def test_two_processes_embed_the_files_one_process_writes(tmp_path, shared_dir):
     """2 processes x 2 devices (`notellm_jax.eval.embed` through the launcher) write the same shard files,
     ids and (to float tolerance) vectors as one process with 4 devices; each process wrote its own blocks."""
     from notellm_jax.data import store
@@ -286,8 +286,8 @@ def test_two_processes_embed_the_files_one_process_writes(tmp_path):
     from notellm_jax.eval.embeddings import read_meta
     from notellm_jax.weights.export import save_notellm
 
-    overrides = [f"paths.work_dir={tmp_path / 'run'}", "embed.batch_size=4", "embed.shard_size=3",
-                 "embed.length_buckets=2", "mesh.fsdp=-1"]
+    overrides = [f"paths.work_dir={tmp_path / 'run'}", f"paths.shared_dir={shared_dir}", "embed.batch_size=4",
+                 "embed.shard_size=3", "embed.length_buckets=2", "mesh.fsdp=-1"]
     config = load_config(TINY, overrides)
     params, llama_cfg = load_initial_params(config, resolve_tokenizer(config).vocab_size)
     export = save_notellm(tmp_path / "export", params, llama_cfg, config)

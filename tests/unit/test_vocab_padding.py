@@ -52,7 +52,8 @@ def test_lazy_growth_per_slice_equals_add_tokens():
     grown, grown_cfg = add_tokens(params, cfg.replace(vocab_pad_multiple=128), 1)
     table = VocabGrown(ArrayTensor(params["embed_tokens"]["embedding"]), 0, 1, 384)
     head = VocabGrown(Kernel(ArrayTensor(np.ascontiguousarray(params["lm_head"]["kernel"].T)), (64, 300), 1), 1, 1, 384)
-    for index in [(slice(0, 96), slice(16, 48)), (slice(288, 384), slice(None)), (slice(300, 301), slice(0, 8))]:
+    for index in [(slice(0, 96), slice(16, 48)), (slice(288, 384), slice(None)), (slice(300, 301), slice(0, 8)),
+                  (slice(320, 384), slice(8, 16))]:  # the last: padding only
         np.testing.assert_allclose(table.read(index), grown["embed_tokens"]["embedding"][index], atol=1e-7)
         np.testing.assert_allclose(head.read(index[::-1]), grown["lm_head"]["kernel"][index[::-1]], atol=1e-7)
     assert grown_cfg.vocab_size == 301 and grown["embed_tokens"]["embedding"].shape == (384, 64)
