@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import jax
 
 from notellm_jax.config import Config
 from notellm_jax.model.llama import LlamaConfig

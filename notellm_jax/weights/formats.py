@@ -102,11 +102,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def _check_float(name: str, dtype: Any, source: Path) -> None:
-    if not np.issubdtype(np.dtype(dtype), np.floating):
-        raise CheckpointError(f"{source}: tensor {name} has dtype {dtype}, expected a float type")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Lazy tensors: a shape plus `read(index)` of any rectangular slice. Readers return these instead of
 # arrays, so a process reads from disk only the slices its devices hold (`place_params`), and every
