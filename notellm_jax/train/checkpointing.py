@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-
 from notellm_jax.config import Config
 from notellm_jax.model.llama import LlamaConfig
 from notellm_jax.model.params import merge_params
