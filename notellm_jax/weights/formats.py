@@ -249,7 +249,10 @@ class VocabGrown(LazyTensor):
         n_new = max(0, min(vocab.stop, grown_end) - max(vocab.start, self.real))
         n_pad = max(0, vocab.stop - max(vocab.start, grown_end))
         others[self.axis] = slice(None)
-        mean = self.mean()[tuple(others)] if n_new else np.zeros((), real.dtype)
+        if n_new:
+            mean = self.mean()[tuple(others)]
+        else:  # nothing to repeat, but the same rank for grow_table
+            mean = np.zeros(real.shape[:self.axis] + (1,) + real.shape[self.axis + 1:], real.dtype)
         return grow_table(real, mean, n_new, n_pad, self.axis) if n_new or n_pad else real
 
 

@@ -57,6 +57,10 @@ def test_lazy_growth_per_slice_equals_add_tokens():
         np.testing.assert_allclose(table.read(index), grown["embed_tokens"]["embedding"][index], atol=1e-7)
         np.testing.assert_allclose(head.read(index[::-1]), grown["lm_head"]["kernel"][index[::-1]], atol=1e-7)
     assert grown_cfg.vocab_size == 301 and grown["embed_tokens"]["embedding"].shape == (384, 64)
+    padded, _ = grow_vocab(params, cfg.replace(vocab_pad_multiple=128), 0)  # no [EMB]: padding alone
+    table = VocabGrown(ArrayTensor(params["embed_tokens"]["embedding"]), 0, 0, 384)
+    for index in [(slice(288, 384), slice(None)), (slice(320, 384), slice(0, 8))]:
+        np.testing.assert_array_equal(table.read(index), padded["embed_tokens"]["embedding"][index])
 
 
 def test_kernel_slices_equal_the_transposed_reshaped_weight():
