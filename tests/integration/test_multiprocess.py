@@ -141,7 +141,7 @@ def reference_run(config: Config) -> tuple[list[dict], TrainSetup, TrainState, d
     state = create_state(spec, params)
     initial = host(state.params)
     step_fn, _ = compile_steps(spec)
-    hosts = [pipeline.make_train_dataset(config, config.data_dir, "train", process_index=h,
+    hosts = [input_pipeline.make_train_dataset(config, config.data_dir, "train", process_index=h,
                                          process_count=2) for h in range(2)]
     history = []
     for _ in range(STEPS):
