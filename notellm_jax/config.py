@@ -264,8 +264,6 @@ class Config:
         checks = [
             (self.prompt.layout in ("paper", "reference"), f"prompt.layout {self.prompt.layout!r}: paper | reference"),
             (self.prompt.padding_side in ("left", "right"), f"prompt.padding_side {self.prompt.padding_side!r}"),
-            (self.prompt.title_max_tokens + self.prompt.content_max_tokens < self.prompt.max_length,
-             "prompt.title_max_tokens + content_max_tokens must be below prompt.max_length"),
             (0 < self.prompt.max_targets < self.prompt.max_length, "prompt.max_targets must be in (0, max_length)"),
             (0.0 <= self.prompt.hashtag_fraction <= 1.0, "prompt.hashtag_fraction must be in [0, 1]"),
             (self.train.objective in OBJECTIVES, f"train.objective {self.train.objective!r}: one of {OBJECTIVES}"),

@@ -91,7 +91,7 @@ def test_missing_config_and_missing_get_config(tmp_path):
     ({"mesh.fsdp": 3}, 8, "does not fit 8 devices"),
     ({"mesh.data": -1}, 8, "at most one -1"),
     ({"train.objective": "both"}, 1, "train.objective"),
-    ({"prompt.title_max_tokens": 100, "prompt.content_max_tokens": 100}, 1, "below prompt.max_length"),
+    ({"prompt.max_targets": 500}, 1, "prompt.max_targets"),
     ({"model.scan_layers": True, "model.train_top_layers": 2}, 1, "train_top_layers needs"),
     ({"model.remat_policy": "everything"}, 1, "remat_policy"),
     ({"retrieval.ks": (0, 10)}, 1, "retrieval.ks"),

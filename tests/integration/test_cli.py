@@ -1,0 +1,45 @@
+"""Every entry point answers --help: the `notellm` console script (installed by pyproject) and each
+`python -m` form, which all dispatch through `notellm_jax.main`; user errors end in one line, exit 2."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from notellm_jax.main import COMMANDS
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE_FORMS = {"train": "notellm_jax.train", "prepare": "notellm_jax.data.prepare", "embed": "notellm_jax.eval.embed",
+                "recall": "notellm_jax.eval.recall", "generate": "notellm_jax.eval.generation",
+                "baselines": "notellm_jax.eval.baselines", "job": "notellm_jax.job", "plan": "notellm_jax.plan",
+                "convert": "notellm_jax.weights.convert"}
+
+
+def run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_console_script_lists_every_command():
+    script = Path(sys.executable).parent / "notellm"
+    result = run(str(script) if script.is_file() else sys.executable, *([] if script.is_file() else ["-m", "notellm_jax"]),
+                 "--help")
+    assert result.returncode == 0, result.stderr
+    for name in COMMANDS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("command", sorted(MODULE_FORMS))
+def test_python_m_forms_dispatch_to_their_command(command):
+    assert set(MODULE_FORMS) <= set(COMMANDS)
+    result = run(sys.executable, "-m", MODULE_FORMS[command], "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"usage: notellm {command}" in result.stdout
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    result = run(sys.executable, "-m", "notellm_jax", "train", "--config", str(REPO / "configs" / "tiny.py"),
+                 "--set", "train.nope=1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "notellm train: error: override 'train.nope': no field 'nope' (has: " + result.stderr.split("(has: ")[1].strip()]
+    assert "Traceback" not in result.stderr
