@@ -85,6 +85,14 @@ def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
     return records, good
 
 
+def _refuse_non_finite(vectors: np.ndarray, ids: Sequence[str]) -> None:
+    """A NaN/inf embedding (a broken model) must never enter the index: it would poison every search."""
+    bad = ~np.isfinite(np.asarray(vectors, np.float32)).all(axis=-1)
+    if bad.any():
+        names = [str(ids[i]) for i in np.flatnonzero(bad)[:5]]
+        raise ValueError(f"{int(bad.sum())} non-finite vector(s) refused, nothing indexed (notes {names})")
+
+
 @dataclasses.dataclass
 class Hit:
     note_id: str
@@ -120,6 +128,7 @@ class LiveIndex:
         directory = Path(directory).absolute()
         if (directory / CURRENT).exists():
             raise FileExistsError(f"{directory} already holds an index (CURRENT exists); open it instead")
+        _refuse_non_finite(vectors, ids)
         directory.mkdir(parents=True, exist_ok=True)
         vectors = l2_normalise(vectors) if len(vectors) else np.zeros((0, vectors.shape[1]), np.float32)
         params = ann.choose_params(max(len(ids), 1), max(1, min(k, len(ids))), cfg)
@@ -170,6 +179,8 @@ class LiveIndex:
     # Writes: logged and fsynced, then applied
 
     def upsert(self, note_id: str, vector: np.ndarray, title: str = "", category: str = "") -> None:
+        """Index (or replace) one note, durable before this returns; a non-finite vector is refused unwritten."""
+        _refuse_non_finite(np.asarray(vector, np.float32).reshape(1, -1), [note_id])
         vector = l2_normalise(np.asarray(vector, np.float32).reshape(1, -1))[0]
         if vector.shape[0] != self.dim:
             raise ValueError(f"vector of dim {vector.shape[0]}, the index holds dim {self.dim}")

@@ -156,3 +156,18 @@ def test_rebuild_is_promoted_only_when_recall_holds(tmp_path):
     reopened = LiveIndex.open(tmp_path / "idx", RetrievalConfig())
     assert reopened.params == good and len(reopened) == 1200
     assert reopened.recall_vs_exact(10, 200) == pytest.approx(promoted["recall"])
+
+
+def test_non_finite_vectors_are_refused_and_nothing_is_logged(tmp_path):
+    rng = np.random.default_rng(3)
+    index, ids = small_index(tmp_path, rng)
+    log = sorted((tmp_path / "idx").glob("*.log"))[0]
+    before = log.read_bytes()
+    with pytest.raises(ValueError, match=r"non-finite vector.*\['new'\]"):
+        index.upsert("new", np.full(unit(rng, 1).shape[1], np.nan, np.float32))
+    assert log.read_bytes() == before and "new" not in index
+    bad = unit(rng, 3)
+    bad[1, 0] = np.inf
+    with pytest.raises(ValueError, match=r"\['b'\]"):
+        LiveIndex.create(tmp_path / "other", ["a", "b", "c"], bad, {}, RetrievalConfig(), k=2)
+    assert not (tmp_path / "other" / "CURRENT").exists()
