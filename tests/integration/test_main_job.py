@@ -42,7 +42,9 @@ def test_tiny_config_trains_and_its_contrastive_loss_falls(prepared, shared_dir)
     assert train[-1]["step"] == 96  # 64 pairs / 8 per batch x 12 epochs
     start, end = train[0]["loss_cl"], sum(r["loss_cl"] for r in train[-2:]) / 2
     assert start > 2.4  # about log(15): chance among 15 in-batch candidates
-    assert end < 0.5 * start, [r["loss_cl"] for r in train]
+    # Same-note negatives are masked now (duplicate-aware loss), which lowers the loss at chance and slows
+    # its fall on these 64 pairs: measured 2.72 -> 1.67 here (it was < 0.5 x start with the unmasked loss).
+    assert end < 0.7 * start, [r["loss_cl"] for r in train]
     assert train[-1]["accuracy"] >= 0.5
     assert (prepared / "export" / "notellm.json").is_file()
     assert sorted(p.name for p in (prepared / "checkpoints").iterdir() if p.name.isdigit())[-1] == "96"

@@ -8,7 +8,7 @@ def test_real_stackexchange_counts_match_sources_md(shared_dir, tmp_path):
     or a counted skip."""
     builder = StoreBuilder(tmp_path / "out")
     details = importers.import_stackexchange(shared_dir / "data" / "stackexchange", [], builder)
-    stats = {**builder.finish(), **details}
+    stats = {**builder.finish(str(shared_dir / "data" / "stackexchange")), **details}
     out = {"notes": store.read_note_table(tmp_path / "out" / "notes.parquet").to_pylist()}
     skipped = stats["skipped"]
     assert stats["notes_written"] == 5930 and len(stats["sites"]) == 16
