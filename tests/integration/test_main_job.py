@@ -45,7 +45,7 @@ def test_tiny_config_trains_and_its_contrastive_loss_falls(prepared, shared_dir)
     # Same-note negatives are masked now (duplicate-aware loss), which lowers the loss at chance and slows
     # its fall on these 64 pairs: measured 2.72 -> 1.67 here (it was < 0.5 x start with the unmasked loss).
     assert end < 0.7 * start, [r["loss_cl"] for r in train]
-    assert train[-1]["accuracy"] >= 0.5
+    assert train[-1]["accuracy"] >= 0.35  # chance is 1/15; measured 0.48 with the duplicate-aware loss (was >= 0.5)
     assert (prepared / "export" / "notellm.json").is_file()
     assert sorted(p.name for p in (prepared / "checkpoints").iterdir() if p.name.isdigit())[-1] == "96"
 
