@@ -80,16 +80,15 @@ def embed_test_notes(config: Config, export_dir: Path, out_dir: Path) -> Path:
     from notellm_jax import sharding as shd
     from notellm_jax.data.input_pipeline import read_meta
     from notellm_jax.data.prompts import Note
-    from notellm_jax.eval.embed import (CHUNK_BATCHES, bucket_lengths, notellm_embedder, token_chunk_embedder,
+    from notellm_jax.eval.embed import (CHUNK_BATCHES, notellm_embedder, token_chunk_embedder,
                                         write_embeddings)
     from notellm_jax.weights.export import load_notellm
 
     export = load_notellm(export_dir)
     meta = read_meta(config, config.data_dir)
     mesh = shd.mesh_from_config(config.mesh)
-    buckets = bucket_lengths(export.prompt.max_length, config.embed.length_buckets)
-    batch = config.embed.batch_size
-    embedder, _ = notellm_embedder(export, mesh, batch, buckets, meta["pad_id"], config.prompt.padding_side,
+    embedder, _ = notellm_embedder(export, mesh, config.embed.batch_size, export.prompt.max_length,
+                                   config.embed.length_buckets, meta["pad_id"], config.prompt.padding_side,
                                    str(export_dir))
     ids, tokens, skipped = test_note_tokens(config.data_dir)
     by_id = dict(zip(ids, tokens))
@@ -98,7 +97,7 @@ def embed_test_notes(config: Config, export_dir: Path, out_dir: Path) -> Path:
             "objective": export.meta.get("objective"), "prompt_hash": meta["prompt_hash"],
             "input": "shards/tokens.npz", "skipped_before_embedding": dict(skipped)}
     return write_embeddings(notes, token_chunk_embedder(embedder, lambda note: by_id[note.note_id]), out_dir,
-                            config.embed.shard_size, batch * CHUNK_BATCHES, info)
+                            config.embed.shard_size, config.embed.batch_size * CHUNK_BATCHES, info)
 
 
 def run_recipe(config: Config, bundle: Path, out: Path) -> dict:
