@@ -125,6 +125,8 @@ class ModelConfig:
     remat_policy: str = "none"      # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     # Attention core: einsum (reference) | dot_product (cuDNN flash on GPU, XLA elsewhere) | splash (TPU Pallas).
     attention: str = "einsum"
+    # Embedding/head tables padded to a multiple of this (zero rows, logits masked), so they shard.
+    vocab_pad_multiple: int = 128
     # Train only the top k decoder layers (0 = all). The frozen bottom's hidden states are computed
     # once per note and reused (ENVIRONMENT.md's CPU budget).
     train_top_layers: int = 0
@@ -133,6 +135,7 @@ class ModelConfig:
     cache_frozen_features: bool = True
     # Keep that cache on disk beside the prepared data (shared by ablation runs and embedding).
     persist_feature_cache: bool = True
+    feature_cache_max_gb: float = 16.0  # host memory cap of that cache (stored in the compute dtype)
     # Partial training (train_top_layers or LoRA) of a tied model: train an untied copy of the output rows
     # (initialised from the tied table; the input table stays frozen). False: the head stays frozen.
     untie_head: bool = True

@@ -68,7 +68,12 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     try:
         from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(sizes, devices=devices)
-    except (ValueError, AssertionError, NotImplementedError):
+    except (ValueError, AssertionError, NotImplementedError) as e:
+        # Fine for CPU and single hosts; on a TPU slice a plain reshape ignores the physical topology and
+        # collectives get much slower, so say so.
+        logger.warning("topology-aware mesh %s on %d %s devices failed (%s: %s); using the devices in "
+                       "enumeration order", dict(zip(MESH_AXES, sizes)), len(devices), devices[0].platform,
+                       type(e).__name__, e)
         grid = np.array(devices).reshape(sizes)
     return Mesh(grid, MESH_AXES)
 
@@ -78,14 +83,27 @@ def mesh_from_config(mesh_config) -> Mesh:
     return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor)
 
 
-def _fit_to_shape(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """Drop mesh axes from dimensions they do not divide (e.g. 3 KV heads over 2-way tensor)."""
+_warned: set[tuple] = set()
+
+
+def _parameter_name(path) -> str:
+    """The parameter's dict path: the same for the parameter and its optimiser moments."""
+    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def _fit_to_shape(spec: P, shape: tuple[int, ...], mesh: Mesh, name: str = "") -> P:
+    """Drop mesh axes from dimensions they do not divide (e.g. 3 KV heads over 2-way tensor); warns once
+    per parameter, since every replicated dimension costs memory on each device."""
     fitted = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for axis, (dim, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = math.prod(mesh.shape[a] for a in names) if names else 1
         if names and dim % size:
-            logger.info("dimension %d not divisible by mesh axes %s (size %d): replicated", dim, names, size)
+            key = (name, axis, dim, names, size)
+            if key not in _warned:
+                _warned.add(key)
+                logger.warning("parameter %s: dimension %d (size %d) does not divide over mesh axes %s (%d "
+                               "devices), so it is replicated", name or "?", axis, dim, names, size)
             fitted.append(None)
         else:
             fitted.append(axes)
@@ -97,8 +115,9 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> An
     specs = nn.get_partition_spec(abstract_tree)
     mesh_specs = nn.logical_to_mesh(specs, rules)
     unboxed = nn.meta.unbox(abstract_tree)
-    return jax.tree.map(lambda spec, leaf: NamedSharding(mesh, _fit_to_shape(spec, leaf.shape, mesh)),
-                        mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, spec, leaf: NamedSharding(mesh, _fit_to_shape(spec, leaf.shape, mesh, _parameter_name(path))),
+        mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -11,6 +11,7 @@ The output is the embeddings file format of `eval.embeddings`, which the baselin
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,7 +29,8 @@ from notellm_jax import sharding as shd
 from notellm_jax.config import Config
 from notellm_jax.data import store
 from notellm_jax.data.prompts import Note, PromptTooLongError, build_example, example_from_tokens, pad_batch
-from notellm_jax.eval.embeddings import EmbeddingWriter, embedding_dir, written_summary
+from notellm_jax.eval.embeddings import (EmbeddingWriter, clear_folder, embedding_dir, nonfinite_ids, write_meta,
+                                         write_shard, written_summary)
 
 CHUNK_BATCHES = 16  # batches per length-sorted chunk (also the progress-report interval)
 
@@ -94,7 +96,8 @@ class BatchEmbedder:
         inputs = shd.batch_sharding(mesh, 3) if features else matrix
         self._features = features
         self._extra = None if extra is None else jax.device_put(extra, shd.replicated(mesh))
-        self._fn = jax.jit(sharded_apply, in_shardings=(param_shardings, inputs, matrix, rows, shd.replicated(mesh)),
+        self._input_shardings = (inputs, matrix, rows)
+        self._fn = jax.jit(sharded_apply, in_shardings=(param_shardings, *self._input_shardings, shd.replicated(mesh)),
                            out_shardings=matrix)
 
     def bucket(self, length: int) -> int:
@@ -127,8 +130,10 @@ class BatchEmbedder:
             inputs = batch["input_ids"]
             if self._features is not None:
                 inputs = self._features(inputs, batch["attention_mask"])
-            vectors = np.asarray(self._fn(self.params, inputs, batch["attention_mask"], batch["embed_read_pos"],
-                                          self._extra))[:len(rows)]
+            # Placed explicitly: jit refuses sharded numpy inputs once several processes exist (the mesh
+            # here is this process's own devices then, see embed_notes).
+            placed = jax.device_put((inputs, batch["attention_mask"], batch["embed_read_pos"]), self._input_shardings)
+            vectors = np.asarray(self._fn(self.params, *placed, self._extra))[:len(rows)]
             if out is None:
                 out = np.zeros((len(token_lists), vectors.shape[1]), np.float32)
             out[rows] = vectors
@@ -187,6 +192,62 @@ def write_embeddings(notes: Iterable[Note], embed_chunk: ChunkEmbedder, out_dir:
                          "notes_per_s": round(done / max(elapsed, 1e-9), 2)})
 
 
+def write_embeddings_across_hosts(notes: Iterable[Note], embed_chunk: ChunkEmbedder, out_dir: str | Path,
+                                  shard_size: int, meta: dict[str, Any]) -> Path:
+    """Every process calls this with the same notes. They form blocks of `shard_size`; process p embeds
+    blocks p, p + P, ... and writes each as the shard of that number (with no skipped note, the very files
+    one process writes), then process 0 writes embeddings.json from every process's part-*.json. Non-finite
+    embeddings fail every process alike (each reads all parts) and leave no shard behind."""
+    from jax.experimental import multihost_utils
+
+    processes, me = jax.process_count(), jax.process_index()
+    out_dir = Path(out_dir)
+    if me == 0:
+        clear_folder(out_dir)
+    multihost_utils.sync_global_devices("embed: folder cleared")
+    notes, start = list(notes), time.time()
+    _embed_own_blocks(notes, embed_chunk, out_dir, shard_size, processes, me)
+    multihost_utils.sync_global_devices("embed: shards written")
+    parts = [json.loads(p.read_text()) for p in sorted(out_dir.glob("part-*.json"))]
+    shards = sorted((s for part in parts for s in part["shards"]), key=lambda s: s["block"])
+    skipped = sum((Counter(part["skipped"]) for part in parts), Counter())
+    nonfinite = [i for part in parts for i in part["nonfinite"]]
+    multihost_utils.sync_global_devices("embed: parts read")
+    if me == 0:
+        stale = [*out_dir.glob("part-*.json"),
+                 *(out_dir / s[k] for s in shards if nonfinite for k in ("embeddings", "ids"))]
+        for path in stale:
+            path.unlink(missing_ok=True)
+    if nonfinite:
+        raise ValueError(f"{len(nonfinite)} embeddings are not finite (notes {nonfinite[:5]}): the model produced "
+                         f"NaN/inf; nothing is written to {out_dir}")
+    if not shards:
+        raise ValueError(f"no note could be embedded ({len(notes)} read, skipped: {dict(skipped) or 'none'})")
+    if me == 0:
+        elapsed = time.time() - start
+        write_meta(out_dir, {**meta, "notes_read": len(notes), "skipped": dict(skipped), "processes": processes,
+                             "seconds": round(elapsed, 3), "notes_per_s": round(len(notes) / max(elapsed, 1e-9), 2)},
+                   shards[0]["dim"], [{k: s[k] for k in ("embeddings", "ids", "count")} for s in shards])
+    multihost_utils.sync_global_devices("embed: embeddings.json written")
+    return out_dir
+
+
+def _embed_own_blocks(notes: list[Note], embed_chunk: ChunkEmbedder, out_dir: Path, shard_size: int,
+                      processes: int, me: int) -> None:
+    """Process `me`'s blocks embedded and written as shards; what it did goes to its part-<me>.json."""
+    shards, skipped, nonfinite = [], Counter(), []
+    for block in range(me, -(-len(notes) // shard_size), processes):
+        ids, vectors, block_skipped = embed_chunk(notes[block * shard_size:(block + 1) * shard_size])
+        skipped.update(block_skipped)
+        bad = nonfinite_ids(ids, vectors) if ids else []
+        nonfinite += bad
+        if ids and not bad:
+            shards.append({**write_shard(out_dir, block, ids, vectors), "block": block, "dim": vectors.shape[1]})
+    part = {"shards": shards, "skipped": skipped, "nonfinite": nonfinite}
+    (out_dir / f"part-{me:05d}.json").write_text(json.dumps(part))
+    print(f"[embed] process {me}/{processes}: wrote shards {[s['block'] for s in shards]}", flush=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # NoteLLM
 
@@ -204,7 +265,7 @@ def check_export(export, tokenizer, source: str) -> None:
 
 def notellm_embedder(export, mesh, batch_size: int, max_length: int, bucket_count: int, pad_id: int,
                      padding_side: str, source: str, cache_dir: Path | None = None,
-                     prefix: Sequence[int] = ()) -> tuple[BatchEmbedder, Any]:
+                     prefix: Sequence[int] = (), cache_max_bytes: float = float("inf")) -> tuple[BatchEmbedder, Any]:
     """(embedder, feature cache or None). With `cache_dir` and an export trained with frozen lower layers,
     the frozen bottom runs through the shared FeatureCache (every fine-tuned variant of one base model
     embeds the same test prompts: the bottom runs once for all of them). Otherwise, with `prefix` (the
@@ -221,7 +282,7 @@ def notellm_embedder(export, mesh, batch_size: int, max_length: int, bucket_coun
     cache = None
     if cache_dir is not None and frozen_layers:
         frozen = split_params(export.params, frozen_layers)[1]
-        cache = FeatureCache(model, mesh, frozen_layers,
+        cache = FeatureCache(model, mesh, frozen_layers, max_bytes=cache_max_bytes,
                              path=cache_path(cache_dir, export.meta.get("checkpoint", "model"), frozen_layers, frozen))
     boxed = abstract_boxed_params(model)
     if prefix and cache is None:
@@ -332,17 +393,21 @@ def note_encoder(config: Config, export, mesh=None, batch_size: int | None = Non
     from notellm_jax.weights.tokenizer import resolve_tokenizer
 
     source = str(export) if isinstance(export, (str, Path)) else f"export of run {export.meta.get('run')!r}"
+    multi_host = jax.process_count() > 1
+    # Across hosts each process embeds its own notes on its own devices (no cross-host collective per batch).
+    mesh = mesh or (shd.make_mesh(1, -1, 1, devices=jax.local_devices()) if multi_host
+                    else shd.mesh_from_config(config.mesh))
     if isinstance(export, (str, Path)):
-        export = load_notellm(export)
+        export = load_notellm(export, mesh)
     prompt = dataclasses.replace(export.prompt, padding_side=config.prompt.padding_side)
     tokenizer = resolve_tokenizer(config, export.tokenizer, prompt.emb_token)
     check_export(export, tokenizer, source)
-    mesh = mesh or shd.mesh_from_config(config.mesh)
     prefix = shared_prefix(tokenizer, prompt) if config.embed.prefix_cache else []
     cache_dir = config.data_dir if config.model.cache_frozen_features and config.model.persist_feature_cache else None
     embedder, cache = notellm_embedder(export, mesh, batch_size or config.embed.batch_size, prompt.max_length,
                                        config.embed.length_buckets, tokenizer.pad_id, prompt.padding_side,
-                                       source, cache_dir=cache_dir, prefix=prefix)
+                                       source, cache_dir=cache_dir, prefix=prefix,
+                                       cache_max_bytes=config.model.feature_cache_max_gb * 1e9)
     if cache is not None:  # the frozen bottom's features cover whole prompts: no prefix cache there
         prefix = []
     return NoteEncoder(export, embedder, cache, tokenizer, prompt, embedder.buckets, source, prefix)
@@ -361,8 +426,12 @@ def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: st
             "prompt_hash": prompt_hash(dataclasses.replace(config, prompt=prompt), export.tokenizer),
             "prompt": dataclasses.asdict(prompt), "buckets": encoder.buckets, "batch_size": batch_size,
             "prefix_tokens": len(encoder.prefix), "devices": int(encoder.embedder.devices)}
-    out = write_embeddings(note_source, token_chunk_embedder(encoder.embedder, encoder.tokens), out_dir,
-                           config.embed.shard_size, batch_size * CHUNK_BATCHES, meta)
+    embed_chunk = token_chunk_embedder(encoder.embedder, encoder.tokens)
+    if jax.process_count() > 1:
+        out = write_embeddings_across_hosts(note_source, embed_chunk, out_dir, config.embed.shard_size, meta)
+    else:
+        out = write_embeddings(note_source, embed_chunk, out_dir, config.embed.shard_size,
+                               batch_size * CHUNK_BATCHES, meta)
     if encoder.cache is not None and jax.process_index() == 0:
         encoder.cache.save()
     return out

@@ -27,17 +27,43 @@ META_FILE = "embeddings.json"
 # Streaming storage
 
 
+def clear_folder(out_dir: str | Path) -> Path:
+    """`out_dir` created and emptied of an earlier run's shards (a shorter rerun must not leave old ones)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("embeddings-*.npy"), *out_dir.glob("ids-*.txt"), *out_dir.glob("part-*.json"),
+                  out_dir / META_FILE]:
+        stale.unlink(missing_ok=True)
+    return out_dir
+
+
+def write_shard(out_dir: Path, index: int, ids: Sequence[str], vectors: np.ndarray) -> dict[str, Any]:
+    """Shard `index` (its two files) and its embeddings.json entry."""
+    emb_name, ids_name = f"embeddings-{index:05d}.npy", f"ids-{index:05d}.txt"
+    np.save(out_dir / emb_name, np.asarray(vectors, np.float32))
+    (out_dir / ids_name).write_text("".join(i + "\n" for i in ids))
+    return {"embeddings": emb_name, "ids": ids_name, "count": len(ids)}
+
+
+def write_meta(out_dir: Path, meta: dict[str, Any], dim: int | None, shards: list[dict[str, Any]]) -> Path:
+    """embeddings.json, written last: its presence means the folder is complete."""
+    info = {**meta, "format": FORMAT, "dim": dim, "count": sum(s["count"] for s in shards), "shards": shards}
+    (out_dir / META_FILE).write_text(json.dumps(info, indent=2))
+    return out_dir
+
+
+def nonfinite_ids(ids: Sequence[str], vectors: np.ndarray) -> list[str]:
+    """The ids whose embedding holds a NaN or inf (such a folder is never written)."""
+    return [i for i, row in zip(ids, vectors) if not np.isfinite(row).all()]
+
+
 class EmbeddingWriter:
     """Appends (ids, vectors) and writes a shard each time `shard_size` rows are buffered."""
 
     def __init__(self, out_dir: str | Path, shard_size: int):
         if shard_size < 1:
             raise ValueError(f"embed.shard_size must be >= 1, got {shard_size}")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.out_dir.glob("embeddings-*.npy"), *self.out_dir.glob("ids-*.txt"),
-                      self.out_dir / META_FILE]:
-            stale.unlink(missing_ok=True)  # a shorter rerun must not leave old shards behind
+        self.out_dir = clear_folder(out_dir)
         self.shard_size = shard_size
         self.dim: int | None = None
         self.count = 0
@@ -56,7 +82,7 @@ class EmbeddingWriter:
         bad = [i for i in ids if "\n" in i or "\r" in i]
         if bad:
             raise ValueError(f"note ids with line breaks cannot be stored one per line: {bad[:5]!r}")
-        nonfinite = [i for i, row in zip(ids, vectors) if not np.isfinite(row).all()]
+        nonfinite = nonfinite_ids(ids, vectors)
         if nonfinite:
             raise ValueError(f"{len(nonfinite)} of {len(ids)} embeddings are not finite (notes {nonfinite[:5]}): "
                              f"the model produced NaN/inf; nothing is written to {self.out_dir}")
@@ -67,11 +93,7 @@ class EmbeddingWriter:
 
     def _flush(self, rows: int) -> None:
         matrix = np.concatenate(self._vectors) if len(self._vectors) > 1 else self._vectors[0]
-        index = len(self.shards)
-        emb_name, ids_name = f"embeddings-{index:05d}.npy", f"ids-{index:05d}.txt"
-        np.save(self.out_dir / emb_name, matrix[:rows])
-        (self.out_dir / ids_name).write_text("".join(i + "\n" for i in self._ids[:rows]))
-        self.shards.append({"embeddings": emb_name, "ids": ids_name, "count": rows})
+        self.shards.append(write_shard(self.out_dir, len(self.shards), self._ids[:rows], matrix[:rows]))
         self.count += rows
         self._ids, self._vectors = self._ids[rows:], [matrix[rows:]]
 
@@ -86,9 +108,7 @@ class EmbeddingWriter:
         """Write what is left and embeddings.json (written last: its presence means the folder is complete)."""
         if self._ids:
             self._flush(len(self._ids))
-        info = {**meta, "format": FORMAT, "dim": self.dim, "count": self.count, "shards": self.shards}
-        (self.out_dir / META_FILE).write_text(json.dumps(info, indent=2))
-        return self.out_dir
+        return write_meta(self.out_dir, meta, self.dim, self.shards)
 
 
 def embedding_dir(config: Config, model: str) -> Path:

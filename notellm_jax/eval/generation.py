@@ -34,9 +34,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
 from notellm_jax.config import Config, PromptConfig
 from notellm_jax.data import store
 from notellm_jax.data.prompts import TASKS, Example, Note, build_example, pad_batch
@@ -53,10 +50,13 @@ PAD_MULTIPLE = 8  # prompts are left-padded to the task's longest prompt rounded
 class Generator:
     """The decoder of a NoteLLM export with its tokenizer and the prompt settings it was trained with."""
 
-    def __init__(self, config: Config, export_dir: str | Path):
+    def __init__(self, config: Config, export_dir: str | Path, mesh=None):
+        """The weights are restored onto `mesh` (default: the config's) in their logical shardings, as the
+        embedder's are; the decode program then runs over the whole mesh."""
+        from notellm_jax import sharding as shd
         from notellm_jax.weights.export import load_notellm
 
-        export = load_notellm(export_dir)
+        export = load_notellm(export_dir, mesh or shd.mesh_from_config(config.mesh))
         self.tokenizer: NoteTokenizer = resolve_tokenizer(config, export.tokenizer, export.prompt.emb_token)
         if self.tokenizer.vocab_size > export.llama.vocab_size:  # equal, or a padded table (Qwen)
             raise ValueError(f"{export_dir}: the model has a {export.llama.vocab_size}-token vocabulary but its "
@@ -64,7 +64,7 @@ class Generator:
                              f"{export.prompt.emb_token}): they do not belong together")
         self.prompt: PromptConfig = export.prompt
         self.model = Llama(export.llama)
-        self.params = jax.tree.map(jnp.asarray, export.params["decoder"])  # on the device once, not per batch
+        self.params = export.params["decoder"]
 
     def decode(self, examples: Sequence[Example], length: int, max_new_tokens: int, repetition_penalty: float,
                trie: TokenTrie | None) -> list[list[int]]:

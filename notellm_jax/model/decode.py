@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from notellm_jax.model.llama import Llama, LlamaConfig, init_cache
+from notellm_jax.model.params import sharded_abstract_params
 
 NO_CHILD = -1
 
@@ -117,7 +118,7 @@ def _decode(model: Llama, params: Any, ids: jax.Array, mask: jax.Array, max_new_
             eos_id: jax.Array, trie: tuple[jax.Array, jax.Array] | None) -> jax.Array:
     """Prefill the cache with the prompt, then feed back one chosen token per step."""
     batch, length = ids.shape
-    vocab = model.config.vocab_size
+    vocab = model.config.padded_vocab_size  # the logits' width; padded entries are masked by Llama.logits
     variables = {"params": params}
     cache = init_cache(model.config, batch, length + max_new_tokens)
     hidden, cache = model.apply(variables, ids, mask, cache=cache)
@@ -176,15 +177,22 @@ def _as_batch(input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarr
 class CausalLM:
     """A loaded LLaMA: `logits` for scoring, greedy `generate` with the model's KV cache (numpy in and out)."""
 
-    def __init__(self, params: Params, config: LlamaConfig):
+    def __init__(self, params: Params, config: LlamaConfig, mesh: jax.sharding.Mesh | None = None):
+        """params: host arrays, or jax.Arrays already placed (`load_causal_lm(..., mesh=)`). Host params are
+        laid out over `mesh` by the logical rules (default: the first device alone)."""
         self.config = config
-        self.params = jax.tree.map(jnp.asarray, params)
         self.model = Llama(config)
+        if mesh is None:
+            mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+        abstract = sharded_abstract_params(config, mesh)
+        self.params = jax.tree.map(lambda p, a: p if isinstance(p, jax.Array) else
+                                   jax.device_put(np.asarray(p, a.dtype), a.sharding), params, abstract)
 
     def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
         """float32 [B, T, V] logits (pad positions hold values for the pad token; ignore them)."""
         ids, mask, single = _as_batch(input_ids, attention_mask)
         logits = np.asarray(_forward_logits(self.model, self.params, ids, mask), np.float32)
+        logits = logits[..., :self.config.vocab_size]  # the padded entries are never predicted
         return logits[0] if single else logits
 
     def generate(self, input_ids: Any, max_new_tokens: int, attention_mask: Any = None,

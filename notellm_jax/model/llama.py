@@ -104,6 +104,9 @@ class LlamaConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
     attention: str = "einsum"  # the attention core: see notellm_jax.model.attention
+    # Embedding and head tables get padded_vocab_size entries (HF's pad_to_multiple_of): an odd vocabulary
+    # (32,001 with [EMB]) would otherwise not shard over `tensor`. Padded rows are zero, their logits masked.
+    vocab_pad_multiple: int = 1
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -142,6 +145,10 @@ class LlamaConfig:
     @property
     def precision(self) -> Precision:
         return Precision(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
 
     @property
     def dtype(self):
@@ -477,7 +484,7 @@ class Llama(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.precision.param,
+            cfg.padded_vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.precision.param,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("vocab", "embed")))
         if cfg.scan_layers:
             self.layers = nn.scan(
@@ -489,7 +496,7 @@ class Llama(nn.Module):
             self.layers = [layer_cls(cfg) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.precision.param)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Projection((cfg.vocab_size,), ("embed", "vocab"), 1, cfg.dtype, cfg.precision.param,
+            self.lm_head = Projection((cfg.padded_vocab_size,), ("embed", "vocab"), 1, cfg.dtype, cfg.precision.param,
                                       precision=cfg.precision)
 
     def __call__(self, input_ids: Array | None = None, attention_mask: Array | None = None, *,
@@ -552,11 +559,18 @@ class Llama(nn.Module):
 
     def logits(self, hidden: Array) -> Array:
         """The LM head, for any [..., H] hidden states (apply it only where logits are needed): float32
-        logits (the precision policy's output dtype) straight out of the contraction."""
-        if self.config.tie_word_embeddings:
+        logits (the precision policy's output dtype) straight out of the contraction. Entries of the
+        vocabulary padding get the lowest finite logit, so no loss or decoding ever picks them."""
+        cfg = self.config
+        if cfg.tie_word_embeddings:
             dims = (((hidden.ndim - 1,), (1,)), ((), ()))
-            return self.config.precision.logits(hidden, self.embed_tokens.embedding, dims)
-        return self.lm_head(hidden)
+            logits = cfg.precision.logits(hidden, self.embed_tokens.embedding, dims)
+        else:
+            logits = self.lm_head(hidden)
+        if cfg.padded_vocab_size == cfg.vocab_size:
+            return logits
+        real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+        return jnp.where(real, logits, jnp.finfo(logits.dtype).min)
 
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=None) -> dict[str, Array]:

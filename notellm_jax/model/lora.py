@@ -46,12 +46,12 @@ def init_lora(decoder: dict, rank: int, targets, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     adapters: dict = {}
     for layer, block, name in _targets_of(decoder, targets):
-        kernel = np.asarray(decoder[layer][block][name]["kernel"])
+        shape = np.shape(decoder[layer][block][name]["kernel"])  # a global array need not be addressable
         n_in = _INPUT_AXES[name]
-        fan_in = int(np.prod(kernel.shape[:n_in]))
+        fan_in = int(np.prod(shape[:n_in]))
         bound = 1.0 / np.sqrt(fan_in)
-        a = rng.uniform(-bound, bound, (*kernel.shape[:n_in], rank)).astype(np.float32)
-        b = np.zeros((rank, *kernel.shape[n_in:]), np.float32)
+        a = rng.uniform(-bound, bound, (*shape[:n_in], rank)).astype(np.float32)
+        b = np.zeros((rank, *shape[n_in:]), np.float32)
         adapters.setdefault(layer, {}).setdefault(block, {})[name] = {"a": a, "b": b}
     return adapters
 

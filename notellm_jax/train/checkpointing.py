@@ -131,16 +131,10 @@ def restore_checkpoint(manager, setup: TrainSetup, config: Config, total_steps: 
 
 
 def export_params(config: Config, setup: TrainSetup, state: TrainState, llama_cfg: LlamaConfig) -> Path:
-    """Param-only export for the embedding / eval tools: orbax params + notellm.json.
-
-    Called by every process: the parameters are gathered to host arrays (a collective) and orbax saves
-    them from process 0, with barriers that every process must reach.
-    """
-    from jax.experimental import multihost_utils
+    """Param-only export for the embedding / eval tools: orbax params + notellm.json. Called by every
+    process; each writes its own shards of the sharded parameters (no gather)."""
     from notellm_jax.weights.export import save_notellm
     params = exportable_params(setup, state)  # LoRA merged into the weights
-    if jax.process_count() > 1:
-        params = multihost_utils.process_allgather(params, tiled=True)
     return save_notellm(config.work_dir / "export", params, llama_cfg, config)
 
 

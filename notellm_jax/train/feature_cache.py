@@ -9,7 +9,12 @@ Keys are a hash of the real (unpadded) token ids; values are the features of the
 so a sequence cached under right padding is reused under left padding or another bucket length (a
 token's features depend on the tokens before it, never on padding: positions come from the mask).
 Padded positions of a returned batch hold zeros; they are masked out as attention keys and never read.
-The cache can persist to one .npz file, named by a fingerprint of the frozen parameters.
+
+Features are kept in the model's compute dtype (bf16 halves the store) up to `max_bytes`; sequences
+missing beyond that are computed every time they come, and counted. All misses of a batch run through
+the bottom in one call padded to the batch's row count (one compilation per batch shape). The cache can
+persist to a folder, named by a fingerprint of the frozen parameters, that grows by one .npz part per
+`save()` holding only the sequences added since the last one (no rewrite, no whole-store copy).
 """
 from __future__ import annotations
 
@@ -39,41 +44,59 @@ def fingerprint(tree) -> str:
 class FeatureCache:
     """`cache(frozen_params, batch)` swaps `input_ids` for `hidden_in` = features after the frozen layers."""
 
-    def __init__(self, model, mesh, frozen_layers: int, chunk: int = 8, path: Path | None = None):
-        self.chunk = chunk  # missing rows run through the bottom in fixed-size chunks (one compilation per length)
+    def __init__(self, model, mesh, frozen_layers: int, path: Path | None = None, max_bytes: float = float("inf")):
         self.path = path
+        self.dtype = np.dtype(model.llama.dtype)
+        self.max_bytes = max_bytes
         self.store: dict[bytes, np.ndarray] = {}
+        self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._loaded = 0
+        self.uncached = 0  # misses not stored because the store was full
+        self._unsaved: list[bytes] = []
 
         def bottom(frozen, ids, mask):
             with shd.axis_rules(mesh):
-                return model.apply({"params": frozen}, ids, mask, frozen_layers, method=type(model).bottom)
+                out = model.apply({"params": frozen}, ids, mask, frozen_layers, method=type(model).bottom)
+            return out.astype(self.dtype)
         self._bottom = jax.jit(bottom)
-        if path is not None and path.is_file():
+        if path is not None and path.is_dir():
             self._load(path)
 
     @staticmethod
     def key(ids: np.ndarray, mask: np.ndarray) -> bytes:
         return hashlib.blake2b(np.ascontiguousarray(ids[mask > 0], np.int32).tobytes(), digest_size=16).digest()
 
+    def _add(self, key: bytes, value: np.ndarray) -> bool:
+        if self.bytes + value.nbytes > self.max_bytes:
+            return False
+        self.store[key] = value
+        self.bytes += value.nbytes
+        return True
+
     def features(self, frozen: dict, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """[N, T, H] features after the frozen layers (zeros at padded positions)."""
+        """[N, T, H] features after the frozen layers in the compute dtype (zeros at padded positions)."""
         keys = [self.key(i, m) for i, m in zip(input_ids, attention_mask)]
         missing = list({k: row for row, k in reversed(list(enumerate(keys))) if k not in self.store}.values())
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
-        for start in range(0, len(missing), self.chunk):
-            rows = missing[start:start + self.chunk]
-            padded = rows + [rows[-1]] * (self.chunk - len(rows))
+        computed: dict[bytes, np.ndarray] = {}
+        if missing:
+            padded = missing + [missing[-1]] * (len(keys) - len(missing))
             out = np.asarray(self._bottom(frozen, input_ids[padded], attention_mask[padded]))
-            for i, row in enumerate(rows):
-                self.store[keys[row]] = out[i][attention_mask[row] > 0]
-        hidden = self.store[keys[0]].shape[-1]
-        result = np.zeros(input_ids.shape + (hidden,), np.float32)
+            for i, row in enumerate(missing):
+                computed[keys[row]] = out[i][attention_mask[row] > 0]
+                if self._add(keys[row], computed[keys[row]]):
+                    self._unsaved.append(keys[row])
+                else:
+                    self.uncached += 1
+                    if self.uncached == 1:
+                        logger.warning("feature cache full (%.2f GB): further sequences are recomputed each "
+                                       "time (raise model.feature_cache_max_gb)", self.bytes / 1e9)
+        hidden = (computed.get(keys[0]) if keys[0] in computed else self.store[keys[0]]).shape[-1]
+        result = np.zeros(input_ids.shape + (hidden,), self.dtype)
         for row, k in enumerate(keys):
-            result[row][attention_mask[row] > 0] = self.store[k]
+            result[row][attention_mask[row] > 0] = computed[k] if k in computed else self.store[k]
         return result
 
     def __call__(self, frozen: dict, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -85,31 +108,37 @@ class FeatureCache:
         return self.hits / max(1, self.hits + self.misses)
 
     def save(self) -> None:
-        """Write the cache to `path` (atomically) if it grew since it was loaded."""
-        if self.path is None or len(self.store) == self._loaded:
+        """Append the sequences added since the last save to `path` as one new part (written atomically)."""
+        if self.path is None or not self._unsaved:
             return
         start = time.time()
-        keys = list(self.store)
-        lengths = np.array([len(self.store[k]) for k in keys], np.int64)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp.npz")
-        np.savez(tmp, keys=np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), 16), lengths=lengths,
-                 features=np.concatenate([self.store[k] for k in keys]))
-        tmp.replace(self.path)
-        self._loaded = len(self.store)
-        logger.info("feature cache: %d sequences written to %s in %.1fs", len(keys), self.path, time.time() - start)
+        keys, self._unsaved = self._unsaved, []
+        self.path.mkdir(parents=True, exist_ok=True)
+        part = self.path / f"part-{len(list(self.path.glob('part-*.npz'))):05d}.npz"
+        tmp = part.with_name(part.name + ".tmp.npz")
+        features = np.concatenate([self.store[k] for k in keys])
+        np.savez(tmp, keys=np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), 16),
+                 lengths=np.array([len(self.store[k]) for k in keys], np.int64),
+                 features=features.view(np.uint16) if features.dtype.itemsize == 2 else features,
+                 dtype=np.array(str(features.dtype)))
+        tmp.replace(part)
+        logger.info("feature cache: %d sequences written to %s in %.1fs", len(keys), part, time.time() - start)
 
     def _load(self, path: Path) -> None:
-        with np.load(path) as data:
-            keys, lengths, features = data["keys"], data["lengths"], data["features"]
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        for i, raw in enumerate(keys):
-            self.store[raw.tobytes()] = features[offsets[i]:offsets[i + 1]]
-        self._loaded = len(self.store)
+        for part in sorted(path.glob("part-*.npz")):
+            with np.load(part) as data:
+                keys, lengths = data["keys"], data["lengths"]
+                features = data["features"].view(np.dtype(str(data["dtype"])))
+            if features.dtype != self.dtype:
+                features = features.astype(self.dtype)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            for i, raw in enumerate(keys):
+                if not self._add(raw.tobytes(), features[offsets[i]:offsets[i + 1]]):
+                    break
         logger.info("feature cache: %d sequences loaded from %s", len(self.store), path)
 
 
 def cache_path(data_dir: Path, checkpoint: str, frozen_layers: int, frozen_params) -> Path:
     """Where the cache of one frozen bottom lives: beside the prepared data, named by its weights."""
     name = Path(checkpoint).name.replace(":", "_")
-    return data_dir / "feature_cache" / f"{name}-bottom{frozen_layers}-{fingerprint(frozen_params)}.npz"
+    return data_dir / "feature_cache" / f"{name}-bottom{frozen_layers}-{fingerprint(frozen_params)}"

@@ -70,6 +70,13 @@ def abstract_train_params(config: Config, model: NoteLLM) -> Any:
     return boxed
 
 
+def abstract_params_on(model: NoteLLM, mesh) -> dict:
+    """ShapeDtypeStructs of every parameter carrying its NamedSharding on `mesh` (the logical rules)."""
+    boxed = abstract_boxed_params(model)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
+                        shd.logical_shardings(boxed, mesh))
+
+
 @dataclasses.dataclass
 class TrainSetup:
     """The model, mesh and optimiser of a run, and its state's layout (shardings and abstract shapes)."""
@@ -103,12 +110,18 @@ def make_train_setup(config: Config, llama_cfg: LlamaConfig, mesh, total_steps: 
                       shardings, abstract)
 
 
-def _place(array: np.ndarray, abstract: jax.ShapeDtypeStruct) -> jax.Array:
-    """Host array -> global array of the abstract leaf's dtype and sharding; each process only touches (and
-    casts) the slices its devices hold, so param_dtype holds for loaded weights as for random ones."""
-    array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, abstract.sharding,
-                                        lambda index: np.asarray(array[index], abstract.dtype))
+def _place(value: Any, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """A parameter in the abstract state's dtype and sharding (so param_dtype holds for loaded weights as for
+    random ones): a global array is cast and resharded (kept as it is when it already matches), a host
+    array is placed slice by slice, each process touching (and casting) only its devices' slices."""
+    if not isinstance(value, jax.Array):
+        from notellm_jax.weights.loading import host_to_global
+        return host_to_global(value, target)
+    if value.dtype != target.dtype:
+        value = value.astype(target.dtype)
+    if value.sharding.is_equivalent_to(target.sharding, value.ndim):
+        return value
+    return jax.device_put(value, target.sharding)
 
 
 def check_against_abstract(state: TrainState, abstract: TrainState) -> None:
@@ -125,6 +138,8 @@ def check_against_abstract(state: TrainState, abstract: TrainState) -> None:
 
 
 def create_state(setup: TrainSetup, params: dict) -> TrainState:
+    """The fresh train state from `params` (host arrays or `load_initial_params`' global arrays, which
+    then become the state: the jitted step donates them)."""
     trainable, frozen = split_params(params, setup.frozen_layers)
     sh, abstract = setup.state_shardings, setup.abstract_state
     trainable = jax.tree.map(_place, trainable, abstract.params)

@@ -62,7 +62,8 @@ def _feature_cache(config: Config, setup: TrainSetup, state: TrainState) -> Feat
         raise ValueError("model.cache_frozen_features works in one process; set it False for multi-host runs")
     path = (cache_path(config.data_dir, config.model.checkpoint, setup.frozen_layers, state.frozen)
             if config.model.persist_feature_cache else None)
-    return FeatureCache(setup.model, setup.mesh, setup.frozen_layers, path=path)
+    return FeatureCache(setup.model, setup.mesh, setup.frozen_layers, path=path,
+                        max_bytes=config.model.feature_cache_max_gb * 1e9)
 
 
 def _announce(run: Run) -> None:
@@ -89,7 +90,7 @@ def setup(config: Config) -> Run:
     config.validate(jax.device_count(), jax.process_count(), training=True)
     mesh = shd.mesh_from_config(config.mesh)
     emb_vocab = None if config.train.synthetic_data else _vocab_size(config)
-    params, llama_cfg = load_initial_params(config, emb_vocab)
+    params, llama_cfg = load_initial_params(config, emb_vocab, mesh)
     total_steps = total_train_steps(config)
     train_setup = make_train_setup(config, llama_cfg, mesh, total_steps)
     manager = checkpoint_manager(config)
@@ -145,6 +146,8 @@ def train_loop(run: Run) -> dict[str, Any]:
             run.guard.check()
             save_checkpoint(run.manager, run.state, config, run.total_steps)
             run.saving.append(done)
+            if run.cache and is_primary():
+                run.cache.save()  # appends the sequences added since the last save
         run.saving = report_committed(run.manager, config, run.saving)
     run.guard.check()
     return last

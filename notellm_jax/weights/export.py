@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from notellm_jax.config import Config, PromptConfig
 from notellm_jax.model.llama import LlamaConfig
@@ -33,13 +32,14 @@ class NoteLLMExport:
 
 
 def save_notellm(out_dir: Path, params: dict, llama_cfg: LlamaConfig, config: Config) -> Path:
+    """Called by every process: orbax writes each process's own shards of the (sharded) parameters, so
+    nothing is gathered to one host."""
     from notellm_jax.weights.tokenizer import tokenizer_source
     import orbax.checkpoint as ocp
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out_dir / "params", host, force=True)
+        ckptr.save(out_dir / "params", params, force=True)
     meta = {"format": FORMAT, "llama": dataclasses.asdict(llama_cfg), "emb_dim": config.model.emb_dim,
             "prompt": dataclasses.asdict(config.prompt), "tokenizer": tokenizer_source(config),
             "objective": config.train.objective, "run": config.name, "checkpoint": config.model.checkpoint,
@@ -49,7 +49,10 @@ def save_notellm(out_dir: Path, params: dict, llama_cfg: LlamaConfig, config: Co
     return out_dir
 
 
-def load_notellm(path: str | Path) -> NoteLLMExport:
+def load_notellm(path: str | Path, mesh=None) -> NoteLLMExport:
+    """The export, its parameters restored straight into their shardings on `mesh` (each process reads
+    only its own slices; default: this process's first device). Always into an explicit target, so the
+    mesh the export was written from does not matter."""
     import orbax.checkpoint as ocp
     path = Path(path).absolute()
     meta_file = path / "notellm.json"
@@ -59,9 +62,14 @@ def load_notellm(path: str | Path) -> NoteLLMExport:
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(path / "params")
     llama_cfg = LlamaConfig(**meta["llama"])
+    from notellm_jax.model.notellm import NoteLLM
+    from notellm_jax.sharding import make_mesh
+    from notellm_jax.train.step import abstract_params_on
+    mesh = mesh or make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
+    target = abstract_params_on(NoteLLM(llama_cfg, emb_dim=meta["emb_dim"]), mesh)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(path / "params", target)
     return NoteLLMExport(params=params, llama=llama_cfg, emb_dim=meta["emb_dim"],
                          prompt=PromptConfig(**meta["prompt"]), tokenizer=meta["tokenizer"], meta=meta)
 

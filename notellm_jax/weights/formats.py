@@ -12,8 +12,14 @@ one place whatever the source:
   in the same interleaved layout.
 - orbax folder: config.json + `params/` written by `save_orbax` (the project's own format).
 
+Readers are lazy (`LazyTensor`: a shape and `read(index)` of any slice), so `place_params` builds each
+global array from only the slices a process's devices hold, with the HF -> Flax transpose, the [EMB]
+rows, the vocabulary padding and the scan stacking done per slice on the host: no host or device ever
+holds the whole model on the way to being sharded.
+
 Public API: `load_causal_lm(path) -> CausalLM` (logits, greedy generate with the KV cache),
-`load_params(path) -> (params, LlamaConfig)`, `save_hf`, `save_orbax`.
+`open_params(path) -> (lazy params, LlamaConfig)`, `place_params`, `load_params(path) -> (params,
+LlamaConfig)`, `save_hf`, `save_orbax`.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -32,12 +39,13 @@ import numpy as np
 
 from notellm_jax.model.decode import CausalLM
 from notellm_jax.model.llama import LlamaConfig
-from notellm_jax.model.params import stack_layers, unstack_layers
+from notellm_jax.model.params import emb_growth, grow_table, sharded_abstract_params, stack_layers, unstack_layers
 from notellm_jax.errors import CheckpointError, MissingInputError
 
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, np.ndarray]
+LazyState = dict[str, "LazyTensor"]
 Params = dict[str, Any]
 
 HF_WEIGHTS = "model.safetensors"
@@ -94,37 +102,228 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def _as_float32(name: str, array: np.ndarray, source: Path) -> np.ndarray:
-    if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
-        raise CheckpointError(f"{source}: tensor {name} has dtype {array.dtype}, expected a float type")
-    return np.asarray(array, dtype=np.float32)
+# ----------------------------------------------------------------------------------------------------
+# Lazy tensors: a shape plus `read(index)` of any rectangular slice. Readers return these instead of
+# arrays, so a process reads from disk only the slices its devices hold (`place_params`), and every
+# layout change (transpose, [EMB] rows, vocabulary padding, layer stacking) happens per slice on the host.
+
+Index = tuple[slice, ...]
 
 
-def _read_safetensors(path: Path) -> StateDict:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def _ranges(index: Index, shape: tuple[int, ...]) -> list[range]:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return [range(*s.indices(n)) for s, n in zip(index, shape)]
+
+
+def _full_index(shape: tuple[int, ...]) -> Index:
+    return tuple(slice(None) for _ in shape)
+
+
+class LazyTensor:
+    shape: tuple[int, ...]
+
+    def read(self, index: Index) -> np.ndarray:
+        raise NotImplementedError
+
+    def full(self) -> np.ndarray:
+        return self.read(_full_index(self.shape))
+
+
+class ArrayTensor(LazyTensor):
+    """An in-memory or memory-mapped array (np.memmap pages are read only where sliced)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.shape = array, tuple(array.shape)
+
+    def read(self, index: Index) -> np.ndarray:
+        return np.array(self.array[tuple(index)])
+
+
+class SafetensorsTensor(LazyTensor):
+    """One tensor of a safetensors file; each read opens the file, so its mapped pages go after the read."""
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...]):
+        self.path, self.name, self.shape = path, name, shape
+
+    def read(self, index: Index) -> np.ndarray:
+        from safetensors import safe_open
+        with safe_open(self.path, framework="np") as f:
+            if not self.shape:
+                return f.get_tensor(self.name)
+            return f.get_slice(self.name)[tuple(index)]
+
+
+class GGUFTensor(LazyTensor):
+    """A (possibly quantised) GGUF tensor on the reader's memory map: only the rows a slice needs are
+    dequantised (quantisation blocks run along a row, so rows are independent)."""
+
+    def __init__(self, tensor, shape: tuple[int, ...]):
+        self.tensor, self.shape = tensor, shape
+
+    def read(self, index: Index) -> np.ndarray:
+        import gguf
+        if len(self.shape) == 1:
+            return np.asarray(gguf.quants.dequantize(self.tensor.data, self.tensor.tensor_type), np.float32)[index]
+        rows = _ranges(index, self.shape)[0]
+        data = self.tensor.data[rows.start:rows.stop]
+        values = np.asarray(gguf.quants.dequantize(data, self.tensor.tensor_type), np.float32)
+        values = values.reshape((rows.stop - rows.start,) + self.shape[1:])
+        return values[(slice(None, None, rows.step),) + tuple(index)[1:]]
+
+
+def _gather(base: LazyTensor, axis: int, positions: np.ndarray, index: Index) -> np.ndarray:
+    """base[positions] along `axis` (the other axes sliced by `index`): one read of the covering range."""
+    lo, hi = int(positions.min()), int(positions.max()) + 1
+    sub = list(tuple(index) + (slice(None),) * (len(base.shape) - len(index)))
+    sub[axis] = slice(lo, hi)
+    block = base.read(tuple(sub))
+    if hi - lo == len(positions) and np.all(np.diff(positions) == 1):
+        return block
+    return np.take(block, positions - lo, axis=axis)
+
+
+class RowPermuted(LazyTensor):
+    """Row r of this tensor is row perm[r] of `base` (the RoPE layout fix of llama2.c and GGUF Q/K)."""
+
+    def __init__(self, base: LazyTensor, perm: np.ndarray):
+        self.base, self.perm, self.shape = base, perm, base.shape
+
+    def read(self, index: Index) -> np.ndarray:
+        rows = _ranges(index, self.shape)[0]
+        return _gather(self.base, 0, self.perm[rows.start:rows.stop:rows.step], (slice(None),) + tuple(index)[1:])
+
+
+class Kernel(LazyTensor):
+    """A torch Linear weight [out, in] seen as a Flax kernel: W.T reshaped to `shape`, whose first
+    `contract` axes split `in` and the others split `out` (heads out of q/k/v, heads into o_proj)."""
+
+    def __init__(self, base: LazyTensor, shape: tuple[int, ...], contract: int):
+        self.base, self.shape, self.contract = base, shape, contract
+
+    def read(self, index: Index) -> np.ndarray:
+        ranges = _ranges(index, self.shape)
+        flat = []
+        for axes in (slice(0, self.contract), slice(self.contract, None)):
+            grid = np.meshgrid(*[np.asarray(r) for r in ranges[axes]], indexing="ij")
+            flat.append(np.ravel_multi_index(grid, self.shape[axes]).reshape(-1))
+        flat_in, flat_out = flat
+        lo, hi = int(flat_in.min()), int(flat_in.max()) + 1
+        block = _gather(self.base, 0, flat_out, (slice(None), slice(lo, hi))).T  # [in range, out']
+        if hi - lo != len(flat_in) or np.any(np.diff(flat_in) != 1):
+            block = block[flat_in - lo]
+        return np.ascontiguousarray(block).reshape([len(r) for r in ranges])
+
+
+class VocabGrown(LazyTensor):
+    """A vocabulary table grown by `n_new` entries equal to the mean of the existing ones ([EMB], see
+    `add_tokens`), or with its existing row `reset` set to the mean of the rows before it
+    (`init_unused_token`), and zero-padded to `size` entries (`padded_vocab_size`); `axis` is the
+    vocabulary axis. The arithmetic of `model.params.grow_vocab`, per slice."""
+
+    def __init__(self, base: LazyTensor, axis: int, n_new: int, size: int, reset: int | None = None):
+        self.base, self.axis, self.n_new, self.real = base, axis, n_new, base.shape[axis]
+        self.reset, self.used = reset, self.real if reset is None else reset
+        self.shape = tuple(size if a == axis else n for a, n in enumerate(base.shape))
+        self._mean: np.ndarray | None = None
+
+    def mean(self) -> np.ndarray:
+        """Mean of the used entries over the vocabulary axis (float64 sums), read 4096 entries at a time."""
+        if self._mean is None:
+            total = 0.0
+            for start in range(0, self.used, 4096):
+                index = list(_full_index(self.base.shape))
+                index[self.axis] = slice(start, min(start + 4096, self.used))
+                total = total + self.base.read(tuple(index)).sum(axis=self.axis, keepdims=True, dtype=np.float64)
+            self._mean = total / self.used
+        return self._mean
+
+    def read(self, index: Index) -> np.ndarray:
+        ranges = _ranges(index, self.shape)
+        vocab = ranges[self.axis]
+        if vocab.step != 1:
+            raise ValueError(f"strided vocabulary slice {vocab}")
+        others = [slice(r.start, r.stop, r.step) for r in ranges]
+        others[self.axis] = slice(min(vocab.start, self.real), min(vocab.stop, self.real))
+        if vocab.start < self.real:
+            real = self.base.read(tuple(others))
+        else:  # a shard of only [EMB] rows and padding (e.g. the vocabulary split over `tensor`)
+            real = np.zeros([0 if a == self.axis else len(r) for a, r in enumerate(ranges)], np.float32)
+        grown_end = self.real + self.n_new
+        n_new = max(0, min(vocab.stop, grown_end) - max(vocab.start, self.real))
+        n_pad = max(0, vocab.stop - max(vocab.start, grown_end))
+        others[self.axis] = slice(None)
+        resets = self.reset is not None and vocab.start <= self.reset < vocab.stop
+        mean = self.mean()[tuple(others)] if n_new or resets else None
+        if resets:
+            real = np.array(real)
+            row = [slice(None)] * real.ndim
+            row[self.axis] = slice(self.reset - vocab.start, self.reset - vocab.start + 1)
+            real[tuple(row)] = mean
+        if not (n_new or n_pad):
+            return real
+        if mean is None:  # nothing to repeat, but the same rank for grow_table
+            mean = np.zeros(real.shape[:self.axis] + (1,) + real.shape[self.axis + 1:], real.dtype)
+        return grow_table(real, mean, n_new, n_pad, self.axis)
+
+
+class Transposed(LazyTensor):
+    """A 2-d tensor seen transposed (an untied head initialised from the embedding table: `untie_head`)."""
+
+    def __init__(self, base: LazyTensor):
+        if len(base.shape) != 2:
+            raise ValueError(f"Transposed needs a 2-d tensor, got shape {base.shape}")
+        self.base, self.shape = base, base.shape[::-1]
+
+    def read(self, index: Index) -> np.ndarray:
+        rows, cols = (slice(r.start, r.stop, r.step) for r in _ranges(index, self.shape))
+        return np.ascontiguousarray(self.base.read((cols, rows)).T)
+
+
+class Stacked(LazyTensor):
+    """Per-layer tensors stacked along a new leading axis (the scan layout)."""
+
+    def __init__(self, layers: tuple[LazyTensor, ...]):
+        self.layers = tuple(layers)
+        self.shape = (len(self.layers),) + self.layers[0].shape
+
+    def read(self, index: Index) -> np.ndarray:
+        ranges = _ranges(index, self.shape)
+        rest = tuple(slice(r.start, r.stop, r.step) for r in ranges[1:])
+        return np.stack([self.layers[i].read(rest) for i in ranges[0]])
+
+
+def _open_safetensors(path: Path) -> dict[str, LazyTensor]:
+    """Names and shapes from the header; no tensor data is read until a slice is."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise MissingInputError(f"missing safetensors file {path}")
+    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+    tensors: dict[str, LazyTensor] = {}
     try:
-        raw = load_file(path)
+        with safe_open(path, framework="np") as f:
+            for name in f.keys():
+                view = f.get_slice(name)
+                if view.get_dtype() not in names:
+                    raise CheckpointError(f"{path}: tensor {name} has dtype {view.get_dtype()}, expected a float type")
+                tensors[name] = SafetensorsTensor(path, name, tuple(view.get_shape()))
     except SafetensorError as e:
         raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt ({e})") from e
-    return {name: _as_float32(name, array, path) for name, array in raw.items()}
+    return tensors
 
 
-def read_hf_folder(folder: str | Path) -> tuple[StateDict, dict[str, Any]]:
-    """config.json + model.safetensors, or the shards named by model.safetensors.index.json."""
+def open_hf_folder(folder: str | Path) -> tuple[dict[str, LazyTensor], dict[str, Any]]:
+    """config.json + model.safetensors, or the shards named by model.safetensors.index.json (lazily)."""
     folder = Path(folder)
     config = _read_json(folder / "config.json")
     if not (folder / HF_INDEX).is_file():
-        return _read_safetensors(folder / HF_WEIGHTS), config
+        return _open_safetensors(folder / HF_WEIGHTS), config
     weight_map = _read_json(folder / HF_INDEX).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{folder / HF_INDEX}: no weight_map")
-    state: StateDict = {}
+    state: dict[str, LazyTensor] = {}
     for shard in sorted(set(weight_map.values())):
-        tensors = _read_safetensors(folder / shard)
+        tensors = _open_safetensors(folder / shard)
         misplaced = sorted(n for n, f in weight_map.items() if f == shard and n not in tensors)
         if misplaced:
             raise CheckpointError(f"{folder / shard}: lacks tensors the index assigns to it: {misplaced[:5]}")
@@ -132,10 +331,15 @@ def read_hf_folder(folder: str | Path) -> tuple[StateDict, dict[str, Any]]:
     return state, config
 
 
+def rotate_half_permutation(rows: int, n_heads: int) -> np.ndarray:
+    """perm with rotate_half[r] = interleaved[perm[r]]: Meta's interleaved RoPE pairs (llama2.c, llama.cpp)
+    to HF's rotate-half halves, as HF's convert_llama_weights_to_hf does."""
+    return np.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).swapaxes(1, 2).reshape(-1)
+
+
 def interleaved_to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Q/K rows from Meta's interleaved RoPE pairs (llama2.c, llama.cpp) to HF's rotate-half halves."""
-    out, inp = w.shape
-    return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+    """Q/K rows of a whole array from the interleaved to the rotate-half layout (`RowPermuted` lazily)."""
+    return w[rotate_half_permutation(w.shape[0], n_heads)]
 
 
 _LLAMA2C_HEADER = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
@@ -165,8 +369,17 @@ def _llama2c_layout(h: dict[str, int], shared: bool) -> list[tuple[str, tuple[in
     return layout
 
 
-def read_llama2c(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
-    """llama2.c legacy checkpoint; a negative vocab_size in the header means an unshared classifier."""
+def _rope_to_rotate_half(state: LazyState, n_layers: int, n_heads: int, n_kv_heads: int) -> None:
+    for i in range(n_layers):
+        for proj, heads in (("q_proj", n_heads), ("k_proj", n_kv_heads)):
+            key = f"model.layers.{i}.self_attn.{proj}.weight"
+            if key in state:  # a missing one is reported by hf_to_params
+                state[key] = RowPermuted(state[key], rotate_half_permutation(state[key].shape[0], heads))
+
+
+def open_llama2c(path: str | Path) -> tuple[LazyState, dict[str, Any]]:
+    """llama2.c legacy checkpoint (memory-mapped); a negative vocab_size in the header means an unshared
+    classifier."""
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"llama2.c checkpoint not found: {path}")
@@ -186,8 +399,8 @@ def read_llama2c(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
     if actual != expected:
         raise CheckpointError(f"{path}: llama2.c checkpoint with header {h} (shared classifier: {shared}) must be "
                               f"{expected} bytes, the file has {actual} (truncated or not a legacy llama2.c file)")
-    flat = np.fromfile(path, dtype="<f4", offset=4 * len(_LLAMA2C_HEADER))
-    state: StateDict = {}
+    flat = np.memmap(path, dtype="<f4", mode="r", offset=4 * len(_LLAMA2C_HEADER))
+    state: LazyState = {}
     offset = 0
     for (name, shape), count in zip(layout, counts):
         block = flat[offset:offset + count]
@@ -196,15 +409,12 @@ def read_llama2c(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
             continue
         if "{i}" in name:
             for i, tensor in enumerate(block.reshape(n_layers, *shape)):
-                state[name.format(i=i)] = tensor
+                state[name.format(i=i)] = ArrayTensor(tensor)
         else:
-            state[name] = block.reshape(shape)
+            state[name] = ArrayTensor(block.reshape(shape))
     logger.info("%s: skipped the 2 precomputed RoPE tables (freq_cis_real/imag); RoPE is recomputed", path)
     head_dim = h["dim"] // h["n_heads"]
-    for i in range(n_layers):
-        for proj, heads in (("q_proj", h["n_heads"]), ("k_proj", h["n_kv_heads"])):
-            key = f"model.layers.{i}.self_attn.{proj}.weight"
-            state[key] = interleaved_to_rotate_half(state[key], heads)
+    _rope_to_rotate_half(state, n_layers, h["n_heads"], h["n_kv_heads"])
     config = {"model_type": "llama", "vocab_size": h["vocab_size"], "hidden_size": h["dim"],
               "intermediate_size": h["hidden_dim"], "num_hidden_layers": n_layers,
               "num_attention_heads": h["n_heads"], "num_key_value_heads": h["n_kv_heads"], "head_dim": head_dim,
@@ -391,25 +601,20 @@ def _gguf_config(fields: dict, path: Path) -> dict[str, Any]:
             "eos_token_id": gguf_field(fields, "tokenizer.ggml.eos_token_id", path, 2)}
 
 
-def read_gguf(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
-    """Dequantise every tensor of a llama GGUF; config from its metadata, tied when output.weight is absent."""
-    import gguf
-
+def open_gguf_state(path: str | Path) -> tuple[LazyState, dict[str, Any]]:
+    """Every tensor of a llama GGUF, dequantised per slice from the memory map; config from its metadata,
+    tied when output.weight is absent."""
     path = Path(path)
     reader = open_gguf(path)
     config = _gguf_config(reader.fields, path)
-    state: StateDict = {}
+    state: LazyState = {}
     for tensor in reader.tensors:
         # GGUF lists dimensions fastest first; numpy order is the reverse.
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        state[_gguf_hf_name(tensor.name, path)] = np.asarray(weights, np.float32).reshape(shape)
+        state[_gguf_hf_name(tensor.name, path)] = GGUFTensor(tensor, shape)
     config["tie_word_embeddings"] = "lm_head.weight" not in state
-    for i in range(config["num_hidden_layers"]):
-        for proj, heads in (("q_proj", config["num_attention_heads"]), ("k_proj", config["num_key_value_heads"])):
-            key = f"model.layers.{i}.self_attn.{proj}.weight"
-            if key in state:  # a missing one is reported by hf_to_params
-                state[key] = interleaved_to_rotate_half(state[key], heads)
+    _rope_to_rotate_half(state, config["num_hidden_layers"], config["num_attention_heads"],
+                         config["num_key_value_heads"])
     return state, config
 
 
@@ -426,6 +631,22 @@ class _TensorSpec:
     # torch Linear weight [out, in] <-> Flax kernel: kernel = W.T reshaped (heads split out); any other
     # tensor is only reshaped (q/k/v biases [h * d] <-> [h, d]).
     linear: bool
+
+    @property
+    def contract(self) -> int:
+        """How many leading kernel axes split the Linear's `in` features (1, or 2 for o_proj's heads)."""
+        for n in range(1, len(self.kernel_shape)):
+            if (math.prod(self.kernel_shape[:n]), math.prod(self.kernel_shape[n:])) == self.hf_shape[::-1]:
+                return n
+        raise ValueError(f"{self.hf_name}: kernel {self.kernel_shape} does not factor {self.hf_shape}")
+
+    @property
+    def vocab_axis(self) -> int | None:
+        """The kernel axis indexed by token id (grown by [EMB], padded), if any."""
+        return _VOCAB_AXIS.get(self.tree_path)
+
+
+_VOCAB_AXIS = {("embed_tokens", "embedding"): 0, ("lm_head", "kernel"): 1}
 
 
 def _tensor_specs(cfg: LlamaConfig) -> list[_TensorSpec]:
@@ -468,19 +689,30 @@ def _attention_extras(cfg: LlamaConfig, hf: str, tree: tuple[str, ...]) -> list[
     return specs
 
 
-def _ignorable(name: str, state: StateDict, cfg: LlamaConfig) -> bool:
+def _ignorable(name: str, state: LazyState, cfg: LlamaConfig) -> bool:
     """Tensors that carry no information beyond the mapped ones (derived buffers, a tied duplicate)."""
     if name.endswith("rotary_emb.inv_freq"):
         return True
-    return (name == "lm_head.weight" and cfg.tie_word_embeddings
-            and np.array_equal(state[name], state.get("model.embed_tokens.weight")))
+    return (name == "lm_head.weight" and cfg.tie_word_embeddings and "model.embed_tokens.weight" in state
+            and np.array_equal(state[name].full(), state["model.embed_tokens.weight"].full()))
 
 
-def hf_to_params(state: StateDict, cfg: LlamaConfig, source: str = "checkpoint") -> Params:
-    """HF-named state dict -> unscanned Flax params (numpy float32). Missing, misshapen or unknown
-    tensors are errors; derived buffers are skipped and counted."""
+def _set(tree: Params, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def hf_to_params(state: LazyState | StateDict, cfg: LlamaConfig, source: str = "checkpoint", n_new: int = 0,
+                 reset: int | None = None) -> Params:
+    """HF-named state (LazyTensors or arrays) -> unscanned Flax params as LazyTensors (nothing is read yet).
+    `cfg` describes the checkpoint; the token tables grow as `grow_vocab(n_new, reset)` makes them ([EMB])
+    and are padded to `cfg.replace(vocab_size=cfg.vocab_size + n_new).padded_vocab_size` entries. Missing,
+    misshapen or unknown tensors are errors; derived buffers are skipped and counted."""
+    state = {k: v if isinstance(v, LazyTensor) else ArrayTensor(np.asarray(v)) for k, v in state.items()}
     params: Params = {}
     specs = _tensor_specs(cfg)
+    padded = cfg.replace(vocab_size=cfg.vocab_size + n_new).padded_vocab_size
     for spec in specs:
         if spec.hf_name not in state:
             raise CheckpointError(f"{source}: missing tensor {spec.hf_name}")
@@ -488,11 +720,13 @@ def hf_to_params(state: StateDict, cfg: LlamaConfig, source: str = "checkpoint")
         if w.shape != spec.hf_shape:
             raise CheckpointError(f"{source}: tensor {spec.hf_name} has shape {w.shape}, the config implies "
                                   f"{spec.hf_shape}")
-        value = np.ascontiguousarray(w.T.reshape(spec.kernel_shape)) if spec.linear else w.reshape(spec.kernel_shape)
-        node = params
-        for key in spec.tree_path[:-1]:
-            node = node.setdefault(key, {})
-        node[spec.tree_path[-1]] = value.astype(np.float32)
+        if spec.linear:
+            value = Kernel(w, spec.kernel_shape, spec.contract)
+        else:  # small (norms, biases: [h * d] -> [h, d]) or, for the embedding, already in its layout
+            value = w if w.shape == spec.kernel_shape else ArrayTensor(w.full().reshape(spec.kernel_shape))
+        if spec.vocab_axis is not None:
+            value = VocabGrown(value, spec.vocab_axis, n_new, padded, reset)
+        _set(params, spec.tree_path, value)
     leftover = set(state) - {spec.hf_name for spec in specs}
     unknown = sorted(n for n in leftover if not _ignorable(n, state, cfg))
     if unknown:
@@ -504,7 +738,8 @@ def hf_to_params(state: StateDict, cfg: LlamaConfig, source: str = "checkpoint")
 
 
 def params_to_hf(params: Params, cfg: LlamaConfig) -> StateDict:
-    """Flax params (scanned or not, numpy or jax) -> HF-named float32 state dict (inverse of hf_to_params)."""
+    """Flax params (scanned or not, numpy or jax) -> HF-named float32 state dict (inverse of hf_to_params;
+    the vocabulary padding is dropped)."""
     if "layers" in params:
         params = unstack_layers(params)
     state: StateDict = {}
@@ -513,6 +748,8 @@ def params_to_hf(params: Params, cfg: LlamaConfig) -> StateDict:
         for key in spec.tree_path:
             value = value[key]
         value = np.asarray(value, dtype=np.float32)
+        if spec.vocab_axis is not None and value.shape[spec.vocab_axis] == cfg.padded_vocab_size:
+            value = np.take(value, np.arange(cfg.vocab_size), axis=spec.vocab_axis)
         if value.shape != spec.kernel_shape:
             raise ValueError(f"param {'/'.join(spec.tree_path)} has shape {value.shape}, config implies "
                              f"{spec.kernel_shape}")
@@ -552,26 +789,42 @@ def save_orbax(params: Params, cfg: LlamaConfig, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def _read_orbax(folder: Path) -> tuple[Params, dict[str, Any]]:
+def _open_orbax(folder: Path, cfg: LlamaConfig, n_new: int, reset: int | None) -> Params:
+    """The project's own format, already in the Flax layout: restored to the host, then seen lazily (a
+    padded table is cut back to the config's vocabulary before any growth and re-padding)."""
     import orbax.checkpoint as ocp
 
-    config = _read_json(folder / "config.json")
     try:
         params = ocp.StandardCheckpointer().restore(folder.absolute() / ORBAX_PARAMS)
     except (ValueError, OSError, KeyError) as e:
         raise CheckpointError(f"{folder / ORBAX_PARAMS}: unreadable orbax checkpoint, truncated or corrupt "
                               f"({type(e).__name__}: {e})") from e
-    return jax.tree.map(lambda a: np.asarray(a, np.float32), params), config
+    _check_orbax_params(params, cfg, folder)
+    padded = cfg.replace(vocab_size=cfg.vocab_size + n_new).padded_vocab_size
+    lazy: Params = {}
+    for spec in _tensor_specs(cfg):
+        value = params
+        for key in spec.tree_path:
+            value = value[key]
+        value = np.asarray(value)
+        tensor: LazyTensor = ArrayTensor(value)
+        if spec.vocab_axis is not None:  # a padded table is cut back to the config's vocabulary first
+            value = np.take(value, np.arange(cfg.vocab_size), axis=spec.vocab_axis)
+            tensor = VocabGrown(ArrayTensor(value), spec.vocab_axis, n_new, padded, reset)
+        _set(lazy, spec.tree_path, tensor)
+    return lazy
 
 
 def _check_orbax_params(params: Params, cfg: LlamaConfig, folder: Path) -> None:
-    """Every parameter the config implies is present with its shape, and nothing else is there."""
+    """Every parameter the config implies is present with its shape (a token table may carry vocabulary
+    padding beyond the config's vocab_size), and nothing else is there."""
     from flax.traverse_util import flatten_dict
 
-    have = {"/".join(k): np.shape(v) for k, v in flatten_dict(params).items()}
-    want = {"/".join(spec.tree_path): spec.kernel_shape for spec in _tensor_specs(cfg)}
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    wrong = [f"{k} {have[k]} (config.json implies {want[k]})" for k in sorted(want) if k in have and have[k] != want[k]]
+    have = {"/".join(k): tuple(np.shape(v)) for k, v in flatten_dict(params).items()}
+    specs = {"/".join(spec.tree_path): spec for spec in _tensor_specs(cfg)}
+    missing, extra = sorted(set(specs) - set(have)), sorted(set(have) - set(specs))
+    wrong = [f"{k} {have[k]} (config.json implies {spec.kernel_shape})" for k, spec in sorted(specs.items())
+             if k in have and not _fits(spec, have[k])]
     problems = ([f"missing {missing[:3]}"] if missing else []) + ([f"unexpected {extra[:3]}"] if extra else []) + \
         ([f"shapes {wrong[:3]}"] if wrong else [])
     if problems:
@@ -579,12 +832,27 @@ def _check_orbax_params(params: Params, cfg: LlamaConfig, folder: Path) -> None:
                               + "; ".join(problems))
 
 
+def _fits(spec: _TensorSpec, shape: tuple[int, ...]) -> bool:
+    """`shape` is the spec's kernel shape, up to vocabulary padding along its token axis."""
+    if shape == spec.kernel_shape:
+        return True
+    return spec.vocab_axis is not None and len(shape) == len(spec.kernel_shape) and all(
+        n == want or (axis == spec.vocab_axis and n > want)
+        for axis, (n, want) in enumerate(zip(shape, spec.kernel_shape)))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loading
 
 
-_READERS: dict[str, Callable[[Path], tuple[StateDict, dict[str, Any]]]] = {
-    "hf": read_hf_folder, "llama2c": read_llama2c, "gguf": read_gguf}
+_READERS: dict[str, Callable[[Path], tuple[LazyState, dict[str, Any]]]] = {
+    "hf": open_hf_folder, "llama2c": open_llama2c, "gguf": open_gguf_state}
+
+
+def read_state(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
+    """The whole HF-named float32 state dict and HF config of an HF folder, llama2.c or GGUF checkpoint."""
+    lazy, config = _READERS[detect_format(path)](Path(path))
+    return {name: np.asarray(t.full(), np.float32) for name, t in lazy.items()}, config
 
 
 # config.json fields that describe no part of the computation (bookkeeping, generation defaults, output
@@ -647,25 +915,66 @@ def _config_from_hf(hf_config: dict[str, Any], source: Path, runtime: dict[str, 
         raise CheckpointError(f"{source}: {e}") from e
 
 
-def load_params(path: str | Path, **runtime: Any) -> tuple[Params, LlamaConfig]:
-    """(params, LlamaConfig) from any supported checkpoint. `runtime` sets LlamaConfig's runtime fields
-    (compute_dtype, param_dtype, scan_layers, remat_policy); with scan_layers the layers come stacked."""
+def open_params(path: str | Path, emb_id: int | None = None, **runtime: Any) -> tuple[Params, LlamaConfig]:
+    """(params as LazyTensors, LlamaConfig) from any supported checkpoint, with [EMB] given the id `emb_id`
+    (`emb_growth`: a new entry, or an unused row of a table padded beyond its tokenizer) and the vocabulary
+    padded; nothing but headers is read. `runtime` sets LlamaConfig's runtime fields (compute_dtype,
+    param_dtype, scan_layers, remat_policy, attention, vocab_pad_multiple); with scan_layers the layers
+    come stacked. `place_params` or `materialise` next."""
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "orbax":
-        params, hf_config = _read_orbax(path)
-        cfg = _config_from_hf(hf_config, path, runtime)
-        _check_orbax_params(params, cfg, path)
+        cfg = _config_from_hf(_read_json(path / "config.json"), path, runtime)
+        n_new, reset = emb_growth(cfg, emb_id, path)
+        params = _open_orbax(path, cfg, n_new, reset)
     else:
         state, hf_config = _READERS[fmt](path)
         cfg = _config_from_hf(hf_config, path, runtime)
-        params = hf_to_params(state, cfg, source=str(path))
-    if cfg.param_dtype != "float32":
-        params = jax.tree.map(lambda a: a.astype(jnp.dtype(cfg.param_dtype)), params)
-    return (stack_layers(params) if cfg.scan_layers else params), cfg
+        n_new, reset = emb_growth(cfg, emb_id, path)
+        params = hf_to_params(state, cfg, str(path), n_new, reset)
+    cfg = cfg.replace(vocab_size=cfg.vocab_size + n_new)
+    return (stack_layers(params, stack=Stacked) if cfg.scan_layers else params), cfg
 
 
-def load_causal_lm(path: str | Path, **runtime: Any) -> CausalLM:
-    """Load an HF folder, llama2.c .bin, .gguf or orbax folder (format detected) as a CausalLM."""
-    params, cfg = load_params(path, **runtime)
-    return CausalLM(params, cfg)
+def materialise(params: Params, dtype: Any = np.float32) -> Params:
+    """LazyTensors -> whole host arrays of `dtype` (small models, tools; large ones: `place_params`)."""
+    return jax.tree.map(lambda t: np.asarray(t.full()).astype(dtype), params)
+
+
+def place_params(params: Params, abstract: Params, on_leaf: Callable[[str], None] | None = None) -> Params:
+    """LazyTensors -> global jax.Arrays laid out as `abstract` (ShapeDtypeStructs with shardings), cast to
+    its dtypes. Each process reads from disk only the slices of its own devices, one parameter at a time;
+    `on_leaf(name)` runs after each parameter is placed (a hook for memory checks)."""
+    def place(path, tensor: LazyTensor, target: jax.ShapeDtypeStruct) -> jax.Array:
+        name = jax.tree_util.keystr(path)
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(f"parameter {name}: checkpoint gives shape {tensor.shape}, the model expects "
+                                  f"{target.shape}")
+        # One device at a time (not make_array_from_callback, which reads every shard before the first
+        # transfer): the host holds at most one shard of one parameter beyond what is already placed.
+        dtype = np.dtype(target.dtype)
+        shards = [jax.device_put(tensor.read(index).astype(dtype, copy=False), device)
+                  for device, index in target.sharding.addressable_devices_indices_map(target.shape).items()]
+        array = jax.make_array_from_single_device_arrays(target.shape, target.sharding, shards)
+        if on_leaf is not None:
+            on_leaf(name)
+        return array
+
+    return jax.tree_util.tree_map_with_path(place, params, abstract)
+
+
+def load_params(path: str | Path, **runtime: Any) -> tuple[Params, LlamaConfig]:
+    """(params, LlamaConfig) from any supported checkpoint, as whole host arrays of the config's
+    param_dtype (with scan_layers the layers come stacked)."""
+    params, cfg = open_params(path, **runtime)
+    return materialise(params, jnp.dtype(cfg.param_dtype)), cfg
+
+
+def load_causal_lm(path: str | Path, mesh: jax.sharding.Mesh | None = None, **runtime: Any) -> CausalLM:
+    """Load an HF folder, llama2.c .bin, .gguf or orbax folder (format detected) as a CausalLM; with `mesh`
+    the weights are born sharded over it (`place_params`), otherwise read whole onto one device."""
+    if mesh is None:
+        params, cfg = load_params(path, **runtime)
+        return CausalLM(params, cfg)
+    lazy, cfg = open_params(path, **runtime)
+    return CausalLM(place_params(lazy, sharded_abstract_params(cfg, mesh)), cfg, mesh)

@@ -1,24 +1,37 @@
-"""The weights a training run starts from: a checkpoint of any format (or a random preset) plus [EMB]."""
+"""The weights a training run starts from: a checkpoint of any format (or a random preset) plus [EMB],
+born sharded on the run's mesh in the model's param dtype.
+
+A checkpoint is read lazily (`formats.open_params`) and each process reads only the slices its devices
+hold (`formats.place_params`); a random preset is initialised by one jitted program with
+`out_shardings`. Either way no host or device holds the whole model on the way to its shardings. The
+[EMB] row, the vocabulary padding, an untied head copy and the scan stacking are views of the lazy
+checkpoint (or steps of the jitted init), so they never materialise a whole table either.
+"""
 from __future__ import annotations
 
-import logging
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from notellm_jax import sharding as shd
 from notellm_jax.config import Config
 from notellm_jax.model.llama import LlamaConfig, preset
 from notellm_jax.model.lora import init_lora
-from notellm_jax.model.params import add_tokens, init_params, init_unused_token, stack_layers, untie_head
-from notellm_jax.weights.formats import load_params
+from notellm_jax.model.params import emb_growth, grow_vocab, init_params, stack_layers, untie_head
+from notellm_jax.weights.formats import Transposed, open_params, place_params
 
-logger = logging.getLogger(__name__)
+
+def runtime_fields(config: Config) -> dict[str, Any]:
+    """The LlamaConfig fields a run chooses (not the checkpoint)."""
+    m = config.model
+    return dict(compute_dtype=m.compute_dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
+                remat_policy=m.remat_policy, attention=m.attention, vocab_pad_multiple=m.vocab_pad_multiple)
 
 
 def runtime_llama_config(config: Config, base: LlamaConfig) -> LlamaConfig:
-    return base.replace(compute_dtype=config.model.compute_dtype, param_dtype=config.model.param_dtype,
-                        scan_layers=config.model.scan_layers, remat_policy=config.model.remat_policy,
-                        attention=config.model.attention)
+    return base.replace(**runtime_fields(config))
 
 
 def partial_training(config: Config, llama_cfg: LlamaConfig) -> bool:
@@ -26,40 +39,74 @@ def partial_training(config: Config, llama_cfg: LlamaConfig) -> bool:
     return 0 < config.model.train_top_layers < llama_cfg.num_hidden_layers or config.model.lora_rank > 0
 
 
-def load_initial_params(config: Config, emb_vocab_size: int | None) -> tuple[dict, LlamaConfig]:
-    """Pretrained (or random) decoder weights with the [EMB] row added, plus a fresh projection and logit scale.
+def _random_decoder(config: Config, base: LlamaConfig, emb_id: int | None,
+                    abstract_of: Callable[[LlamaConfig], dict]) -> tuple[dict, LlamaConfig, dict]:
+    """Random decoder weights made by one jitted program directly in their shardings. Initialised
+    unscanned and stacked inside the program, so scan_layers does not change the weights; the [EMB]
+    entry, the vocabulary padding and an untied head copy as `grow_vocab` / `untie_head` make them."""
+    n_new, reset = emb_growth(base, emb_id, config.model.checkpoint)
+    cfg = base.replace(vocab_size=base.vocab_size + n_new)
+    untie = config.model.untie_head and partial_training(config, cfg) and cfg.tie_word_embeddings
+    if untie:
+        cfg = cfg.replace(tie_word_embeddings=False)
+    abstract = abstract_of(cfg)
+    target = abstract["decoder"]
+
+    def init(key):
+        params = init_params(base.replace(scan_layers=False, vocab_pad_multiple=1), key)
+        params, grown = grow_vocab(params, base, n_new, reset)
+        if untie:
+            params, _ = untie_head(params, grown, transpose=jnp.transpose)
+        if base.scan_layers:
+            params = stack_layers(params, stack=jnp.stack)
+        return jax.tree.map(lambda p, a: p.astype(a.dtype), params, target)
+
+    out_shardings = jax.tree.map(lambda a: a.sharding, target)
+    return jax.jit(init, out_shardings=out_shardings)(jax.random.key(config.train.seed)), cfg, abstract
+
+
+def _checkpoint_decoder(config: Config, emb_id: int | None, abstract_of: Callable[[LlamaConfig], dict],
+                        on_leaf: Callable[[str], None] | None) -> tuple[dict, LlamaConfig, dict]:
+    """A checkpoint's decoder read slice by slice into its shardings (`open_params` + `place_params`)."""
+    lazy, cfg = open_params(config.resolve(config.model.checkpoint), emb_id, **runtime_fields(config))
+    if config.model.untie_head and partial_training(config, cfg):
+        lazy, cfg = untie_head(lazy, cfg, transpose=Transposed)
+    abstract = abstract_of(cfg)
+    return place_params(lazy, abstract["decoder"], on_leaf), cfg, abstract
+
+
+def host_to_global(value: Any, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """A host array -> the global array `target` describes; each process touches only its devices' slices."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(target.shape, target.sharding,
+                                        lambda index: value[index].astype(target.dtype))
+
+
+def load_initial_params(config: Config, emb_vocab_size: int | None, mesh=None,
+                        on_leaf: Callable[[str], None] | None = None) -> tuple[dict, LlamaConfig]:
+    """Pretrained (or random) decoder weights with the [EMB] row added, plus a fresh projection and logit
+    scale (and LoRA adapters), as global arrays on `mesh` (default: the config's) in the model's param
+    dtype. `on_leaf(name)` runs after each checkpoint parameter is placed (a hook for memory checks).
 
     `emb_vocab_size` is the tokenizer's vocabulary including [EMB] (whose id is the base vocab size: a new
     row, or the first unused row of a table padded beyond its tokenizer).
     """
+    from notellm_jax.train.step import abstract_params_on, make_model
+
+    mesh = mesh or shd.mesh_from_config(config.mesh)
+    abstract_of = lambda cfg: abstract_params_on(make_model(config, cfg), mesh)  # noqa: E731
     ckpt = config.model.checkpoint
+    emb_id = None if emb_vocab_size is None else emb_vocab_size - 1
     if ckpt.startswith("random:"):
         base = runtime_llama_config(config, preset(ckpt.split(":", 1)[1]))
-        decoder = init_params(base.replace(scan_layers=False), jax.random.key(config.train.seed))
+        decoder, llama_cfg, abstract = _random_decoder(config, base, emb_id, abstract_of)
     else:
-        decoder, base = load_params(config.resolve(ckpt))
-        base = runtime_llama_config(config, base)
-    if emb_vocab_size is not None:
-        emb_id = emb_vocab_size - 1
-        if emb_id > base.vocab_size:
-            raise ValueError(f"tokenizer has {emb_id} base tokens but the checkpoint {ckpt} has a "
-                             f"{base.vocab_size}-row embedding table: they do not belong together")
-        if emb_id == base.vocab_size:
-            decoder, base = add_tokens(decoder, base, 1)
-        else:  # a table padded beyond its tokenizer (Qwen): [EMB] takes the first unused row
-            logger.info("[EMB] = id %d, an unused row of the %d-row embedding table", emb_id, base.vocab_size)
-            decoder = init_unused_token(decoder, base, emb_id)
-    decoder = jax.tree.map(np.asarray, decoder)
-    if config.model.untie_head and partial_training(config, base):
-        decoder, base = untie_head(decoder, base)
-    if base.scan_layers:
-        decoder = stack_layers(decoder)
+        decoder, llama_cfg, abstract = _checkpoint_decoder(config, emb_id, abstract_of, on_leaf)
     rng = np.random.default_rng(config.train.seed)
-    proj = rng.normal(0.0, base.hidden_size ** -0.5, (base.hidden_size, config.model.emb_dim)).astype(np.float32)
-    params = {"decoder": decoder, "proj": {"kernel": proj},
-              "log_logit_scale": np.asarray(config.model.log_logit_scale_init, np.float32)}
-    if config.model.lora_rank > 0:
+    proj = rng.normal(0.0, llama_cfg.hidden_size ** -0.5, (llama_cfg.hidden_size, config.model.emb_dim))
+    params = {"decoder": decoder, "proj": {"kernel": host_to_global(proj, abstract["proj"]["kernel"])},
+              "log_logit_scale": host_to_global(np.asarray(config.model.log_logit_scale_init, np.float32),
+                                                abstract["log_logit_scale"])}
+    if config.model.lora_rank > 0:  # host arrays (small); create_state places them
         params["lora"] = init_lora(decoder, config.model.lora_rank, config.model.lora_targets, config.train.seed)
-    return params, base
-
-
+    return params, llama_cfg

@@ -7,7 +7,7 @@ numpy alone: it joins the parts and dequantises the GGUF block formats itself (g
   Q8_0: blocks of 32 = float16 scale d, 32 int8 q;            w = d q
   Q4_1: blocks of 32 = float16 d, float16 m, 16 bytes of nibbles (low nibbles are weights 0-15, high 16-31);
         w = d q + m
-and then applies the same interleaved -> rotate-half permutation of q/k as `formats.read_gguf`, so the
+and then applies the same interleaved -> rotate-half permutation of q/k as `formats.open_gguf_state`, so the
 state dict is identical to that reader's (tests/integration/test_device_recipe.py).
 """
 from __future__ import annotations
@@ -106,8 +106,8 @@ def read_packed(folder: str | Path) -> tuple[dict[str, np.ndarray], dict]:
 def packed_to_hf(folder: str | Path, out_dir: str | Path) -> Path:
     """A packed folder -> an HF folder (config.json + model.safetensors) that `load_params` reads."""
     from notellm_jax.model.llama import LlamaConfig
-    from notellm_jax.weights.formats import hf_to_params, save_hf
+    from notellm_jax.weights.formats import hf_to_params, materialise, save_hf
 
     state, config = read_packed(folder)
     cfg = LlamaConfig.from_hf_dict(config)
-    return save_hf(hf_to_params(state, cfg, source=str(folder)), cfg, out_dir)
+    return save_hf(materialise(hf_to_params(state, cfg, source=str(folder))), cfg, out_dir)

@@ -13,7 +13,7 @@ import transformers
 
 from notellm_jax.main import main
 from notellm_jax.weights.formats import (CausalLM, CheckpointError, detect_format, load_causal_lm, load_params,
-                                     read_llama2c, save_hf, save_orbax)
+                                         read_state, save_hf, save_orbax)
 
 # (name, LlamaConfig kwargs): MHA/GQA, tied/untied, theta 1e4/1e5, odd head counts, head_dim != hidden/heads.
 HF_SHAPES = [
@@ -137,7 +137,7 @@ def test_stories260k_golden_greedy_story(stories_lm, tok512):
 def test_stories260k_loss_matches_torch(stories_lm, tok512, stories_dir):
     ids = np.array([1] + tok512.encode(STORY_START))
     ours = _token_losses(stories_lm.logits(ids[None])[0], ids)
-    state, hf_config = read_llama2c(stories_dir / "stories260K.bin")
+    state, hf_config = read_state(stories_dir / "stories260K.bin")
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config)).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
     model.tie_weights()

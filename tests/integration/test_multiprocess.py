@@ -270,3 +270,45 @@ def test_consistent_environments(env, want):
 def test_inconsistent_environments_are_named(env, message):
     with pytest.raises(ValueError, match=message):
         cluster_from_env(env)
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedding across hosts: each process embeds its share of the notes and writes its own shards
+
+
+@pytest.mark.slow
+def test_two_processes_embed_the_files_one_process_writes(tmp_path, shared_dir):
+    """2 processes x 2 devices (`notellm_jax.eval.embed` through the launcher) write the same shard files,
+    ids and (to float tolerance) vectors as one process with 4 devices; each process wrote its own blocks."""
+    from notellm_jax.data import store
+    from notellm_jax.eval.embed import embed_notes
+    from notellm_jax.eval.embeddings import read_meta
+    from notellm_jax.weights.export import save_notellm
+
+    overrides = [f"paths.work_dir={tmp_path / 'run'}", f"paths.shared_dir={shared_dir}", "embed.batch_size=4",
+                 "embed.shard_size=3", "embed.length_buckets=2", "mesh.fsdp=-1"]
+    config = load_config(TINY, overrides)
+    params, llama_cfg = load_initial_params(config, resolve_tokenizer(config).vocab_size)
+    export = save_notellm(tmp_path / "export", params, llama_cfg, config)
+    words = "water ground beans roast grinder kettle filter espresso milk".split()
+    notes = [{"note_id": f"n{i}", "title": f"How long to brew {words[i % 9]}?", "content": " ".join(words[:i % 9]),
+              "topics": ["brewing"], "category": "coffee", "created_at": i, "exposure": 1} for i in range(14)]
+    config.data_dir.mkdir(parents=True)
+    store.write_notes(notes, config.data_dir / "notes.parquet")
+
+    one = embed_notes(config, export, store.load_notes(config.data_dir / "notes.parquet"), tmp_path / "one",
+                      mesh=make_mesh(1, 4, 1, devices=jax.devices()[:4]))
+    launch(["-n", "2", "-d", "2", "-p", str(free_port()), "-l", str(tmp_path / "logs"), "-m",
+            "notellm_jax.eval.embed", "--", "--config", TINY, *[arg for o in overrides for arg in ("--set", o)],
+            "--checkpoint", str(export), "--split", "all", "--out", str(tmp_path / "two")], tmp_path / "logs")
+    two = tmp_path / "two"
+    want, got = read_meta(one), read_meta(two)
+    assert got["processes"] == 2 and got["count"] == want["count"] == 14 and len(want["shards"]) == 5
+    assert got["shards"] == want["shards"]  # same file names and row counts, in the same order
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in Path(one).iterdir())
+    for shard in want["shards"]:
+        assert (two / shard["ids"]).read_text() == (Path(one) / shard["ids"]).read_text()
+        np.testing.assert_allclose(np.load(two / shard["embeddings"]), np.load(Path(one) / shard["embeddings"]),
+                                   atol=1e-5, rtol=0)
+    for process, blocks in ((0, [0, 2, 4]), (1, [1, 3])):
+        assert f"process {process}/2: wrote shards {blocks}" in (tmp_path / "logs" / f"process_{process}.log").read_text()

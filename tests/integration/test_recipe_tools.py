@@ -78,14 +78,14 @@ def test_device_recipe_runs_without_tensorflow_and_its_embeddings_score_here(pre
 
 @pytest.mark.slow
 def test_packed_gguf_reads_back_with_numpy_as_the_gguf_reader_does(smollm2_gguf, tmp_path):
-    from notellm_jax.weights.formats import read_gguf
+    from notellm_jax.weights.formats import read_state
     from notellm_jax.weights.packed import pack_gguf, read_packed
 
     folder = pack_gguf(smollm2_gguf, tmp_path / "packed", part_bytes=40 * 2**20)
     parts = sorted(folder.glob("part-*.bin"))
     assert len(parts) == 3 and max(p.stat().st_size for p in parts) <= 40 * 2**20
     state, config = read_packed(folder)
-    want_state, want_config = read_gguf(smollm2_gguf)
+    want_state, want_config = read_state(smollm2_gguf)
     assert config == want_config and state.keys() == want_state.keys()
     for name, want in want_state.items():
         np.testing.assert_array_equal(state[name], want, err_msg=name)

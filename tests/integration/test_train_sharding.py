@@ -61,8 +61,9 @@ class Run:
 
 def run_steps(config: Config, mesh: Mesh, step_indices, use_cache: bool = False) -> Run:
     """Train on the synthetic batches of `step_indices`, in that order, through the trainer's own pieces."""
-    params, llama_cfg = load_initial_params(config, None)
+    params, llama_cfg = load_initial_params(config, None, mesh)
     spec = make_train_setup(config, llama_cfg, mesh, config.train.max_steps)
+    initial = split_params(host(params), spec.frozen_layers)  # before the step donates the state
     state = create_state(spec, params)
     step_fn, _ = compile_steps(spec)
     cache = FeatureCache(spec.model, spec.mesh, spec.frozen_layers) if use_cache else None
@@ -76,7 +77,7 @@ def run_steps(config: Config, mesh: Mesh, step_indices, use_cache: bool = False)
         assert all(v.sharding.spec == P(("data", "fsdp"), *[None] * (v.ndim - 1)) for v in batch.values())
         state, metrics = step_fn(state, batch)
         history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
-    return Run(*split_params(params, spec.frozen_layers), history, state, cache)
+    return Run(*initial, history, state, cache)
 
 
 def host(tree):

@@ -1,5 +1,7 @@
-"""FeatureCache: features of the frozen bottom, keyed by tokens, reused across padding, persisted to disk."""
+"""FeatureCache: features of the frozen bottom, keyed by tokens, reused across padding, persisted to disk
+incrementally, stored in the compute dtype under a size cap, all misses of a batch in one call."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from notellm_jax.train.feature_cache import FeatureCache, cache_path, fingerprint
@@ -11,8 +13,8 @@ from notellm_jax.sharding import make_mesh
 FROZEN = 2
 
 
-def _setup():
-    cfg = preset("tiny")
+def _setup(**runtime):
+    cfg = preset("tiny", **runtime)
     model = NoteLLM(cfg, emb_dim=8)
     frozen = {"decoder": {k: v for k, v in init_params(cfg, jax.random.key(0)).items()
                           if k == "embed_tokens" or k in {f"layers_{i}" for i in range(FROZEN)}}}
@@ -36,7 +38,7 @@ def test_features_match_the_bottom_and_are_reused_across_padding(tmp_path):
     ids, mask = _padded(seqs, 16, "right")
     direct = np.asarray(model.apply({"params": frozen}, ids, mask, FROZEN, method=NoteLLM.bottom))
 
-    cache = FeatureCache(model, mesh, FROZEN, chunk=2, path=tmp_path / "cache.npz")
+    cache = FeatureCache(model, mesh, FROZEN, path=tmp_path / "cache")
     got = cache.features(frozen, ids, mask)
     np.testing.assert_allclose(got[mask > 0], direct[mask > 0], atol=1e-6)
     assert (got[mask == 0] == 0).all()
@@ -50,7 +52,7 @@ def test_features_match_the_bottom_and_are_reused_across_padding(tmp_path):
         np.testing.assert_allclose(left[row][mask_left[row] > 0], direct[2 - row][: len(seq)], atol=1e-6)
 
     cache.save()
-    reloaded = FeatureCache(model, mesh, FROZEN, path=tmp_path / "cache.npz")
+    reloaded = FeatureCache(model, mesh, FROZEN, path=tmp_path / "cache")
     np.testing.assert_array_equal(reloaded.features(frozen, ids, mask), got)
     assert (reloaded.misses, reloaded.hits) == (0, 3)
 
@@ -62,3 +64,37 @@ def test_cache_path_changes_with_the_frozen_weights(tmp_path):
         np.asarray(changed["decoder"]["layers_0"]["mlp"]["up_proj"]["kernel"]) + 1e-3
     assert fingerprint(frozen) == fingerprint(jax.tree.map(np.asarray, frozen))
     assert cache_path(tmp_path, "m.gguf", FROZEN, frozen) != cache_path(tmp_path, "m.gguf", FROZEN, changed)
+
+
+def test_bf16_store_size_cap_one_call_per_batch_and_incremental_parts(tmp_path):
+    cfg, model, frozen, mesh = _setup(compute_dtype="bfloat16")
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (4, 6, 7, 9)]
+    ids, mask = _padded(seqs, 12, "left")
+    direct = np.asarray(model.apply({"params": frozen}, ids, mask, FROZEN, method=NoteLLM.bottom), np.float32)
+    close = dict(rtol=3e-2, atol=2e-3)  # bf16: the cache's jitted bottom fuses differently from eager apply
+    one_row = 4 * cfg.hidden_size * 2  # the first sequence's features in bf16
+    cache = FeatureCache(model, mesh, FROZEN, path=tmp_path / "cache", max_bytes=one_row * 2.5)
+    calls = []
+    bottom = cache._bottom
+    cache._bottom = lambda *args: calls.append(args[1].shape) or bottom(*args)
+
+    got = cache.features(frozen, ids[:2], mask[:2])
+    assert calls == [(2, 12)] and got.dtype == jnp.bfloat16 and cache.bytes == one_row * 2.5
+    np.testing.assert_allclose(np.float32(got[mask[:2] > 0]), direct[:2][mask[:2] > 0], **close)
+    cache.save()
+    # Rows 2 and 3 miss: one call for both; the store is full, so they are returned but not kept.
+    got = cache.features(frozen, ids, mask)
+    assert calls[1:] == [(4, 12)] and (cache.misses, cache.hits, cache.uncached) == (4, 2, 2)
+    np.testing.assert_allclose(np.float32(got[mask > 0]), direct[mask > 0], **close)
+    assert len(cache.store) == 2
+    cache.save()  # nothing new: no second part
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["part-00000.npz"]
+
+    bigger = FeatureCache(model, mesh, FROZEN, path=tmp_path / "cache")
+    assert len(bigger.store) == 2 and bigger.features(frozen, ids, mask).dtype == jnp.bfloat16
+    bigger.save()  # appends rows 2 and 3 as a second part; the first part is not rewritten
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["part-00000.npz", "part-00001.npz"]
+    again = FeatureCache(model, mesh, FROZEN, path=tmp_path / "cache")
+    np.testing.assert_array_equal(again.features(frozen, ids, mask), got)
+    assert (again.misses, again.hits) == (0, 4)

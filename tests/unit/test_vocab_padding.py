@@ -1,0 +1,76 @@
+"""Vocabulary padding (`model.vocab_pad_multiple`): zero rows that no loss or decoding ever sees; lazy kernels.
+
+A random 300-token model and the same weights padded to 384 entries (`grow_vocab` with no new token) give
+the same logits on the real entries, the lowest finite logit on the padded ones, the same generation
+loss and the same greedy tokens; the HF export drops the padding; the lazy per-slice growth
+(`VocabGrown`, used when loading sharded) equals the whole-array growth (`add_tokens`).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from notellm_jax.model.decode import greedy_decode
+from notellm_jax.model.llama import Llama, preset
+from notellm_jax.model.notellm import generation_loss
+from notellm_jax.model.params import add_tokens, grow_vocab, init_params
+from notellm_jax.weights.formats import ArrayTensor, Kernel, VocabGrown, params_to_hf
+
+
+def _models():
+    cfg = preset("tiny", vocab_size=300, tie_word_embeddings=False)
+    params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(0)))
+    padded, padded_cfg = grow_vocab(params, cfg.replace(vocab_pad_multiple=128), 0)
+    return cfg, params, padded_cfg, padded
+
+
+def test_padded_entries_are_zero_masked_and_change_nothing():
+    cfg, params, padded_cfg, padded = _models()
+    assert padded_cfg.vocab_size == 300 and padded_cfg.padded_vocab_size == 384
+    assert padded["embed_tokens"]["embedding"].shape == (384, 64) and padded["lm_head"]["kernel"].shape == (64, 384)
+    assert not padded["embed_tokens"]["embedding"][300:].any() and not padded["lm_head"]["kernel"][:, 300:].any()
+    ids = np.random.default_rng(0).integers(0, 300, (2, 7)).astype(np.int32)
+
+    def logits(c, p):
+        model = Llama(c)
+        return model.apply({"params": p}, model.apply({"params": p}, ids), method=Llama.logits)
+
+    want, got = logits(cfg, params), logits(padded_cfg, padded)
+    np.testing.assert_allclose(got[..., :300], want, atol=1e-6)
+    assert (np.asarray(got[..., 300:]) == jnp.finfo(jnp.float32).min).all()
+    targets, mask = ids[:, 1:], np.ones((2, 6), np.float32)
+    np.testing.assert_allclose(generation_loss(got[:, :-1], targets, mask), generation_loss(want[:, :-1], targets, mask),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(greedy_decode(Llama(padded_cfg), padded, ids, np.ones_like(ids), 6, -1),
+                                  greedy_decode(Llama(cfg), params, ids, np.ones_like(ids), 6, -1))
+    hf = params_to_hf(padded, padded_cfg)
+    assert hf["model.embed_tokens.weight"].shape == (300, 64) and hf["lm_head.weight"].shape == (300, 64)
+    np.testing.assert_array_equal(hf["lm_head.weight"], params["lm_head"]["kernel"].T)
+
+
+def test_lazy_growth_per_slice_equals_add_tokens():
+    cfg, params, _, _ = _models()
+    grown, grown_cfg = add_tokens(params, cfg.replace(vocab_pad_multiple=128), 1)
+    table = VocabGrown(ArrayTensor(params["embed_tokens"]["embedding"]), 0, 1, 384)
+    head = VocabGrown(Kernel(ArrayTensor(np.ascontiguousarray(params["lm_head"]["kernel"].T)), (64, 300), 1), 1, 1, 384)
+    for index in [(slice(0, 96), slice(16, 48)), (slice(288, 384), slice(None)), (slice(300, 301), slice(0, 8)),
+                  (slice(320, 384), slice(8, 16))]:  # the last: padding only
+        np.testing.assert_allclose(table.read(index), grown["embed_tokens"]["embedding"][index], atol=1e-7)
+        np.testing.assert_allclose(head.read(index[::-1]), grown["lm_head"]["kernel"][index[::-1]], atol=1e-7)
+    assert grown_cfg.vocab_size == 301 and grown["embed_tokens"]["embedding"].shape == (384, 64)
+    padded, _ = grow_vocab(params, cfg.replace(vocab_pad_multiple=128), 0)  # no [EMB]: padding alone
+    table = VocabGrown(ArrayTensor(params["embed_tokens"]["embedding"]), 0, 0, 384)
+    for index in [(slice(288, 384), slice(None)), (slice(320, 384), slice(0, 8))]:
+        np.testing.assert_array_equal(table.read(index), padded["embed_tokens"]["embedding"][index])
+
+
+def test_kernel_slices_equal_the_transposed_reshaped_weight():
+    """Any shard of a Flax kernel read lazily from the torch [out, in] weight equals slicing W.T reshaped,
+    for q_proj-like (heads out of `out`) and o_proj-like (heads into `in`) layouts."""
+    w = np.random.default_rng(0).standard_normal((48, 40)).astype(np.float32)  # [out, in]
+    for shape, contract in (((40, 6, 8), 1), ((5, 8, 48), 2)):
+        kernel = Kernel(ArrayTensor(w), shape, contract)  # q_proj: in x=40, out 6x8; o_proj: in 5x8, out x=48
+        want = w.T.reshape(shape)
+        for index in [(slice(0, 10), slice(None), slice(None)), (slice(2, 5), slice(1, 3), slice(4, 8)),
+                      (slice(None), slice(5, 6), slice(0, 48, 3))]:
+            index = index[:len(shape)]
+            np.testing.assert_array_equal(kernel.read(index), want[index])
