@@ -3,7 +3,8 @@
 A random 300-token model and the same weights padded to 384 entries (`grow_vocab` with no new token) give
 the same logits on the real entries, the lowest finite logit on the padded ones, the same generation
 loss and the same greedy tokens; the HF export drops the padding; the lazy per-slice growth
-(`VocabGrown`, used when loading sharded) equals the whole-array growth (`add_tokens`).
+(`VocabGrown`, used when loading sharded) equals the whole-array growth (`add_tokens`, and for a table
+padded beyond its tokenizer, as Qwen's, `init_unused_token`), seen transposed too (an untied head copy).
 """
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,8 @@ import numpy as np
 from notellm_jax.model.decode import greedy_decode
 from notellm_jax.model.llama import Llama, preset
 from notellm_jax.model.notellm import generation_loss
-from notellm_jax.model.params import add_tokens, grow_vocab, init_params
-from notellm_jax.weights.formats import ArrayTensor, Kernel, VocabGrown, params_to_hf
+from notellm_jax.model.params import add_tokens, grow_vocab, init_params, init_unused_token
+from notellm_jax.weights.formats import ArrayTensor, Kernel, Transposed, VocabGrown, params_to_hf
 
 
 def _models():
@@ -61,6 +62,24 @@ def test_lazy_growth_per_slice_equals_add_tokens():
     table = VocabGrown(ArrayTensor(params["embed_tokens"]["embedding"]), 0, 0, 384)
     for index in [(slice(288, 384), slice(None)), (slice(320, 384), slice(0, 8))]:
         np.testing.assert_array_equal(table.read(index), padded["embed_tokens"]["embedding"][index])
+
+
+def test_lazy_unused_row_per_slice_equals_init_unused_token():
+    """A 300-row table whose tokenizer ends at 290: [EMB] takes row 290 (mean of rows 0..289), nothing is
+    appended, and the 384-entry padding starts at 300; also through `Transposed` (untie_head's copy)."""
+    cfg, params, _, _ = _models()
+    want = init_unused_token(params, cfg, 290)["embed_tokens"]["embedding"]
+    np.testing.assert_allclose(want[290], params["embed_tokens"]["embedding"][:290].mean(0), rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(want[290], params["embed_tokens"]["embedding"][290])
+    padded, padded_cfg = grow_vocab(params, cfg.replace(vocab_pad_multiple=128), reset=290)
+    assert padded_cfg.vocab_size == 300 and padded["embed_tokens"]["embedding"].shape == (384, 64)
+    np.testing.assert_array_equal(padded["embed_tokens"]["embedding"][:300], want)
+    table = VocabGrown(ArrayTensor(params["embed_tokens"]["embedding"]), 0, 0, 384, reset=290)
+    for index in [(slice(0, 96), slice(None)), (slice(288, 292), slice(8, 24)), (slice(290, 291), slice(0, 8)),
+                  (slice(296, 384), slice(None))]:
+        np.testing.assert_allclose(table.read(index), padded["embed_tokens"]["embedding"][index], atol=1e-7)
+        np.testing.assert_allclose(Transposed(table).read(index[::-1]),
+                                   padded["embed_tokens"]["embedding"][index].T, atol=1e-7)
 
 
 def test_kernel_slices_equal_the_transposed_reshaped_weight():
