@@ -38,11 +38,12 @@ def _trained(extra: dict):
     params, llama_cfg = load_initial_params(config, None)
     spec = make_train_setup(config, llama_cfg, make_mesh(1, 2, 1, devices=jax.devices()[:2]), 2)
     batch = to_global_batch(spec, next(synthetic_batches(config, llama_cfg, 0)))
+    initial = jax.device_get(params)  # host copy: the loaded arrays become the state, which the step donates
     state = create_state(spec, params)
     _, grads = jax.jit(partial(loss_and_grads, setup=spec))(state, batch)
     step_fn, _ = compile_steps(spec)
     state, _ = step_fn(state, batch)
-    return config, spec, llama_cfg, params, state, jax.device_get(grads)
+    return config, spec, llama_cfg, initial, state, jax.device_get(grads)
 
 
 def _torch_logits(folder: Path, ids: np.ndarray) -> tuple[np.ndarray, dict]:

@@ -1,7 +1,7 @@
 """`model.param_dtype` holds for loaded weights: the real stories260K checkpoint (fp32 on disk) with
-param_dtype=bfloat16 becomes a bf16 train state equal, leaf by leaf, to the abstract state (what the memory
-plan compiles and what orbax restores into), on a 2 x 2 x 2 mesh; a resumed state has the same dtypes and
-values; and the check refuses a state that differs."""
+param_dtype=bfloat16 is born bf16 by the loader and becomes, resharded onto a 2 x 2 x 2 mesh, a bf16 train
+state equal, leaf by leaf, to the abstract state (what the memory plan compiles and what orbax restores
+into); a resumed state has the same dtypes and values; and the check refuses a state that differs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from notellm_jax.config import load_config
+from notellm_jax.config import load_config, override
 from notellm_jax.sharding import make_mesh
 from notellm_jax.train import checkpointing
 from notellm_jax.train.step import check_against_abstract, create_state, make_train_setup
@@ -23,8 +23,9 @@ TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py")
 def test_loaded_bf16_params_equal_the_abstract_state_and_survive_resume(shared_dir, tmp_path):
     config = load_config(TINY, ["model.param_dtype=bfloat16", f"paths.work_dir={tmp_path}",
                                 f"paths.shared_dir={shared_dir}", "train.synthetic_data=true", "train.max_steps=2"])
-    params, llama_cfg = load_initial_params(config, None)
-    assert jax.tree.leaves(params["decoder"])[0].dtype == np.float32  # the checkpoint as read
+    fp32 = jax.device_get(load_initial_params(override(config, {"model.param_dtype": "float32"}), None)[0])
+    params, llama_cfg = load_initial_params(config, None)  # born in bf16 on the config's mesh
+    assert {x.dtype for x in jax.tree.leaves(params["decoder"])} == {jnp.dtype(jnp.bfloat16)}
     spec = make_train_setup(config, llama_cfg, make_mesh(2, 2, 2), 2)
     state = create_state(spec, params)  # checks itself against spec.abstract_state
     dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
@@ -34,8 +35,8 @@ def test_loaded_bf16_params_equal_the_abstract_state_and_survive_resume(shared_d
                                   strict=True):
         assert live.dtype == want.dtype and live.sharding == want.sharding, jax.tree_util.keystr(path)
     embedding = state.params["decoder"]["embed_tokens"]["embedding"]
-    np.testing.assert_array_equal(np.asarray(embedding.astype(jnp.float32)),
-                                  np.asarray(jnp.asarray(params["decoder"]["embed_tokens"]["embedding"],
+    np.testing.assert_array_equal(np.asarray(embedding.astype(jnp.float32)),  # the fp32 checkpoint rounded
+                                  np.asarray(jnp.asarray(fp32["decoder"]["embed_tokens"]["embedding"],
                                                          jnp.bfloat16).astype(jnp.float32)))
 
     manager = checkpointing.checkpoint_manager(config)
