@@ -119,9 +119,9 @@ def _place(value: Any, target: jax.ShapeDtypeStruct) -> jax.Array:
         return host_to_global(value, target)
     if value.dtype != target.dtype:
         value = value.astype(target.dtype)
-    if value.sharding.is_equivalent_to(target.sharding, value.ndim):
-        return value
-    return jax.device_put(value, target.sharding)
+    # Only an identical sharding is kept: an equivalent one on another Mesh object would leave the state's
+    # shardings different from the abstract state's (what the step compiles for and orbax restores into).
+    return value if value.sharding == target.sharding else jax.device_put(value, target.sharding)
 
 
 def check_against_abstract(state: TrainState, abstract: TrainState) -> None:
