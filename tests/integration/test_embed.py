@@ -145,7 +145,8 @@ def test_bucket_lengths():
 
 def test_frozen_bottom_export_embeds_through_the_shared_feature_cache(tmp_path):
     """An export trained with the top 2 layers reads the frozen bottom from the on-disk FeatureCache: same
-    vectors as the full forward pass, and a second variant sharing that bottom uses the same cache file."""
+    vectors as the full forward pass, and a second variant sharing that bottom uses the same cache (its
+folder of appended parts gets no new one: every sequence is a hit)."""
     config = tiny_config(tmp_path, "model.train_top_layers=2")
     tokenizer = resolve_tokenizer(config)
     params, llama_cfg = load_initial_params(config, tokenizer.vocab_size)
@@ -155,7 +156,7 @@ def test_frozen_bottom_export_embeds_through_the_shared_feature_cache(tmp_path):
     notes = make_notes(9)
     mesh = make_mesh(1, -1, 1)
     out = embed_notes(config, export_path, notes, tmp_path / "emb1", mesh=mesh)
-    cache_files = list((config.data_dir / "feature_cache").glob("*.npz"))
+    cache_files = list((config.data_dir / "feature_cache").glob("*/part-*.npz"))  # one cache, one part
     assert len(cache_files) == 1
     expected = np.stack([direct_embedding(export, tokenizer, n) for n in notes])
     np.testing.assert_allclose(read_embeddings(out)[1], expected, atol=2e-5)
@@ -167,7 +168,7 @@ def test_frozen_bottom_export_embeds_through_the_shared_feature_cache(tmp_path):
     out2 = embed_notes(config, other_path, notes, tmp_path / "emb2", mesh=mesh)
     expected2 = np.stack([direct_embedding(load_notellm(other_path), tokenizer, n) for n in notes])
     np.testing.assert_allclose(read_embeddings(out2)[1], expected2, atol=2e-5)
-    assert list((config.data_dir / "feature_cache").glob("*.npz")) == cache_files
+    assert list((config.data_dir / "feature_cache").glob("*/part-*.npz")) == cache_files  # all hits: no new part
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
