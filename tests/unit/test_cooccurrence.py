@@ -45,8 +45,12 @@ event_logs = st.lists(st.tuples(st.sampled_from([f"u{i}" for i in range(6)]),
 
 
 @settings(max_examples=300, deadline=None)
-@given(events=event_logs, window=st.sampled_from([None, 1, 3]), chunk=st.sampled_from([1, 7, 1 << 20]))
-def test_scores_match_brute_force(events, window, chunk):
+@given(events=event_logs, window=st.sampled_from([None, 1, 3]), chunk=st.sampled_from([1, 7, 1 << 20]),
+       time_scale=st.sampled_from([1, 1, 1 << 58]))
+def test_scores_match_brute_force(events, window, chunk, time_scale):
+    """time_scale 2^58: (user, note, time) no longer packs into 63 bits, the lexsort path sorts."""
+    window = None if time_scale > 1 else window  # time-window keys would overflow int64 (a ValueError)
+    events = [(u, n, t * time_scale) for u, n, t in events]
     got = as_dict(co.cooccurrence_scores(to_columns(events), window, chunk_pairs=chunk))
     expected = brute_force_scores(events, window)
     assert got.keys() == expected.keys()
@@ -101,6 +105,19 @@ def test_select_related_matches_brute_force(events, top_t, bounds):
     assert counts["candidates"] == scores.matrix.nnz
     assert counts["after_lower"] == sum(lower <= v <= upper for v in as_dict(scores).values())
     assert counts["after_top_t"] == len(expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5), st.integers(0, 4)), max_size=30, unique_by=lambda r: r[:2]),
+       quantum=st.booleans(), shuffled=st.booleans())
+def test_row_score_order_is_lexsort(rows, quantum, shuffled):
+    """Packed-key ordering = np.lexsort((b, -s, a)) for co-occurrence scores (multiples of the quantum)
+    and any others (dense ranks), from CSR order or any order (the Beam engine's shards)."""
+    if not shuffled:
+        rows = sorted(rows)
+    a, b = (np.array([r[k] for r in rows], np.int64) for k in (0, 1))
+    s = np.array([r[2] for r in rows], np.float64) * (co.WEIGHT_QUANTUM * 3 if quantum else 0.1)
+    np.testing.assert_array_equal(co._row_score_order(a, b, s), np.lexsort((b, -s, a)))
 
 
 def test_related_pairs_uses_config_window_and_filters():
