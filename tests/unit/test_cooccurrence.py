@@ -108,7 +108,8 @@ def test_select_related_matches_brute_force(events, top_t, bounds):
 
 
 @settings(max_examples=200, deadline=None)
-@given(rows=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5), st.integers(0, 4)), max_size=30, unique_by=lambda r: r[:2]),
+@given(rows=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5), st.integers(0, 4)), max_size=30,
+                    unique_by=lambda r: r[:2]),
        quantum=st.booleans(), shuffled=st.booleans())
 def test_row_score_order_is_lexsort(rows, quantum, shuffled):
     """Packed-key ordering = np.lexsort((b, -s, a)) for co-occurrence scores (multiples of the quantum)
