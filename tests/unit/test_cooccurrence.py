@@ -59,6 +59,35 @@ def test_scores_match_brute_force(events, window, chunk, time_scale):
         assert got[key] == pytest.approx(float(value), rel=0, abs=40 * co.WEIGHT_QUANTUM / 2)
 
 
+def brute_force_split(events, k: int):
+    """Each user's events in (time, note) order, cut into chunks of k, each chunk renamed a user."""
+    by_user: dict = {}
+    for user, note, t in events:
+        by_user.setdefault(user, []).append((t, note))
+    return [((user, i // k), note, t) for user, touches in by_user.items()
+            for i, (t, note) in enumerate(sorted(touches))]
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=event_logs, window=st.sampled_from([None, 3]), k=st.integers(1, 6))
+def test_split_users_matches_brute_force(events, window, k):
+    scores = co.cooccurrence_scores(to_columns(events), window, split_events=k)
+    got, expected = as_dict(scores), brute_force_scores(brute_force_split(events, k), window)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(float(value), rel=0, abs=40 * co.WEIGHT_QUANTUM / 2)
+    assert scores.num_users == len({e[0] for e in events}) and scores.num_events == len(events)
+
+
+def test_split_changes_only_power_users():
+    """u1: A(1) B(2) C(3) D(4), split 2 -> chunks {A, B} and {C, D}: A->B and C->D at 1/2, nothing across.
+    u2 (2 events) is untouched: B(1) -> C(5) at 1/2."""
+    events = [("u1", "A", 1), ("u1", "B", 2), ("u1", "C", 3), ("u1", "D", 4), ("u2", "B", 1), ("u2", "C", 5)]
+    assert as_dict(co.cooccurrence_scores(to_columns(events), split_events=2)) == {
+        ("A", "B"): 0.5, ("C", "D"): 0.5, ("B", "C"): 0.5}
+    assert len(as_dict(co.cooccurrence_scores(to_columns(events)))) == 6
+
+
 def test_hand_computed_example():
     """u1 touches A(t=1), B(t=2), C(t=2), A again (t=5): N=3. B and C tie, so neither orders the other;
     A's touch at t=5 comes after B and C. u2 touches only A twice (N=1): no pairs. u3: C(1), A(4) (N=2)."""
