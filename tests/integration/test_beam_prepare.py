@@ -114,6 +114,21 @@ def test_power_user_cap_changes_scores_and_counts(tmp_path):
     assert len(uncapped) == 6  # off by default: u1's 6 ordered pairs of A..D (A->B: 1/4 + 1/2)
 
 
+def test_stable_bucket_is_the_documented_hash():
+    """Against a pure-Python evaluation of the hash (sum of byte_i * P^i, splitmix64 finaliser), on
+    a sliced Arrow array (non-zero offset), empty and non-ASCII ids."""
+    def reference(text: str, buckets: int) -> int:
+        h = sum(byte * 0x100000001B3 ** i for i, byte in enumerate(text.encode())) % 2**64
+        for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            h = ((h ^ (h >> shift)) * mult) % 2**64
+        return (h ^ (h >> 31)) % buckets
+
+    ids = ["", "u1", "u2", "n12345", "é☃", "a" * 40, "u1"]
+    got = beam_prepare.stable_bucket(pa.array(["skip", *ids]).slice(1), 7)
+    assert got.tolist() == [reference(i, 7) for i in ids]
+    assert len(set(beam_prepare.stable_bucket(pa.array([f"u{i}" for i in range(1000)]), 10).tolist())) == 10
+
+
 def test_null_field_names_file_and_row(tmp_path):
     path = tmp_path / "events.parquet"
     pq.write_table(pa.table({"user_id": ["u1", "u1", None], "note_id": ["a", "b", "c"],
