@@ -1,7 +1,10 @@
 """Co-occurrence throughput, in-memory engine and Beam local runner, on synthetic logs; prints JSON.
 
-    python bench/cooccurrence.py [--sizes 1000000,10000000,30000000] [--engines memory,beam]
+    python bench/cooccurrence.py [--sizes 1000000,10000000,30000000] [--engines memory,beam] [--beam-sizes S]
         [--max-rss-gib 0] [--timeout-s 900] [--beam-timeout-s 0] [--out bench/results/cooccurrence_cpu.json]
+
+The committed result: --sizes 1000000,10000000,30000000,60000000 --beam-sizes 1000000,10000000,30000000
+--max-rss-gib 12 --timeout-s 900 --beam-timeout-s 600.
 
 Each (engine, size) runs in a fresh subprocess on a log from notellm_jax.data.synthetic (default
 SyntheticLog parameters: Pareto user activity, Zipf note popularity, time-ordered sessions), written to
@@ -142,6 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1000000,10000000,30000000")
     parser.add_argument("--engines", default="memory,beam")
+    parser.add_argument("--beam-sizes", default="", help="the Beam runs' sizes (default --sizes)")
     parser.add_argument("--max-rss-gib", type=float, default=0.0, help="kill a run whose process tree exceeds "
                         "this (0 = 85%% of the memory available at its start)")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="kill a run timed longer than this")
@@ -156,7 +160,8 @@ def main() -> None:
     runs = []
     for engine in args.engines.split(","):
         limit = args.beam_timeout_s if engine == "beam" and args.beam_timeout_s > 0 else args.timeout_s
-        for size in (int(s) for s in args.sizes.split(",")):
+        sizes = args.beam_sizes if engine == "beam" and args.beam_sizes else args.sizes
+        for size in (int(s) for s in sizes.split(",")):
             runs.append(measure(engine, size, args.max_rss_gib, limit))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     result = {"benchmark": "cooccurrence", "machine": f"{platform.machine()} {os.cpu_count()} cores, "
