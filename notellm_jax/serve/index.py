@@ -333,15 +333,17 @@ class LiveIndex:
     def rebuild(self, k: int, min_recall: float, sample: int, params: ann.ScannParams | None = None,
                 seed: int = 0) -> dict[str, Any]:
         """Retrain ScaNN on the current vectors; promote (and snapshot) only if its recall@k against exact
-        search on `sample` stored vectors reaches `min_recall`. Writes wait meanwhile (one lock)."""
+        search on `sample` stored vectors reaches `min_recall`. Writes wait meanwhile (one lock). The report
+        also gives the live index's recall on the same queries (`live_recall`: what the upserts left)."""
         with self._lock:
             n = len(self._ids)
             k = min(k, n)
             params = params or ann.choose_params(n, k, self._cfg)
             candidate = ann.build_index(self._vectors[:n], k, params).searcher
             recall = self._recall(candidate, params, k, sample, seed)
-            report = {"size": n, "k": k, "recall": recall, "min_recall": min_recall,
-                      "params": dataclasses.asdict(params), "promoted": recall >= min_recall}
+            report = {"size": n, "k": k, "recall": recall, "live_recall": self._recall(self._raw, self.params, k,
+                                                                                      sample, seed),
+                      "min_recall": min_recall, "params": dataclasses.asdict(params), "promoted": recall >= min_recall}
             if report["promoted"]:
                 self._raw, self.params = candidate, params
                 report["snapshot"] = self.snapshot()
