@@ -176,7 +176,8 @@ def create_app(service: Service) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         service.start()
-        await asyncio.to_thread(service.warm_up)
+        seconds = await asyncio.to_thread(service.warm_up)
+        print(f"[serve] warm-up (seconds per compiled shape): {seconds}", flush=True)
         yield
         await service.stop()
 

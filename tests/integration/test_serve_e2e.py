@@ -165,7 +165,7 @@ def chromium_driver(user_data_dir: Path):
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1100,900",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1100,1250",
                  f"--user-data-dir={user_data_dir}"):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=DriverService(executable_path="/usr/bin/chromedriver"))
