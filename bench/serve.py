@@ -110,10 +110,12 @@ def serve_and_load(args, work: Path, export: Path, emb: Path, batch: int, prefix
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        start, deadline = time.perf_counter(), time.time() + 600
-        while time.time() < deadline:  # bounded wait for start-up (imports, load, warm-up compiles)
+        start, deadline = time.perf_counter(), time.time() + args.startup_timeout
+        while True:  # bounded wait for start-up (imports, load, warm-up compiles)
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(work / log.name).read_text()}")
+                raise RuntimeError(f"server exited: {Path(log.name).read_text()}")
+            if time.time() > deadline:
+                raise TimeoutError(f"server not up after {args.startup_timeout} s: {Path(log.name).read_text()}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
                     break
@@ -131,7 +133,11 @@ def serve_and_load(args, work: Path, export: Path, emb: Path, batch: int, prefix
         return out
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # still compiling: SIGTERM waits for the start-up to end
+            proc.kill()
+            proc.wait(timeout=60)
         log.close()
 
 
@@ -226,6 +232,7 @@ def main() -> None:
                         help="concurrent clients per level")
     parser.add_argument("--settings", default="on/on,off/on,on/off",
                         help="batching/prefix-cache settings to serve, e.g. on/on,off/on,on/off")
+    parser.add_argument("--startup-timeout", type=float, default=1800, help="seconds a server may take to start")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
     parser.add_argument("--out")
     args = parser.parse_args()
