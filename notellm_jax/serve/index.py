@@ -263,8 +263,9 @@ class LiveIndex:
             positions, scores = self._raw.search_batched(queries, fetch, pre, -1, False, 0)
             out = []
             for row, skip in zip(range(len(queries)), exclude):
+                # A tree whose searched leaves hold fewer than `fetch` points pads the row with NaN scores.
                 hits = [Hit(self._ids[p], float(s), **self.note(self._ids[p]))
-                        for p, s in zip(positions[row], scores[row]) if self._ids[p] != skip]
+                        for p, s in zip(positions[row], scores[row]) if np.isfinite(s) and self._ids[p] != skip]
                 out.append(hits[:k])
             return out
 
@@ -287,7 +288,8 @@ class LiveIndex:
         rows = np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False)
         queries = self._vectors[rows]
         pre = -1 if params.brute_force else max(k, params.reorder)
-        approx = raw.search_batched(queries, k, pre, -1, False, 0)[0]
+        approx, scores = raw.search_batched(queries, k, pre, -1, False, 0)
+        approx = np.where(np.isfinite(scores), approx, -1)  # padding (see `search`) finds nothing
         return neighbour_overlap(approx.astype(np.int64), self.exact_search(queries, k))
 
     # ----------------------------------------------------------------------------------------------
