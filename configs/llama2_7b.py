@@ -7,7 +7,7 @@ fp32 parameters and optimizer state, layers scanned and rematerialised.
 Arguments (`configs/llama2_7b.py:ARG`): `aot` keeps the shapes but builds no weights (ahead-of-time memory
 planning, bench/plan_memory.py).
 """
-from notellm_jax.config import Config, ModelConfig, PathsConfig, PromptConfig, TrainConfig, parse_arg
+from notellm_jax.config import Config, ModelConfig, PathsConfig, PromptConfig, TrainConfig, override, parse_arg
 
 
 def get_config(arg: str = "") -> Config:
@@ -20,3 +20,13 @@ def get_config(arg: str = "") -> Config:
         prompt=PromptConfig(max_length=192),
         train=TrainConfig(batch_pairs=64, checkpoint_every=500, eval_every=500),
     )
+
+
+def family_config(name: str, preset: str, checkpoint: str, arg: str = "") -> Config:
+    """This setup with only the model changed (configs/llama3_8b.py, mistral_7b.py, qwen2_5_7b.py, qwen3_8b.py):
+    `aot` or `random` keeps the shapes of `preset` and builds no weights; otherwise `checkpoint` is read."""
+    args = parse_arg(arg, aot=False, random=False)
+    random = args.aot or args.random
+    return override(get_config("aot" if random else ""),
+                    {"name": name, "paths.work_dir": f"runs/{name}",
+                     "model.checkpoint": f"random:{preset}" if random else checkpoint})

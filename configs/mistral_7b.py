@@ -7,14 +7,13 @@ with `--set model.checkpoint=/path/to/Mistral-7B-v0.3`.
 Arguments (`CONFIG.py:ARG`): `aot` (or `random`) keeps the shapes but builds no weights (ahead-of-time
 memory planning, bench/plan_memory.py).
 """
+import runpy
 from pathlib import Path
 
-from notellm_jax.config import Config, load_config, override, parse_arg
+from notellm_jax.config import Config
+
+_family_config = runpy.run_path(str(Path(__file__).with_name("llama2_7b.py")))["family_config"]
 
 
 def get_config(arg: str = "") -> Config:
-    args = parse_arg(arg, aot=False, random=False)
-    random = args.aot or args.random
-    paper = load_config(str(Path(__file__).with_name("llama2_7b.py")) + (":aot" if random else ""))
-    return override(paper, {"name": "mistral_7b", "paths.work_dir": "runs/mistral_7b",
-                            "model.checkpoint": "random:mistral_7b" if random else "Mistral-7B-v0.3"})
+    return _family_config("mistral_7b", "mistral_7b", "Mistral-7B-v0.3", arg)

@@ -7,14 +7,13 @@ with `--set model.checkpoint=/path/to/Qwen2.5-7B`.
 Arguments (`CONFIG.py:ARG`): `aot` (or `random`) keeps the shapes but builds no weights (ahead-of-time
 memory planning, bench/plan_memory.py).
 """
+import runpy
 from pathlib import Path
 
-from notellm_jax.config import Config, load_config, override, parse_arg
+from notellm_jax.config import Config
+
+_family_config = runpy.run_path(str(Path(__file__).with_name("llama2_7b.py")))["family_config"]
 
 
 def get_config(arg: str = "") -> Config:
-    args = parse_arg(arg, aot=False, random=False)
-    random = args.aot or args.random
-    paper = load_config(str(Path(__file__).with_name("llama2_7b.py")) + (":aot" if random else ""))
-    return override(paper, {"name": "qwen2_5_7b", "paths.work_dir": "runs/qwen2_5_7b",
-                            "model.checkpoint": "random:qwen2_5_7b" if random else "Qwen2.5-7B"})
+    return _family_config("qwen2_5_7b", "qwen2_5_7b", "Qwen2.5-7B", arg)

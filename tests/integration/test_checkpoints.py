@@ -10,6 +10,7 @@ import pytest
 
 import torch
 import transformers
+from decode_reference import greedy_by_recomputation, padded_batch
 
 from notellm_jax.main import main
 from notellm_jax.weights.formats import (CausalLM, CheckpointError, detect_format, load_causal_lm, load_params,
@@ -147,28 +148,13 @@ def test_stories260k_loss_matches_torch(stories_lm, tok512, stories_dir):
     assert 0.3 < ours.mean() < 0.45
 
 
-def _greedy_by_recomputation(lm, prompt: list[int], n_new: int, width: int) -> list[int]:
-    """Greedy decoding without a cache: the full (right-padded, fixed-width) sequence every step."""
-    tokens = list(prompt)
-    for _ in range(n_new):
-        ids = np.zeros((1, width), np.int32)
-        ids[0, :len(tokens)] = tokens
-        mask = (np.arange(width) < len(tokens)).astype(np.int32)[None]
-        tokens.append(int(lm.logits(ids, mask)[0, len(tokens) - 1].argmax()))
-    return tokens[len(prompt):]
-
-
 def test_kv_cache_generate_equals_recomputation_with_padding(stories_lm, tok512):
     prompts = [[1] + tok512.encode("Tom had a big dog"), [1] + tok512.encode("The sun")]
     n_new, width = 24, 40
-    expected = [_greedy_by_recomputation(stories_lm, p, n_new, width) for p in prompts]
+    expected = [greedy_by_recomputation(stories_lm, p, n_new, width) for p in prompts]
     length = max(map(len, prompts))
     for side in ("left", "right"):
-        ids = np.zeros((2, length), np.int32)
-        mask = np.zeros_like(ids)
-        for row, p in enumerate(prompts):
-            keep = slice(length - len(p), length) if side == "left" else slice(0, len(p))
-            ids[row, keep], mask[row, keep] = p, 1
+        ids, mask = padded_batch(prompts, length, side)
         out = stories_lm.generate(ids, n_new, attention_mask=mask, eos_id=-1)
         np.testing.assert_array_equal(out[:, :length], ids)
         assert out[:, length:].tolist() == expected, side

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
+from numpy_params import numpy_params
 
 from notellm_jax.model.llama import Llama, preset
 from notellm_jax.model.notellm import (OBJECTIVES, NoteLLM, check_pairs, combine_losses, contrastive_loss,
@@ -341,9 +341,7 @@ def tiny_notellm():
     batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
              "embed_read_pos": jnp.asarray([9, 5, 6], jnp.int32),
              "target_positions": jnp.asarray(rng.integers(0, t, size=(n, m)).astype(np.int32))}
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), batch)["params"])
-    params = jax.tree.map(lambda p: np.asarray(p) + 0.05 * rng.normal(size=p.shape).astype(np.float32)
-                          if p.ndim == 1 else np.asarray(p), params)  # norm scales away from 1
+    params = numpy_params(lambda key: model.init(key, batch)["params"], jax.random.key(1), scalar=3.0)
     outputs = jax.jit(model.apply)({"params": params}, batch)
     return cfg, model, params, batch, outputs
 

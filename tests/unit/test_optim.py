@@ -40,7 +40,7 @@ def test_weight_decay_applies_to_matrices_only():
     # Zero gradients: only weight decay moves a parameter, so only the matrix may change.
     tx, _ = make_optimizer(TrainConfig(learning_rate=0.1, warmup_fraction=0.0, weight_decay=0.5), 10)
     state = tx.init(params)
-    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
     assert float(jnp.abs(updates["kernel"]).max()) > 0
     assert float(jnp.abs(updates["scale"]).max()) == 0 and float(updates["log_logit_scale"]) == 0
 
@@ -53,7 +53,7 @@ def test_gradients_are_clipped_by_global_norm():
     # with clipping the first moment is grads * clip / norm.
     tx, _ = make_optimizer(TrainConfig(learning_rate=1e-3, warmup_fraction=0.0, grad_clip=1.0, weight_decay=0.0), 10)
     state = tx.init(params)
-    _, state = tx.update(grads, state, params)
+    _, state = jax.jit(tx.update)(grads, state, params)
     mu = state[1][0].mu
     np.testing.assert_allclose(np.asarray(mu["a"]), 0.1 * 3.0 / norm, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(mu["b"]), 0.1 * 4.0 / norm, rtol=1e-5)
@@ -67,7 +67,7 @@ def test_logit_scale_lr_multiplier_scales_only_the_logit_scale_step():
         cfg = TrainConfig(learning_rate=1e-3, warmup_fraction=0.0, weight_decay=0.0, grad_clip=0.0,
                           logit_scale_lr_multiplier=multiplier)
         tx, _ = make_optimizer(cfg, 10)
-        updates, _ = tx.update(grads, tx.init(params), params)
+        updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
         return jax.tree.map(np.asarray, updates)
 
     base, fast = first_update(1.0), first_update(50.0)

@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from numpy_params import numpy_params
 
 import notellm_jax  # noqa: F401
 from notellm_jax.errors import CheckpointError
@@ -22,7 +23,7 @@ IDS = np.array([[1, 7, 42, 99, 3, 250]])
 @pytest.fixture(scope="module")
 def tiny():
     cfg = preset("tiny", tie_word_embeddings=True)
-    return init_params(cfg, jax.random.key(0)), cfg
+    return numpy_params(lambda key: init_params(cfg, key), jax.random.key(0)), cfg
 
 
 @pytest.fixture

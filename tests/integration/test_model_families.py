@@ -11,6 +11,7 @@ import pytest
 import notellm_jax  # noqa: F401
 import torch
 import transformers
+from decode_reference import greedy_by_recomputation, padded_batch as padded_prompts
 
 from notellm_jax.errors import CheckpointError
 from notellm_jax.model.decode import CausalLM
@@ -97,17 +98,6 @@ def assert_matches_torch(lm: CausalLM, model, ids: np.ndarray, mask: np.ndarray)
     return ours
 
 
-def greedy_by_recomputation(lm: CausalLM, prompt: list[int], n_new: int, width: int) -> list[int]:
-    """Greedy decoding without a cache: the full right-padded sequence every step."""
-    tokens = list(prompt)
-    for _ in range(n_new):
-        ids = np.zeros((1, width), np.int32)
-        ids[0, :len(tokens)] = tokens
-        mask = (np.arange(width) < len(tokens)).astype(np.int32)[None]
-        tokens.append(int(lm.logits(ids, mask)[0, len(tokens) - 1].argmax()))
-    return tokens[len(prompt):]
-
-
 def assert_cached_decode_equals_recomputation(lm: CausalLM, seed: int) -> None:
     """Prompts of 30 and 19 tokens plus 14 new ones: past the LLaMA-3 original context (32) and far past
     Mistral's window (5); left and right padding."""
@@ -116,11 +106,7 @@ def assert_cached_decode_equals_recomputation(lm: CausalLM, seed: int) -> None:
     n_new, length = 14, 30
     expected = [greedy_by_recomputation(lm, p, n_new, length + n_new) for p in prompts]
     for side in ("left", "right"):
-        ids = np.zeros((2, length), np.int32)
-        mask = np.zeros_like(ids)
-        for row, p in enumerate(prompts):
-            keep = slice(length - len(p), length) if side == "left" else slice(0, len(p))
-            ids[row, keep], mask[row, keep] = p, 1
+        ids, mask = padded_prompts(prompts, length, side)
         out = lm.generate(ids, n_new, attention_mask=mask, eos_id=-1)
         assert out[:, length:].tolist() == expected, side
 
