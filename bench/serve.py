@@ -105,6 +105,7 @@ def serve_and_load(args, work: Path, export: Path, emb: Path, batch: int, prefix
            "--set", "model.persist_feature_cache=false", *overrides,
            "--set", f"serve.max_batch_size={batch}", "--set", f"embed.prefix_cache={str(prefix).lower()}",
            "--set", f"retrieval.scann_num_leaves={args.index_leaves}",
+           "--set", f"retrieval.scann_leaves_to_search={args.index_leaves_searched}",
            "--export", str(export), "--index", str(index), "--embeddings", str(emb), "--port", str(port)]
     log = open(work / f"server-b{batch}-p{int(prefix)}.log", "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log,
@@ -224,6 +225,7 @@ def main() -> None:
     parser.add_argument("--index-notes", type=int, default=256)
     parser.add_argument("--index-leaves", type=int, default=16,
                         help="ScaNN tree leaves of the served index (0 = by size: brute force for a small one)")
+    parser.add_argument("--index-leaves-searched", type=int, default=4, help="0 = by size (a tenth)")
     parser.add_argument("--upserts", type=int, default=64,
                         help="new notes PUT after the first setting's load, then a rebuild (0 = none)")
     parser.add_argument("--recall-base", type=int, default=20_000)
