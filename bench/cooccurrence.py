@@ -1,7 +1,10 @@
 """Co-occurrence throughput, in-memory engine and Beam local runner, on synthetic logs; prints JSON.
 
-    python bench/cooccurrence.py [--sizes 1000000,10000000,30000000] [--engines memory,beam]
-        [--beam-max-events 10000000] [--min-free-gib 6] [--out bench/results/cooccurrence_cpu.json]
+    python bench/cooccurrence.py [--sizes 1000000,10000000,30000000] [--engines memory,beam] [--beam-sizes S]
+        [--max-rss-gib 0] [--timeout-s 900] [--beam-timeout-s 0] [--out bench/results/cooccurrence_cpu.json]
+
+The committed result: --sizes 1000000,10000000,30000000,60000000 --beam-sizes 1000000,10000000,30000000
+--max-rss-gib 12 --timeout-s 900 --beam-timeout-s 600.
 
 Each (engine, size) runs in a fresh subprocess on a log from notellm_jax.data.synthetic (default
 SyntheticLog parameters: Pareto user activity, Zipf note popularity, time-ordered sessions), written to
@@ -9,8 +12,10 @@ a temporary events.parquet first (not timed). Timed: reading events.parquet, the
 selection with the paper's u=30, l=0.01, t=10 -- for "memory" cooccurrence.related_pairs, for "beam"
 beam_prepare.related_pairs on the DirectRunner with 2 worker processes (multi_processing). Peak memory
 is the largest sum of RSS over the subprocess and all its descendants (Beam's workers), sampled every
-0.2 s. A run is skipped, and said so, when the machine's available memory is below --min-free-gib
-before it starts or (beam) the size exceeds --beam-max-events.
+0.2 s. Where each engine stops fitting this machine: a run whose process tree exceeds --max-rss-gib
+(default 85% of the memory available when it starts), or whose timed part exceeds its time limit, is
+killed and recorded as "did_not_fit" with the memory and time it had reached. Each run records the
+machine's load average at its start (the machine is shared: wall time depends on it).
 """
 from __future__ import annotations
 
@@ -62,9 +67,16 @@ def run_one(engine: str, num_events: int) -> dict:
                 "driver_cpu_seconds": round(time.process_time() - cpu, 2), **counts}
 
 
+def _tree(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def _tree_rss(proc: psutil.Process) -> int:
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    for p in _tree(proc):
         try:
             total += p.memory_info().rss
         except psutil.NoSuchProcess:
@@ -72,39 +84,72 @@ def _tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def measure(engine: str, size: int) -> dict:
-    """Run one size in a subprocess; its JSON plus peak tree RSS (from the READY line on) and CPU."""
-    child = subprocess.Popen([sys.executable, __file__, "--one", f"{engine}:{size}"], stdout=subprocess.PIPE,
-                             text=True, cwd=ROOT)
-    proc, peak, ready, stop = psutil.Process(child.pid), [0], threading.Event(), threading.Event()
+def _kill_tree(proc: psutil.Process) -> None:
+    for p in reversed(_tree(proc)):
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
-    def sample() -> None:
-        while not stop.is_set():
-            if ready.is_set():
-                peak[0] = max(peak[0], _tree_rss(proc))
+
+class _Watch:
+    """Samples the child's tree RSS every 0.2 s from its READY line on; kills the tree past the caps."""
+
+    def __init__(self, child: subprocess.Popen, max_rss: float, timeout_s: float):
+        self.proc, self.max_rss, self.timeout_s = psutil.Process(child.pid), max_rss, timeout_s
+        self.peak, self.ready_at, self.stopped = 0, None, None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set() and self.stopped is None:
+            if self.ready_at is not None:
+                rss = _tree_rss(self.proc)
+                self.peak = max(self.peak, rss)
+                elapsed = time.perf_counter() - self.ready_at
+                if rss > self.max_rss:
+                    self.stopped = (f"stopped at {rss / 2**30:.1f} GiB (cap {self.max_rss / 2**30:.1f}) "
+                                    f"after {elapsed:.0f} s")
+                elif elapsed > self.timeout_s:
+                    self.stopped = f"timed out after {elapsed:.0f} s (at {rss / 2**30:.1f} GiB)"
+                if self.stopped:
+                    _kill_tree(self.proc)
             time.sleep(0.2)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+
+def measure(engine: str, size: int, max_rss_gib: float, timeout_s: float) -> dict:
+    """Run one size in a subprocess; its JSON plus peak tree RSS (from the READY line on), or how it stopped."""
+    cap = max_rss_gib * 2**30 if max_rss_gib > 0 else 0.85 * psutil.virtual_memory().available
+    base = {"engine": engine, "events": size, "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    child = subprocess.Popen([sys.executable, __file__, "--one", f"{engine}:{size}"], stdout=subprocess.PIPE,
+                             text=True, cwd=ROOT)
+    watch = _Watch(child, cap, timeout_s)
     lines = []
     for line in child.stdout:
         if line.startswith("READY"):
-            ready.set()
+            watch.ready_at = time.perf_counter()
         lines.append(line)
     child.wait()
-    stop.set()
-    sampler.join()
+    watch.stop.set()
+    watch.thread.join()
+    peak = {"peak_rss_gib": round(watch.peak / 2**30, 2)}
+    if watch.stopped:
+        return {**base, "did_not_fit": watch.stopped, **peak}
     if child.returncode:
-        return {"engine": engine, "events": size, "failed": f"exit code {child.returncode}"}
-    return {**json.loads(lines[-1]), "peak_rss_gib": round(peak[0] / 2**30, 2)}
+        return {**base, "failed": f"exit code {child.returncode}", **peak}
+    return {**base, **json.loads(lines[-1]), **peak}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1000000,10000000,30000000")
     parser.add_argument("--engines", default="memory,beam")
-    parser.add_argument("--beam-max-events", type=int, default=10_000_000)
-    parser.add_argument("--min-free-gib", type=float, default=6.0)
+    parser.add_argument("--beam-sizes", default="", help="the Beam runs' sizes (default --sizes)")
+    parser.add_argument("--max-rss-gib", type=float, default=0.0, help="kill a run whose process tree exceeds "
+                        "this (0 = 85%% of the memory available at its start)")
+    parser.add_argument("--timeout-s", type=float, default=900.0, help="kill a run timed longer than this")
+    parser.add_argument("--beam-timeout-s", type=float, default=0.0, help="the Beam runs' limit (0 = --timeout-s)")
     parser.add_argument("--out", default="")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child process: engine:size
     args = parser.parse_args()
@@ -114,18 +159,14 @@ def main() -> None:
         return
     runs = []
     for engine in args.engines.split(","):
-        for size in (int(s) for s in args.sizes.split(",")):
-            free = psutil.virtual_memory().available / 2**30
-            if engine == "beam" and size > args.beam_max_events:
-                runs.append({"engine": engine, "events": size, "skipped": f"over --beam-max-events"})
-            elif free < args.min_free_gib:
-                runs.append({"engine": engine, "events": size, "skipped": f"{free:.1f} GiB available"})
-            else:
-                runs.append(measure(engine, size))
+        limit = args.beam_timeout_s if engine == "beam" and args.beam_timeout_s > 0 else args.timeout_s
+        sizes = args.beam_sizes if engine == "beam" and args.beam_sizes else args.sizes
+        for size in (int(s) for s in sizes.split(",")):
+            runs.append(measure(engine, size, args.max_rss_gib, limit))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     result = {"benchmark": "cooccurrence", "machine": f"{platform.machine()} {os.cpu_count()} cores, "
               f"{psutil.virtual_memory().total / 2**30:.0f} GiB (shared with other jobs)",
-              "load_average_at_end": os.getloadavg(), "runs": runs}
+              "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "runs": runs}
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -57,6 +57,11 @@ class DataConfig:
     cooc_upper: float = 30.0
     cooc_lower: float = 0.01
     cooc_top_t: int = 10
+    # Power users, both engines: a user with more events than this is scored as consecutive time-ordered
+    # chunks of this many events, each chunk a user of its own (N = its distinct notes, no pairs across
+    # chunks), which bounds one user's candidate pairs by its square. 0 = off; on, it CHANGES the scores
+    # of those users (data/cooccurrence.py split_users).
+    cooc_user_split_events: int = 0
     # Splits (METHOD.md 5): notes created at or after this quantile of creation time are test notes.
     test_time_quantile: float = 0.8
     # "category": one cut-off per category (the Stack Exchange sites span 2010-2023, so a global
@@ -339,6 +344,7 @@ class Config:
              "model.lora_rank and model.train_top_layers are alternatives: set one of them to 0"),
             (not (self.model.lora_rank > 0 and self.model.scan_layers),
              "model.lora_rank needs model.scan_layers=false (each layer gets its own adapters)"),
+            (self.data.cooc_user_split_events >= 0, "data.cooc_user_split_events must be >= 0 (0 = off)"),
             (self.data.train_input in ("shards", "tfds", "numpy"), f"data.train_input {self.data.train_input!r}: "
                                                                      "shards | tfds | numpy"),
             (self.train.grad_cache_chunk >= 0 and (self.train.grad_cache_chunk == 0

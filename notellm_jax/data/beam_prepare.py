@@ -7,17 +7,18 @@ in-memory ones (scores bit for bit), see tests/integration/test_beam_prepare.py.
     events.parquet row groups -> slices of 65,536 rows (Reshuffle: slices spread over workers)
       -> per slice: null/type checks (StoreFormatError naming file and row), the event's period (test
          note; train note, before its cut-off if train_events_before_cutoff; else counted
-         not_in_a_period), its events per (period, user bucket) -- crc32(user) % B, B = events / 200k,
+         not_in_a_period), its events per (period, user bucket) -- stable_bucket(user) % B, B = events / 200k,
          so a user's whole period log lands in one bucket and N_u is exact
       -> GroupByKey (period, user bucket)
       -> per bucket: cooccurrence.cooccurrence_scores (the one definition of Eq. 1: strict later touch,
-         window, each user once per pair), its (A, B, 1/N_u sums) split by A's note shard crc32(A) % B
+         window, each user once per pair), its (A, B, 1/N_u sums) split by A's note shard stable_bucket(A) % B
       -> CombinePerKey(PairSum): s(A->B) per note shard, summed over buckets (exact: WEIGHT_QUANTUM)
       -> per shard (complete rows of its notes A): cooccurrence.select_coo, select_related's rule
          (l <= s <= u, then top-t by score desc, B asc) -> WriteToParquetBatched, one file set per period
 
 Work is vectorised per slice, bucket and shard (numpy/Arrow), not per event: Python-per-element costs
-are what make naive Beam pipelines slow.
+are what make naive Beam pipelines slow. Ids travel between stages as Arrow string arrays (pickled as
+a few buffers; numpy object arrays pickle string by string) and are sorted/deduplicated by Arrow.
 
 The driver then sorts each period's pairs into select_related's row order and finishes the splits
 with splits.finish_splits (validation hold-out, train cap, evaluation order): those steps read only
@@ -28,6 +29,12 @@ Hot keys:
   `data.beam_max_user_notes` > 0 keeps only each user's first that many distinct notes (by first touch
   in the period) and drops the user's other events (counted: skipped.power_user_events). This CHANGES
   the scores (the user's N_u becomes the cap, later notes lose the user's pairs): 0, off, is the default.
+- Power users, split instead (both engines): `data.cooc_user_split_events` = k > 0 scores each user's
+  log in time-ordered chunks of k events, each chunk as a user (cooccurrence.split_users, applied inside
+  cooccurrence_scores, so both engines split alike and stay equal). A bucket's work per user is then
+  at most k^2 candidate pairs. This also CHANGES scores: a split user's pairs across chunks are lost
+  and each chunk weighs 1/N_chunk (its own distinct notes) instead of 1/N_u; users with <= k events
+  are untouched; nothing is dropped, so no count is skipped.
 - Hot notes: a popular A's shard receives partial scores from every bucket. `data.beam_hot_key_fanout`
   > 0 uses CombinePerKey(...).with_hot_key_fanout(n): a shard's partials are first summed under n
   random sub-keys on different workers, then the n partial sums are summed. Only the order of
@@ -41,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +55,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import Metrics, MetricsFilter
@@ -97,9 +104,36 @@ def _read_slices(element: tuple[str, int, int]) -> Iterator[tuple[str, int, pa.T
         yield path, offset + start, table.slice(start, SLICE_ROWS)
 
 
-def stable_bucket(ids: np.ndarray, buckets: int) -> np.ndarray:
-    """crc32(id) % buckets: the same on every worker (Python's str hash is salted per process)."""
-    return np.fromiter((zlib.crc32(i.encode()) % buckets for i in ids), np.int64, len(ids))
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def stable_bucket(ids: pa.Array, buckets: int) -> np.ndarray:
+    """hash(id) % buckets, the same on every worker (Python's str hash is salted per process): the sum
+    of byte_i * P^i mod 2^64 over the id's UTF-8 bytes (P = the FNV prime), then a splitmix64 finaliser;
+    vectorised over the Arrow buffers (a Python crc32 per id cost a third of the pipeline's CPU)."""
+    ids = pc.cast(ids, pa.large_string())  # int64 offsets whatever the input
+    offsets = np.frombuffer(ids.buffers()[1], np.int64)[ids.offset:ids.offset + len(ids) + 1]
+    data = np.frombuffer(ids.buffers()[2] or b"", np.uint8)[offsets[0]:offsets[-1]]
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    position = np.arange(len(data)) - np.repeat(starts, lengths)
+    with np.errstate(over="ignore"):
+        powers = np.cumprod(np.full(max(int(lengths.max(initial=0)), 1), _FNV_PRIME))  # P^1, P^2, ...
+        powers = np.concatenate([[np.uint64(1)], powers[:-1]])                        # P^0, P^1, ...
+        total = np.concatenate([[np.uint64(0)], np.cumsum(data.astype(np.uint64) * powers[position])])
+        h = total[starts + lengths] - total[starts]
+        for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            h = (h ^ (h >> np.uint64(shift))) * np.uint64(mult)
+        h ^= h >> np.uint64(31)
+    return (h % np.uint64(buckets)).astype(np.int64)
+
+
+def _groups(keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(key, its positions) per distinct key, by one stable sort (not one full scan per key)."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.append(True, sorted_keys[1:] != sorted_keys[:-1])) if len(keys) else []
+    for lo, hi in zip(starts, [*starts[1:], len(keys)]):
+        yield int(sorted_keys[lo]), order[lo:hi]
 
 
 class _Fragments(beam.DoFn):
@@ -109,21 +143,21 @@ class _Fragments(beam.DoFn):
     def __init__(self, periods: Periods, buckets: int):
         self.periods = periods
         self.buckets = buckets
-        self._index: dict[str, int] | None = None
+        self._note_ids: pa.Array | None = None
 
     def setup(self) -> None:
         if self.periods.note_table:
             with FileSystems.open(self.periods.note_table) as f:
                 table = pq.read_table(f)
-            self._index = {n: i for i, n in enumerate(table["note_id"].to_pylist())}
+            self._note_ids = table["note_id"].combine_chunks()
             self._is_test = table["is_test"].to_numpy(zero_copy_only=False)
             self._cutoff = table["cutoff"].to_numpy()
 
-    def _period_of(self, notes: np.ndarray, times: np.ndarray) -> np.ndarray:
+    def _period_of(self, notes: pa.Array, times: np.ndarray) -> np.ndarray:
         """Per event: 0 train, 1 test, -1 in no period (unknown note, or train event after its cut-off)."""
-        if self._index is None:
+        if self._note_ids is None:
             return np.zeros(len(notes), np.int64)
-        row = np.fromiter((self._index.get(n, -1) for n in notes), np.int64, len(notes))
+        row = pc.fill_null(pc.index_in(notes, value_set=self._note_ids), -1).to_numpy().astype(np.int64)
         known = row >= 0
         is_test = known & self._is_test[np.maximum(row, 0)]
         train = known & ~is_test
@@ -134,23 +168,23 @@ class _Fragments(beam.DoFn):
     def process(self, element: tuple[str, int, pa.Table]) -> Iterator[Any]:
         path, first_row, table = element
         store.check_events(table, path, first_row)
-        users = table["user_id"].to_numpy(zero_copy_only=False)
-        notes = table["note_id"].to_numpy(zero_copy_only=False)
+        # Ids stay Arrow arrays: they pickle as buffers between workers, object arrays string by string.
+        users, notes = table["user_id"].combine_chunks(), table["note_id"].combine_chunks()
         times = table["timestamp"].to_numpy()
         period = self._period_of(notes, times)
         _counter("events.all").inc(len(table))
         _counter("events.not_in_a_period").inc(int((period < 0).sum()))
         bucket = stable_bucket(users, self.buckets)
-        for p, name in enumerate(("train", "test") if self._index is not None else ("all",)):
+        for p, name in enumerate(("train", "test") if self._note_ids is not None else ("all",)):
             mine = period == p
             _counter(f"{name}.events").inc(int(mine.sum()))
-            for b in np.unique(bucket[mine]):
-                rows = np.flatnonzero(mine & (bucket == b))
-                yield (name, int(b)), (users[rows], notes[rows], times[rows])
-            distinct = np.unique(notes[mine])
-            shard = stable_bucket(distinct, self.buckets)
-            for b in np.unique(shard):
-                yield beam.pvalue.TaggedOutput("notes", ((name, int(b)), distinct[shard == b]))
+            mine = np.flatnonzero(mine)
+            for b, rows in _groups(bucket[mine]):
+                rows = mine[rows]
+                yield (name, b), (users.take(pa.array(rows)), notes.take(pa.array(rows)), times[rows])
+            distinct = pc.unique(notes.take(pa.array(mine)))
+            for b, rows in _groups(stable_bucket(distinct, self.buckets)):
+                yield beam.pvalue.TaggedOutput("notes", ((name, b), distinct.take(pa.array(rows))))
 
 
 def cap_user_notes(user: np.ndarray, note: np.ndarray, time: np.ndarray, cap: int) -> np.ndarray:
@@ -170,37 +204,38 @@ def cap_user_notes(user: np.ndarray, note: np.ndarray, time: np.ndarray, cap: in
 class _BucketPairs(beam.DoFn):
     """All events of one (period, user bucket) -> partial scores per (period, A's note shard)."""
 
-    def __init__(self, window_seconds: float | None, max_user_notes: int, shards: int):
+    def __init__(self, window_seconds: float | None, max_user_notes: int, split_events: int, shards: int):
         self.window = window_seconds
         self.cap = max_user_notes
+        self.split_events = split_events
         self.shards = shards
 
     def process(self, element: tuple[tuple[str, int], Iterable[tuple]]) -> Iterator[Any]:
         (period, _), fragments = element
         parts = list(fragments)
-        user, note, time = (np.concatenate([f[k] for f in parts]) for k in range(3))
+        events = pa.table({"user_id": pa.concat_arrays([f[0] for f in parts]),
+                           "note_id": pa.concat_arrays([f[1] for f in parts]),
+                           "timestamp": np.concatenate([f[2] for f in parts])})
         if self.cap > 0:
-            keep = cap_user_notes(user, note, time, self.cap)
+            user, note = (events[k].to_numpy(zero_copy_only=False) for k in ("user_id", "note_id"))
+            keep = cap_user_notes(user, note, events["timestamp"].to_numpy(), self.cap)
             _counter("skipped.power_user_events").inc(int((~keep).sum()))
-            user, note, time = user[keep], note[keep], time[keep]
-        scores = cooccurrence.cooccurrence_scores({"user_id": user, "note_id": note, "timestamp": time}, self.window)
+            events = events.filter(pa.array(keep))
+        scores = cooccurrence.cooccurrence_scores(events, self.window, split_events=self.split_events)
         _counter(f"{period}.users").inc(scores.num_users)
         coo = scores.matrix.tocoo()
-        a, b = scores.note_ids[coo.row], scores.note_ids[coo.col]
-        shard = stable_bucket(scores.note_ids, self.shards)[coo.row]
-        for s in np.unique(shard):
-            rows = shard == s
-            yield (period, int(s)), (a[rows], b[rows], coo.data[rows])
+        ids = pa.array(scores.note_ids, pa.string())
+        for s, rows in _groups(stable_bucket(ids, self.shards)[coo.row]):
+            a, b = pa.array(coo.row[rows]), pa.array(coo.col[rows])
+            yield (period, s), (ids.take(a), ids.take(b), coo.data[rows])
 
 
-def _sum_pairs(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sum_pairs(parts: list[tuple[pa.Array, pa.Array, np.ndarray]]) -> tuple[pa.Array, pa.Array, np.ndarray]:
     """Partial (A, B, weight) triples -> one per distinct (A, B) with the weights summed (exact, any order)."""
-    table = pa.table({"a": pa.array(np.concatenate([p[0] for p in parts]), pa.string()),
-                      "b": pa.array(np.concatenate([p[1] for p in parts]), pa.string()),
+    table = pa.table({"a": pa.concat_arrays([p[0] for p in parts]), "b": pa.concat_arrays([p[1] for p in parts]),
                       "w": np.concatenate([p[2] for p in parts])})
     summed = table.group_by(["a", "b"]).aggregate([("w", "sum")])
-    return (summed["a"].to_numpy(zero_copy_only=False), summed["b"].to_numpy(zero_copy_only=False),
-            summed["w_sum"].to_numpy())
+    return summed["a"].combine_chunks(), summed["b"].combine_chunks(), summed["w_sum"].to_numpy()
 
 
 class PairSum(beam.CombineFn):
@@ -217,36 +252,40 @@ class PairSum(beam.CombineFn):
         parts = [p for acc in accs for p in acc]
         return [_sum_pairs(parts)] if parts else []
 
-    def extract_output(self, acc: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return _sum_pairs(acc) if acc else (np.zeros(0, object), np.zeros(0, object), np.zeros(0))
+    def extract_output(self, acc: list) -> tuple[pa.Array, pa.Array, np.ndarray]:
+        empty = pa.array([], pa.string())
+        return _sum_pairs(acc) if acc else (empty, empty, np.zeros(0))
 
 
 def _select(element: tuple[tuple[str, int], tuple], upper: float, lower: float, top_t: int
             ) -> Iterator[tuple[str, pa.Table]]:
     """cooccurrence.select_coo on one shard's complete rows; its counts go to the counters."""
     (period, _), (a, b, s) = element
-    ids, codes = np.unique(np.concatenate([a, b]), return_inverse=True)  # codes sort like the ids
-    codes = codes.ravel()
+    both = pa.concat_arrays([a, b])
+    ids = pc.unique(both)
+    ids = ids.take(pc.array_sort_indices(ids))  # Arrow sorts strings by UTF-8 bytes = code points, as Python
+    codes = pc.index_in(both, value_set=ids).to_numpy().astype(np.int64)  # codes sort like the ids
     ka, kb, ks, counts = cooccurrence.select_coo(codes[:len(a)], codes[len(a):], s, upper, lower, top_t)
     for name, value in counts.items():
         _counter(f"{period}.{name}").inc(value)
-    yield period, pa.table({"note_a": pa.array(ids[ka], pa.string()), "note_b": pa.array(ids[kb], pa.string()),
+    yield period, pa.table({"note_a": ids.take(pa.array(ka)), "note_b": ids.take(pa.array(kb)),
                             "score": pa.array(ks, pa.float64())})
 
 
 class NoteUnion(beam.CombineFn):
     """The distinct note ids of one (period, note shard)."""
 
-    def create_accumulator(self) -> np.ndarray:
-        return np.zeros(0, object)
+    def create_accumulator(self) -> pa.Array:
+        return pa.array([], pa.string())
 
-    def add_input(self, acc: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return np.union1d(acc, ids)
+    def add_input(self, acc: pa.Array, ids: pa.Array) -> pa.Array:
+        return pc.unique(pa.concat_arrays([acc, ids]))
 
-    def merge_accumulators(self, accs: Iterable[np.ndarray]) -> np.ndarray:
-        return np.unique(np.concatenate(list(accs))) if accs else np.zeros(0, object)
+    def merge_accumulators(self, accs: Iterable[pa.Array]) -> pa.Array:
+        accs = list(accs)
+        return pc.unique(pa.concat_arrays(accs)) if accs else self.create_accumulator()
 
-    def extract_output(self, acc: np.ndarray) -> int:
+    def extract_output(self, acc: pa.Array) -> int:
         return len(acc)
 
 
@@ -275,7 +314,8 @@ def build(p: beam.Pipeline, events_path: str, periods: Periods, names: tuple[str
     if data.beam_hot_key_fanout > 0:
         combine = combine.with_hot_key_fanout(data.beam_hot_key_fanout)
     selected = (fragments.users | "PerUserBucket" >> beam.GroupByKey()
-                | "Pairs" >> beam.ParDo(_BucketPairs(window, data.beam_max_user_notes, buckets))
+                | "Pairs" >> beam.ParDo(_BucketPairs(window, data.beam_max_user_notes, data.cooc_user_split_events,
+                                                    buckets))
                 | "Scores" >> combine
                 | "Select" >> beam.FlatMap(_select, data.cooc_upper, data.cooc_lower, data.cooc_top_t))
     for name in names:

@@ -13,10 +13,16 @@ export recorded), resolved against the configured roots, so an export copied to 
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from notellm_jax.errors import MissingInputError
 
+log = logging.getLogger(__name__)
 
 
 class NoteTokenizer:
@@ -87,7 +93,42 @@ def _is_transformers_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file())
 
 
-def _load_hf_tokenizer(path: Path):
+# transformers converts a GGUF vocabulary in Python: ~1-2 min for SmolLM2's 49k tokens on the 2-core CPU,
+# paid by every tool that loads it. The converted tokenizer is kept as a transformers folder under the
+# cache, keyed by the file's size and a hash of its first 8 MiB (the GGUF metadata, where the vocabulary
+# and merges live, comes first).
+_GGUF_KEY_BYTES = 8 << 20
+
+
+def _gguf_cache_folder(path: Path, cache_dir: Path) -> Path:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(_GGUF_KEY_BYTES))
+    return cache_dir / "tokenizers" / f"{path.stem}-{path.stat().st_size}-{digest.hexdigest()[:16]}"
+
+
+def _gguf_tokenizer(path: Path, cache_dir: Path | None):
+    from transformers import AutoTokenizer
+
+    folder = _gguf_cache_folder(path, cache_dir) if cache_dir is not None else None
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    if folder is not None:
+        try:  # written beside and renamed into place: a reader never sees half a folder
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+            hf.save_pretrained(str(tmp))
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another process got there first
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as e:
+            log.warning("%s: converted tokenizer not cached under %s (%s)", path, folder.parent, e)
+    return hf
+
+
+def _load_hf_tokenizer(path: Path, cache_dir: Path | None = None):
     if path.is_dir():
         if _is_transformers_folder(path):
             from transformers import AutoTokenizer
@@ -100,21 +141,20 @@ def _load_hf_tokenizer(path: Path):
     if suffix == ".model":
         return _sentencepiece_tokenizer(path)
     if suffix == ".gguf":
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        return _gguf_tokenizer(path, cache_dir)
     if suffix == ".bin":
         return _sentencepiece_tokenizer(_tokenizer_beside_llama2c(path))
     raise ValueError(f"{path}: unknown tokenizer format (expected a folder, .model, .gguf or llama2.c .bin)")
 
 
-def load_tokenizer(path: str | Path, emb_token: str = "[EMB]") -> NoteTokenizer:
-    """Load the tokenizer for a weight file or folder and append `emb_token` at id == base vocab size."""
+def load_tokenizer(path: str | Path, emb_token: str = "[EMB]", cache_dir: str | Path | None = None) -> NoteTokenizer:
+    """Load the tokenizer for a weight file or folder and append `emb_token` at id == base vocab size.
+    With `cache_dir`, a GGUF file's converted tokenizer is kept there and reused."""
     path = Path(path).expanduser()
     if not path.exists():
         raise MissingInputError(f"tokenizer path not found: {path}")
     try:
-        hf = _load_hf_tokenizer(path)
+        hf = _load_hf_tokenizer(path, None if cache_dir is None else Path(cache_dir).expanduser())
     except (FileNotFoundError, ValueError):
         raise
     except Exception as e:  # parse failures inside transformers/sentencepiece: name the file
@@ -145,7 +185,8 @@ def tokenizer_source(config) -> str:
 def resolve_tokenizer(config, source: str | None = None, emb_token: str | None = None) -> NoteTokenizer:
     """The tokenizer of `source` (default: the run's own, `tokenizer_source(config)`; an export passes the
     source it recorded), resolved against `paths.cache_dir` / `paths.shared_dir`, with [EMB] appended."""
-    return load_tokenizer(config.resolve(source or tokenizer_source(config)), emb_token or config.prompt.emb_token)
+    return load_tokenizer(config.resolve(source or tokenizer_source(config)), emb_token or config.prompt.emb_token,
+                          cache_dir=config.paths.cache_dir)
 
 
 def _apply_gguf_special_tokens(tokenizer: NoteTokenizer, path: Path) -> None:

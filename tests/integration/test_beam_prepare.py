@@ -82,15 +82,18 @@ def _disjoint_union(logs):
 
 @example(logs=[[("u0", "n0", 0), ("u0", "n1", 1), ("u1", "n1", 0), ("u1", "n0", 2), ("u1", "n2", 3)],
                [("u0", "n0", 5), ("u0", "n1", 5), ("u2", "n3", 1), ("u2", "n1", 4)]],
-         window_days=0.0, top_t=2, lower=0.0, fanout=3, bucket_events=7)
+         window_days=0.0, top_t=2, lower=0.0, fanout=3, bucket_events=7, split=0)
+@example(logs=[[("u0", "n0", 0), ("u0", "n1", 1), ("u0", "n2", 2), ("u0", "n0", 3), ("u0", "n3", 4), ("u1", "n3", 0),
+                ("u1", "n1", 2)]], window_days=0.0, top_t=0, lower=0.0, fanout=0, bucket_events=7, split=2)
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(logs=st.lists(event_logs, min_size=1, max_size=5), window_days=st.sampled_from([0.0, 2 / 86_400]),
        top_t=st.integers(0, 3), lower=st.sampled_from([0.0, 0.2]), fanout=st.sampled_from([0, 3]),
-       bucket_events=st.sampled_from([7, 200_000]))
-def test_random_logs_beam_equals_memory(tmp_path, logs, window_days, top_t, lower, fanout, bucket_events):
-    """bucket_events=7: many user buckets and note shards, so scores are summed across buckets."""
+       bucket_events=st.sampled_from([7, 200_000]), split=st.sampled_from([0, 0, 3]))
+def test_random_logs_beam_equals_memory(tmp_path, logs, window_days, top_t, lower, fanout, bucket_events, split):
+    """bucket_events=7: many user buckets and note shards, so scores are summed across buckets.
+    split: power users scored in chunks of that many events (both engines)."""
     data = DataConfig(cooc_window_days=window_days, cooc_top_t=top_t, cooc_lower=lower, cooc_upper=0.9,
-                      beam_hot_key_fanout=fanout)
+                      beam_hot_key_fanout=fanout, cooc_user_split_events=split)
     _write_events(_disjoint_union(logs), tmp_path / "events.parquet")
     expected, expected_counts = cooccurrence.related_pairs(store.read_events(tmp_path / "events.parquet"), data)
     with mock.patch.object(beam_prepare, "EVENTS_PER_BUCKET", bucket_events):
@@ -109,6 +112,21 @@ def test_power_user_cap_changes_scores_and_counts(tmp_path):
     assert counts["skipped"] == {"power_user_events": 2}
     uncapped, _ = cooccurrence.related_pairs(store.read_events(tmp_path / "events.parquet"), data)
     assert len(uncapped) == 6  # off by default: u1's 6 ordered pairs of A..D (A->B: 1/4 + 1/2)
+
+
+def test_stable_bucket_is_the_documented_hash():
+    """Against a pure-Python evaluation of the hash (sum of byte_i * P^i, splitmix64 finaliser), on
+    a sliced Arrow array (non-zero offset), empty and non-ASCII ids."""
+    def reference(text: str, buckets: int) -> int:
+        h = sum(byte * 0x100000001B3 ** i for i, byte in enumerate(text.encode())) % 2**64
+        for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            h = ((h ^ (h >> shift)) * mult) % 2**64
+        return (h ^ (h >> 31)) % buckets
+
+    ids = ["", "u1", "u2", "n12345", "é☃", "a" * 40, "u1"]
+    got = beam_prepare.stable_bucket(pa.array(["skip", *ids]).slice(1), 7)
+    assert got.tolist() == [reference(i, 7) for i in ids]
+    assert len(set(beam_prepare.stable_bucket(pa.array([f"u{i}" for i in range(1000)]), 10).tolist())) == 10
 
 
 def test_null_field_names_file_and_row(tmp_path):

@@ -42,19 +42,35 @@ def test_llama2c_bin_finds_tokenizer_beside_it(stories_dir, tok512):
 
 
 @pytest.mark.slow
-def test_gguf_matches_transformers(smollm2_gguf):
+def test_gguf_matches_transformers(smollm2_gguf, tmp_path, monkeypatch):
+    """Converted by transformers, and the same again from the cached conversion (no second conversion)."""
+    import transformers
     from transformers import AutoTokenizer
 
     ref = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
-    tok = load_tokenizer(smollm2_gguf)
-    assert tok.base_vocab_size == len(ref) and tok.emb_id == len(ref)
-    for text in TEXTS:
-        assert tok.encode(text) == ref.encode(text, add_special_tokens=False)
-    ids = tok.encode('is:"[EMB]".')
-    assert ids == ref.encode('is:"', add_special_tokens=False) + [tok.emb_id] + ref.encode('".', add_special_tokens=False)
-    message = [{"role": "user", "content": "What is the capital of France?"}]
-    assert tok.hf.apply_chat_template(message, add_generation_prompt=True, tokenize=True) == ref.apply_chat_template(
-        message, add_generation_prompt=True, tokenize=True)  # [EMB] does not disturb the chat template
+    converted = load_tokenizer(smollm2_gguf, cache_dir=tmp_path)
+    (folder,) = (tmp_path / "tokenizers").iterdir()
+    assert (folder / "tokenizer.json").is_file()
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **kw: calls.append(kw.get("gguf_file")) or real(*a, **kw))
+    cached = load_tokenizer(smollm2_gguf, cache_dir=tmp_path)
+    assert calls == [None]  # read from the cached folder, not converted again
+    for tok in (converted, cached):
+        assert tok.base_vocab_size == len(ref) and tok.emb_id == len(ref)
+        for text in TEXTS + ["a </s> <|im_end|> b"]:
+            assert tok.encode(text) == ref.encode(text, add_special_tokens=False)
+            assert tok.encode(text, split_special_tokens=True) == ref.encode(text, add_special_tokens=False,
+                                                                               split_special_tokens=True)
+        ids = tok.encode('is:"[EMB]".')
+        assert ids == (ref.encode('is:"', add_special_tokens=False) + [tok.emb_id]
+                       + ref.encode('".', add_special_tokens=False))
+        message = [{"role": "user", "content": "What is the capital of France?"}]
+        assert tok.hf.apply_chat_template(message, add_generation_prompt=True, tokenize=True) == ref.apply_chat_template(
+            message, add_generation_prompt=True, tokenize=True)  # [EMB] does not disturb the chat template
+        assert (tok.bos_id, tok.eos_id, tok.pad_id) == (converted.bos_id, converted.eos_id, converted.pad_id)
+        assert tok.decode(ids + [tok.eos_id]) == converted.decode(ids + [tok.eos_id])
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path, tok512):

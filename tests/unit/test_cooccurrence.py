@@ -45,14 +45,47 @@ event_logs = st.lists(st.tuples(st.sampled_from([f"u{i}" for i in range(6)]),
 
 
 @settings(max_examples=300, deadline=None)
-@given(events=event_logs, window=st.sampled_from([None, 1, 3]), chunk=st.sampled_from([1, 7, 1 << 20]))
-def test_scores_match_brute_force(events, window, chunk):
+@given(events=event_logs, window=st.sampled_from([None, 1, 3]), chunk=st.sampled_from([1, 7, 1 << 20]),
+       time_scale=st.sampled_from([1, 1, 1 << 58]))
+def test_scores_match_brute_force(events, window, chunk, time_scale):
+    """time_scale 2^58: (user, note, time) no longer packs into 63 bits, the lexsort path sorts."""
+    window = None if time_scale > 1 else window  # time-window keys would overflow int64 (a ValueError)
+    events = [(u, n, t * time_scale) for u, n, t in events]
     got = as_dict(co.cooccurrence_scores(to_columns(events), window, chunk_pairs=chunk))
     expected = brute_force_scores(events, window)
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         # Each 1/N_u is rounded to 2^-32 (co.WEIGHT_QUANTUM): at most 40 terms of error 2^-33.
         assert got[key] == pytest.approx(float(value), rel=0, abs=40 * co.WEIGHT_QUANTUM / 2)
+
+
+def brute_force_split(events, k: int):
+    """Each user's events in (time, note) order, cut into chunks of k, each chunk renamed a user."""
+    by_user: dict = {}
+    for user, note, t in events:
+        by_user.setdefault(user, []).append((t, note))
+    return [((user, i // k), note, t) for user, touches in by_user.items()
+            for i, (t, note) in enumerate(sorted(touches))]
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=event_logs, window=st.sampled_from([None, 3]), k=st.integers(1, 6))
+def test_split_users_matches_brute_force(events, window, k):
+    scores = co.cooccurrence_scores(to_columns(events), window, split_events=k)
+    got, expected = as_dict(scores), brute_force_scores(brute_force_split(events, k), window)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(float(value), rel=0, abs=40 * co.WEIGHT_QUANTUM / 2)
+    assert scores.num_users == len({e[0] for e in events}) and scores.num_events == len(events)
+
+
+def test_split_changes_only_power_users():
+    """u1: A(1) B(2) C(3) D(4), split 2 -> chunks {A, B} and {C, D}: A->B and C->D at 1/2, nothing across.
+    u2 (2 events) is untouched: B(1) -> C(5) at 1/2."""
+    events = [("u1", "A", 1), ("u1", "B", 2), ("u1", "C", 3), ("u1", "D", 4), ("u2", "B", 1), ("u2", "C", 5)]
+    assert as_dict(co.cooccurrence_scores(to_columns(events), split_events=2)) == {
+        ("A", "B"): 0.5, ("C", "D"): 0.5, ("B", "C"): 0.5}
+    assert len(as_dict(co.cooccurrence_scores(to_columns(events)))) == 6
 
 
 def test_hand_computed_example():
@@ -101,6 +134,20 @@ def test_select_related_matches_brute_force(events, top_t, bounds):
     assert counts["candidates"] == scores.matrix.nnz
     assert counts["after_lower"] == sum(lower <= v <= upper for v in as_dict(scores).values())
     assert counts["after_top_t"] == len(expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5), st.integers(0, 4)), max_size=30,
+                    unique_by=lambda r: r[:2]),
+       quantum=st.booleans(), shuffled=st.booleans())
+def test_row_score_order_is_lexsort(rows, quantum, shuffled):
+    """Packed-key ordering = np.lexsort((b, -s, a)) for co-occurrence scores (multiples of the quantum)
+    and any others (dense ranks), from CSR order or any order (the Beam engine's shards)."""
+    if not shuffled:
+        rows = sorted(rows)
+    a, b = (np.array([r[k] for r in rows], np.int64) for k in (0, 1))
+    s = np.array([r[2] for r in rows], np.float64) * (co.WEIGHT_QUANTUM * 3 if quantum else 0.1)
+    np.testing.assert_array_equal(co._row_score_order(a, b, s), np.lexsort((b, -s, a)))
 
 
 def test_related_pairs_uses_config_window_and_filters():
