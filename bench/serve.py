@@ -1,6 +1,8 @@
 """Load benchmark of the service on loopback; prints one JSON object (and writes it with --out).
 
     python bench/serve.py [--config configs/tiny.py] [--requests 64] [--out bench/results/serve_cpu.json]
+    python bench/serve.py --config configs/smollm2_se.py --set model.train_top_layers=0 \
+        --out bench/results/serve_cpu_smollm2.json      (SmolLM2-135M from its GGUF, every layer in the export)
 
 One export (the config's initial weights: the trainer's `load_initial_params` + `save_notellm`, the same
 shapes and cost as a trained one) is embedded offline in this process (notes/s of `note_encoder`'s embedder,
@@ -9,7 +11,9 @@ on 127.0.0.1 for each setting: batching on (serve.max_batch_size) / off (1), pre
 setting, 1, 8 and 32 concurrent clients POST /similar with new notes (each a different note, so nothing is
 cached), `--requests` requests per level (every loop bounded). Also: one jitted forward of one note (the
 1-client latency floor), the prompt tokens per note with and without the prefix cache, and the recall of a
-live ScaNN index against exact search after N upserts, before and after a gated rebuild.
+live ScaNN index against exact search after N upserts, before and after a gated rebuild. The machine's
+`uptime` load is recorded before and after (the CPUs may be shared), and the issue's goals are computed
+from the measurements (`goals`).
 """
 from __future__ import annotations
 
@@ -76,7 +80,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_and_load(args, work: Path, export: Path, emb: Path, batch: int, prefix: bool, notes) -> dict:
+def upsert_and_rebuild(port: int, upserts: int, stored: int) -> dict:
+    """PUT `upserts` new notes (one client), then POST /index/rebuild: the live index's recall@10 against exact
+    search after the upserts, and the retrained one's (promoted at serve.rebuild_min_recall)."""
+    import httpx
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
+        start = time.perf_counter()
+        for i, note in enumerate(bench_notes(upserts, seed=3)):
+            http.put(f"/notes/new-{i}", json=note).raise_for_status()
+        seconds = time.perf_counter() - start
+        report = http.post("/index/rebuild", json={"k": 10, "sample": stored + upserts}).json()
+    return {"stored": stored, "upserts": upserts, "upsert_per_s": round(upserts / seconds, 2), "rebuild": report}
+
+
+def serve_and_load(args, work: Path, export: Path, emb: Path, batch: int, prefix: bool, notes,
+                   upserts: int = 0) -> dict:
     import httpx
 
     port = free_port()
@@ -85,15 +104,19 @@ def serve_and_load(args, work: Path, export: Path, emb: Path, batch: int, prefix
     cmd = [sys.executable, "-m", "notellm_jax.serve", "--config", args.config, "--set", f"paths.work_dir={work}",
            "--set", "model.persist_feature_cache=false", *overrides,
            "--set", f"serve.max_batch_size={batch}", "--set", f"embed.prefix_cache={str(prefix).lower()}",
+           "--set", f"retrieval.scann_num_leaves={args.index_leaves}",
+           "--set", f"retrieval.scann_leaves_to_search={args.index_leaves_searched}",
            "--export", str(export), "--index", str(index), "--embeddings", str(emb), "--port", str(port)]
     log = open(work / f"server-b{batch}-p{int(prefix)}.log", "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        start, deadline = time.perf_counter(), time.time() + 600
-        while time.time() < deadline:  # bounded wait for start-up (imports, load, warm-up compiles)
+        start, deadline = time.perf_counter(), time.time() + args.startup_timeout
+        while True:  # bounded wait for start-up (imports, load, warm-up compiles)
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(work / log.name).read_text()}")
+                raise RuntimeError(f"server exited: {Path(log.name).read_text()}")
+            if time.time() > deadline:
+                raise TimeoutError(f"server not up after {args.startup_timeout} s: {Path(log.name).read_text()}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
                     break
@@ -104,35 +127,43 @@ def serve_and_load(args, work: Path, export: Path, emb: Path, batch: int, prefix
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         batches = [line for line in metrics.splitlines() if line.startswith("notellm_embed_batch_size_")
                    and ("_sum" in line or "_count" in line)]
-        return {"max_batch_size": batch, "prefix_cache": prefix, "startup_s": round(startup, 1), "levels": levels,
-                "batch_size_metric": batches}
+        out = {"max_batch_size": batch, "prefix_cache": prefix, "startup_s": round(startup, 1), "levels": levels,
+               "batch_size_metric": batches}
+        if upserts:
+            out["served_index"] = upsert_and_rebuild(port, upserts, args.index_notes)
+        return out
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # still compiling: SIGTERM waits for the start-up to end
+            proc.kill()
+            proc.wait(timeout=60)
         log.close()
 
 
 def offline(config, export, notes) -> dict:
-    """Offline embed throughput (notes/s) of the same export, and one jitted forward of one note."""
+    """Offline embed throughput (notes/s, full batches of serve.max_batch_size) of the same export, and one
+    jitted forward of one note alone (a batch of one row: the 1-client latency floor)."""
     from notellm_jax.config import override
     from notellm_jax.data.prompts import Note
-
     from notellm_jax.eval.embed import note_encoder
 
     out = {}
     for prefix in (True, False):
         encoder = note_encoder(override(config, {"embed.prefix_cache": prefix}), export,
-                               batch_size=config.serve.max_batch_size)
+                               batch_size=config.serve.max_batch_size, row_buckets=[1])
         tokens = [encoder.tokens(Note(f"b{i}", n["title"], n["content"], [], "c")) for i, n in enumerate(notes)]
         encoder.embedder(tokens)  # warm-up: compiles every bucket used
         start = time.perf_counter()
         encoder.embedder(tokens)
         seconds = time.perf_counter() - start
         one = []
-        for t in tokens[:5]:
+        for t in tokens[:5] * 2:  # the first round compiles the one-row shapes
             start = time.perf_counter()
             encoder.embedder([t])
             one.append(time.perf_counter() - start)
+        one = one[5:]
         out["prefix_on" if prefix else "prefix_off"] = {
             "notes_per_s": round(len(tokens) / seconds, 2), "one_note_forward_ms": round(float(np.median(one)) * 1e3, 2),
             "prefix_tokens": len(encoder.prefix), "mean_tokens_run_per_note": round(float(np.mean([len(t) for t in tokens])), 1),
@@ -160,17 +191,50 @@ def live_index_recall(num: int, upserts: int, dim: int, work: Path) -> dict:
             "rebuild": rebuild}
 
 
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), shared with other jobs"
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def goals(result: dict) -> dict:
+    """The issue's goals from the measurements (None where the run did not measure the inputs)."""
+    offline_on, offline_off = result["offline"]["prefix_on"], result["offline"]["prefix_off"]
+    served = {(s["max_batch_size"] > 1, s["prefix_cache"]): {lv["clients"]: lv for lv in s["levels"]}
+              for s in result["settings"]}
+    main = served.get((True, True), {})
+    out = {"prefix_template_share": round(1 - offline_on["mean_tokens_run_per_note"]
+                                          / offline_off["mean_tokens_run_per_note"], 3),
+           "prefix_compute_cut_offline": round(1 - offline_off["notes_per_s"] / offline_on["notes_per_s"], 3)}
+    if 32 in main:
+        out["throughput_32_over_offline (goal >= 0.8)"] = round(main[32]["notes_per_s"] / offline_on["notes_per_s"], 3)
+        out["p99_over_p50_32 (goal <= 3)"] = main[32]["p99_over_p50"]
+    if 1 in main:
+        out["p50_1_over_one_forward (goal <= 1.3)"] = round(main[1]["p50_ms"] / offline_on["one_note_forward_ms"], 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "tiny.py"))
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--index-notes", type=int, default=256)
+    parser.add_argument("--index-leaves", type=int, default=16,
+                        help="ScaNN tree leaves of the served index (0 = by size: brute force for a small one)")
+    parser.add_argument("--index-leaves-searched", type=int, default=4, help="0 = by size (a tenth)")
+    parser.add_argument("--upserts", type=int, default=64,
+                        help="new notes PUT after the first setting's load, then a rebuild (0 = none)")
     parser.add_argument("--recall-base", type=int, default=20_000)
     parser.add_argument("--recall-upserts", type=int, default=5_000, help="0 = skip the live-index recall part")
     parser.add_argument("--levels", type=lambda t: [int(x) for x in t.split(",")], default=[1, 8, 32],
                         help="concurrent clients per level")
     parser.add_argument("--settings", default="on/on,off/on,on/off",
                         help="batching/prefix-cache settings to serve, e.g. on/on,off/on,on/off")
+    parser.add_argument("--startup-timeout", type=float, default=1800, help="seconds a server may take to start")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -192,15 +256,18 @@ def main() -> None:
               for i, n in enumerate(bench_notes(args.index_notes, seed=1))]
     emb = embed_notes(config, export, stored, work / "emb")
     notes = bench_notes(args.requests + 32, seed=2)
-    result = {"benchmark": "serve", "config": args.config, "model": config.model.checkpoint,
-              "machine": f"{platform.node()} ({os.cpu_count()} CPUs, shared with other jobs)",
+    result = {"benchmark": "serve", "config": args.config, "overrides": args.overrides,
+              "model": config.model.checkpoint, "machine": machine(), "load_before": uptime(),
               "index_notes": args.index_notes, "offline": offline(config, export, notes[:64]), "settings": []}
-    for setting in args.settings.split(","):
+    for number, setting in enumerate(args.settings.split(",")):
         batching, prefix = (part == "on" for part in setting.split("/"))
         batch = config.serve.max_batch_size if batching else 1
-        result["settings"].append(serve_and_load(args, work, export, emb, batch, prefix, notes))
+        result["settings"].append(serve_and_load(args, work, export, emb, batch, prefix, notes,
+                                                 args.upserts if number == 0 else 0))
     if args.recall_upserts:
-        result["live_index"] = live_index_recall(args.recall_base, args.recall_upserts, 128, work)
+        result["live_index"] = live_index_recall(args.recall_base, args.recall_upserts, config.model.emb_dim, work)
+    result["load_after"] = uptime()
+    result["goals"] = goals(result)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

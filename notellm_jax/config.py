@@ -224,6 +224,10 @@ class ServeConfig:
     max_wait_ms: float = 5.0
     max_k: int = 100                # largest k a /similar request may ask for
     max_notes_per_request: int = 64  # /embed
+    # POST /index/rebuild promotes the retrained index only if its recall@k against exact search, with this
+    # many stored vectors as queries, reaches rebuild_min_recall (a request may override both).
+    rebuild_min_recall: float = 0.95
+    rebuild_sample: int = 1000
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ and argument errors cost nothing and `plan --devices` can fake devices before ja
     notellm job       --config C [--only STAGES] [--force STAGES]     (= python -m notellm_jax.job)
     notellm plan      --config C --devices N
     notellm convert   SRC DST [--to hf|orbax] [--overwrite]
-    notellm serve     --config C --index DIR [--export DIR] [--embeddings DIR] [--host H --port P]
+    notellm serve     --config C --index DIR [--export DIR] [--embeddings DIR] [--generate] [--host H --port P]
     notellm sweep     --config C --grid G.json --out DIR [--steps N] [--mode one_at_a_time|product]
     notellm device    pack|run --config C --bundle DIR [--out OUT]   (the accelerator recipe, no TF/gguf there)
 

@@ -67,17 +67,21 @@ def _check_params(params: Any, boxed_abstract: Any, source: str) -> None:
 class BatchEmbedder:
     """token lists -> [n, d] vectors through `apply(params, input_ids, attention_mask, read_index)`.
 
-    The vector of a sequence is read at its last real token (`read_index`). Batches always have
-    `batch_size` rows and a bucket length, so the jitted function compiles once per bucket.
+    The vector of a sequence is read at its last real token (`read_index`). Batches have a bucket length
+    and `batch_size` rows, or with `row_buckets` the fewest of those row counts that hold them (the service:
+    a lone request must not pay for a full batch of padding rows), so the jitted function compiles once per
+    (length, rows) bucket.
     """
 
     def __init__(self, apply: Callable, params: Any, boxed_abstract: Any, mesh, batch_size: int,
                  buckets: Sequence[int], pad_id: int, padding_side: str, source: str,
-                 features: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, extra: Any = None):
+                 features: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, extra: Any = None,
+                 row_buckets: Sequence[int] = ()):
         """`features`, if given, maps (input_ids, attention_mask) to [B, T, H] inputs on the host (the frozen
         bottom's cached features); `apply` then receives those instead of the token ids. `extra`, if given,
         is a pytree placed once on every device and passed to `apply` as a fifth argument (the prompt
-        prefix's key/value cache)."""
+        prefix's key/value cache). `row_buckets` that are not multiples of the batch shards or exceed
+        `batch_size` are left out; `batch_size` is always one."""
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if batch_size < 1 or batch_size % shards:
             raise ValueError(f"embed.batch_size={batch_size} must be a positive multiple of the "
@@ -87,6 +91,7 @@ class BatchEmbedder:
         self.params = jax.device_put(params, param_shardings)
         self.batch_size, self.buckets, self.devices = batch_size, sorted(buckets), mesh.devices.size
         self.pad_id, self.padding_side = pad_id, padding_side
+        self.row_buckets = sorted({r for r in row_buckets if 0 < r <= batch_size and r % shards == 0} | {batch_size})
 
         def sharded_apply(p, input_ids, attention_mask, read_index, extra_in):
             with shd.axis_rules(mesh):
@@ -112,7 +117,7 @@ class BatchEmbedder:
         length = self.bucket(max(len(t) for t in token_lists))
         examples = [example_from_tokens(t, len(t) - 1, len(t), "category") for t in token_lists]
         padded = pad_batch(examples, length, self.padding_side, self.pad_id, max_targets=0)
-        fill = self.batch_size - len(token_lists)
+        fill = next(r for r in self.row_buckets if r >= len(token_lists)) - len(token_lists)
         out = {k: np.pad(padded[k], [(0, fill)] + [(0, 0)] * (padded[k].ndim - 1))
                for k in ("input_ids", "attention_mask", "embed_read_pos")}
         out["input_ids"][len(token_lists):] = self.pad_id
@@ -265,13 +270,14 @@ def check_export(export, tokenizer, source: str) -> None:
 
 def notellm_embedder(export, mesh, batch_size: int, max_length: int, bucket_count: int, pad_id: int,
                      padding_side: str, source: str, cache_dir: Path | None = None,
-                     prefix: Sequence[int] = (), cache_max_bytes: float = float("inf")) -> tuple[BatchEmbedder, Any]:
+                     prefix: Sequence[int] = (), cache_max_bytes: float = float("inf"),
+                     row_buckets: Sequence[int] = ()) -> tuple[BatchEmbedder, Any]:
     """(embedder, feature cache or None). With `cache_dir` and an export trained with frozen lower layers,
     the frozen bottom runs through the shared FeatureCache (every fine-tuned variant of one base model
     embeds the same test prompts: the bottom runs once for all of them). Otherwise, with `prefix` (the
     tokens every prompt starts with), their key/value cache is computed once here and the embedder takes
     each note's tokens after the prefix only (`prefix_apply`; its buckets then cover max_length less the
-    prefix)."""
+    prefix). `row_buckets`: see `BatchEmbedder`."""
     from notellm_jax.model.notellm import NoteLLM
     from notellm_jax.model.params import frozen_layer_count, split_params
     from notellm_jax.train.feature_cache import FeatureCache, cache_path
@@ -290,7 +296,7 @@ def notellm_embedder(export, mesh, batch_size: int, max_length: int, bucket_coun
         kv = prefix_kv(model, export.params, prefix)
         buckets = bucket_lengths(max_length - len(prefix), bucket_count)
         return BatchEmbedder(partial(prefix_apply, model), export.params, boxed, mesh, batch_size, buckets, pad_id,
-                             padding_side, source, extra=kv), None
+                             padding_side, source, extra=kv, row_buckets=row_buckets), None
     buckets = bucket_lengths(max_length, bucket_count)
 
     def apply(params, inputs, attention_mask, read_index):
@@ -301,7 +307,7 @@ def notellm_embedder(export, mesh, batch_size: int, max_length: int, bucket_coun
 
     features = (lambda ids, mask: cache.features(frozen, ids, mask)) if cache is not None else None
     embedder = BatchEmbedder(apply, export.params, boxed, mesh, batch_size, buckets, pad_id,
-                             padding_side, source, features=features)
+                             padding_side, source, features=features, row_buckets=row_buckets)
     return embedder, cache
 
 
@@ -377,18 +383,23 @@ class NoteEncoder:
                 raise ValueError(f"note {note.note_id!r}: its prompt does not start with the cached prefix "
                                  "(a tokenizer merge across the boundary); embed with embed.prefix_cache=false")
             tokens = tokens[len(self.prefix):]
-        cut = report_cuts and (example.shrunk or any(
-            len(self.tokenizer.encode(text, split_special_tokens=True)) > budget
-            for text, budget in ((note.title, self.prompt.title_max_tokens),
-                                 (note.content, self.prompt.content_max_tokens))))
-        return tokens, bool(cut)
+        return tokens, report_cuts and was_cut(note, example, self.tokenizer, self.prompt)
 
 
-def note_encoder(config: Config, export, mesh=None, batch_size: int | None = None) -> NoteEncoder:
+def was_cut(note: Note, example, tokenizer, prompt) -> bool:
+    """Whether `example` (`note`'s prompt) holds less than the whole title or content: one over its token
+    budget, or shrunk to fit max_length."""
+    return bool(example.shrunk or any(len(tokenizer.encode(text, split_special_tokens=True)) > budget
+                                      for text, budget in ((note.title, prompt.title_max_tokens),
+                                                           (note.content, prompt.content_max_tokens))))
+
+
+def note_encoder(config: Config, export, mesh=None, batch_size: int | None = None,
+                 row_buckets: Sequence[int] = ()) -> NoteEncoder:
     """Load (if a folder) and check a NoteLLM export. Prompt budgets and layout come from the export (what
     the model was trained with); the padding side, buckets and batch size (default embed.batch_size)
     from `config`; the tokenizer is the one the export recorded, resolved against `config`'s roots, and
-    checked against the export."""
+    checked against the export. `row_buckets`: see `BatchEmbedder`."""
     from notellm_jax.weights.export import load_notellm
     from notellm_jax.weights.tokenizer import resolve_tokenizer
 
@@ -407,7 +418,8 @@ def note_encoder(config: Config, export, mesh=None, batch_size: int | None = Non
     embedder, cache = notellm_embedder(export, mesh, batch_size or config.embed.batch_size, prompt.max_length,
                                        config.embed.length_buckets, tokenizer.pad_id, prompt.padding_side,
                                        source, cache_dir=cache_dir, prefix=prefix,
-                                       cache_max_bytes=config.model.feature_cache_max_gb * 1e9)
+                                       cache_max_bytes=config.model.feature_cache_max_gb * 1e9,
+                                       row_buckets=row_buckets)
     if cache is not None:  # the frozen bottom's features cover whole prompts: no prefix cache there
         prefix = []
     return NoteEncoder(export, embedder, cache, tokenizer, prompt, embedder.buckets, source, prefix)

@@ -75,6 +75,11 @@ class Generator:
         eos = self.tokenizer.eos_id
         return [row[:row.index(eos) + 1] if eos in row else row for row in new.tolist()]
 
+    def output(self, tokens: list[int]) -> dict[str, Any]:
+        """{text, finished} of one row of `decode` (finished: it ended with EOS within the budget)."""
+        finished = bool(tokens) and tokens[-1] == self.tokenizer.eos_id
+        return {"text": self.tokenizer.decode(tokens).strip(), "finished": finished}
+
 
 def split_notes(config: Config, split: str, limit: int | None = None) -> tuple[list[Note], list[str]]:
     """(the split's notes in split.json order, first `limit` of them; the training notes' categories)."""
@@ -83,11 +88,16 @@ def split_notes(config: Config, split: str, limit: int | None = None) -> tuple[l
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 (or None for every note), got {limit}")
     all_notes = store.load_notes(config.data_dir / "notes.parquet")
-    chosen = {name: store.split_notes(config.data_dir, name, all_notes) for name in ("train", split)}
-    notes = chosen[split][:limit]
+    notes = store.split_notes(config.data_dir, split, all_notes)[:limit]
     if not notes:
         raise ValueError(f"{config.data_dir / 'split.json'}: the {split} split has no notes, nothing to generate")
-    return notes, sorted({note.category for note in chosen["train"]})
+    return notes, closed_categories(config, all_notes)
+
+
+def closed_categories(config: Config, all_notes: Sequence[Note] | None = None) -> list[str]:
+    """The closed category set: the training notes' categories, sorted (`all_notes`: notes.parquet loaded)."""
+    notes = list(all_notes) if all_notes is not None else None
+    return sorted({note.category for note in store.split_notes(config.data_dir, "train", notes)})
 
 
 def generation_prompt(note: Note, task: str, tokenizer: NoteTokenizer, prompt: PromptConfig) -> Example | None:
@@ -114,12 +124,17 @@ def category_trie(categories: Sequence[str], tokenizer: NoteTokenizer, prompt: P
     return TokenTrie.build(sequences, tokenizer.eos_id)
 
 
+def decode_budget(config: Config, trie: TokenTrie | None) -> int:
+    """New tokens per prompt: the trie's depth when constrained (every category fits), else the config's."""
+    return trie.depth if trie is not None else config.generation.max_new_tokens
+
+
 def generate_task(gen: Generator, notes: Sequence[Note], task: str, config: Config,
                   trie: TokenTrie | None = None) -> tuple[list[dict[str, Any]], int]:
     """(one record per note with a prompt, notes without one) for `task`, printing progress per batch."""
     prompts = [(note, generation_prompt(note, task, gen.tokenizer, gen.prompt)) for note in notes]
     kept = [(note, ex) for note, ex in prompts if ex is not None]
-    max_new = trie.depth if trie is not None else config.generation.max_new_tokens
+    max_new = decode_budget(config, trie)
     # One prompt length for the whole task, so the decode program compiles once.
     length = -(-max((len(ex.input_ids) for _, ex in kept), default=1) // PAD_MULTIPLE) * PAD_MULTIPLE
     size = config.generation.batch_size
@@ -131,10 +146,8 @@ def generate_task(gen: Generator, notes: Sequence[Note], task: str, config: Conf
         examples += [examples[-1]] * (size - len(examples))
         outputs = gen.decode(examples, length, max_new, config.generation.repetition_penalty, trie)
         for (note, _), tokens in zip(chunk, outputs):
-            finished = bool(tokens) and tokens[-1] == gen.tokenizer.eos_id
             gold = note.category if task == "category" else ", ".join(note.topics)
-            records.append({"note_id": note.note_id, "task": task, "text": gen.tokenizer.decode(tokens).strip(),
-                            "gold": gold, "finished": finished})
+            records.append({"note_id": note.note_id, "task": task, **gen.output(tokens), "gold": gold})
         rate = len(records) / (time.perf_counter() - start)
         print(f"[generate] {task}: {len(records)}/{len(kept)} notes, {rate:.1f} notes/s", flush=True)
     return records, len(notes) - len(kept)

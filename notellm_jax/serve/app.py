@@ -6,6 +6,10 @@ concurrent requests can wait together for one batched model call (`batching.Batc
 
     POST   /embed        {"notes": [{title, content, topics, category}]} -> unit vectors
     POST   /similar      {"note_id": ...} or {"note": {...}}, "k" -> k nearest (id, score, title, category)
+    POST   /generate     {"note": {...}, "tasks": [...]} -> generated category and hashtags (with --generate)
+    POST   /index/rebuild  (admin) {k, min_recall, sample}, all optional -> the gated rebuild's report: its
+                         recall@k against exact search on a sample, and whether it was promoted (else the
+                         old index stays)
     PUT    /notes/{id}   a note -> embedded and upserted; acknowledged only once its log record is fsynced
     GET    /notes/{id}   its title and category (404 if unknown)
     DELETE /notes/{id}   removed (durable once acknowledged)
@@ -19,7 +23,7 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Path as PathParam, Request
@@ -28,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from notellm_jax.config import ServeConfig
+from notellm_jax.data.prompts import TASKS
 from notellm_jax.data.prompts import Note, PromptTooLongError
 from notellm_jax.errors import StoreFormatError
 from notellm_jax.serve.batching import Batcher
@@ -73,6 +78,20 @@ class SimilarRequest(BaseModel):
         return self
 
 
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    note: NoteIn
+    tasks: list[Literal[TASKS]] = Field(list(TASKS), min_length=1, max_length=len(TASKS))
+
+
+class RebuildRequest(BaseModel):
+    """Omitted fields take serve.rebuild_min_recall / serve.rebuild_sample."""
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(10, ge=1)
+    min_recall: float | None = Field(None, ge=0, le=1)
+    sample: int | None = Field(None, ge=1)
+
+
 NoteId = PathParam(min_length=1, max_length=512, pattern=r"^[^\x00-\x1f\x7f]+$")
 
 
@@ -96,22 +115,38 @@ class Metrics:
 class Service:
     """The model (a `NoteEncoder`), the live index and the batcher behind the app."""
 
-    def __init__(self, encoder, index: LiveIndex, cfg: ServeConfig):
+    def __init__(self, encoder, index: LiveIndex, cfg: ServeConfig, generator=None):
+        """`generator`: a `generation.NoteGenerator` (or None: /generate answers 404)."""
         if encoder.export.emb_dim != index.dim:
             raise StoreFormatError(f"the export embeds in {encoder.export.emb_dim} dimensions, the index holds "
                              f"{index.dim}: the index was built from another model's embeddings")
-        self.encoder, self.index, self.cfg = encoder, index, cfg
+        self.encoder, self.index, self.cfg, self.generator = encoder, index, cfg, generator
         self.metrics = Metrics(index)
         self.batcher = Batcher(encoder.embedder, encoder.embedder.bucket, cfg.max_batch_size,
                                cfg.max_wait_ms / 1000, on_batch=lambda size, _: self.metrics.batch_size.observe(size))
 
-    def warm_up(self) -> dict[int, float]:
-        """Compile every bucket before the first request (one call each); seconds per bucket."""
-        seconds = {}
-        for bucket in self.encoder.embedder.buckets:
-            start = time.perf_counter()
-            self.batcher.embed_now([[self.encoder.tokenizer.pad_id] * bucket])
-            seconds[bucket] = round(time.perf_counter() - start, 3)
+    def start(self) -> None:
+        self.batcher.start()
+        if self.generator is not None:
+            self.generator.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        if self.generator is not None:
+            await self.generator.stop()
+
+    def warm_up(self) -> dict[Any, float]:
+        """Compile every (length, rows) bucket (and each generation task) before the first request; seconds
+        each."""
+        seconds: dict[Any, float] = {}
+        embedder = self.encoder.embedder
+        for bucket in embedder.buckets:
+            for rows in embedder.row_buckets:
+                start = time.perf_counter()
+                self.batcher.embed_now([[self.encoder.tokenizer.pad_id] * bucket] * rows)
+                seconds[f"{bucket}x{rows}"] = round(time.perf_counter() - start, 3)
+        if self.generator is not None:
+            seconds.update(self.generator.warm_up())
         return seconds
 
     async def embed(self, notes: list[NoteIn]) -> tuple[np.ndarray, list[bool]]:
@@ -140,10 +175,11 @@ def _hits(hits) -> list[dict[str, Any]]:
 def create_app(service: Service) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
-        service.batcher.start()
-        await asyncio.to_thread(service.warm_up)
+        service.start()
+        seconds = await asyncio.to_thread(service.warm_up)
+        print(f"[serve] warm-up (seconds per compiled shape): {seconds}", flush=True)
         yield
-        await service.batcher.stop()
+        await service.stop()
 
     app = FastAPI(title="NoteLLM cold-start service", lifespan=lifespan)
     metrics = service.metrics
@@ -160,6 +196,7 @@ def create_app(service: Service) -> FastAPI:
 
     _add_query_routes(app, service)
     _add_note_routes(app, service.index, service)
+    _add_generation_and_admin_routes(app, service)
     return app
 
 
@@ -192,8 +229,11 @@ def _add_query_routes(app: FastAPI, service: Service) -> None:
     @app.get("/healthz")
     async def healthz():
         export = service.encoder.export
+        generator = service.generator
         return {"status": "ok", "index_size": len(index), "dim": index.dim, "run": export.meta.get("run"),
-                "buckets": service.encoder.embedder.buckets, "max_batch_size": cfg.max_batch_size}
+                "buckets": service.encoder.embedder.buckets, "row_buckets": service.encoder.embedder.row_buckets,
+                "max_batch_size": cfg.max_batch_size,
+                "generation": None if generator is None else {"constrained_categories": generator.constrained}}
 
     @app.get("/metrics")
     async def prometheus():
@@ -226,3 +266,22 @@ def _add_note_routes(app: FastAPI, index: LiveIndex, service: Service) -> None:
         except UnknownNoteError:
             raise HTTPException(404, f"unknown note id {note_id!r}") from None
         return {"id": note_id, "deleted": True, "index_size": len(index)}
+
+
+def _add_generation_and_admin_routes(app: FastAPI, service: Service) -> None:
+    @app.post("/generate")
+    async def generate(request: GenerateRequest):
+        if service.generator is None:
+            raise HTTPException(404, "no generation model is loaded: start the service with --generate")
+        try:
+            return await service.generator.generate(request.note.to_note(), list(dict.fromkeys(request.tasks)))
+        except PromptTooLongError as e:
+            raise HTTPException(422, str(e)) from None
+
+    @app.post("/index/rebuild")
+    async def rebuild(request: RebuildRequest | None = None):
+        request = request or RebuildRequest()
+        service.check_k(request.k, excluding=False)
+        min_recall = service.cfg.rebuild_min_recall if request.min_recall is None else request.min_recall
+        sample = service.cfg.rebuild_sample if request.sample is None else request.sample
+        return await asyncio.to_thread(service.index.rebuild, request.k, min_recall, sample)

@@ -1,4 +1,5 @@
-"""Request batching: notes of concurrent requests coalesced into one jitted embedder call per length bucket.
+"""Request batching: notes of concurrent requests coalesced into one jitted call per length bucket (of the
+embedder, or of the generation decoder: `notellm_jax.serve.generation`).
 
 A single worker task takes the first waiting note, then gathers more until `max_batch` notes are waiting or
 `max_wait_s` has passed since the first; the gathered notes are grouped by the bucket their length pads to,
@@ -17,6 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from notellm_jax.errors import ConfigError
+
+
+def row_buckets(max_batch: int) -> list[int]:
+    """The batch row counts the service compiles: powers of two below `max_batch`, and `max_batch`. A batch
+    runs at the smallest that holds it, so at most half its rows are padding (a lone request runs alone)."""
+    return sorted({1 << i for i in range(max(1, max_batch).bit_length()) if 1 << i < max_batch} | {max_batch})
 
 
 @dataclasses.dataclass
@@ -47,13 +54,17 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def embed(self, token_lists: Sequence[list[int]]) -> np.ndarray:
-        """[n, d] vectors of `token_lists`, computed together with whatever else is waiting."""
+    async def submit(self, token_lists: Sequence[list[int]]) -> list:
+        """The batch function's rows for `token_lists`, computed together with whatever else is waiting."""
         loop = asyncio.get_running_loop()
         items = [_Item(list(t), loop.create_future()) for t in token_lists]
         for item in items:
             self._queue.put_nowait(item)
-        return np.stack(await asyncio.gather(*(item.future for item in items)))
+        return list(await asyncio.gather(*(item.future for item in items)))
+
+    async def embed(self, token_lists: Sequence[list[int]]) -> np.ndarray:
+        """[n, d] vectors of `token_lists` (the batch function is an embedder)."""
+        return np.stack(await self.submit(token_lists))
 
     def embed_now(self, token_lists: Sequence[list[int]]) -> np.ndarray:
         """Synchronous, on the embedder thread (start-up warm-up)."""

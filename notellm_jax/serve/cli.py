@@ -1,9 +1,12 @@
-"""`notellm serve --config ... --export DIR --index DIR [--embeddings DIR] [--host --port]`
-(= `python -m notellm_jax.serve ...`).
+"""`notellm serve --config ... --export DIR --index DIR [--embeddings DIR] [--generate [--constrain-categories]]
+[--host --port]` (= `python -m notellm_jax.serve ...`).
 
 Opens the live index in --index (or, when that folder holds none yet, builds it from the offline
 embeddings in --embeddings, with titles and categories from <data_dir>/notes.parquet when present), loads
-the export, compiles every length bucket, then serves on --host:--port (loopback by default).
+the export, compiles every length bucket, then serves on --host:--port (loopback by default). With
+--generate the same export also generates each note's category and hashtags (POST /generate), with the
+`generation` settings of the config; the category is constrained to the training notes' categories
+(<data_dir>/split.json) with --constrain-categories or generation.constrain_categories, as in `notellm generate`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", help="NoteLLM export folder (default <work_dir>/export)")
     parser.add_argument("--index", required=True, help="live index folder (built from --embeddings if empty)")
     parser.add_argument("--embeddings", help="offline embeddings folder to build a new index from")
+    parser.add_argument("--generate", action="store_true", help="also serve generated categories and hashtags")
+    parser.add_argument("--constrain-categories", action="store_true", default=None,
+                        help="constrain generated categories to the training ones (default generation.constrain_categories)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
 
@@ -34,16 +40,33 @@ def open_index(config, index_dir: Path, emb_dir: str | None):
     return index_from_embeddings(emb_dir, index_dir, config.retrieval, config.serve.max_k, notes)
 
 
+def open_generator(args: argparse.Namespace, config, export):
+    """The service's `NoteGenerator` with --generate, else None."""
+    if not args.generate:
+        return None
+    from notellm_jax.eval.generation import closed_categories
+    from notellm_jax.serve.generation import NoteGenerator
+
+    constrain = config.generation.constrain_categories if args.constrain_categories is None else True
+    if constrain and not (config.data_dir / "split.json").is_file():
+        raise MissingInputError(f"constrained categories need the training notes' categories, from "
+                                f"{config.data_dir / 'split.json'}: run prepare, or serve without constraint")
+    return NoteGenerator(config, export, closed_categories(config) if constrain else None)
+
+
 def run(args: argparse.Namespace, config) -> None:
     import uvicorn
 
     from notellm_jax.eval.embed import note_encoder
     from notellm_jax.serve.app import Service, create_app
+    from notellm_jax.serve.batching import row_buckets
 
     index = open_index(config, Path(args.index), args.embeddings)
     print(f"[serve] index {args.index}: {len(index)} notes (replayed {index.replayed} log records)", flush=True)
-    encoder = note_encoder(config, args.export or config.work_dir / "export", batch_size=config.serve.max_batch_size)
-    app = create_app(Service(encoder, index, config.serve))
+    export = args.export or config.work_dir / "export"
+    batch = config.serve.max_batch_size
+    encoder = note_encoder(config, export, batch_size=batch, row_buckets=row_buckets(batch))
+    app = create_app(Service(encoder, index, config.serve, open_generator(args, config, export)))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

@@ -263,8 +263,9 @@ class LiveIndex:
             positions, scores = self._raw.search_batched(queries, fetch, pre, -1, False, 0)
             out = []
             for row, skip in zip(range(len(queries)), exclude):
+                # A tree whose searched leaves hold fewer than `fetch` points pads the row with NaN scores.
                 hits = [Hit(self._ids[p], float(s), **self.note(self._ids[p]))
-                        for p, s in zip(positions[row], scores[row]) if self._ids[p] != skip]
+                        for p, s in zip(positions[row], scores[row]) if np.isfinite(s) and self._ids[p] != skip]
                 out.append(hits[:k])
             return out
 
@@ -287,7 +288,8 @@ class LiveIndex:
         rows = np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False)
         queries = self._vectors[rows]
         pre = -1 if params.brute_force else max(k, params.reorder)
-        approx = raw.search_batched(queries, k, pre, -1, False, 0)[0]
+        approx, scores = raw.search_batched(queries, k, pre, -1, False, 0)
+        approx = np.where(np.isfinite(scores), approx, -1)  # padding (see `search`) finds nothing
         return neighbour_overlap(approx.astype(np.int64), self.exact_search(queries, k))
 
     # ----------------------------------------------------------------------------------------------
@@ -333,15 +335,17 @@ class LiveIndex:
     def rebuild(self, k: int, min_recall: float, sample: int, params: ann.ScannParams | None = None,
                 seed: int = 0) -> dict[str, Any]:
         """Retrain ScaNN on the current vectors; promote (and snapshot) only if its recall@k against exact
-        search on `sample` stored vectors reaches `min_recall`. Writes wait meanwhile (one lock)."""
+        search on `sample` stored vectors reaches `min_recall`. Writes wait meanwhile (one lock). The report
+        also gives the live index's recall on the same queries (`live_recall`: what the upserts left)."""
         with self._lock:
             n = len(self._ids)
             k = min(k, n)
             params = params or ann.choose_params(n, k, self._cfg)
             candidate = ann.build_index(self._vectors[:n], k, params).searcher
             recall = self._recall(candidate, params, k, sample, seed)
-            report = {"size": n, "k": k, "recall": recall, "min_recall": min_recall,
-                      "params": dataclasses.asdict(params), "promoted": recall >= min_recall}
+            report = {"size": n, "k": k, "recall": recall, "live_recall": self._recall(self._raw, self.params, k,
+                                                                                      sample, seed),
+                      "min_recall": min_recall, "params": dataclasses.asdict(params), "promoted": recall >= min_recall}
             if report["promoted"]:
                 self._raw, self.params = candidate, params
                 report["snapshot"] = self.snapshot()

@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 
 import notellm_jax  # noqa: F401
-from notellm_jax.config import load_config
+from notellm_jax.config import RetrievalConfig, load_config
 from notellm_jax.data.prompts import Note
 from notellm_jax.eval.embed import embed_notes, note_encoder
+from notellm_jax.eval import ann
 from notellm_jax.eval.embeddings import read_embeddings
 from notellm_jax.weights.export import save_notellm
 from notellm_jax.serve.app import Service, create_app
-from notellm_jax.serve.index import index_from_embeddings
+from notellm_jax.serve.batching import row_buckets
+from notellm_jax.serve.index import CURRENT, LiveIndex, index_from_embeddings
 from notellm_jax.sharding import make_mesh
 from notellm_jax.weights.tokenizer import resolve_tokenizer
 from notellm_jax.weights.loading import load_initial_params
@@ -58,7 +60,7 @@ def setup(tmp_path_factory):
     mesh = make_mesh(1, -1, 1)
     emb = embed_notes(config, export, notes, work / "emb", mesh=mesh)
     index = index_from_embeddings(emb, work / "index", config.retrieval, config.serve.max_k, notes)
-    service = Service(note_encoder(config, export, mesh, batch_size=8), index, config.serve)
+    service = Service(note_encoder(config, export, mesh, batch_size=8, row_buckets=row_buckets(8)), index, config.serve)
     with TestClient(create_app(service)) as client:
         yield client, config, export, emb, notes, service
 
@@ -112,6 +114,11 @@ def test_served_embeddings_equal_offline_and_live_updates(setup):
     ("post", "/similar", {"note_id": "site/1", "k": "many"}, 422, "valid integer"),
     ("delete", "/notes/unknown", None, 404, "unknown note id"),
     ("put", "/notes/x", {"content": 5}, 422, "valid string"),
+    ("post", "/generate", {"note": {"title": "a question"}}, 404, "no generation model is loaded"),
+    ("post", "/index/rebuild", {"min_recall": 1.5}, 422, "less than or equal to 1"),
+    ("post", "/index/rebuild", {"k": 13}, 422, "exceeds the 12 notes"),
+    ("post", "/index/rebuild", {"sample": 0}, 422, "greater than or equal to 1"),
+    ("post", "/index/rebuild", {"recall": 0.9}, 422, "Extra inputs are not permitted"),
 ])
 def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(setup, method, path, body, status, message):
     client = setup[0]
@@ -148,3 +155,40 @@ def test_concurrent_requests_are_batched_and_metrics_exported(setup):
     assert 'notellm_requests_total{endpoint="/similar",method="POST",status="200"}' in text
     assert "notellm_request_latency_seconds_bucket" in text and "notellm_index_size 12.0" in text
     assert "notellm_embed_batch_size_bucket" in text
+
+
+def numpy_recall(index: LiveIndex, vectors: np.ndarray, sample: int) -> float:
+    """Recall@10 of the index's searches against numpy's exact top 10, the rebuild's sample as queries."""
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = np.random.default_rng(0).choice(len(unit), sample, replace=False)
+    exact = np.argsort(-(unit[rows] @ unit.T), axis=1)[:, :10]
+    found = index.search(unit[rows], 10)
+    return float(np.mean([len({f"v{j}" for j in e} & {h.note_id for h in f}) / 10 for e, f in zip(exact, found)]))
+
+
+def test_rebuild_endpoint_reports_recall_and_promotes_only_when_it_holds(setup, tmp_path):
+    """A live tree searching 1 of 40 leaves with a tiny reorder, grown by 500 upserts, misses many exact
+    neighbours: its rebuild is refused at serve.rebuild_min_recall (the old index and snapshot stay) and
+    promoted when the bar is 0; the reported recalls are the live and the promoted index's."""
+    service = setup[5]
+    vectors = ann.clustered_vectors(1500, 32, 30, seed=5)
+    poor = RetrievalConfig(scann_num_leaves=40, scann_leaves_to_search=1, scann_reorder=10)
+    index = LiveIndex.create(tmp_path / "idx", [f"v{i}" for i in range(1000)], vectors[:1000], {}, poor, k=10)
+    for i in range(1000, 1500):
+        index.upsert(f"v{i}", vectors[i])
+    live_recall = numpy_recall(index, vectors, 300)
+    live = Service(service.encoder, index, service.cfg)
+    with TestClient(create_app(live)) as client:
+        before = (tmp_path / "idx" / CURRENT).read_text()
+        refused = client.post("/index/rebuild", json={"k": 10, "sample": 300})
+        assert refused.status_code == 200, refused.text
+        refused = refused.json()
+        assert refused["promoted"] is False and refused["min_recall"] == service.cfg.rebuild_min_recall
+        assert 0 < refused["recall"] < service.cfg.rebuild_min_recall and "snapshot" not in refused
+        assert refused["live_recall"] == pytest.approx(live_recall, abs=0.02)
+        assert (tmp_path / "idx" / CURRENT).read_text() == before
+        promoted = client.post("/index/rebuild", json={"k": 10, "sample": 300, "min_recall": 0.0}).json()
+        assert promoted["promoted"] is True and promoted["size"] == 1500
+        assert (tmp_path / "idx" / CURRENT).read_text() == promoted["snapshot"] != before
+        assert numpy_recall(index, vectors, 300) == pytest.approx(promoted["recall"], abs=0.02)
+    index.close()

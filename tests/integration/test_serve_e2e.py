@@ -1,6 +1,8 @@
-"""The service as a real process on loopback (tiny stories260K export): embed, upsert a new note, find it first
-by its own text, delete it; the served embedding equals the offline `embed`; then kill -9 in the middle of a
-stream of upserts: after a restart every acknowledged upsert is there, complete, and nothing else is."""
+"""The service as a real process on loopback (tiny stories260K export, with --generate): embed, upsert a new
+note, find it first by its own text, delete it; the served embedding equals the offline `embed` and the
+generated category/hashtags equal the offline `generate` tool's; the page in headless Chromium; then kill -9 in
+the middle of a stream of upserts: after a restart every acknowledged upsert is there, complete, and nothing
+else is."""
 from __future__ import annotations
 
 import os
@@ -12,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+import json
+
 import httpx
 import numpy as np
 import pytest
@@ -19,6 +23,7 @@ import pytest
 from notellm_jax.data import store
 from notellm_jax.eval.embed import embed_notes
 from notellm_jax.eval.embeddings import read_embeddings
+from notellm_jax.eval.generation import generate_and_score
 from notellm_jax.weights.export import save_notellm
 from notellm_jax.sharding import make_mesh
 from notellm_jax.weights.tokenizer import resolve_tokenizer
@@ -50,7 +55,8 @@ class Server:
         env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
         cmd = [sys.executable, "-m", "notellm_jax.serve", "--config", TINY, "--set", f"paths.work_dir={self.work}",
                "--set", "serve.max_batch_size=4", "--set", "embed.length_buckets=2", "--export", str(self.export),
-               "--index", str(self.work / "index"), "--embeddings", str(self.emb), "--port", str(self.port)]
+               "--index", str(self.work / "index"), "--embeddings", str(self.emb), "--port", str(self.port),
+               "--generate", "--constrain-categories"]
         self.log = open(self.work / "server.log", "ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
@@ -91,9 +97,13 @@ def server(tmp_path_factory):
     # The titles and categories the server shows come from the prepared notes file, as in a real run.
     store.write_notes([{**note_json(n), "note_id": n.note_id, "created_at": 0, "exposure": 0} for n in notes],
                       config.data_dir / "notes.parquet")
+    # The closed category set of constrained generation: the training notes' categories (as `generate`).
+    (config.data_dir / "split.json").write_text(json.dumps({"train_notes": [n.note_id for n in notes[:8]],
+                                                            "test_notes": [n.note_id for n in notes[8:]]}))
     emb = embed_notes(config, export, notes, work / "emb", mesh=make_mesh(1, -1, 1))
     srv = Server(work, export, emb)
     srv.start()
+    srv.config = config
     yield srv, notes
     srv.stop()
 
@@ -117,6 +127,33 @@ def test_embed_upsert_find_delete_on_loopback(server):
     assert client.get("/healthz").json()["index_size"] == 12
 
 
+def test_generation_equals_the_offline_generate_tool(server):
+    """Same export, notes and generation settings (constrained categories, greedy, max_new_tokens) as
+    `notellm generate --constrain-categories --split test`; the server pads and batches differently."""
+    srv, notes = server
+    offline = generate_and_score(srv.config, srv.export, srv.work / "generation", constrain=True, split="test")
+    assert offline["constrained"] and offline["notes"] == 4
+    records = [json.loads(line) for line in (srv.work / "generation" / "generations.jsonl").read_text().splitlines()]
+    expected = {(r["note_id"], r["task"]): {"text": r["text"], "finished": r["finished"]} for r in records}
+    assert len(expected) == 8 and len({v["text"] for k, v in expected.items() if k[1] == "hashtag"}) > 1
+    assert srv.client.get("/healthz").json()["generation"] == {"constrained_categories": True}
+    for note in notes[8:]:
+        got = srv.client.post("/generate", json={"note": note_json(note)})
+        assert got.status_code == 200, got.text
+        body = got.json()
+        assert body["category"] == expected[(note.note_id, "category")]
+        assert body["hashtag"] == expected[(note.note_id, "hashtag")] and body["skipped"] == {}
+    no_topics = {**note_json(notes[9]), "topics": []}
+    body = srv.client.post("/generate", json={"note": no_topics, "tasks": ["hashtag", "category"]}).json()
+    assert body["hashtag"] is None and "no topics" in body["skipped"]["hashtag"]
+    assert body["category"]["text"] in {n.category for n in notes[:8]}  # constrained to the training set
+    for bad, message in (({"note": {"title": ""}}, "the note is empty"), ({"note": no_topics, "tasks": ["tags"]},
+                         "'category' or 'hashtag'"), ({"note": no_topics, "tasks": []}, "at least 1 item"),
+                         ({"notes": [no_topics]}, "Field required")):
+        response = srv.client.post("/generate", json=bad)
+        assert response.status_code == 422 and message in response.text, response.text
+
+
 def chromium_driver(user_data_dir: Path):
     """Debian's headless Chromium through its chromedriver (launch/setup.sh installs both)."""
     from selenium import webdriver
@@ -128,7 +165,7 @@ def chromium_driver(user_data_dir: Path):
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1100,900",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1100,1250",
                  f"--user-data-dir={user_data_dir}"):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=DriverService(executable_path="/usr/bin/chromedriver"))
@@ -156,6 +193,13 @@ def test_page_in_headless_chromium(server, tmp_path):
         assert len(cells) == 5 and cells[0][1] == notes[4].title and cells[0][2] == notes[4].category
         assert float(cells[0][3]) == pytest.approx(1.0, abs=1e-3) and cells[0][4] == notes[4].note_id
         assert "5 nearest notes" in driver.find_element(By.ID, "status").text
+        wait.until(ec.visibility_of_element_located((By.ID, "generated")))
+        wait.until(lambda d: d.find_element(By.ID, "gen-hashtags").text)
+        served = srv.client.post("/generate", json={"note": {**note_json(notes[4]), "category": ""}}).json()
+        assert driver.find_element(By.ID, "gen-category").text == served["category"]["text"]
+        hashtags = served["hashtag"]["text"] + ("" if served["hashtag"]["finished"] else
+                                                " (not finished within the token budget)")
+        assert driver.find_element(By.ID, "gen-hashtags").text == " ".join(hashtags.split())
         driver.save_screenshot(os.environ.get("NOTELLM_SCREENSHOT", str(tmp_path / "page.png")))
         driver.find_element(By.ID, "k").clear()
         driver.find_element(By.ID, "k").send_keys("500")  # beyond serve.max_k: the page shows the 422

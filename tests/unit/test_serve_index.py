@@ -171,3 +171,26 @@ def test_non_finite_vectors_are_refused_and_nothing_is_logged(tmp_path):
     with pytest.raises(ValueError, match=r"\['b'\]"):
         LiveIndex.create(tmp_path / "other", ["a", "b", "c"], bad, {}, RetrievalConfig(), k=2)
     assert not (tmp_path / "other" / "CURRENT").exists()
+
+
+def test_a_sparse_tree_returns_fewer_hits_never_its_nan_padding(tmp_path):
+    """32 points in 16 leaves, 2 searched: ScaNN pads a short row with position 0 and a NaN score. Search
+    must return only real neighbours (each with its exact dot product), and recall must not count the pad."""
+    vectors = ann.clustered_vectors(32, DIM, 4, seed=0)
+    ids = [f"n{i}" for i in range(32)]
+    sparse = RetrievalConfig(scann_num_leaves=16, scann_leaves_to_search=2, scann_reorder=10)
+    index = LiveIndex.create(tmp_path / "idx", ids, vectors, {}, sparse, k=10)
+    unit_vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = index.search(unit_vectors[:8], 10)
+    assert any(len(hits) < 10 for hits in rows)  # the case under test happens
+    for query, hits in zip(unit_vectors[:8], rows):
+        for hit in hits:
+            assert np.isfinite(hit.score)
+            assert hit.score == pytest.approx(float(unit_vectors[ids.index(hit.note_id)] @ query), abs=1e-2)
+    positions, scores = index._raw.search_batched(unit_vectors, 10, 10, -1, False, 0)
+    exact = index.exact_search(unit_vectors, 10)
+    real = sum(len(set(p[np.isfinite(s)]) & set(e)) for p, s, e in zip(positions, scores, exact)) / exact.size
+    padded = sum(len(set(p) & set(e)) for p, e in zip(positions, exact)) / exact.size
+    assert padded > real  # counting the pad (position 0) as found would inflate the recall
+    assert index.recall_vs_exact(10, 32) == pytest.approx(real)
+    index.close()
