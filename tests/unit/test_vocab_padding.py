@@ -3,7 +3,7 @@
 Padded rows are zero and the HF export drops them; the lazy per-slice growth (`VocabGrown`, used when
 loading sharded) equals the whole-array growth (`add_tokens`, and for a table padded beyond its tokenizer,
 as Qwen's, `init_unused_token`), seen transposed too (an untied head copy). The model's masking of the
-padded logits: tests/integration/test_vocab_padding.py.
+padded logits: tests/integration/test_padded_vocab_model.py.
 """
 import jax
 import numpy as np
