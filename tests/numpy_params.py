@@ -21,3 +21,15 @@ def numpy_params(init: Callable[..., Any], *args: Any, seed: int = 0, scalar: fl
     shapes = nn.meta.unbox(jax.eval_shape(init, *args))
     return jax.tree.map(lambda s: draw.get(s.ndim, lambda shape: 0.02 * rng.normal(size=shape))(s.shape)
                         .astype(np.float32), shapes)
+
+
+def padded_tiny_models(vocab: int = 300, multiple: int = 128) -> tuple[Any, Any, Any, Any]:
+    """(cfg, params, padded cfg, padded params): a random tiny untied LLaMA of `vocab` tokens and the same
+    weights with the vocabulary padded to a multiple of `multiple` (`grow_vocab` adding no token)."""
+    from notellm_jax.model.llama import preset
+    from notellm_jax.model.params import grow_vocab, init_params
+
+    cfg = preset("tiny", vocab_size=vocab, tie_word_embeddings=False)
+    params = numpy_params(lambda key: init_params(cfg, key), jax.random.key(0))
+    padded, padded_cfg = grow_vocab(params, cfg.replace(vocab_pad_multiple=multiple), 0)
+    return cfg, params, padded_cfg, padded

@@ -4,25 +4,17 @@ A random 300-token model and the same weights padded to 384 entries (`grow_vocab
 the same logits on the real entries, the lowest finite logit on the padded ones, the same generation
 loss and the same greedy tokens (per-slice growth and the HF export: tests/unit/test_vocab_padding.py).
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy_params import padded_tiny_models
 
 from notellm_jax.model.decode import greedy_decode
-from notellm_jax.model.llama import Llama, preset
+from notellm_jax.model.llama import Llama
 from notellm_jax.model.notellm import generation_loss
-from notellm_jax.model.params import grow_vocab, init_params
-
-
-def _models():
-    cfg = preset("tiny", vocab_size=300, tie_word_embeddings=False)
-    params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(0)))
-    padded, padded_cfg = grow_vocab(params, cfg.replace(vocab_pad_multiple=128), 0)
-    return cfg, params, padded_cfg, padded
 
 
 def test_padded_entries_are_zero_masked_and_change_nothing():
-    cfg, params, padded_cfg, padded = _models()
+    cfg, params, padded_cfg, padded = padded_tiny_models()
     assert padded_cfg.vocab_size == 300 and padded_cfg.padded_vocab_size == 384
     assert padded["embed_tokens"]["embedding"].shape == (384, 64) and padded["lm_head"]["kernel"].shape == (64, 384)
     assert not padded["embed_tokens"]["embedding"][300:].any() and not padded["lm_head"]["kernel"][:, 300:].any()

@@ -5,24 +5,15 @@ loading sharded) equals the whole-array growth (`add_tokens`, and for a table pa
 as Qwen's, `init_unused_token`), seen transposed too (an untied head copy). The model's masking of the
 padded logits: tests/integration/test_padded_vocab_model.py.
 """
-import jax
 import numpy as np
-from numpy_params import numpy_params
+from numpy_params import padded_tiny_models
 
-from notellm_jax.model.llama import preset
-from notellm_jax.model.params import add_tokens, grow_vocab, init_params, init_unused_token
+from notellm_jax.model.params import add_tokens, grow_vocab, init_unused_token
 from notellm_jax.weights.formats import ArrayTensor, Kernel, Transposed, VocabGrown, params_to_hf
 
 
-def _models():
-    cfg = preset("tiny", vocab_size=300, tie_word_embeddings=False)
-    params = numpy_params(lambda key: init_params(cfg, key), jax.random.key(0))
-    padded, padded_cfg = grow_vocab(params, cfg.replace(vocab_pad_multiple=128), 0)
-    return cfg, params, padded_cfg, padded
-
-
 def test_padding_is_zero_and_the_hf_export_drops_it():
-    cfg, params, padded_cfg, padded = _models()
+    cfg, params, padded_cfg, padded = padded_tiny_models()
     assert padded_cfg.vocab_size == 300 and padded_cfg.padded_vocab_size == 384
     assert padded["embed_tokens"]["embedding"].shape == (384, 64) and padded["lm_head"]["kernel"].shape == (64, 384)
     assert not padded["embed_tokens"]["embedding"][300:].any() and not padded["lm_head"]["kernel"][:, 300:].any()
@@ -32,7 +23,7 @@ def test_padding_is_zero_and_the_hf_export_drops_it():
 
 
 def test_lazy_growth_per_slice_equals_add_tokens():
-    cfg, params, _, _ = _models()
+    cfg, params, _, _ = padded_tiny_models()
     grown, grown_cfg = add_tokens(params, cfg.replace(vocab_pad_multiple=128), 1)
     table = VocabGrown(ArrayTensor(params["embed_tokens"]["embedding"]), 0, 1, 384)
     head = VocabGrown(Kernel(ArrayTensor(np.ascontiguousarray(params["lm_head"]["kernel"].T)), (64, 300), 1), 1, 1, 384)
@@ -50,7 +41,7 @@ def test_lazy_growth_per_slice_equals_add_tokens():
 def test_lazy_unused_row_per_slice_equals_init_unused_token():
     """A 300-row table whose tokenizer ends at 290: [EMB] takes row 290 (mean of rows 0..289), nothing is
     appended, and the 384-entry padding starts at 300; also through `Transposed` (untie_head's copy)."""
-    cfg, params, _, _ = _models()
+    cfg, params, _, _ = padded_tiny_models()
     want = init_unused_token(params, cfg, 290)["embed_tokens"]["embedding"]
     np.testing.assert_allclose(want[290], params["embed_tokens"]["embedding"][:290].mean(0), rtol=1e-6, atol=1e-7)
     assert not np.array_equal(want[290], params["embed_tokens"]["embedding"][290])
