@@ -115,16 +115,18 @@ def _gguf_tokenizer(path: Path, cache_dir: Path | None):
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     if folder is not None:
+        tmp = None
         try:  # written beside and renamed into place: a reader never sees half a folder
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
             hf.save_pretrained(str(tmp))
-            try:
+            if not folder.exists():  # else another process got there first
                 os.rename(tmp, folder)
-            except OSError:  # another process got there first
-                shutil.rmtree(tmp, ignore_errors=True)
         except OSError as e:
             log.warning("%s: converted tokenizer not cached under %s (%s)", path, folder.parent, e)
+        finally:
+            if tmp is not None and tmp.exists():  # not renamed: a failed write, or a lost race
+                shutil.rmtree(tmp, ignore_errors=True)
     return hf
 
 
