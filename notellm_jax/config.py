@@ -182,6 +182,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0             # 0 = only at the end
     eval_batches: int = 4           # validation batches per evaluation (0 = no validation)
+    # Pairs per validation batch; 0 = batch_pairs. Fixing it makes validation losses comparable across
+    # settings with different training batches (the in-batch loss grows with the number of negatives).
+    eval_batch_pairs: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
@@ -340,6 +343,7 @@ class Config:
              f"model.compute_dtype / param_dtype must be one of {DTYPES}"),
             (self.retrieval.ks is None or all(k >= 1 for k in self.retrieval.ks), "retrieval.ks must be >= 1"),
             (self.train.batch_pairs >= 1, "train.batch_pairs must be >= 1"),
+            (self.train.eval_batch_pairs >= 0, "train.eval_batch_pairs must be >= 0 (0 = train.batch_pairs)"),
             (self.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps must be >= 0"),
             (self.train.on_bad_checkpoint in ("fallback", "stop"),
              f"train.on_bad_checkpoint {self.train.on_bad_checkpoint!r}: fallback | stop"),
@@ -364,9 +368,14 @@ class Config:
                               f"{process_count} processes")
         if training and self.data.train_input == "numpy" and process_count > 1:
             raise ConfigError("data.train_input='numpy' reads in one process; use 'shards' for multi-host runs")
-        if training and (2 * self.train.batch_pairs) % (data * fsdp):
-            raise ConfigError(f"the global batch of 2 x {self.train.batch_pairs} notes does not divide over "
-                              f"data x fsdp = {data * fsdp} devices")
+        for field in ("batch_pairs", "eval_batch_pairs"):
+            pairs = getattr(self.train, field)
+            if training and pairs and (2 * pairs) % (data * fsdp):
+                raise ConfigError(f"the global batch of 2 x train.{field}={pairs} notes does not divide over "
+                                  f"data x fsdp = {data * fsdp} devices")
+        if training and self.train.eval_batch_pairs % process_count:
+            raise ConfigError(f"train.eval_batch_pairs={self.train.eval_batch_pairs} is not divisible by the "
+                              f"{process_count} processes")
         return self
 
 

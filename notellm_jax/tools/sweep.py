@@ -104,16 +104,37 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sweep(base: Config, grid: dict[str, list], out: Path, steps: int, mode: str = "one_at_a_time") -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [run_setting(base, updates, i, out, steps) for i, updates in enumerate(settings(grid, mode))]
-    rows.sort(key=lambda r: (r[SCORE] is None, r[SCORE]))
+def _write(base: Config, grid: dict, out: Path, steps: int, mode: str, rows: list[dict], planned: int) -> list[dict]:
+    ranked = sorted(rows, key=lambda r: (r[SCORE] is None, r[SCORE] if r[SCORE] is not None else 0.0))
     table = {"config": base.name, "steps": steps, "mode": mode, "score": f"{SCORE} (lower is better)",
-             "split": "val", "grid": grid, "rows": rows}
+             "split": "val", "grid": grid, "planned": planned, "rows": ranked}
     (out / "sweep.json").write_text(json.dumps(table, indent=2))
+    done = "" if len(rows) == planned else f" {len(rows)} of {planned} settings done so far."
     (out / "sweep.md").write_text(f"Sweep of {base.name}, {steps} steps per setting, scored on validation pairs "
-                                  f"({SCORE}, lower is better).\n\n" + markdown(rows))
-    return rows
+                                  f"({SCORE}, lower is better).{done}\n\n" + markdown(ranked))
+    return ranked
+
+
+def sweep(base: Config, grid: dict[str, list], out: Path, steps: int, mode: str = "one_at_a_time") -> list[dict]:
+    """Runs every setting not yet scored in DIR/sweep.json (a stopped sweep resumes; a changed grid, step
+    count or base config starts over) and rewrites the table after each one."""
+    out.mkdir(parents=True, exist_ok=True)
+    planned = settings(grid, mode)
+    rows: list[dict] = []
+    previous = out / "sweep.json"
+    if previous.is_file():
+        table = json.loads(previous.read_text())
+        if (table.get("config"), table.get("steps"), table.get("mode"), table.get("grid")) == (
+                base.name, steps, mode, grid):
+            rows = [r for r in table["rows"] if r["setting"] < len(planned) and r["overrides"] == planned[r["setting"]]]
+    done = {r["setting"] for r in rows}
+    for i, updates in enumerate(planned):
+        if i in done:
+            continue
+        print(f"[sweep] setting {i + 1}/{len(planned)}: {updates or '(base)'}", flush=True)
+        rows.append(run_setting(base, updates, i, out, steps))
+        _write(base, grid, out, steps, mode, rows, len(planned))
+    return _write(base, grid, out, steps, mode, rows, len(planned))
 
 
 def run(args, config: Config) -> list[dict]:

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 
 from notellm_jax import sharding as shd
-from notellm_jax.config import Config
+from notellm_jax.config import Config, override
 from notellm_jax.data.input_pipeline import batches, read_meta, total_train_steps
 from notellm_jax.distributed import is_primary
 from notellm_jax.model.llama import LlamaConfig
@@ -164,19 +164,19 @@ def _stop_diverged(run: Run, error: TrainingDivergedError) -> TrainingDivergedEr
 
 
 def finish(run: Run, last: dict[str, Any]) -> dict[str, Any]:
-    """Final checkpoint, feature-cache save, final validation and the export."""
+    """Final checkpoint, final validation, feature-cache save and the export."""
     config, state = run.config, run.state
     if int(state.step) > run.start_step or run.manager.latest_step() != int(state.step):
         save_checkpoint(run.manager, state, config, run.total_steps, force=True)
         run.saving.append(int(state.step))
     run.manager.wait_until_finished()
     report_committed(run.manager, config, run.saving)
-    if run.cache and is_primary():
-        run.cache.save()
     if config.train.eval_batches > 0 and not config.train.synthetic_data:
         val = validate(run)
         run.writer.write(int(state.step), val, prefix="val")
         last = {**last, **{f"val_{k}": v for k, v in val.items()}}
+    if run.cache and is_primary():
+        run.cache.save()  # after validation, so that later runs reuse the validation notes' features too
     if not config.train.synthetic_data:
         export_params(config, run.setup, state, run.llama_cfg)
     run.writer.close()
@@ -184,10 +184,14 @@ def finish(run: Run, last: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(run: Run) -> dict[str, float]:
-    """Mean loss/accuracy over the first `train.eval_batches` batches of the validation pairs."""
-    n = run.config.train.eval_batches
+    """Mean loss/accuracy over the first `train.eval_batches` batches of the validation pairs, each of
+    `train.eval_batch_pairs` pairs (default: the training batch)."""
+    config = run.config
+    n = config.train.eval_batches
+    if config.train.eval_batch_pairs:
+        config = override(config, {"train.batch_pairs": config.train.eval_batch_pairs})
     totals: dict[str, float] = {}
-    data = batches(run.config, run.llama_cfg, "val", 0)
+    data = batches(config, run.llama_cfg, "val", 0)
     for _ in range(n):
         local, _ = _with_frozen_features(run, next(data))
         for k, v in jax.device_get(run.eval_fn(run.state, to_global_batch(run.setup, local))).items():

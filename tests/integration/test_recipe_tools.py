@@ -32,7 +32,8 @@ def tiny(work: Path, shared_dir: Path):
 
 
 @pytest.mark.slow
-def test_sweep_scores_two_settings_on_validation_pairs(prepared, shared_dir, tmp_path):
+def test_sweep_scores_two_settings_on_validation_pairs(prepared, shared_dir, tmp_path, monkeypatch):
+    from notellm_jax.tools import sweep as sweep_module
     from notellm_jax.tools.sweep import sweep
 
     grid = {"train.learning_rate": [3e-3], "prompt.content_max_tokens": [24, 32]}  # 32 = the base's budget
@@ -45,6 +46,12 @@ def test_sweep_scores_two_settings_on_validation_pairs(prepared, shared_dir, tmp
     assert "content_max_tokens=24" in (tmp_path / "sweep" / "sweep.md").read_text()
     assert len(list((tmp_path / "sweep").glob("data-*/shards/tokens.npz"))) == 1  # only the 24-token budget
     assert not list((tmp_path / "sweep").glob("setting-*/export"))
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a scored setting was trained again")
+
+    monkeypatch.setattr(sweep_module, "run_setting", must_not_train)  # a rerun resumes from sweep.json
+    assert sweep(tiny(prepared, shared_dir), grid, tmp_path / "sweep", steps=2, mode="product") == rows
 
 
 @pytest.mark.slow
