@@ -14,11 +14,13 @@ pairs: contrastive loss and in-batch accuracy, generation loss). Test pairs are 
 Settings share the prepared data folder, so the frozen-bottom feature cache (persisted beside it) is
 computed once per (base model, frozen depth) and reused. A setting that changes the tokenised prompt
 (token budgets, layout) gets its own shards, written once into DIR/data-<hash> from the same parquet files.
-Each setting's checkpoints and export are deleted after scoring (only the table is kept):
+Each setting trains in DIR/setting-<hash of its overrides>; its checkpoints and export are deleted after
+scoring (the table and each setting's metrics.jsonl are kept):
 DIR/sweep.json and DIR/sweep.md, ranked by validation contrastive loss.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import shutil
@@ -80,7 +82,9 @@ def data_dir_for(config: Config, base: Config, out: Path) -> Path:
 def run_setting(base: Config, updates: dict[str, Any], index: int, out: Path, steps: int) -> dict[str, Any]:
     from notellm_jax.train import train
 
-    config = _typed(base, {**updates, "train.max_steps": steps, "paths.work_dir": str(out / f"setting-{index:03d}"),
+    folder = out / f"setting-{hashlib.sha256(json.dumps(updates, sort_keys=True).encode()).hexdigest()[:10]}"
+    shutil.rmtree(folder, ignore_errors=True)  # what a stopped run left: this setting starts from its step 0
+    config = _typed(base, {**updates, "train.max_steps": steps, "paths.work_dir": str(folder),
                            "train.checkpoint_every": 10**9, "train.async_checkpoint": False})
     if config.train.eval_batches <= 0:
         raise ValueError("the sweep scores on validation batches: set train.eval_batches > 0")
@@ -107,29 +111,36 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def _write(base: Config, grid: dict, out: Path, steps: int, mode: str, rows: list[dict], planned: int) -> list[dict]:
     ranked = sorted(rows, key=lambda r: (r[SCORE] is None, r[SCORE] if r[SCORE] is not None else 0.0))
     table = {"config": base.name, "steps": steps, "mode": mode, "score": f"{SCORE} (lower is better)",
-             "split": "val", "grid": grid, "planned": planned, "rows": ranked}
-    (out / "sweep.json").write_text(json.dumps(table, indent=2))
+             "split": "val", "grid": grid, "planned": planned, "base": base.to_dict(), "rows": ranked}
+    (out / "sweep.json").write_text(json.dumps(table, indent=2, default=str))
     done = "" if len(rows) == planned else f" {len(rows)} of {planned} settings done so far."
     (out / "sweep.md").write_text(f"Sweep of {base.name}, {steps} steps per setting, scored on validation pairs "
                                   f"({SCORE}, lower is better).{done}\n\n" + markdown(ranked))
     return ranked
 
 
+def _scored(base: Config, out: Path, steps: int) -> list[dict]:
+    """Rows of an earlier run of this sweep folder with the same base config and step count."""
+    previous = out / "sweep.json"
+    if not previous.is_file():
+        return []
+    table = json.loads(previous.read_text())
+    same_base = json.loads(json.dumps(base.to_dict(), default=str)) == table.get("base")
+    return table["rows"] if same_base and table.get("steps") == steps else []
+
+
 def sweep(base: Config, grid: dict[str, list], out: Path, steps: int, mode: str = "one_at_a_time") -> list[dict]:
-    """Runs every setting not yet scored in DIR/sweep.json (a stopped sweep resumes; a changed grid, step
-    count or base config starts over) and rewrites the table after each one."""
+    """Runs every setting not yet scored in DIR/sweep.json and rewrites the table after each one: a stopped
+    sweep resumes, and a grid that gains a value runs only that setting (rows are matched by their overrides;
+    another base config or step count starts over)."""
     out.mkdir(parents=True, exist_ok=True)
     planned = settings(grid, mode)
+    earlier = {json.dumps(r["overrides"], sort_keys=True): r for r in _scored(base, out, steps)}
     rows: list[dict] = []
-    previous = out / "sweep.json"
-    if previous.is_file():
-        table = json.loads(previous.read_text())
-        if (table.get("config"), table.get("steps"), table.get("mode"), table.get("grid")) == (
-                base.name, steps, mode, grid):
-            rows = [r for r in table["rows"] if r["setting"] < len(planned) and r["overrides"] == planned[r["setting"]]]
-    done = {r["setting"] for r in rows}
     for i, updates in enumerate(planned):
-        if i in done:
+        key = json.dumps(updates, sort_keys=True)
+        if key in earlier:
+            rows.append({**earlier[key], "setting": i})
             continue
         print(f"[sweep] setting {i + 1}/{len(planned)}: {updates or '(base)'}", flush=True)
         rows.append(run_setting(base, updates, i, out, steps))

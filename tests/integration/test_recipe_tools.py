@@ -47,11 +47,19 @@ def test_sweep_scores_two_settings_on_validation_pairs(prepared, shared_dir, tmp
     assert len(list((tmp_path / "sweep").glob("data-*/shards/tokens.npz"))) == 1  # only the 24-token budget
     assert not list((tmp_path / "sweep").glob("setting-*/export"))
 
-    def must_not_train(*args, **kwargs):
-        raise AssertionError("a scored setting was trained again")
+    trained, real_run_setting = [], sweep_module.run_setting
 
-    monkeypatch.setattr(sweep_module, "run_setting", must_not_train)  # a rerun resumes from sweep.json
+    def counting(base, updates, *args):
+        trained.append(updates)
+        return real_run_setting(base, updates, *args)
+
+    monkeypatch.setattr(sweep_module, "run_setting", counting)  # a rerun resumes from sweep.json
     assert sweep(tiny(prepared, shared_dir), grid, tmp_path / "sweep", steps=2, mode="product") == rows
+    assert trained == []
+    grown = {**grid, "train.learning_rate": [3e-3, 1e-3]}  # one more value: only its settings train
+    assert len(sweep(tiny(prepared, shared_dir), grown, tmp_path / "sweep", steps=2, mode="product")) == 4
+    assert sorted(t["prompt.content_max_tokens"] for t in trained) == [24, 32]
+    assert all(t["train.learning_rate"] == 1e-3 for t in trained)
 
 
 @pytest.mark.slow
