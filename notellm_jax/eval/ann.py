@@ -54,9 +54,26 @@ def choose_params(num_points: int, k: int, cfg: RetrievalConfig) -> ScannParams:
     return ScannParams(num_leaves, leaves_to_search if num_leaves else 0, reorder)
 
 
+def scann_pybind():
+    """ScaNN's numpy API (`scann_ops_pybind`), imported without TensorFlow. `import scann` also imports
+    TensorFlow whenever it is installed (about 6 s on the project's CPU machines), only for ScaNN's TF ops,
+    which nothing here uses; unless TensorFlow is loaded already it is hidden for that one import (its
+    ModuleNotFoundError is what scann's __init__ expects when TF is absent) and visible again at once."""
+    import sys
+
+    if "scann" not in sys.modules and "tensorflow" not in sys.modules:
+        sys.modules["tensorflow"] = None  # `import tensorflow` now raises ModuleNotFoundError
+        try:
+            import scann  # noqa: F401
+        finally:
+            del sys.modules["tensorflow"]
+    from scann import scann_ops_pybind
+    return scann_ops_pybind
+
+
 def build_index(database: np.ndarray, k: int, params: ScannParams, threads: int | None = None):
     """A ScaNN searcher over the unit-normalised rows of `database` (dot product = cosine)."""
-    from scann import scann_ops_pybind  # lazy: TensorFlow-free numpy API, absent on GPU machines
+    scann_ops_pybind = scann_pybind()  # lazy: absent on GPU machines
 
     database = l2_normalise(database)
     builder = scann_ops_pybind.builder(database, k, "dot_product")
@@ -107,7 +124,7 @@ def save_index(searcher, directory: str | os.PathLike) -> Path:
 def load_index(directory: str | os.PathLike):
     """Reload a searcher written by `save_index`. A folder without ScaNN assets is an error, and one holding
     any pickle is refused; ScaNN's `load_searcher` is bypassed because it unpickles docids."""
-    from scann import scann_ops_pybind
+    scann_ops_pybind = scann_pybind()
 
     directory = Path(directory).absolute()
     assets = directory / "scann_assets.pbtxt"

@@ -31,7 +31,7 @@ from notellm_jax.config import Config, PromptConfig
 from notellm_jax.data import store
 from notellm_jax.data.prompts import Note, PromptTooLongError, cut_to_tokens
 from notellm_jax.eval.embed import (CHUNK_BATCHES, BatchEmbedder, ChunkEmbedder, bucket_lengths, select_notes,
-                                    token_chunk_embedder, write_embeddings)
+                                    chunk_embedder, write_embeddings)
 from notellm_jax.eval.embeddings import embedding_dir, written_summary
 from notellm_jax.eval.retrieval import l2_normalise
 from notellm_jax.errors import MissingInputError
@@ -61,7 +61,7 @@ def llm_tokens(note: Note, tokenizer, cfg: PromptConfig, name: str) -> list[int]
     return ids
 
 
-def llm_embedder(config: Config, mesh, pad_id: int) -> tuple[BatchEmbedder, str]:
+def llm_batch_embedder(config: Config, mesh, pad_id: int) -> tuple[BatchEmbedder, str]:
     """Last-token hidden states of the base LLM through embed.py's batching; also the checkpoint path."""
     import jax.numpy as jnp
 
@@ -91,8 +91,8 @@ def llm_chunk_embedder(config: Config, name: str, mesh=None) -> tuple[ChunkEmbed
 
     mesh = mesh or shd.mesh_from_config(config.mesh)
     tokenizer = resolve_tokenizer(config)
-    embedder, checkpoint = llm_embedder(config, mesh, tokenizer.pad_id)
-    embed_chunk = token_chunk_embedder(lambda tokens: l2_normalise(embedder(tokens)),
+    embedder, checkpoint = llm_batch_embedder(config, mesh, tokenizer.pad_id)
+    embed_chunk = chunk_embedder(lambda tokens: l2_normalise(embedder(tokens)),
                                        lambda note: llm_tokens(note, tokenizer, config.prompt, name))
     template = PROMPTEOL_TEMPLATE.format("{title}\\n{content}") if name == "prompteol" else "{title}\\n{content}"
     return embed_chunk, {"base": checkpoint, "readout": "last token, after the final norm", "template": template}

@@ -34,7 +34,10 @@ from notellm_jax.eval.embeddings import (EmbeddingWriter, clear_folder, embeddin
 
 CHUNK_BATCHES = 16  # batches per length-sorted chunk (also the progress-report interval)
 
-# A chunk of notes -> (ids of the embedded notes, their vectors [n, d], skipped notes by reason).
+# The two embedder kinds: a BatchEmbedder maps token lists to vectors (fixed shapes on the mesh); a
+# ChunkEmbedder maps a chunk of notes to (ids of the embedded notes, their vectors [n, d], skipped notes by
+# reason), which is what write_embeddings streams. `<model>_batch_embedder` builds the first kind,
+# `<model>_chunk_embedder` the second, and `chunk_embedder` wraps a batch embedder into a chunk one.
 ChunkEmbedder = Callable[[list[Note]], tuple[list[str], np.ndarray, Counter]]
 
 
@@ -145,8 +148,8 @@ class BatchEmbedder:
         return out if out is not None else np.zeros((0, 0), np.float32)
 
 
-def token_chunk_embedder(embedder: Callable[[Sequence[list[int]]], np.ndarray],
-                         tokens_of: Callable[[Note], list[int]]) -> ChunkEmbedder:
+def chunk_embedder(embedder: Callable[[Sequence[list[int]]], np.ndarray],
+                   tokens_of: Callable[[Note], list[int]]) -> ChunkEmbedder:
     """A ChunkEmbedder from token lists -> vectors and a per-note tokeniser; notes whose prompt cannot fit
     are skipped and counted."""
     def embed_chunk(notes: list[Note]) -> tuple[list[str], np.ndarray, Counter]:
@@ -268,10 +271,10 @@ def check_export(export, tokenizer, source: str) -> None:
                          f"{tokenizer.emb_token}): the export was trained with another model or tokenizer")
 
 
-def notellm_embedder(export, mesh, batch_size: int, max_length: int, bucket_count: int, pad_id: int,
-                     padding_side: str, source: str, cache_dir: Path | None = None,
-                     prefix: Sequence[int] = (), cache_max_bytes: float = float("inf"),
-                     row_buckets: Sequence[int] = ()) -> tuple[BatchEmbedder, Any]:
+def notellm_batch_embedder(export, mesh, batch_size: int, max_length: int, bucket_count: int, pad_id: int,
+                           padding_side: str, source: str, cache_dir: Path | None = None,
+                           prefix: Sequence[int] = (), cache_max_bytes: float = float("inf"),
+                           row_buckets: Sequence[int] = ()) -> tuple[BatchEmbedder, Any]:
     """(embedder, feature cache or None). With `cache_dir` and an export trained with frozen lower layers,
     the frozen bottom runs through the shared FeatureCache (every fine-tuned variant of one base model
     embeds the same test prompts: the bottom runs once for all of them). Otherwise, with `prefix` (the
@@ -415,7 +418,7 @@ def note_encoder(config: Config, export, mesh=None, batch_size: int | None = Non
     check_export(export, tokenizer, source)
     prefix = shared_prefix(tokenizer, prompt) if config.embed.prefix_cache else []
     cache_dir = config.data_dir if config.model.cache_frozen_features and config.model.persist_feature_cache else None
-    embedder, cache = notellm_embedder(export, mesh, batch_size or config.embed.batch_size, prompt.max_length,
+    embedder, cache = notellm_batch_embedder(export, mesh, batch_size or config.embed.batch_size, prompt.max_length,
                                        config.embed.length_buckets, tokenizer.pad_id, prompt.padding_side,
                                        source, cache_dir=cache_dir, prefix=prefix,
                                        cache_max_bytes=config.model.feature_cache_max_gb * 1e9,
@@ -438,7 +441,7 @@ def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: st
             "prompt_hash": prompt_hash(dataclasses.replace(config, prompt=prompt), export.tokenizer),
             "prompt": dataclasses.asdict(prompt), "buckets": encoder.buckets, "batch_size": batch_size,
             "prefix_tokens": len(encoder.prefix), "devices": int(encoder.embedder.devices)}
-    embed_chunk = token_chunk_embedder(encoder.embedder, encoder.tokens)
+    embed_chunk = chunk_embedder(encoder.embedder, encoder.tokens)
     if jax.process_count() > 1:
         out = write_embeddings_across_hosts(note_source, embed_chunk, out_dir, config.embed.shard_size, meta)
     else:

@@ -80,14 +80,14 @@ def embed_test_notes(config: Config, export_dir: Path, out_dir: Path) -> Path:
     from notellm_jax import sharding as shd
     from notellm_jax.data.input_pipeline import read_meta
     from notellm_jax.data.prompts import Note
-    from notellm_jax.eval.embed import (CHUNK_BATCHES, notellm_embedder, token_chunk_embedder,
+    from notellm_jax.eval.embed import (CHUNK_BATCHES, notellm_batch_embedder, chunk_embedder,
                                         write_embeddings)
     from notellm_jax.weights.export import load_notellm
 
     export = load_notellm(export_dir)
     meta = read_meta(config, config.data_dir)
     mesh = shd.mesh_from_config(config.mesh)
-    embedder, _ = notellm_embedder(export, mesh, config.embed.batch_size, export.prompt.max_length,
+    embedder, _ = notellm_batch_embedder(export, mesh, config.embed.batch_size, export.prompt.max_length,
                                    config.embed.length_buckets, meta["pad_id"], config.prompt.padding_side,
                                    str(export_dir))
     ids, tokens, skipped = test_note_tokens(config.data_dir)
@@ -96,7 +96,7 @@ def embed_test_notes(config: Config, export_dir: Path, out_dir: Path) -> Path:
     info = {"model": "notellm", "kind": "notellm", "source": str(export_dir), "run": export.meta.get("run"),
             "objective": export.meta.get("objective"), "prompt_hash": meta["prompt_hash"],
             "input": "shards/tokens.npz", "skipped_before_embedding": dict(skipped)}
-    return write_embeddings(notes, token_chunk_embedder(embedder, lambda note: by_id[note.note_id]), out_dir,
+    return write_embeddings(notes, chunk_embedder(embedder, lambda note: by_id[note.note_id]), out_dir,
                             config.embed.shard_size, config.embed.batch_size * CHUNK_BATCHES, info)
 
 

@@ -16,7 +16,7 @@ from notellm_jax.config import Config
 from notellm_jax.distributed import is_primary
 from notellm_jax.errors import CheckpointError
 from notellm_jax.model.llama import LlamaConfig
-from notellm_jax.train.step import TrainSetup, TrainState, check_against_abstract, exportable_params
+from notellm_jax.train.step import TrainSetup, TrainState, check_against_abstract, merged_params
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +130,11 @@ def restore_checkpoint(manager, setup: TrainSetup, config: Config, total_steps: 
     return state
 
 
-def export_params(config: Config, setup: TrainSetup, state: TrainState, llama_cfg: LlamaConfig) -> Path:
+def write_export(config: Config, setup: TrainSetup, state: TrainState, llama_cfg: LlamaConfig) -> Path:
     """Param-only export for the embedding / eval tools: orbax params + notellm.json. Called by every
     process; each writes its own shards of the sharded parameters (no gather)."""
     from notellm_jax.weights.export import save_notellm
-    params = exportable_params(setup, state)  # LoRA merged into the weights
+    params = merged_params(setup, state)  # LoRA merged into the weights
     return save_notellm(config.work_dir / "export", params, llama_cfg, config)
 
 

@@ -181,7 +181,7 @@ def loss_and_grads(state: TrainState, batch: dict, *, setup: TrainSetup) -> tupl
     return metrics, grads
 
 
-def exportable_params(setup: TrainSetup, state: TrainState) -> dict:
+def merged_params(setup: TrainSetup, state: TrainState) -> dict:
     """The full parameter tree as the export holds it: LoRA adapters merged, W + (alpha / r) A B, so every
     tool loads the result as a plain model."""
     params, adapters = split_adapters(merge_params(state.params, state.frozen))

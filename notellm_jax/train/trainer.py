@@ -24,7 +24,7 @@ from notellm_jax.data.input_pipeline import batches, read_meta, total_train_step
 from notellm_jax.distributed import is_primary
 from notellm_jax.model.llama import LlamaConfig
 from notellm_jax.errors import TrainingDivergedError
-from notellm_jax.train.checkpointing import (checkpoint_dir, checkpoint_manager, export_params, report_committed,
+from notellm_jax.train.checkpointing import (checkpoint_dir, checkpoint_manager, write_export, report_committed,
                                              restore_checkpoint, save_checkpoint)
 from notellm_jax.train.feature_cache import FeatureCache, cache_path
 from notellm_jax.train.guard import NonFiniteGuard
@@ -178,7 +178,7 @@ def finish(run: Run, last: dict[str, Any]) -> dict[str, Any]:
     if run.cache and is_primary():
         run.cache.save()  # after validation, so that later runs reuse the validation notes' features too
     if not config.train.synthetic_data:
-        export_params(config, run.setup, state, run.llama_cfg)
+        write_export(config, run.setup, state, run.llama_cfg)
     run.writer.close()
     return last
 

@@ -21,7 +21,7 @@ from notellm_jax.data.input_pipeline import synthetic_batches
 from notellm_jax.model.llama import Llama
 from notellm_jax.model.lora import lora_applied, lora_scale
 from notellm_jax.sharding import make_mesh
-from notellm_jax.train.step import (apply_model, compile_steps, create_state, exportable_params, loss_and_grads,
+from notellm_jax.train.step import (apply_model, compile_steps, create_state, merged_params, loss_and_grads,
                                     make_train_setup, to_global_batch)
 from notellm_jax.weights.export import save_hf_decoder
 from notellm_jax.weights.loading import load_initial_params
@@ -96,7 +96,7 @@ def test_untie_head_false_keeps_the_tied_frozen_head():
 @pytest.mark.slow  # compiles a train step (about 30 s on an idle 2-core CPU)
 def test_untied_head_export_matches_hf_torch_logits(top_layers_run, tmp_path):
     _, spec, llama_cfg, _, state, _ = top_layers_run
-    params = jax.device_get(exportable_params(spec, state))
+    params = jax.device_get(merged_params(spec, state))
     torch_logits, hf_config = _torch_logits(save_hf_decoder(params, llama_cfg, tmp_path / "hf"), IDS)
     assert hf_config["tie_word_embeddings"] is False
     np.testing.assert_allclose(torch_logits, _jax_logits(llama_cfg, params["decoder"], IDS), rtol=1e-5, atol=1e-5)
@@ -125,7 +125,7 @@ def test_lora_trains_adapters_head_projection_and_logit_scale_only(lora_run):
 def test_lora_merged_export_equals_unmerged_model(lora_run, tmp_path):
     """Adapters with a non-zero B (after a step at lr 1e-2): merged weights == x W + s (x A) B, fp32 1e-5."""
     config, spec, llama_cfg, _, state, _ = lora_run
-    merged = jax.device_get(exportable_params(spec, state))
+    merged = jax.device_get(merged_params(spec, state))
     assert "lora" not in merged
     unmerged = jax.device_get({**state.params, "decoder": {**state.frozen["decoder"], **state.params["decoder"]}})
     scale = lora_scale(4, 8.0)

@@ -2,6 +2,7 @@
 record dropped, a corrupt earlier one refused), atomic snapshots, pickle refused, rebuilds gated on recall."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -12,7 +13,8 @@ from notellm_jax.errors import StoreFormatError
 from notellm_jax.eval import ann
 from notellm_jax.serve.index import LiveIndex, UnknownNoteError
 
-pytest.importorskip("scann")
+if importlib.util.find_spec("scann") is None:  # absent on the GPU machines by design (ENVIRONMENT.md)
+    pytest.skip("scann is not installed", allow_module_level=True)
 
 DIM = 16
 # A tree that searches every leaf and reorders every candidate exactly: ScaNN's answer must equal exact search,
