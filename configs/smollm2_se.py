@@ -9,8 +9,9 @@ same pairs, batch and epochs, capped at 5 minutes so that the main job keeps its
 settings were chosen on test pairs; `notellm sweep` (configs/sweep_smollm2.json) selects on validation pairs.
 
 Arguments (`configs/smollm2_se.py:ARG`):
-- `quick`: a newcomer's first look, the whole main job in minutes on this CPU: four small sites, 256 pairs
-  for one epoch, NoteLLM and two baselines, generation on 16 notes.
+- `quick`: a newcomer's first look, the whole main job in minutes on this CPU: four small sites, 128 pairs
+  for one epoch (8 steps; a first epoch runs the whole frozen bottom, ~17 s per step here), NoteLLM and two
+  baselines, generation on 16 notes.
 - `long`: the long CPU recipe (about 2 hours here, estimated from the default's 2.3 s per 16-pair step; not
   yet run): every training pair once, 32 pairs per batch, the same trained layers and feature cache;
   SentenceBERT on the same terms with a 1-hour cap.
@@ -42,7 +43,7 @@ def get_config(arg: str = "") -> Config:
             "name": "smollm2_se_quick", "paths.work_dir": "runs/smollm2_se_quick",
             "data.sites": ("coffee.stackexchange.com", "gadgets.stackexchange.com", "genai.stackexchange.com",
                            "htw.stackexchange.com"),
-            "data.max_train_pairs": 256, "train.epochs": 1.0, "train.log_every": 4, "train.eval_batches": 2,
+            "data.max_train_pairs": 128, "train.epochs": 1.0, "train.log_every": 2, "train.eval_batches": 2,
             "generation.limit": 16, "job.train_variants": ("notellm",),
             "job.baselines": ("prompteol", "sbert_zeroshot")})
     if args.long:
