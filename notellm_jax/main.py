@@ -134,5 +134,12 @@ def main(argv: list[str] | None = None) -> Any:
         raise SystemExit(getattr(e, "exit_code", 2)) from None
 
 
+def cli() -> None:
+    """The `notellm` console script. Its generated wrapper passes the function's return value to sys.exit,
+    so `main` (which returns the command's result, a dict for most commands) would end a successful run
+    with exit status 1; this returns None: status 0 on success."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -28,6 +28,16 @@ def test_console_script_lists_every_command():
         assert name in result.stdout
 
 
+def test_console_script_exits_0_after_a_command_that_returns_a_result(tmp_path, shared_dir):
+    """The generated wrapper calls sys.exit(entry point()): a returned dict would mean exit status 1."""
+    script = Path(sys.executable).parent / "notellm"
+    assert script.is_file(), "the notellm console script is not installed (bash launch/setup.sh)"
+    result = run(str(script), "prepare", "--config", str(REPO / "configs" / "tiny.py"), "--stages", "import",
+                 "--set", f"paths.work_dir={tmp_path}", "--set", f"paths.shared_dir={shared_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "data" / "notes.parquet").is_file()
+
+
 @pytest.mark.parametrize("command", sorted(MODULE_FORMS))
 def test_python_m_forms_dispatch_to_their_command(command):
     assert set(MODULE_FORMS) <= set(COMMANDS)
