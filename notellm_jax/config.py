@@ -363,19 +363,15 @@ class Config:
             if not ok:
                 raise ConfigError(message)
         data, fsdp, _ = self.mesh_shape(device_count)
-        if training and self.train.batch_pairs % process_count:
-            raise ConfigError(f"train.batch_pairs={self.train.batch_pairs} is not divisible by the "
-                              f"{process_count} processes")
         if training and self.data.train_input == "numpy" and process_count > 1:
             raise ConfigError("data.train_input='numpy' reads in one process; use 'shards' for multi-host runs")
-        for field in ("batch_pairs", "eval_batch_pairs"):
+        for field in ("batch_pairs", "eval_batch_pairs"):  # the training and the validation batch (0 = same)
             pairs = getattr(self.train, field)
+            if training and pairs % process_count:
+                raise ConfigError(f"train.{field}={pairs} is not divisible by the {process_count} processes")
             if training and pairs and (2 * pairs) % (data * fsdp):
                 raise ConfigError(f"the global batch of 2 x train.{field}={pairs} notes does not divide over "
                                   f"data x fsdp = {data * fsdp} devices")
-        if training and self.train.eval_batch_pairs % process_count:
-            raise ConfigError(f"train.eval_batch_pairs={self.train.eval_batch_pairs} is not divisible by the "
-                              f"{process_count} processes")
         return self
 
 

@@ -93,7 +93,7 @@ def llm_chunk_embedder(config: Config, name: str, mesh=None) -> tuple[ChunkEmbed
     tokenizer = resolve_tokenizer(config)
     embedder, checkpoint = llm_batch_embedder(config, mesh, tokenizer.pad_id)
     embed_chunk = chunk_embedder(lambda tokens: l2_normalise(embedder(tokens)),
-                                       lambda note: llm_tokens(note, tokenizer, config.prompt, name))
+                                 lambda note: llm_tokens(note, tokenizer, config.prompt, name))
     template = PROMPTEOL_TEMPLATE.format("{title}\\n{content}") if name == "prompteol" else "{title}\\n{content}"
     return embed_chunk, {"base": checkpoint, "readout": "last token, after the final norm", "template": template}
 

@@ -418,11 +418,10 @@ def note_encoder(config: Config, export, mesh=None, batch_size: int | None = Non
     check_export(export, tokenizer, source)
     prefix = shared_prefix(tokenizer, prompt) if config.embed.prefix_cache else []
     cache_dir = config.data_dir if config.model.cache_frozen_features and config.model.persist_feature_cache else None
-    embedder, cache = notellm_batch_embedder(export, mesh, batch_size or config.embed.batch_size, prompt.max_length,
-                                       config.embed.length_buckets, tokenizer.pad_id, prompt.padding_side,
-                                       source, cache_dir=cache_dir, prefix=prefix,
-                                       cache_max_bytes=config.model.feature_cache_max_gb * 1e9,
-                                       row_buckets=row_buckets)
+    embedder, cache = notellm_batch_embedder(
+        export, mesh, batch_size or config.embed.batch_size, prompt.max_length, config.embed.length_buckets,
+        tokenizer.pad_id, prompt.padding_side, source, cache_dir=cache_dir, prefix=prefix,
+        cache_max_bytes=config.model.feature_cache_max_gb * 1e9, row_buckets=row_buckets)
     if cache is not None:  # the frozen bottom's features cover whole prompts: no prefix cache there
         prefix = []
     return NoteEncoder(export, embedder, cache, tokenizer, prompt, embedder.buckets, source, prefix)

@@ -88,8 +88,8 @@ def embed_test_notes(config: Config, export_dir: Path, out_dir: Path) -> Path:
     meta = read_meta(config, config.data_dir)
     mesh = shd.mesh_from_config(config.mesh)
     embedder, _ = notellm_batch_embedder(export, mesh, config.embed.batch_size, export.prompt.max_length,
-                                   config.embed.length_buckets, meta["pad_id"], config.prompt.padding_side,
-                                   str(export_dir))
+                                         config.embed.length_buckets, meta["pad_id"], config.prompt.padding_side,
+                                         str(export_dir))
     ids, tokens, skipped = test_note_tokens(config.data_dir)
     by_id = dict(zip(ids, tokens))
     notes = [Note(note_id=i, title="", content="", topics=[], category="") for i in ids]

@@ -79,10 +79,15 @@ def data_dir_for(config: Config, base: Config, out: Path) -> Path:
     return folder
 
 
+def _key(updates: dict[str, Any]) -> str:
+    """A setting's identity: its overrides as canonical JSON (matches rows across runs, names its folder)."""
+    return json.dumps(updates, sort_keys=True)
+
+
 def run_setting(base: Config, updates: dict[str, Any], index: int, out: Path, steps: int) -> dict[str, Any]:
     from notellm_jax.train import train
 
-    folder = out / f"setting-{hashlib.sha256(json.dumps(updates, sort_keys=True).encode()).hexdigest()[:10]}"
+    folder = out / f"setting-{hashlib.sha256(_key(updates).encode()).hexdigest()[:10]}"
     shutil.rmtree(folder, ignore_errors=True)  # what a stopped run left: this setting starts from its step 0
     config = _typed(base, {**updates, "train.max_steps": steps, "paths.work_dir": str(folder),
                            "train.checkpoint_every": 10**9, "train.async_checkpoint": False})
@@ -135,12 +140,11 @@ def sweep(base: Config, grid: dict[str, list], out: Path, steps: int, mode: str 
     another base config or step count starts over)."""
     out.mkdir(parents=True, exist_ok=True)
     planned = settings(grid, mode)
-    earlier = {json.dumps(r["overrides"], sort_keys=True): r for r in _scored(base, out, steps)}
+    earlier = {_key(r["overrides"]): r for r in _scored(base, out, steps)}
     rows: list[dict] = []
     for i, updates in enumerate(planned):
-        key = json.dumps(updates, sort_keys=True)
-        if key in earlier:
-            rows.append({**earlier[key], "setting": i})
+        if _key(updates) in earlier:
+            rows.append({**earlier[_key(updates)], "setting": i})
             continue
         print(f"[sweep] setting {i + 1}/{len(planned)}: {updates or '(base)'}", flush=True)
         rows.append(run_setting(base, updates, i, out, steps))
