@@ -248,7 +248,8 @@ class EmbedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    # Test notes per generation run (0 = all); generation is the slowest eval on a CPU.
+    # Test notes per generation run (0 = all): a uniform sample seeded by data.seed, not the split's first notes
+    # (split.json groups notes by category). Generation is the slowest eval on a CPU.
     limit: int = 0
     max_new_tokens: int = 24
     # Prompts per decode batch (fixed shape; the last batch is filled with copies and trimmed).

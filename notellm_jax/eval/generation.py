@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from notellm_jax.config import Config, PromptConfig
 from notellm_jax.data import store
 from notellm_jax.data.prompts import TASKS, Example, Note, build_example, pad_batch
@@ -82,13 +84,20 @@ class Generator:
 
 
 def split_notes(config: Config, split: str, limit: int | None = None) -> tuple[list[Note], list[str]]:
-    """(the split's notes in split.json order, first `limit` of them; the training notes' categories)."""
+    """(the split's notes in split.json order, or a sample of `limit` of them; the training notes' categories).
+
+    The sample is drawn uniformly without replacement (seeded by `data.seed`) and kept in split.json order.
+    It is not the first `limit` notes: split.json lists notes grouped by category (site), so a prefix would
+    score generation on one or two categories only."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 (or None for every note), got {limit}")
     all_notes = store.load_notes(config.data_dir / "notes.parquet")
-    notes = store.split_notes(config.data_dir, split, all_notes)[:limit]
+    notes = store.split_notes(config.data_dir, split, all_notes)
+    if limit is not None and limit < len(notes):
+        keep = np.sort(np.random.default_rng(config.data.seed).choice(len(notes), limit, replace=False))
+        notes = [notes[i] for i in keep]
     if not notes:
         raise ValueError(f"{config.data_dir / 'split.json'}: the {split} split has no notes, nothing to generate")
     return notes, closed_categories(config, all_notes)
