@@ -52,7 +52,7 @@ def get_config(arg: str = "") -> Config:
     if args.long:
         config = override(config, {
             "name": "smollm2_se_long", "paths.work_dir": "runs/smollm2_se_long", "data.max_train_pairs": 0,
-            "train.epochs": 1.0, "train.batch_pairs": 32, "train.log_every": 16, "train.checkpoint_every": 128,
+            "train.epochs": 1.0, "train.batch_pairs": 32, "train.log_every": 16, "train.checkpoint_every": 64,
             "baselines.sbert_finetune_seconds": 3600})
     if args.full:
         config = override(config, {
