@@ -12,7 +12,10 @@ Padded positions of a returned batch hold zeros; they are masked out as attentio
 
 Features are kept in the model's compute dtype (bf16 halves the store) up to `max_bytes`; sequences
 missing beyond that are computed every time they come, and counted. All misses of a batch run through
-the bottom in one call padded to the batch's row count (one compilation per batch shape). The cache can
+the bottom in one call whose row count is a bucket: the smallest of `min_rows`, 2 `min_rows`, 4 `min_rows`...
+(a multiple of the mesh's batch devices) that holds them, capped at the batch's rows. So the cost follows
+the misses, not the batch (a 64-row batch with 3 new sequences runs 8 rows, not 64), with at most
+log2(batch / min_rows) + 1 compilations per batch length. The cache can
 persist to a folder, named by a fingerprint of the frozen parameters, that grows by one .npz part per
 `save()` holding only the sequences added since the last one (no rewrite, no whole-store copy).
 """
@@ -44,8 +47,13 @@ def fingerprint(tree) -> str:
 class FeatureCache:
     """`cache(frozen_params, batch)` swaps `input_ids` for `hidden_in` = features after the frozen layers."""
 
-    def __init__(self, model, mesh, frozen_layers: int, path: Path | None = None, max_bytes: float = float("inf")):
+    def __init__(self, model, mesh, frozen_layers: int, path: Path | None = None, max_bytes: float = float("inf"),
+                 min_rows: int = 8):
+        if min_rows < 1:
+            raise ValueError(f"min_rows must be >= 1, got {min_rows}")
         self.path = path
+        self.batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.min_rows = -(-min_rows // self.batch_devices) * self.batch_devices
         self.dtype = np.dtype(model.llama.dtype)
         self.max_bytes = max_bytes
         self.store: dict[bytes, np.ndarray] = {}
@@ -82,7 +90,7 @@ class FeatureCache:
         self.hits += len(keys) - len(missing)
         computed: dict[bytes, np.ndarray] = {}
         if missing:
-            padded = missing + [missing[-1]] * (len(keys) - len(missing))
+            padded = missing + [missing[-1]] * (self.bucket(len(missing), len(keys)) - len(missing))
             out = np.asarray(self._bottom(frozen, input_ids[padded], attention_mask[padded]))
             for i, row in enumerate(missing):
                 computed[keys[row]] = out[i][attention_mask[row] > 0]
@@ -98,6 +106,13 @@ class FeatureCache:
         for row, k in enumerate(keys):
             result[row][attention_mask[row] > 0] = computed[k] if k in computed else self.store[k]
         return result
+
+    def bucket(self, missing: int, rows: int) -> int:
+        """Rows of the bottom call for `missing` new sequences of a `rows`-row batch (see the module doc)."""
+        size = self.min_rows
+        while size < missing:
+            size *= 2
+        return min(size, rows)
 
     def __call__(self, frozen: dict, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: v for k, v in batch.items() if k != "input_ids"}

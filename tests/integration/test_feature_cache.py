@@ -1,5 +1,6 @@
 """FeatureCache: features of the frozen bottom, keyed by tokens, reused across padding, persisted to disk
-incrementally, stored in the compute dtype under a size cap, all misses of a batch in one call."""
+incrementally, stored in the compute dtype under a size cap, all misses of a batch in one call whose row
+count follows the misses (a bucket), not the batch."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,3 +99,25 @@ def test_bf16_store_size_cap_one_call_per_batch_and_incremental_parts(tmp_path):
     again = FeatureCache(model, mesh, FROZEN, path=tmp_path / "cache")
     np.testing.assert_array_equal(again.features(frozen, ids, mask), got)
     assert (again.misses, again.hits) == (0, 4)
+
+
+def test_misses_run_in_a_bucket_sized_by_the_misses_not_the_batch():
+    cfg, model, frozen, mesh = _setup()
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(3, cfg.vocab_size, int(n)).tolist() for n in rng.integers(3, 14, 32)]
+    ids, mask = _padded(seqs, 16, "right")
+    direct = np.asarray(model.apply({"params": frozen}, ids, mask, FROZEN, method=NoteLLM.bottom))
+    cache = FeatureCache(model, mesh, FROZEN, min_rows=4)
+    calls = []
+    bottom = cache._bottom
+    cache._bottom = lambda *args: calls.append(args[1].shape[0]) or bottom(*args)
+    # 32-row batches holding sequences 0..n-1, the rest repeats of sequence 0: the new sequences number
+    # 3, then 5, then 24, so the bottom runs 4, 8 and 32 rows (the last capped at the batch).
+    for n in (3, 8, 32):
+        batch = list(range(n)) + [0] * (32 - n)
+        got = cache.features(frozen, ids[batch], mask[batch])
+        np.testing.assert_allclose(got[mask[batch] > 0], direct[batch][mask[batch] > 0], atol=1e-6)
+    assert calls == [4, 8, 32]
+    assert (cache.misses, cache.hits) == (32, 3 * 32 - 32)
+    assert [cache.bucket(m, 32) for m in (1, 4, 5, 9, 17, 32)] == [4, 4, 8, 16, 32, 32]
+    assert [cache.bucket(m, 24) for m in (1, 17, 24)] == [4, 24, 24]
