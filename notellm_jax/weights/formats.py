@@ -28,6 +28,7 @@ import functools
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -173,8 +174,7 @@ class SafetensorsTensor(LazyTensor):
 
 
 def _pread(f, offset: int, size: int) -> bytes:
-    f.seek(offset)
-    data = f.read(size)
+    data = os.pread(f.fileno(), size, offset)
     if len(data) != size:
         raise CheckpointError(f"{f.name}: truncated, wanted {size} bytes at offset {offset}, got {len(data)}")
     return data
