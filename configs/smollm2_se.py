@@ -4,16 +4,21 @@ The default main job is sized for the project's 2-core CPU machines (ENVIRONMENT
 135M parameters over all ~36k pairs takes hours there): the top `train_top_layers` decoder layers, the final
 norm, an untied copy of the LM head (`model.untie_head`), the [EMB] projection and the logit scale train; the
 frozen bottom's hidden states are computed once per distinct sequence and cached; notes are cut to 16 title
-+ 48 content tokens; two epochs over a seeded sample of 1,024 training pairs. SentenceBERT fine-tunes on the
-same pairs, batch and epochs. None of these settings were chosen on test pairs: the learning rate (3e-4) and
-alpha (0.1) were chosen by `notellm sweep` on validation pairs (configs/sweep_smollm2_cpu.json).
++ 48 content tokens; one epoch over a seeded sample of 1,024 training pairs (64 steps of 16 pairs). SentenceBERT
+fine-tunes on the same pairs, batch and epochs. None of these settings were chosen on test pairs: `notellm sweep`
+chose them on validation pairs, each setting trained for exactly these 64 steps: alpha 0.1 in the first round
+(configs/sweep_smollm2_cpu.json), the learning rate 3e-3 and r 0.2 (`prompt.hashtag_fraction`) in the second
+(configs/sweep_smollm2_cpu2.json; lr 1e-2 scored worse, so the learning rate is bracketed). One epoch, not two,
+keeps the job within the wall-time bound of the issue that asked for these recipes (README, Results).
 
 Arguments (`configs/smollm2_se.py:ARG`):
 - `quick`: a newcomer's first look, the whole main job in minutes on this CPU: four small sites, 128 pairs
   for one epoch (8 steps; a first epoch runs the whole frozen bottom, ~17 s per step here), NoteLLM and two
   baselines, generation on 16 notes.
 - `long`: the long CPU recipe: every training pair once, 32 pairs per batch, the same trained layers and
-  feature cache; SentenceBERT on the same pairs and batch with a 1-hour cap. Measured here (README, Results:
+  feature cache; SentenceBERT on the same pairs and batch with a 1-hour cap. It keeps lr 3e-4 and r 0.4, the
+  settings its reported results were measured with (the second sweep round came after it, and was scored at
+  64 steps of 16 pairs, not at this recipe's 1,136 steps of 32). Measured here (README, Results:
   the long CPU recipe): 3 h 24 min of training (14 s per step while the bottom's features are cached, 8.2-9.9 s
   after), 4 h 29 min for the whole job; over the issue's 2-hour budget.
 - `full`: the accelerator recipe (one H100/H200, under 8 minutes): every layer trains, all pairs, one epoch,
@@ -32,9 +37,10 @@ def get_config(arg: str = "") -> Config:
         data=DataConfig(max_train_pairs=1024),
         model=ModelConfig(checkpoint="SmolLM2-135M-Instruct.Q4_1.gguf",  # under paths.cache_dir (launch/setup.sh)
                           train_top_layers=2),
-        prompt=PromptConfig(title_max_tokens=16, content_max_tokens=48, max_length=144, max_targets=16),
-        train=TrainConfig(batch_pairs=16, epochs=2.0,  # the second epoch reads the frozen-layer cache
-                          learning_rate=3e-4, alpha=0.1,  # chosen on validation pairs (README, Recipes)
+        prompt=PromptConfig(title_max_tokens=16, content_max_tokens=48, max_length=144, max_targets=16,
+                            hashtag_fraction=0.2),  # r, chosen on validation pairs (README, Recipes)
+        train=TrainConfig(batch_pairs=16, epochs=1.0,  # 64 steps, as each sweep setting was scored
+                          learning_rate=3e-3, alpha=0.1,  # chosen on validation pairs (README, Recipes)
                           log_every=8, checkpoint_every=64),
         generation=GenerationConfig(limit=96, constrain_categories=True),
         # SentenceBERT fine-tunes for the NoteLLM recipe's steps (epochs x pairs / batch), uncapped: about
@@ -52,7 +58,7 @@ def get_config(arg: str = "") -> Config:
     if args.long:
         config = override(config, {
             "name": "smollm2_se_long", "paths.work_dir": "runs/smollm2_se_long", "data.max_train_pairs": 0,
-            "train.epochs": 1.0, "train.batch_pairs": 32, "train.log_every": 16, "train.checkpoint_every": 64,
+            "train.epochs": 1.0, "train.learning_rate": 3e-4, "prompt.hashtag_fraction": 0.4, "train.batch_pairs": 32, "train.log_every": 16, "train.checkpoint_every": 64,
             "baselines.sbert_finetune_seconds": 3600})
     if args.full:
         config = override(config, {
