@@ -8,8 +8,9 @@ frozen bottom's hidden states are computed once per distinct sequence and cached
 fine-tunes on the same pairs, batch and epochs. None of these settings were chosen on test pairs: `notellm sweep`
 chose them on validation pairs, each setting trained for exactly these 64 steps: alpha 0.1 in the first round
 (configs/sweep_smollm2_cpu.json), the learning rate 3e-3 and r 0.2 (`prompt.hashtag_fraction`) in the second
-(configs/sweep_smollm2_cpu2.json; lr 1e-2 scored worse, so the learning rate is bracketed). One epoch, not two,
-keeps the job within the wall-time bound of the issue that asked for these recipes (README, Results).
+(configs/sweep_smollm2_cpu2.json; lr 1e-2 scored worse, so the learning rate is bracketed). One epoch, not two:
+the same settings trained for 128 steps score worse on validation pairs (docs/results/sweep_128steps), and one
+epoch keeps the job within the wall-time bound of the issue that asked for these recipes (README, Results).
 
 Arguments (`configs/smollm2_se.py:ARG`):
 - `quick`: a newcomer's first look, the whole main job in minutes on this CPU: four small sites, 128 pairs
