@@ -26,7 +26,8 @@ Arguments (`configs/smollm2_se.py:ARG`):
   after), 4 h 29 min for the whole job; over the issue's 2-hour budget.
 - `full`: the accelerator recipe (one H100/H200, under 8 minutes): every layer trains, all pairs, one epoch,
   64 pairs per batch, bf16 compute, scanned and rematerialised; input from shards/tokens.npz (numpy only),
-  so `notellm device run` needs neither TensorFlow nor gguf on that host.
+  so `notellm device run` needs neither TensorFlow nor gguf on that host. Its lr (3e-5) is its own; alpha 0.1
+  and r 0.2 come from the default above (never run, so none of it was scored at this scale).
 """
 from notellm_jax.config import (BaselineConfig, Config, DataConfig, GenerationConfig, ModelConfig,
                                 PathsConfig, PromptConfig, TrainConfig, override, parse_arg)
