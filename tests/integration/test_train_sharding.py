@@ -93,13 +93,13 @@ def relative_l2(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def assert_same_run(got: Run, want: Run) -> None:
+def assert_same_run(got: Run, want: Run, metric_rtol: float = METRIC_RTOL) -> None:
     """Same metrics at every step, same Adam moments and the same parameter updates (see the tolerances)."""
     got_state, want_state = got.state, want.state
     for step, (g, w) in enumerate(zip(got.history, want.history, strict=True)):
         assert g.keys() == w.keys()
         for key in w:
-            np.testing.assert_allclose(g[key], w[key], rtol=METRIC_RTOL, err_msg=f"step {step} {key}")
+            np.testing.assert_allclose(g[key], w[key], rtol=metric_rtol, err_msg=f"step {step} {key}")
     assert int(got_state.step) == int(want_state.step)
     got_moments = jax.tree_util.tree_leaves_with_path(host(got_state.opt_state))
     want_moments = jax.tree_util.tree_leaves_with_path(host(want_state.opt_state))
@@ -202,7 +202,11 @@ def test_frozen_bottom_with_feature_cache_equals_bottom_inside_the_step():
     order = [0, 1, 0]
     cached = run_steps(config, mesh_of((2, 2, 2)), order, use_cache=True)
     inside = run_steps(config, mesh_of((1, 1, 1)), order, use_cache=False)
-    assert_same_run(cached, inside)
+    # Two different programs (the bottom in its own jit and sharded, or inside the step on one device), three
+    # steps apart from the start: on a 2-core Intel Xeon VM the third step's grad_norm differs by 2.01e-5
+    # relative (within 2e-5 on the AMD EPYC VMs). A wrong cache (stale features, another layer's output)
+    # moves the losses and norms by order 1; the moment and update tolerances stay as for the other meshes.
+    assert_same_run(cached, inside, metric_rtol=1e-4)
     assert (cached.cache.misses, cached.cache.hits) == (32, 16)
     state = cached.state
     assert sorted(state.frozen["decoder"]) == ["embed_tokens", "layers_0", "layers_1", "layers_2"]
