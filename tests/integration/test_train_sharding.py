@@ -202,9 +202,9 @@ def test_frozen_bottom_with_feature_cache_equals_bottom_inside_the_step():
     order = [0, 1, 0]
     cached = run_steps(config, mesh_of((2, 2, 2)), order, use_cache=True)
     inside = run_steps(config, mesh_of((1, 1, 1)), order, use_cache=False)
-    # Two different programs (the bottom in its own jit and sharded, or inside the step on one device), three
-    # steps apart from the start: on a 2-core Intel Xeon VM the third step's grad_norm differs by 2.01e-5
-    # relative (within 2e-5 on the AMD EPYC VMs). A wrong cache (stale features, another layer's output)
+    # Two different programs (the bottom in its own sharded jit, or inside the step on one device) compared over
+    # three steps: on a 2-core Intel Xeon VM the third step's grad_norm differs by 2.01e-5 relative (within
+    # 2e-5 on the AMD EPYC VMs). A wrong cache (stale features, another layer's output)
     # moves the losses and norms by order 1; the moment and update tolerances stay as for the other meshes.
     assert_same_run(cached, inside, metric_rtol=1e-4)
     assert (cached.cache.misses, cached.cache.hits) == (32, 16)
