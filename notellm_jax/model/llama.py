@@ -390,13 +390,26 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, key_mask: Array, query_slots: Array,
-                 cache: dict[str, Array] | None) -> tuple[Array, dict[str, Array] | None]:
-        """cache: this layer's {"k", "v"} [B, S, kv_heads, head_dim]; new entries go to the query slots."""
+                 cache: dict[str, Array] | None, query_index: Array | None = None
+                 ) -> tuple[Array, dict[str, Array] | None]:
+        """cache: this layer's {"k", "v"} [B, S, kv_heads, head_dim]; new entries go to the query slots.
+
+        query_index [B, P] (no cache): queries only at these positions of x (keys and values at all of
+        them), so the output is [B, P, hidden]: the rows of the full output at those positions."""
         cfg = self.config
         h, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = lambda feats, axes, name, contract=1, bias=cfg.attention_bias: Projection(  # noqa: E731
             feats, axes, contract, cfg.dtype, jnp.dtype(cfg.param_dtype), bias, name=name)
-        q = dense((h, d), ("embed", "heads", "head_dim"), "q_proj")(x)
+        key_positions = positions
+        if query_index is not None:
+            if cache is not None:
+                raise ValueError("query_index needs cache=None (it is for full-sequence passes)")
+            pick = lambda a: jnp.take_along_axis(a, query_index.reshape(query_index.shape + (1,) * (a.ndim - 2)),  # noqa: E731
+                                                 axis=1)
+            x_query, positions, query_slots = pick(x), pick(positions), pick(query_slots)
+        else:
+            x_query = x
+        q = dense((h, d), ("embed", "heads", "head_dim"), "q_proj")(x_query)
         key = dense((k, d), ("embed", "kv_heads", "head_dim"), "k_proj")(x)
         value = dense((k, d), ("embed", "kv_heads", "head_dim"), "v_proj")(x)
         if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of every q and k head, before RoPE
@@ -405,7 +418,7 @@ class Attention(nn.Module):
             q, key = norm("q_norm")(q), norm("k_norm")(key)
         inv_freq = rope_frequencies(cfg)
         q = apply_rope(q, positions, inv_freq)
-        key = apply_rope(key, positions, inv_freq)
+        key = apply_rope(key, key_positions, inv_freq)
 
         if cache is not None:
             start = query_slots[0, 0]
@@ -419,7 +432,8 @@ class Attention(nn.Module):
             # Mistral: only the last `sliding_window` positions (the query's own included), counted in
             # positions, not cache slots, so pads between a right-padded prompt and its continuation do
             # not shrink the window. A window no shorter than the keys is plain causal attention.
-            key_positions = positions if cache is None else positions_from_mask(key_mask)
+            if cache is not None:
+                key_positions = positions_from_mask(key_mask)
             allowed &= positions[:, :, None] - key_positions[:, None, :] < cfg.sliding_window
 
         out = attend(q, key, value, allowed, key_mask, implementation=cfg.attention, precision=cfg.precision)
@@ -447,10 +461,14 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, key_mask: Array, query_slots: Array,
-                 cache: dict[str, Array] | None = None):
+                 cache: dict[str, Array] | None = None, query_index: Array | None = None):
+        """query_index [B, P]: the layer's output only at those positions ([B, P, hidden]; see Attention)."""
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.precision.param, name=name)  # noqa: E731
-        attn_out, cache = Attention(cfg, name="attn")(norm("input_norm")(x), positions, key_mask, query_slots, cache)
+        attn_out, cache = Attention(cfg, name="attn")(norm("input_norm")(x), positions, key_mask, query_slots, cache,
+                                                      query_index)
+        if query_index is not None:
+            x = jnp.take_along_axis(x, query_index[..., None], axis=1)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
@@ -502,12 +520,16 @@ class Llama(nn.Module):
     def __call__(self, input_ids: Array | None = None, attention_mask: Array | None = None, *,
                  inputs_embeds: Array | None = None, positions: Array | None = None,
                  cache: dict[str, Array] | None = None, first_layer: int = 0, last_layer: int | None = None,
-                 final_norm: bool = True):
+                 final_norm: bool = True, read_positions: Array | None = None):
         """Run layers [first_layer, last_layer) and (optionally) the final norm.
 
         input_ids/inputs_embeds: [B, T] token ids or [B, T, H] hidden states (e.g. the output of frozen
         lower layers). attention_mask: [B, T], 1 for real tokens. With `cache` (see `init_cache`) the T new
         tokens are appended at cache["index"] and `(hidden, new_cache)` is returned.
+        read_positions [B, P] (no cache): return only the hidden states at these positions, [B, P, H]. The
+        last layer then computes its queries, attention output and MLP at those P positions alone (its keys
+        and values still at all T), which saves most of one layer's work when P << T (NoteLLM reads the
+        [EMB] position and the supervised positions only). With scanned layers the rows are gathered after.
         """
         cfg = self.config
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
@@ -531,6 +553,10 @@ class Llama(nn.Module):
                 positions = (seen + jnp.cumsum(attention_mask, axis=1) - 1).clip(min=0).astype(jnp.int32)
 
         last = cfg.num_hidden_layers if last_layer is None else last_layer
+        if read_positions is not None:
+            if cache is not None:
+                raise ValueError("read_positions needs cache=None")
+            read_positions = read_positions.astype(jnp.int32)
         new_k, new_v = [], []
         if cfg.scan_layers:
             if (first_layer, last) != (0, cfg.num_hidden_layers):
@@ -539,10 +565,15 @@ class Llama(nn.Module):
             x, layer_cache = self.layers(x, layer_cache, positions, key_mask, query_slots)
             if cache is not None:
                 new_k, new_v = layer_cache["k"], layer_cache["v"]
+            if read_positions is not None:
+                x = jnp.take_along_axis(x, read_positions[..., None], axis=1)
         else:
+            if read_positions is not None and last <= first_layer:  # no layer to run: just the rows
+                x = jnp.take_along_axis(x, read_positions[..., None], axis=1)
             for i in range(first_layer, last):
                 layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
-                x, layer_cache = self.layers[i](x, positions, key_mask, query_slots, layer_cache)
+                query_index = read_positions if i == last - 1 else None
+                x, layer_cache = self.layers[i](x, positions, key_mask, query_slots, layer_cache, query_index)
                 if cache is not None:
                     new_k.append(layer_cache["k"])
                     new_v.append(layer_cache["v"])

@@ -41,23 +41,30 @@ class NoteLLM(nn.Module):
                  with_logits: bool = True) -> dict[str, jax.Array]:
         """batch: input_ids [N, T] (or hidden_in [N, T, H] = output of frozen layers [0, first_layer)),
         attention_mask [N, T], embed_read_pos [N], and for generation target_positions [N, M]."""
+        # Only these rows of the final hidden states are read: [EMB]'s read position, then the supervised
+        # ones; the last layer computes nothing else (Llama.__call__ read_positions).
+        read = batch["embed_read_pos"][:, None].astype(jnp.int32)
+        if with_logits:
+            read = jnp.concatenate([read, batch["target_positions"].astype(jnp.int32)], axis=1)  # [N, 1 + M]
         if "hidden_in" in batch:
             hidden = self.decoder(None, batch["attention_mask"], inputs_embeds=batch["hidden_in"],
-                                  first_layer=first_layer, last_layer=last_layer)
+                                  first_layer=first_layer, last_layer=last_layer, read_positions=read)
         else:
             hidden = self.decoder(batch["input_ids"], batch["attention_mask"], first_layer=first_layer,
-                                  last_layer=last_layer)
+                                  last_layer=last_layer, read_positions=read)
         tau = self.param("log_logit_scale", nn.with_logical_partitioning(nn.initializers.constant(self.log_logit_scale_init), ()),
                          (), jnp.float32)
-        out = {"embedding": self.embed_hidden(hidden, batch["embed_read_pos"]), "log_logit_scale": tau}
+        out = {"embedding": self.embed_rows(hidden[:, 0]), "log_logit_scale": tau}
         if with_logits:
-            gathered = jnp.take_along_axis(hidden, batch["target_positions"][..., None], axis=1)  # [N, M, H]
-            out["gen_logits"] = self.decoder.logits(gathered)  # float32 (the precision policy's output dtype)
+            out["gen_logits"] = self.decoder.logits(hidden[:, 1:])  # [N, M, V] float32 (the policy's output dtype)
         return out
 
     def embed_hidden(self, hidden: jax.Array, embed_read_pos: jax.Array) -> jax.Array:
         """[N, T, H] final hidden states -> [N, emb_dim] unit vectors taken at `embed_read_pos`."""
-        h = jnp.take_along_axis(hidden, embed_read_pos[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        return self.embed_rows(jnp.take_along_axis(hidden, embed_read_pos[:, None, None].astype(jnp.int32), axis=1)[:, 0])
+
+    def embed_rows(self, h: jax.Array) -> jax.Array:
+        """[N, H] final hidden states at the read position -> [N, emb_dim] unit vectors."""
         z = self.proj(h.astype(self.llama.precision.output))
         return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-12))
 
