@@ -48,7 +48,9 @@ def train_step_flops(cfg: LlamaConfig, *, sequences: int, seq_len: int, targets:
                      trained_layers: int, forward_only_layers: int) -> float:
     """Model FLOPs of one NoteLLM step: trained layers cost forward + backward (3x), frozen layers that
     are run (not read from the feature cache) cost a forward; plus the LM head at the `targets` supervised
-    positions per sequence and the embedding projection."""
+    positions per sequence and the embedding projection. The last layer is counted at every position, as
+    the model defines it, though NoteLLM computes its queries and MLP only at the read rows
+    (`Llama.__call__` read_positions): MFU is against the full computation, an effective figure."""
     per_token_trained = forward_flops_per_token(cfg, seq_len, trained_layers)
     per_token_frozen = forward_flops_per_token(cfg, seq_len, forward_only_layers)
     head = 2.0 * cfg.hidden_size * cfg.vocab_size * targets + 2.0 * cfg.hidden_size * emb_dim
