@@ -557,6 +557,17 @@ class Llama(nn.Module):
             if cache is not None:
                 raise ValueError("read_positions needs cache=None")
             read_positions = read_positions.astype(jnp.int32)
+        x, new_k, new_v = self._layers(x, positions, key_mask, query_slots, cache, first_layer, last, read_positions)
+        if final_norm:
+            x = self.norm(x)
+        if cache is None:
+            return x
+        stack = (lambda xs: xs) if cfg.scan_layers else jnp.stack
+        return x, {"k": stack(new_k), "v": stack(new_v), "mask": key_mask, "index": cache["index"] + t}
+
+    def _layers(self, x, positions, key_mask, query_slots, cache, first_layer: int, last: int, read_positions):
+        """Layers [first_layer, last); the last one at `read_positions` only. Returns (x, new_k, new_v)."""
+        cfg = self.config
         new_k, new_v = [], []
         if cfg.scan_layers:
             if (first_layer, last) != (0, cfg.num_hidden_layers):
@@ -577,12 +588,7 @@ class Llama(nn.Module):
                 if cache is not None:
                     new_k.append(layer_cache["k"])
                     new_v.append(layer_cache["v"])
-        if final_norm:
-            x = self.norm(x)
-        if cache is None:
-            return x
-        stack = (lambda xs: xs) if cfg.scan_layers else jnp.stack
-        return x, {"k": stack(new_k), "v": stack(new_v), "mask": key_mask, "index": cache["index"] + t}
+        return x, new_k, new_v
 
     def init_all(self, input_ids: Array) -> Array:
         """Touches every parameter (the head too) so `init(..., method=Llama.init_all)` creates them all."""

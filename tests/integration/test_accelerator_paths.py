@@ -103,4 +103,9 @@ def test_gradients_equal_across_remat_policies(fp32_reference):
         loss, got = loss_and_grads({"model.scan_layers": True, "model.remat_policy": policy})
         assert loss == pytest.approx(want_loss, rel=1e-6), policy
         for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), strict=True):
-            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7, err_msg=f"{policy} {jax.tree_util.keystr(path)}")
+            # atol relative to the tensor's scale: the unscanned reference computes its last layer at the read
+            # rows only (read_positions), the scanned runs gather after, so sums differ in order (measured on
+            # the Intel Xeon VM: 11 of 32,768 embedding-gradient entries off by up to 2.4e-6 at scale ~0.5).
+            scale = float(np.max(np.abs(w)))
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=max(1e-7, 1e-5 * scale),
+                                       err_msg=f"{policy} {jax.tree_util.keystr(path)}")
