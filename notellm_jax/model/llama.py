@@ -318,6 +318,11 @@ class RMSNorm(nn.Module):
         return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
+def take_rows(a: Array, index: Array) -> Array:
+    """[B, T, ...] -> [B, P, ...]: each row's entries at `index` [B, P] along the sequence axis."""
+    return jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)), axis=1)
+
+
 def positions_from_mask(attention_mask: Array) -> Array:
     """Position of every token = number of real tokens before it (pads get 0); works for left/right padding."""
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
@@ -400,15 +405,9 @@ class Attention(nn.Module):
         h, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = lambda feats, axes, name, contract=1, bias=cfg.attention_bias: Projection(  # noqa: E731
             feats, axes, contract, cfg.dtype, jnp.dtype(cfg.param_dtype), bias, name=name)
-        key_positions = positions
-        if query_index is not None:
-            if cache is not None:
-                raise ValueError("query_index needs cache=None (it is for full-sequence passes)")
-            pick = lambda a: jnp.take_along_axis(a, query_index.reshape(query_index.shape + (1,) * (a.ndim - 2)),  # noqa: E731
-                                                 axis=1)
-            x_query, positions, query_slots = pick(x), pick(positions), pick(query_slots)
-        else:
-            x_query = x
+        key_positions, x_query = positions, x
+        if query_index is not None:  # Llama.__call__ refuses it with a cache
+            x_query, positions, query_slots = (take_rows(a, query_index) for a in (x, positions, query_slots))
         q = dense((h, d), ("embed", "heads", "head_dim"), "q_proj")(x_query)
         key = dense((k, d), ("embed", "kv_heads", "head_dim"), "k_proj")(x)
         value = dense((k, d), ("embed", "kv_heads", "head_dim"), "v_proj")(x)
@@ -468,7 +467,7 @@ class DecoderLayer(nn.Module):
         attn_out, cache = Attention(cfg, name="attn")(norm("input_norm")(x), positions, key_mask, query_slots, cache,
                                                       query_index)
         if query_index is not None:
-            x = jnp.take_along_axis(x, query_index[..., None], axis=1)
+            x = take_rows(x, query_index)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
@@ -577,10 +576,10 @@ class Llama(nn.Module):
             if cache is not None:
                 new_k, new_v = layer_cache["k"], layer_cache["v"]
             if read_positions is not None:
-                x = jnp.take_along_axis(x, read_positions[..., None], axis=1)
+                x = take_rows(x, read_positions)
         else:
             if read_positions is not None and last <= first_layer:  # no layer to run: just the rows
-                x = jnp.take_along_axis(x, read_positions[..., None], axis=1)
+                x = take_rows(x, read_positions)
             for i in range(first_layer, last):
                 layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
                 query_index = read_positions if i == last - 1 else None

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from notellm_jax.model.llama import Llama, LlamaConfig
+from notellm_jax.model.llama import Llama, LlamaConfig, take_rows
 
 OBJECTIVES = ("notellm", "gcl_only", "csft_only")
 
@@ -61,7 +61,7 @@ class NoteLLM(nn.Module):
 
     def embed_hidden(self, hidden: jax.Array, embed_read_pos: jax.Array) -> jax.Array:
         """[N, T, H] final hidden states -> [N, emb_dim] unit vectors taken at `embed_read_pos`."""
-        return self.embed_rows(jnp.take_along_axis(hidden, embed_read_pos[:, None, None].astype(jnp.int32), axis=1)[:, 0])
+        return self.embed_rows(take_rows(hidden, embed_read_pos[:, None].astype(jnp.int32))[:, 0])
 
     def embed_rows(self, h: jax.Array) -> jax.Array:
         """[N, H] final hidden states at the read position -> [N, emb_dim] unit vectors."""
