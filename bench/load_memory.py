@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from notellm_jax.runtime import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -89,17 +91,6 @@ def write_random_hf(folder: Path, cfg: dict, files: int, seed: int = 0, dtype=np
     return total
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else the platform's."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -154,7 +145,7 @@ def main() -> None:
                           "--scan" if args.scan else "--no-scan"], check=True, capture_output=True, text=True,
                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result.update(machine=_cpu_model(), cpus=os.cpu_count(), load_average_1min=round(os.getloadavg()[0], 2),
+    result.update(machine=cpu_model(), cpus=os.cpu_count(), load_average_1min=round(os.getloadavg()[0], 2),
                   files=len(list(args.folder.glob("*.safetensors"))))
     print(json.dumps(result, indent=1))
 

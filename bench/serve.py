@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import notellm_jax  # noqa: F401
+from notellm_jax.runtime import cpu_model
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,9 +192,7 @@ def live_index_recall(num: int, upserts: int, dim: int, work: Path) -> dict:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), shared with other jobs"
+    return f"{platform.node()}: {os.cpu_count()} CPUs ({cpu_model()}), shared with other jobs"
 
 
 def uptime() -> str:

@@ -241,6 +241,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     result = {"benchmark": "train_step", "config": args.config, "machine": platform.node(),
+              "cpu_model": runtime.cpu_model(),
               "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
               **compare(benchmark_config(args.config, args.overrides), args.steps, args.torch)}
     print(json.dumps(result, indent=1))

@@ -1,8 +1,11 @@
-"""Process set-up shared by every entry point: environment defaults and logging (called once, by main)."""
+"""Process set-up shared by every entry point (environment defaults and logging, called once by main), and
+the host facts that reports and benchmarks record beside their figures."""
 from __future__ import annotations
 
 import logging
 import os
+import platform
+from pathlib import Path
 
 # transformers / sentence-transformers must not import TensorFlow's Keras 3 (it breaks them), no model
 # hub is reachable, and TensorFlow's C++ INFO lines only clutter the logs.
@@ -22,3 +25,21 @@ def configure_logging() -> None:
     logging.getLogger("notellm_jax").setLevel(logging.INFO)
     for noisy in ("absl", "jax", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."): the first `model name` of /proc/cpuinfo,
+    else the platform's processor string, else the architecture. Every reported timing names it, since this
+    project's 2-core VMs come in kinds whose speeds differ by 1.6x."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_summary() -> str:
+    """`x86_64, 2 CPUs (AMD EPYC)`: the line reports put beside their figures."""
+    return f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()})"

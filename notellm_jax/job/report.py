@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
 import subprocess
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from notellm_jax.config import Config
 from notellm_jax.eval.recall import DEFAULT_KS
 from notellm_jax.errors import MissingInputError
+from notellm_jax.runtime import machine_summary
 
 
 def run_info() -> dict[str, Any]:
@@ -28,7 +28,7 @@ def run_info() -> dict[str, Any]:
         commit = "unknown"
     import jax
     return {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "machine": machine_summary(),
             "python": platform.python_version(), "jax": jax.__version__,
             "devices": sorted({d.device_kind for d in jax.devices()})}
 
