@@ -65,11 +65,9 @@ def cpu_seconds_per_step(run_step, steps: int) -> float:
 
 
 def step_flops(config, llama_cfg, frozen_layers: int) -> float:
-    """Model FLOPs of one step of `config` (the trainer's formula, notellm_jax.metrics)."""
-    from notellm_jax.train.metrics import train_step_flops
-    return train_step_flops(llama_cfg, sequences=2 * config.train.batch_pairs, seq_len=config.prompt.max_length,
-                            targets=config.prompt.max_targets, emb_dim=config.model.emb_dim,
-                            trained_layers=llama_cfg.num_hidden_layers - frozen_layers, forward_only_layers=0)
+    """Model FLOPs of one step of `config` with its bottom read from the cache (the trainer's count)."""
+    from notellm_jax.train.metrics import StepFlops
+    return StepFlops(llama_cfg, config, frozen_layers)(0)
 
 
 def throughput(config, flops: float, step_s: float) -> dict:

@@ -44,7 +44,7 @@ def plan(config, num_layers: int | None = None) -> dict:
 
     from notellm_jax import sharding as shd
     from notellm_jax.model.llama import preset
-    from notellm_jax.train.metrics import train_step_flops
+    from notellm_jax.train.metrics import StepFlops
     from notellm_jax.train.step import compile_steps, make_train_setup
     from notellm_jax.weights.loading import runtime_llama_config
 
@@ -72,10 +72,7 @@ def plan(config, num_layers: int | None = None) -> dict:
         # Donated state aliases its output, so live memory = arguments + temporaries (+ unaliased outputs).
         out["per_device_gib"] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
                                  mem.output_size_in_bytes - mem.alias_size_in_bytes) / gib
-    out["model_tflops_per_step"] = train_step_flops(
-        llama_cfg, sequences=2 * config.train.batch_pairs, seq_len=config.prompt.max_length,
-        targets=config.prompt.max_targets, emb_dim=config.model.emb_dim,
-        trained_layers=llama_cfg.num_hidden_layers, forward_only_layers=0) / 1e12
+    out["model_tflops_per_step"] = StepFlops(llama_cfg, config, frozen_layers=0)(0) / 1e12
     return out
 
 

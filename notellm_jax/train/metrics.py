@@ -44,17 +44,30 @@ def forward_flops_per_token(cfg: LlamaConfig, seq_len: int, layers: int) -> floa
     return 2.0 * layers * (weights + attention)
 
 
+def layer_flops_at_rows(cfg: LlamaConfig, seq_len: int, rows: int) -> float:
+    """Matmul FLOPs of one sequence through one decoder layer that computes keys and values at all `seq_len`
+    positions but queries, attention output and MLP only at `rows` of them (NoteLLM's last layer: `Llama`
+    read_positions). With rows = seq_len it is seq_len x `forward_flops_per_token` of one layer."""
+    x, m, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    keys_values = seq_len * x * d * 2 * cfg.num_key_value_heads
+    per_row = x * d * 2 * cfg.num_attention_heads + 3 * x * m + 2 * seq_len * cfg.num_attention_heads * d
+    return 2.0 * (keys_values + rows * per_row)
+
+
 def train_step_flops(cfg: LlamaConfig, *, sequences: int, seq_len: int, targets: int, emb_dim: int,
-                     trained_layers: int, forward_only_layers: int) -> float:
+                     trained_layers: int, forward_only_layers: int, read_rows: int | None = None) -> float:
     """Model FLOPs of one NoteLLM step: trained layers cost forward + backward (3x), frozen layers that
     are run (not read from the feature cache) cost a forward; plus the LM head at the `targets` supervised
-    positions per sequence and the embedding projection. The last layer is counted at every position, as
-    the model defines it, though NoteLLM computes its queries and MLP only at the read rows
-    (`Llama.__call__` read_positions): MFU is against the full computation, an effective figure."""
-    per_token_trained = forward_flops_per_token(cfg, seq_len, trained_layers)
-    per_token_frozen = forward_flops_per_token(cfg, seq_len, forward_only_layers)
+    positions per sequence and the embedding projection. With `read_rows` the last trained layer is counted
+    at those rows alone (keys and values at every position), as NoteLLM computes it when its layers are
+    not scanned: MFU counts the work the step needs, never rows it does not compute."""
+    trained = seq_len * forward_flops_per_token(cfg, seq_len, trained_layers)
+    if read_rows is not None and trained_layers:
+        trained = (seq_len * forward_flops_per_token(cfg, seq_len, trained_layers - 1)
+                   + layer_flops_at_rows(cfg, seq_len, read_rows))
+    frozen = seq_len * forward_flops_per_token(cfg, seq_len, forward_only_layers)
     head = 2.0 * cfg.hidden_size * cfg.vocab_size * targets + 2.0 * cfg.hidden_size * emb_dim
-    return sequences * (seq_len * (3 * per_token_trained + per_token_frozen) + 3 * head)
+    return sequences * (3 * trained + frozen + 3 * head)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -81,18 +94,20 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 class StepFlops:
-    """Model FLOPs of one step of a run: trained layers for every row, the frozen bottom only for the rows
-    it actually ran on (the others came from the feature cache)."""
+    """Model FLOPs of one step of a run: trained layers for every row (the last at its read rows, [EMB]'s and
+    the supervised ones, unless the layers are scanned), the frozen bottom only for the rows it actually ran
+    on (the others came from the feature cache)."""
 
     def __init__(self, cfg: LlamaConfig, config: Any, frozen_layers: int):
         self.cfg, self.frozen_layers = cfg, frozen_layers
         self.rows, self.length = 2 * config.train.batch_pairs, config.prompt.max_length
         self.targets, self.emb_dim = config.prompt.max_targets, config.model.emb_dim
+        self.read_rows = None if cfg.scan_layers else 1 + self.targets
 
     def __call__(self, frozen_rows: int) -> float:
         trained = train_step_flops(self.cfg, sequences=self.rows, seq_len=self.length, targets=self.targets,
                                    emb_dim=self.emb_dim, trained_layers=self.cfg.num_hidden_layers - self.frozen_layers,
-                                   forward_only_layers=0)
+                                   forward_only_layers=0, read_rows=self.read_rows)
         bottom = train_step_flops(self.cfg, sequences=frozen_rows, seq_len=self.length, targets=0, emb_dim=0,
                                   trained_layers=0, forward_only_layers=self.frozen_layers)
         return trained + bottom

@@ -10,7 +10,8 @@ import pytest
 
 from notellm_jax.model.llama import Llama, preset
 from notellm_jax.model.params import init_params
-from notellm_jax.train.metrics import MetricsWriter, forward_flops_per_token, train_step_flops
+from notellm_jax.train.metrics import (MetricsWriter, StepFlops, forward_flops_per_token, layer_flops_at_rows,
+                                      train_step_flops)
 
 
 def matmul_flops(jaxpr) -> float:
@@ -35,6 +36,40 @@ def test_forward_flops_equal_the_model_matmuls(layers, seq_len, gqa):
     counted = matmul_flops(jaxpr.jaxpr)
     assert counted > 0
     assert forward_flops_per_token(cfg, seq_len, layers) * ids.size == pytest.approx(counted, rel=1e-9)
+
+
+@pytest.mark.parametrize("layers,seq_len,rows,gqa", [(2, 16, 3, True), (3, 24, 5, False), (1, 12, 12, True)])
+def test_read_rows_flops_equal_the_model_matmuls(layers, seq_len, rows, gqa):
+    """NoteLLM's last layer runs queries, attention output and MLP at the read rows only: the count MFU uses
+    equals the matmuls of that program (keys and values still at every position)."""
+    cfg = preset("stories260k", num_hidden_layers=layers, num_key_value_heads=4 if gqa else 8)
+    params = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))
+    ids = jnp.zeros((2, seq_len), jnp.int32)
+    read = jnp.zeros((2, rows), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p: Llama(cfg).apply({"params": p}, ids, jnp.ones_like(ids),
+                                                      read_positions=read))(params)
+    counted = matmul_flops(jaxpr.jaxpr)
+    expected = ids.shape[0] * (seq_len * forward_flops_per_token(cfg, seq_len, layers - 1)
+                               + layer_flops_at_rows(cfg, seq_len, rows))
+    assert expected == pytest.approx(counted, rel=1e-9)
+    assert counted < forward_flops_per_token(cfg, seq_len, layers) * ids.size or rows == seq_len
+
+
+def test_step_flops_prune_the_last_layer_only_when_unscanned():
+    """The trainer's count: the last trained layer at 1 + max_targets rows; scanned layers compute every row."""
+    from notellm_jax.config import Config, override
+
+    config = override(Config(), {"train.batch_pairs": 3, "prompt.max_length": 32, "prompt.max_targets": 4,
+                                 "model.emb_dim": 16})
+    cfg = preset("stories260k", num_hidden_layers=4)
+    kw = dict(sequences=6, seq_len=32, targets=4, emb_dim=16, trained_layers=2, forward_only_layers=0)
+    assert StepFlops(cfg, config, frozen_layers=2)(0) == pytest.approx(train_step_flops(cfg, **kw, read_rows=5))
+    scanned = cfg.replace(scan_layers=True)
+    assert StepFlops(scanned, config, frozen_layers=2)(0) == pytest.approx(train_step_flops(scanned, **kw))
+    assert train_step_flops(cfg, **kw, read_rows=5) < train_step_flops(cfg, **kw)
+    # The frozen bottom, where it runs (cache misses), is a forward over every position.
+    bottom = 3 * 32 * forward_flops_per_token(cfg, 32, 2)
+    assert StepFlops(cfg, config, 2)(3) - StepFlops(cfg, config, 2)(0) == pytest.approx(bottom)
 
 
 def test_train_step_flops_compose():
