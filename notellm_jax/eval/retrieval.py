@@ -17,11 +17,15 @@ Decisions (documented here, tested in tests/test_retrieval.py):
 - Exposure buckets follow the paper's split: ground truths in the lowest 30% of test-note view
   counts ("low") and in the top 10% ("high"), thresholds taken over all test notes.
 - Bootstrap intervals resample queries with replacement (seeded) and take the 2.5/97.5 percentiles.
+  Two models are compared on the same queries by a paired bootstrap of the difference of their hits
+  (`paired_difference`): narrower than comparing their separate intervals, which ignores that both
+  face the same easy and hard queries.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -69,6 +73,14 @@ class RecallSetup:
     @property
     def target_rows(self) -> np.ndarray:
         return self.candidate_rows[self.target_pos]
+
+    def digest(self) -> str:
+        """Names the query list (each query's row and its ground truth's), which depends on the test notes
+        and pairs alone: two models' per-query ranks can be paired only where their digests agree."""
+        h = hashlib.blake2b(digest_size=12)
+        for array in (self.query_rows, self.target_rows):
+            h.update(np.ascontiguousarray(array, np.int64).tobytes())
+        return h.hexdigest()
 
 
 def _index_of(ids: Sequence[Hashable], what: str) -> dict[Hashable, int]:
@@ -274,6 +286,22 @@ def bootstrap_interval(hits: np.ndarray, samples: int, seed: int, level: float =
     return np.percentile(means, [tail, 100 - tail], axis=0)
 
 
+def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, ks: Sequence[int], samples: int, seed: int,
+                      level: float = 0.95) -> dict[str, dict]:
+    """R@k of model A minus R@k of model B on the same queries, with a paired bootstrap interval: each
+    resample draws the queries once and scores both models on them, so what the two share (easy and hard
+    queries) cancels. {str(k): {difference, ci_low, ci_high, queries}}."""
+    a, b = np.asarray(ranks_a), np.asarray(ranks_b)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"paired recall needs the same non-empty query list for both models: "
+                         f"ranks of shape {a.shape} and {b.shape}")
+    ks = list(ks)
+    diff = (a[:, None] < np.asarray(ks)).astype(np.float64) - (b[:, None] < np.asarray(ks))
+    low, high = bootstrap_interval(diff, samples, seed, level)
+    return {str(k): {"difference": float(diff[:, i].mean()), "ci_low": float(low[i]), "ci_high": float(high[i]),
+                     "queries": len(a)} for i, k in enumerate(ks)}
+
+
 def recall_table(ranks: np.ndarray, ks: Sequence[int], samples: int, seed: int,
                  pool_sizes: np.ndarray | None = None, rank_limit: int | None = None) -> dict[str, dict]:
     """R@k with a bootstrap interval for each k: {str(k): {recall, ci_low, ci_high, queries}}.
@@ -334,6 +362,9 @@ def evaluate_recall(test_ids: Sequence[Hashable], embedding_ids: Sequence[Hashab
         "pairs_kept": setup.pairs_kept, "pairs_skipped_overlap": setup.pairs_read - setup.pairs_kept,
         "pool_size": len(candidates), "ks": all_ks, "paper_ks": paper_ks, "ks_dropped": dropped,
         "recall": recall_table(ranks, all_ks, bootstrap_samples, seed),
+        # Per-query ranks of the ground truth (0 = first), in query order: what paired comparisons between
+        # models read (`paired_difference`); `queries_digest` names that order.
+        "ranks": [int(r) for r in ranks], "queries_digest": setup.digest(),
     }
     if categories is not None:
         result["within_category"] = _within_category(setup, test_ids, categories, queries, candidates,

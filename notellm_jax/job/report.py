@@ -168,6 +168,7 @@ def _recall_lines(config: Config, models: list[str], recalls: dict[str, Any], la
     lines = ["## Recall@k (%, exact search; 95% bootstrap interval over queries)", "",
              "Co-occurrence pairs of the test period (METHOD.md 5 protocol):", ""]
     lines += _recall_table(models, recalls, labels, "cooccurrence", ks, paper_ks)
+    lines += _difference_lines(config, models, recalls, labels, ks)
     lines += ["", "Explicit PostLinks between test questions (a second relevance set):", ""]
     lines += _recall_table(models, recalls, labels, "postlinks", ks, paper_ks)
     k_small = ks[min(2, len(ks) - 1)] if ks else min(paper_ks.values())
@@ -186,6 +187,34 @@ def _recall_lines(config: Config, models: list[str], recalls: dict[str, Any], la
         lines += ["", f"ScaNN ({labels.get(models[0], models[0])}): params {scann.get('params')}, "
                   f"neighbour overlap with exact top-k {overlap}, timing (s, queries/s) {timing}."]
     return lines
+
+
+def _difference_lines(config: Config, models: list[str], recalls: dict[str, Any], labels: dict[str, str],
+                      ks: list[int]) -> list[str]:
+    """The first model (NoteLLM) minus each other one on the co-occurrence queries, with paired bootstrap
+    intervals: an interval above 0 says the first model is better on these queries."""
+    from notellm_jax.eval.retrieval import paired_difference
+    ref, rest = models[0], models[1:]
+    ref_co = recalls[ref]["cooccurrence"]
+    if not rest:
+        return []
+    lines = ["", f"{labels.get(ref, ref)} minus each model, R@k points on the same queries (paired bootstrap "
+             "95% interval; above 0: the first is better):", "",
+             "| model | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    skipped = []
+    for m in rest:
+        co = recalls[m]["cooccurrence"]
+        if ref_co.get("ranks") is None or co.get("ranks") is None or co.get("queries_digest") != ref_co.get("queries_digest"):
+            skipped.append(labels.get(m, m))
+            continue
+        diff = paired_difference(ref_co["ranks"], co["ranks"], ks, config.retrieval.bootstrap_samples,
+                                 config.retrieval.bootstrap_seed)
+        cells = [f"{100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+                 for d in (diff[str(k)] for k in ks)]
+        lines.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
+    if skipped:
+        lines += ["", f"Not paired (no per-query ranks from the same queries; rerun the recall stage): {', '.join(skipped)}."]
+    return lines if len(skipped) < len(rest) else lines[:1] + lines[-1:]
 
 
 def _training_lines(training: dict[str, Any], labels: dict[str, str]) -> list[str]:

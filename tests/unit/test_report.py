@@ -51,6 +51,39 @@ def test_tables_carry_the_input_numbers(run):
     assert metrics["recall"]["sbert_zeroshot"]["cooccurrence"]["recall"]["10"]["recall"] == 0.75
 
 
+def test_paired_difference_table_from_per_query_ranks(run, tmp_path):
+    """With per-query ranks from the same queries, the report adds NoteLLM minus each model with a paired
+    interval (numbers recomputed here with numpy); a model without them is named, not silently dropped."""
+    import numpy as np
+
+    from notellm_jax.eval.retrieval import bootstrap_interval
+
+    ranks_a, ranks_b = [0, 0, 3, 20, 0, 9, 40, 0], [5, 0, 30, 20, 0, 0, 40, 12]
+    for name, ranks in (("notellm", ranks_a), ("sbert_zeroshot", ranks_b)):
+        path = tmp_path / "eval" / f"{name}.recall.json"
+        result = json.loads(path.read_text())
+        result["cooccurrence"].update(ranks=ranks, queries_digest="q1")
+        path.write_text(json.dumps(result))
+    report = (write_report(run, {"notellm": "NoteLLM", "sbert_zeroshot": "SBERT"}, ()) / "report.md").read_text()
+    a, b = np.array(ranks_a), np.array(ranks_b)
+    cells = []
+    for k in (1, 10):
+        diff = (a < k).astype(float) - (b < k)
+        low, high = bootstrap_interval(diff[:, None], run.retrieval.bootstrap_samples, run.retrieval.bootstrap_seed)[:, 0]
+        cells.append(f"{100 * diff.mean():+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+    assert "NoteLLM minus each model" in report
+    assert f"| SBERT | {cells[0]} | {cells[1]} |" in report
+    assert cells[0].startswith("+12.5")  # R@1: 4/8 hits against 3/8
+
+    other = tmp_path / "eval" / "sbert_zeroshot.recall.json"
+    result = json.loads(other.read_text())
+    result["cooccurrence"]["queries_digest"] = "another query list"
+    other.write_text(json.dumps(result))
+    report = (write_report(run, {"notellm": "NoteLLM", "sbert_zeroshot": "SBERT"}, ()) / "report.md").read_text()
+    assert "Not paired (no per-query ranks from the same queries; rerun the recall stage): SBERT." in report
+    assert "| SBERT | +" not in report
+
+
 def test_missing_results_name_the_models(run, tmp_path):
     (tmp_path / "eval" / "sbert_zeroshot.recall.json").unlink()
     with pytest.raises(MissingInputError, match="sbert_zeroshot"):

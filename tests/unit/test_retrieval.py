@@ -144,6 +144,12 @@ def test_evaluate_recall_matches_numpy_with_breakdowns():
     high = target_views >= np.quantile(all_views, 0.9)
     assert out["exposure"]["low"]["1"]["queries"] == int(low.sum())
     assert out["exposure"]["high"]["10"]["recall"] == pytest.approx(np.mean(ranks[high] < 10))
+    # Per-query ranks for paired comparisons, in query order; the digest depends on the queries alone.
+    assert out["ranks"] == ranks.tolist()
+    other = R.evaluate_recall(ids, ids, rng.normal(size=(n, 12)).astype(np.float32), pairs, ks=[1, 10])
+    assert other["queries_digest"] == out["queries_digest"] and other["ranks"] != out["ranks"]
+    fewer = R.evaluate_recall(ids, ids, vectors, pairs[:-40], ks=[1, 10])
+    assert fewer["queries_digest"] != out["queries_digest"]
 
 
 def test_exposure_thresholds_by_hand():
@@ -166,6 +172,33 @@ def test_bootstrap_interval_contains_estimate_and_shrinks():
     hits = (rng.random(50) < 0.3)[:, None]
     first = R.bootstrap_interval(hits, samples=100, seed=7)
     np.testing.assert_array_equal(first, R.bootstrap_interval(hits, samples=100, seed=7))  # seeded
+
+
+def test_paired_difference_against_numpy_and_where_separate_intervals_overlap():
+    rng = np.random.default_rng(4)
+    q = 500
+    ranks_a = np.where(rng.random(q) < 0.3, 0, 200)        # A finds 30% of the ground truths first
+    ranks_b = ranks_a.copy()
+    lost = rng.choice(np.flatnonzero(ranks_a == 0), 15, replace=False)
+    ranks_b[lost] = 50                                       # B loses 15 of them below rank 10
+    out = R.paired_difference(ranks_a, ranks_b, [10, 100], samples=2000, seed=0)
+    assert out["10"]["difference"] == pytest.approx(np.mean(ranks_a < 10) - np.mean(ranks_b < 10)) == 15 / q
+    assert out["100"]["difference"] == 0.0 and out["10"]["queries"] == q  # rank 50 is still inside 100
+    # Reference: the same resampled queries scored for both models (numpy, same seeded draws).
+    draw = np.random.default_rng(0)
+    diffs = [np.mean((ranks_a[i] < 10).astype(float) - (ranks_b[i] < 10)) for i in
+             (draw.integers(0, q, q) for _ in range(2000))]
+    assert (out["10"]["ci_low"], out["10"]["ci_high"]) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
+    # Separately, the two R@10 intervals overlap; paired, B never beats A on a query, so the interval is
+    # above 0.
+    a_low, a_high = R.bootstrap_interval((ranks_a < 10)[:, None], 2000, 0)[:, 0]
+    b_low, b_high = R.bootstrap_interval((ranks_b < 10)[:, None], 2000, 0)[:, 0]
+    assert a_low < b_high
+    assert out["10"]["ci_low"] > 0
+    same = R.paired_difference(ranks_a, ranks_a, [1, 10], samples=200, seed=1)
+    assert all((v["difference"], v["ci_low"], v["ci_high"]) == (0.0, 0.0, 0.0) for v in same.values())
+    with pytest.raises(ValueError, match="same non-empty query list"):
+        R.paired_difference(ranks_a, ranks_a[:-1], [10], samples=10, seed=0)
 
 
 def test_paper_ratios_scale_with_pool():
