@@ -30,8 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from notellm_jax.runtime import cpu_model
 import numpy as np
+
+from notellm_jax.runtime import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("coffee espresso grinder burr roast bean water temperature kettle brew ratio crema milk foam acidity "

@@ -195,16 +195,17 @@ def _difference_lines(config: Config, models: list[str], recalls: dict[str, Any]
     intervals: an interval above 0 says the first model is better on these queries."""
     from notellm_jax.eval.retrieval import paired_difference
     ref, rest = models[0], models[1:]
-    ref_co = recalls[ref]["cooccurrence"]
     if not rest:
         return []
+    ref_co = recalls[ref]["cooccurrence"]
     lines = ["", f"{labels.get(ref, ref)} minus each model, R@k points on the same queries (paired bootstrap "
              "95% interval; above 0: the first is better):", "",
              "| model | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
     skipped = []
     for m in rest:
         co = recalls[m]["cooccurrence"]
-        if ref_co.get("ranks") is None or co.get("ranks") is None or co.get("queries_digest") != ref_co.get("queries_digest"):
+        pairable = co.get("queries_digest") == ref_co.get("queries_digest")
+        if ref_co.get("ranks") is None or co.get("ranks") is None or not pairable:
             skipped.append(labels.get(m, m))
             continue
         diff = paired_difference(ref_co["ranks"], co["ranks"], ks, config.retrieval.bootstrap_samples,
@@ -213,7 +214,8 @@ def _difference_lines(config: Config, models: list[str], recalls: dict[str, Any]
                  for d in (diff[str(k)] for k in ks)]
         lines.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
     if skipped:
-        lines += ["", f"Not paired (no per-query ranks from the same queries; rerun the recall stage): {', '.join(skipped)}."]
+        lines += ["", "Not paired (no per-query ranks from the same queries; rerun the recall stage): "
+                  f"{', '.join(skipped)}."]
     return lines if len(skipped) < len(rest) else lines[:1] + lines[-1:]
 
 
