@@ -5,7 +5,7 @@ and argument errors cost nothing and `plan --devices` can fake devices before ja
     notellm train     --config C [--set section.field=value ...]       (= python -m notellm_jax.train)
     notellm prepare   --config C [--stages a,b] [--force]              (= python -m notellm_jax.data.prepare)
     notellm embed     --config C [--checkpoint EXPORT] [--split test|all] [--name N] [--out DIR]
-    notellm recall    --config C --embeddings DIR [--name N] [--out FILE]
+    notellm recall    --config C --embeddings DIR [--name N] [--out FILE] [--against RECALL_JSON ...]
     notellm generate  --config C --checkpoint EXPORT [--task ...] [--split ...] [--constrain-categories]
     notellm baselines --config C --name NAME [--split test|all] [--out DIR]
     notellm job       --config C [--only STAGES] [--force STAGES]     (= python -m notellm_jax.job)
@@ -58,6 +58,9 @@ def _tool_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--embeddings", required=True, help="folder written by embed or baselines")
         p.add_argument("--name", help="model name in the output (default: the one in embeddings.json)")
         p.add_argument("--out", help="metrics JSON (default <embeddings>/metrics.json)")
+        p.add_argument("--against", action="append", metavar="RECALL_JSON",
+                       help="another recall result on the same test notes and pairs (repeatable): adds this "
+                            "model minus that one, with paired bootstrap intervals")
     elif name == "generate":
         p.add_argument("--checkpoint", required=True, help="a NoteLLM export folder (<work_dir>/export)")
         p.add_argument("--task", choices=("both", "category", "hashtag"), default="both")

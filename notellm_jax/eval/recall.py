@@ -9,6 +9,8 @@ queries removed from the pool, small k and the paper's k/N ratios, bootstrap int
 and exposure buckets). ScaNN (`notellm_jax.eval.ann`) then indexes the same candidate pool with the
 config's parameters, is saved and reloaded, and the reloaded index answers the same queries: its
 Recall@k for the small ks, its overlap with the exact top k, and the time and QPS of both searches.
+`--against RECALL_JSON` (repeatable) adds this model minus another recall result on the same queries, with
+paired bootstrap intervals (`retrieval.paired_difference`): the way to compare runs of different jobs.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ from notellm_jax.config import Config
 from notellm_jax.data import store
 from notellm_jax.eval import ann
 from notellm_jax.eval.embeddings import read_embeddings, read_meta
+from notellm_jax.errors import InputFormatError, MissingInputError
 from notellm_jax.eval.retrieval import (build_protocol, evaluate_recall, exact_topk, l2_normalise,
-                                        neighbour_overlap, ranks_from_neighbours, recall_table)
+                                        neighbour_overlap, paired_difference, pairing_problem,
+                                        ranks_from_neighbours, recall_table)
 
 Pair = tuple[str, str]
 DEFAULT_KS = (1, 5, 10, 20, 50, 100)  # retrieval.ks=None: these, clipped to the candidate pool
@@ -143,13 +147,36 @@ def _summary(metrics: dict[str, Any]) -> str:
             f"{metrics['postlinks']['pairs_in_file']}")
 
 
+def paired_against(config: Config, metrics: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """This result minus another `notellm recall` result (another run, or a report's eval/<model>.recall.json)
+    on the same co-occurrence queries, with paired bootstrap intervals at every k both scored."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: no such recall result to compare against")
+    other = json.loads(path.read_text())
+    mine, theirs = metrics["cooccurrence"], other.get("cooccurrence") or {}
+    problem = pairing_problem(mine, theirs)
+    if problem:
+        raise InputFormatError(f"{path} cannot be paired with {metrics['model']}: {problem}")
+    ks = [k for k in mine["ks"] if k in theirs.get("ks", ())]
+    ev = config.retrieval
+    return {"against": str(path), "model": other.get("model"),
+            "difference": paired_difference(mine["ranks"], theirs["ranks"], ks, ev.bootstrap_samples, ev.bootstrap_seed)}
+
+
 def run(args, config: Config) -> dict[str, Any]:
-    """`notellm recall`: every recall metric of one embeddings folder, written as JSON."""
+    """`notellm recall`: every recall metric of one embeddings folder, written as JSON (with `--against`,
+    also its paired differences from other recall results)."""
     metrics = evaluate_embeddings(config, args.embeddings, args.name)
+    metrics["paired"] = [paired_against(config, metrics, path) for path in args.against or ()]
     out = Path(args.out) if args.out else Path(args.embeddings) / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     print(_summary(metrics))
+    for entry in metrics["paired"]:
+        cells = ", ".join(f"R@{k} {100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+                          for k, d in entry["difference"].items())
+        print(f"[recall] {metrics['model']} minus {entry['model']} ({entry['against']}), paired 95%: {cells}")
     print(f"[recall] wrote {out}")
     return metrics
 

@@ -286,6 +286,16 @@ def bootstrap_interval(hits: np.ndarray, samples: int, seed: int, level: float =
     return np.percentile(means, [tail, 100 - tail], axis=0)
 
 
+def pairing_problem(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+    """Why two `evaluate_recall` results cannot be compared query by query, or None when they can."""
+    if a.get("ranks") is None or b.get("ranks") is None:
+        return "no per-query ranks (a result written before they were kept: rerun its recall)"
+    if a.get("queries_digest") != b.get("queries_digest"):
+        return (f"another query list (digest {a.get('queries_digest')} against {b.get('queries_digest')}): "
+                "the runs' test notes or pairs differ")
+    return None
+
+
 def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, ks: Sequence[int], samples: int, seed: int,
                       level: float = 0.95) -> dict[str, dict]:
     """R@k of model A minus R@k of model B on the same queries, with a paired bootstrap interval: each

@@ -193,7 +193,7 @@ def _difference_lines(config: Config, models: list[str], recalls: dict[str, Any]
                       ks: list[int]) -> list[str]:
     """The first model (NoteLLM) minus each other one on the co-occurrence queries, with paired bootstrap
     intervals: an interval above 0 says the first model is better on these queries."""
-    from notellm_jax.eval.retrieval import paired_difference
+    from notellm_jax.eval.retrieval import paired_difference, pairing_problem
     ref, rest = models[0], models[1:]
     if not rest:
         return []
@@ -204,8 +204,7 @@ def _difference_lines(config: Config, models: list[str], recalls: dict[str, Any]
     skipped = []
     for m in rest:
         co = recalls[m]["cooccurrence"]
-        pairable = co.get("queries_digest") == ref_co.get("queries_digest")
-        if ref_co.get("ranks") is None or co.get("ranks") is None or not pairable:
+        if pairing_problem(ref_co, co):
             skipped.append(labels.get(m, m))
             continue
         diff = paired_difference(ref_co["ranks"], co["ranks"], ks, config.retrieval.bootstrap_samples,

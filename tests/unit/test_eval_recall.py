@@ -138,3 +138,34 @@ def test_cli_writes_metrics(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["recall", "--config", TINY, "--set", f"paths.work_dir={tmp_path}", "--embeddings", str(tmp_path / "none")])
     assert "notellm recall: error:" in capsys.readouterr().err
+
+
+def test_cli_pairs_against_another_run(tmp_path, capsys):
+    """`--against`: this model minus another run's recall result on the same queries, paired; a result of
+    another query list is an error naming the file, never a silent unpaired comparison."""
+    from notellm_jax.eval.retrieval import paired_difference
+
+    _, oracle_emb, ids, vectors = setup_run(tmp_path, shuffle=False)
+    base = ["recall", "--config", TINY, "--set", f"paths.work_dir={tmp_path}", "--set", "retrieval.bootstrap_samples=50"]
+    main(base + ["--embeddings", str(oracle_emb), "--name", "oracle", "--out", str(tmp_path / "oracle.json")])
+    _, shuffled, _ = ids_and_vectors(shuffle=True)
+    shuffled_emb = write_embeddings(tmp_path / "shuffled", ids, shuffled)
+    capsys.readouterr()
+    main(base + ["--embeddings", str(shuffled_emb), "--name", "shuffled", "--out", str(tmp_path / "shuffled.json"),
+                 "--against", str(tmp_path / "oracle.json")])
+    mine = json.loads((tmp_path / "shuffled.json").read_text())
+    oracle = json.loads((tmp_path / "oracle.json").read_text())
+    (entry,) = mine["paired"]
+    assert entry["model"] == "oracle"
+    want = paired_difference(mine["cooccurrence"]["ranks"], oracle["cooccurrence"]["ranks"],
+                             mine["cooccurrence"]["ks"], samples=50, seed=0)  # retrieval.bootstrap_seed: 0
+    assert entry["difference"] == want
+    assert entry["difference"]["1"] == {"difference": -1.0, "ci_low": -1.0, "ci_high": -1.0, "queries": Q}
+    assert "shuffled minus oracle" in capsys.readouterr().out
+
+    oracle["cooccurrence"]["queries_digest"] = "another"
+    (tmp_path / "other.json").write_text(json.dumps(oracle))
+    with pytest.raises(SystemExit):
+        main(base + ["--embeddings", str(shuffled_emb), "--against", str(tmp_path / "other.json")])
+    err = capsys.readouterr().err
+    assert "other.json cannot be paired" in err and "another query list" in err

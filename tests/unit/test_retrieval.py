@@ -199,6 +199,11 @@ def test_paired_difference_against_numpy_and_where_separate_intervals_overlap():
     assert all((v["difference"], v["ci_low"], v["ci_high"]) == (0.0, 0.0, 0.0) for v in same.values())
     with pytest.raises(ValueError, match="same non-empty query list"):
         R.paired_difference(ranks_a, ranks_a[:-1], [10], samples=10, seed=0)
+    # Which results may be paired at all: both with ranks, from the same query list.
+    a, b = {"ranks": [0, 1], "queries_digest": "d"}, {"ranks": [1, 0], "queries_digest": "d"}
+    assert R.pairing_problem(a, b) is None
+    assert "no per-query ranks" in R.pairing_problem(a, {"queries_digest": "d"})
+    assert "another query list" in R.pairing_problem(a, {**b, "queries_digest": "e"})
 
 
 def test_paper_ratios_scale_with_pool():
