@@ -24,9 +24,9 @@ import numpy as np
 
 from notellm_jax.config import Config
 from notellm_jax.data import store
+from notellm_jax.errors import InputFormatError, MissingInputError
 from notellm_jax.eval import ann
 from notellm_jax.eval.embeddings import read_embeddings, read_meta
-from notellm_jax.errors import InputFormatError, MissingInputError
 from notellm_jax.eval.retrieval import (build_protocol, evaluate_recall, exact_topk, l2_normalise,
                                         neighbour_overlap, paired_difference, pairing_problem,
                                         ranks_from_neighbours, recall_table)
@@ -160,8 +160,8 @@ def paired_against(config: Config, metrics: dict[str, Any], path: str | Path) ->
         raise InputFormatError(f"{path} cannot be paired with {metrics['model']}: {problem}")
     ks = [k for k in mine["ks"] if k in theirs.get("ks", ())]
     ev = config.retrieval
-    return {"against": str(path), "model": other.get("model"),
-            "difference": paired_difference(mine["ranks"], theirs["ranks"], ks, ev.bootstrap_samples, ev.bootstrap_seed)}
+    difference = paired_difference(mine["ranks"], theirs["ranks"], ks, ev.bootstrap_samples, ev.bootstrap_seed)
+    return {"against": str(path), "model": other.get("model"), "difference": difference}
 
 
 def run(args, config: Config) -> dict[str, Any]:
