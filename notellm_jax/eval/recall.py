@@ -28,7 +28,7 @@ from notellm_jax.errors import InputFormatError, MissingInputError
 from notellm_jax.eval import ann
 from notellm_jax.eval.embeddings import read_embeddings, read_meta
 from notellm_jax.eval.retrieval import (build_protocol, evaluate_recall, exact_topk, l2_normalise,
-                                        neighbour_overlap, paired_difference, pairing_problem,
+                                        format_difference, neighbour_overlap, paired_difference, pairing_problem,
                                         ranks_from_neighbours, recall_table)
 
 Pair = tuple[str, str]
@@ -174,8 +174,7 @@ def run(args, config: Config) -> dict[str, Any]:
     out.write_text(json.dumps(metrics, indent=2))
     print(_summary(metrics))
     for entry in metrics["paired"]:
-        cells = ", ".join(f"R@{k} {100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
-                          for k, d in entry["difference"].items())
+        cells = ", ".join(f"R@{k} {format_difference(d)}" for k, d in entry["difference"].items())
         print(f"[recall] {metrics['model']} minus {entry['model']} ({entry['against']}), paired 95%: {cells}")
     print(f"[recall] wrote {out}")
     return metrics

@@ -306,10 +306,16 @@ def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, ks: Sequence[int
         raise ValueError(f"paired recall needs the same non-empty query list for both models: "
                          f"ranks of shape {a.shape} and {b.shape}")
     ks = list(ks)
-    diff = (a[:, None] < np.asarray(ks)).astype(np.float64) - (b[:, None] < np.asarray(ks))
+    cut = np.asarray(ks)
+    diff = (a[:, None] < cut).astype(np.float64) - (b[:, None] < cut)
     low, high = bootstrap_interval(diff, samples, seed, level)
     return {str(k): {"difference": float(diff[:, i].mean()), "ci_low": float(low[i]), "ci_high": float(high[i]),
                      "queries": len(a)} for i, k in enumerate(ks)}
+
+
+def format_difference(entry: Mapping[str, float]) -> str:
+    """`+2.8 [-1.2, +6.9]`: one `paired_difference` entry in recall points, as the report and the CLI print it."""
+    return f"{100 * entry['difference']:+.1f} [{100 * entry['ci_low']:+.1f}, {100 * entry['ci_high']:+.1f}]"
 
 
 def recall_table(ranks: np.ndarray, ks: Sequence[int], samples: int, seed: int,

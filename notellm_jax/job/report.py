@@ -193,29 +193,27 @@ def _difference_lines(config: Config, models: list[str], recalls: dict[str, Any]
                       ks: list[int]) -> list[str]:
     """The first model (NoteLLM) minus each other one on the co-occurrence queries, with paired bootstrap
     intervals: an interval above 0 says the first model is better on these queries."""
-    from notellm_jax.eval.retrieval import paired_difference, pairing_problem
-    ref, rest = models[0], models[1:]
-    if not rest:
-        return []
+    from notellm_jax.eval.retrieval import format_difference, paired_difference, pairing_problem
+    ref = models[0]
     ref_co = recalls[ref]["cooccurrence"]
-    lines = ["", f"{labels.get(ref, ref)} minus each model, R@k points on the same queries (paired bootstrap "
-             "95% interval; above 0: the first is better):", "",
-             "| model | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
-    skipped = []
-    for m in rest:
+    rows, skipped = [], []
+    for m in models[1:]:
         co = recalls[m]["cooccurrence"]
         if pairing_problem(ref_co, co):
             skipped.append(labels.get(m, m))
             continue
         diff = paired_difference(ref_co["ranks"], co["ranks"], ks, config.retrieval.bootstrap_samples,
                                  config.retrieval.bootstrap_seed)
-        cells = [f"{100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
-                 for d in (diff[str(k)] for k in ks)]
-        lines.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
+        rows.append(f"| {labels.get(m, m)} | " + " | ".join(format_difference(diff[str(k)]) for k in ks) + " |")
+    lines = []
+    if rows:
+        lines += ["", f"{labels.get(ref, ref)} minus each model, R@k points on the same queries (paired bootstrap "
+                  "95% interval; above 0: the first is better):", "",
+                  "| model | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|", *rows]
     if skipped:
         lines += ["", "Not paired (no per-query ranks from the same queries; rerun the recall stage): "
                   f"{', '.join(skipped)}."]
-    return lines if len(skipped) < len(rest) else lines[:1] + lines[-1:]
+    return lines
 
 
 def _training_lines(training: dict[str, Any], labels: dict[str, str]) -> list[str]:

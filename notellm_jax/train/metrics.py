@@ -61,10 +61,11 @@ def train_step_flops(cfg: LlamaConfig, *, sequences: int, seq_len: int, targets:
     positions per sequence and the embedding projection. With `read_rows` the last trained layer is counted
     at those rows alone (keys and values at every position), as NoteLLM computes it when its layers are
     not scanned: MFU counts the work the step needs, never rows it does not compute."""
-    trained = seq_len * forward_flops_per_token(cfg, seq_len, trained_layers)
     if read_rows is not None and trained_layers:
         trained = (seq_len * forward_flops_per_token(cfg, seq_len, trained_layers - 1)
                    + layer_flops_at_rows(cfg, seq_len, read_rows))
+    else:
+        trained = seq_len * forward_flops_per_token(cfg, seq_len, trained_layers)
     frozen = seq_len * forward_flops_per_token(cfg, seq_len, forward_only_layers)
     head = 2.0 * cfg.hidden_size * cfg.vocab_size * targets + 2.0 * cfg.hidden_size * emb_dim
     return sequences * (3 * trained + frozen + 3 * head)
