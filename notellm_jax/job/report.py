@@ -54,7 +54,7 @@ def training_summary(config: Config, objective: str) -> dict[str, Any] | None:
             "median_step_time_s": float(np.median([r["step_time_s"] for r in steady])),
             "median_tokens_per_s": float(np.median([r["tokens_per_s"] for r in steady])),
             "median_mfu": float(np.median([r["mfu"] for r in steady])),
-            "curve": [(r["step"], r["loss_cl"], r["loss_gen"]) for r in train]}
+            "curve": [(r["step"], r["loss_cl"], r.get("loss_gen")) for r in train]}  # no loss_gen: gcl_only
 
 
 def _fmt(entry: dict[str, Any] | None, with_ci: bool = True) -> str:
@@ -223,8 +223,10 @@ def _training_lines(training: dict[str, Any], labels: dict[str, str]) -> list[st
         if t is None:
             continue
         val = t["val"]["loss_cl"] if t["val"] else float("nan")
+        first_gen, last_gen = t["first"]["loss_gen"], t["last"]["loss_gen"]  # None: a gcl_only step skips the head
+        gen = "not computed" if first_gen is None else f"{first_gen:.3f} → {last_gen:.3f}"
         lines.append(f"| {labels.get(o, o)} | {t['steps']} | {t['first']['loss_cl']:.3f} → {t['last']['loss_cl']:.3f} | "
-                     f"{t['first']['loss_gen']:.3f} → {t['last']['loss_gen']:.3f} | {val:.3f} | "
+                     f"{gen} | {val:.3f} | "
                      f"{t['median_step_time_s']:.2f} | {t['median_tokens_per_s']:.0f} | {100 * t['median_mfu']:.1f}% |")
     return lines
 

@@ -125,8 +125,16 @@ def generation_loss(logits: jax.Array, target_ids: jax.Array, target_mask: jax.A
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def combine_losses(l_cl: jax.Array, l_gen: jax.Array, alpha: float, objective: str) -> jax.Array:
-    """L = (L_cl + alpha L_gen) / (1 + alpha); the ablations keep one term."""
+def needs_logits(objective: str) -> bool:
+    """Whether training with `objective` needs the generation logits: "gcl_only" (w/o CSFT) does not, so its
+    step skips the LM head and computes the last layer at [EMB]'s read row alone (gradients unchanged)."""
+    return objective != "gcl_only"
+
+
+def combine_losses(l_cl: jax.Array, l_gen: jax.Array | None, alpha: float, objective: str) -> jax.Array:
+    """L = (L_cl + alpha L_gen) / (1 + alpha); the ablations keep one term ("gcl_only" needs no L_gen)."""
+    if objective != "gcl_only" and objective in OBJECTIVES and l_gen is None:
+        raise ValueError(f"objective {objective!r} needs the generation loss: compute the generation logits")
     if objective == "notellm":
         return (l_cl + alpha * l_gen) / (1.0 + alpha)
     if objective == "gcl_only":
@@ -140,6 +148,8 @@ def notellm_losses(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], a
                    objective: str) -> dict[str, Any]:
     l_cl, accuracy = contrastive_loss(outputs["embedding"], batch["pair_id"], outputs["log_logit_scale"],
                                       batch.get("note_index"))
-    l_gen = generation_loss(outputs["gen_logits"], batch["target_ids"], batch["target_mask"])
-    return {"loss": combine_losses(l_cl, l_gen, alpha, objective), "loss_cl": l_cl, "loss_gen": l_gen,
-            "accuracy": accuracy, "log_logit_scale": outputs["log_logit_scale"]}
+    metrics = {"loss_cl": l_cl, "accuracy": accuracy, "log_logit_scale": outputs["log_logit_scale"]}
+    l_gen = None
+    if "gen_logits" in outputs:  # absent when a "gcl_only" step skips the head: then no loss_gen is reported
+        l_gen = metrics["loss_gen"] = generation_loss(outputs["gen_logits"], batch["target_ids"], batch["target_mask"])
+    return {"loss": combine_losses(l_cl, l_gen, alpha, objective), **metrics}

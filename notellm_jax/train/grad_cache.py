@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from notellm_jax.model.notellm import combine_losses, contrastive_loss, generation_loss
+from notellm_jax.model.notellm import combine_losses, contrastive_loss, generation_loss, needs_logits
 
 
 def _to_chunks(tree: dict, chunks: int) -> dict:
@@ -60,11 +60,15 @@ def grad_cache_loss_and_grads(apply: Callable[[Any, dict, bool], dict], params: 
     w_cl, w_gen = loss_weights(alpha, objective)
     supervised = jnp.maximum(jnp.sum(batch["target_mask"].astype(jnp.float32)), 1.0)
 
+    with_logits = needs_logits(objective)  # "gcl_only" skips the head, as the full-batch step does
+
     def backward(total, inputs):
         rows, d_rows = inputs
 
         def surrogate(p):
-            out = apply(p, rows, True)
+            out = apply(p, rows, with_logits)
+            if not with_logits:
+                return w_cl * jnp.sum(out["embedding"] * d_rows), jnp.float32(0.0)
             tokens = jnp.maximum(jnp.sum(rows["target_mask"].astype(jnp.float32)), 1.0)
             # This chunk's share of the batch-wide token mean (generation_loss is the chunk's own mean).
             chunk_mean = generation_loss(out["gen_logits"], rows["target_ids"], rows["target_mask"])
@@ -77,7 +81,9 @@ def grad_cache_loss_and_grads(apply: Callable[[Any, dict, bool], dict], params: 
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, gen_shares = jax.lax.scan(backward, zeros, (chunked, _to_chunks(d_embedding, count)))
     grads = {**grads, "log_logit_scale": grads["log_logit_scale"] + w_cl * d_scale}
-    l_gen = jnp.sum(gen_shares)
-    metrics = {"loss": combine_losses(l_cl, l_gen, alpha, objective), "loss_cl": l_cl, "loss_gen": l_gen,
-               "accuracy": accuracy, "log_logit_scale": scale}
+    l_gen = jnp.sum(gen_shares) if with_logits else None
+    metrics = {"loss": combine_losses(l_cl, l_gen, alpha, objective), "loss_cl": l_cl, "accuracy": accuracy,
+               "log_logit_scale": scale}
+    if with_logits:
+        metrics["loss_gen"] = l_gen
     return metrics, grads

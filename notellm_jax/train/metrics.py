@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from notellm_jax.model.llama import LlamaConfig
+from notellm_jax.model.notellm import needs_logits
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +98,14 @@ def truncate_metrics(path: Path, step: int) -> None:
 class StepFlops:
     """Model FLOPs of one step of a run: trained layers for every row (the last at its read rows, [EMB]'s and
     the supervised ones, unless the layers are scanned), the frozen bottom only for the rows it actually ran
-    on (the others came from the feature cache)."""
+    on (the others came from the feature cache). A "gcl_only" step computes no LM head and reads [EMB]'s row
+    alone (`needs_logits`)."""
 
     def __init__(self, cfg: LlamaConfig, config: Any, frozen_layers: int):
         self.cfg, self.frozen_layers = cfg, frozen_layers
         self.rows, self.length = 2 * config.train.batch_pairs, config.prompt.max_length
-        self.targets, self.emb_dim = config.prompt.max_targets, config.model.emb_dim
+        self.targets = config.prompt.max_targets if needs_logits(config.train.objective) else 0
+        self.emb_dim = config.model.emb_dim
         self.read_rows = None if cfg.scan_layers else 1 + self.targets
 
     def __call__(self, frozen_rows: int) -> float:

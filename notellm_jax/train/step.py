@@ -21,7 +21,7 @@ from notellm_jax import sharding as shd
 from notellm_jax.config import Config
 from notellm_jax.model.llama import LlamaConfig
 from notellm_jax.model.lora import boxed_lora, lora_applied, lora_scale, merge_lora, split_adapters
-from notellm_jax.model.notellm import NoteLLM, check_pairs, notellm_losses
+from notellm_jax.model.notellm import NoteLLM, check_pairs, needs_logits, notellm_losses
 from notellm_jax.model.params import frozen_layer_count, merge_params, split_params
 from notellm_jax.train.grad_cache import grad_cache_loss_and_grads
 from notellm_jax.train.optim import make_optimizer
@@ -160,8 +160,9 @@ def apply_model(setup: TrainSetup, params: dict, batch: dict, with_logits: bool 
         return setup.model.apply({"params": params}, batch, first_layer=first_layer, with_logits=with_logits)
 
 
-def _loss_and_metrics(setup: TrainSetup, params: dict, batch: dict):
-    metrics = notellm_losses(apply_model(setup, params, batch), batch, setup.loss.alpha, setup.loss.objective)
+def _loss_and_metrics(setup: TrainSetup, params: dict, batch: dict, with_logits: bool = True):
+    metrics = notellm_losses(apply_model(setup, params, batch, with_logits), batch, setup.loss.alpha,
+                             setup.loss.objective)
     return metrics["loss"], metrics
 
 
@@ -174,8 +175,9 @@ def loss_and_grads(state: TrainState, batch: dict, *, setup: TrainSetup) -> tupl
         return grad_cache_loss_and_grads(apply, state.params, batch, chunk_rows=setup.grad_cache_chunk,
                                          alpha=setup.loss.alpha, objective=setup.loss.objective)
 
-    def loss_fn(trainable):
-        return _loss_and_metrics(setup, merge_params(trainable, state.frozen), batch)
+    def loss_fn(trainable):  # a "gcl_only" step skips the head (eval_step still reports its val loss_gen)
+        return _loss_and_metrics(setup, merge_params(trainable, state.frozen), batch,
+                                 needs_logits(setup.loss.objective))
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return metrics, grads

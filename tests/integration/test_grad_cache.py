@@ -6,6 +6,7 @@ Compared: the metrics, every gradient, and the parameters after one optimiser st
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -15,9 +16,11 @@ import pytest
 import notellm_jax  # noqa: F401
 from notellm_jax.config import load_config, override
 from notellm_jax.errors import ConfigError
+from notellm_jax.model.notellm import notellm_losses
 from notellm_jax.sharding import make_mesh
 from notellm_jax.data.input_pipeline import synthetic_batches
-from notellm_jax.train.step import create_state, loss_and_grads, make_train_setup, to_global_batch, train_step
+from notellm_jax.model.params import merge_params
+from notellm_jax.train.step import apply_model, create_state, loss_and_grads, make_train_setup, to_global_batch, train_step
 from notellm_jax.weights.loading import load_initial_params
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py") + ":random"
@@ -81,6 +84,51 @@ def test_grad_cache_step_equals_full_batch_step(extra, chunk, mesh_shape):
     for (path, g), (_, w) in zip(jax.tree_util.tree_leaves_with_path(got_update),
                                  jax.tree_util.tree_leaves_with_path(want_update)):
         assert _relative_l2(g, w) < 2e-3, (jax.tree_util.keystr(path), _relative_l2(g, w))
+
+
+def _assert_same_grads(got, want):
+    for (path, g), (_, w) in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want),
+                                 strict=True):
+        scale = float(np.max(np.abs(w)))
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5 * max(scale, 1e-30), err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_gcl_only_step_skips_the_head_with_the_same_gradients():
+    """A "gcl_only" (w/o CSFT) step computes no LM head and reports no train loss_gen; its gradients equal
+    those of L_cl through the forward pass that does compute the logits, full-batch and GradCache alike."""
+    config = override(load_config(TINY, OVERRIDES), {"train.objective": "gcl_only"})
+    params, spec, local = _setup(config, (2, 4, 1))
+    state = create_state(spec, params)
+    batch = to_global_batch(spec, local)
+
+    def reference(state, batch):
+        def loss_fn(trainable):
+            out = apply_model(spec, merge_params(trainable, state.frozen), batch, with_logits=True)
+            metrics = notellm_losses(out, batch, spec.loss.alpha, "gcl_only")
+            return metrics["loss"], metrics
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return metrics, grads
+
+    reference_jit = jax.jit(reference)
+    skipping_jit = jax.jit(partial(loss_and_grads, setup=spec))
+    want_metrics, want_grads = jax.device_get(reference_jit(state, batch))
+    got_metrics, got_grads = jax.device_get(skipping_jit(state, batch))
+    assert want_metrics["loss_gen"] > 0 and "loss_gen" not in got_metrics
+    for key in got_metrics:
+        np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-5, err_msg=key)
+    _assert_same_grads(got_grads, want_grads)
+    # The skipped head and last-layer rows are work the compiled step no longer does (on this toy model the
+    # head is small: 512 words x 64 wide, 4 targets per note).
+    flops = [f.lower(state, batch).compile().cost_analysis()["flops"] for f in (skipping_jit, reference_jit)]
+    assert flops[0] < flops[1], flops
+
+    cached = override(config, {"train.grad_cache_chunk": 4})
+    spec_cached = make_train_setup(cached, spec.model.llama, spec.mesh, cached.train.max_steps)
+    got_metrics, got_grads = jax.device_get(jax.jit(partial(loss_and_grads, setup=spec_cached))(state, batch))
+    assert "loss_gen" not in got_metrics
+    np.testing.assert_allclose(got_metrics["loss_cl"], want_metrics["loss_cl"], rtol=1e-5)
+    _assert_same_grads(got_grads, want_grads)
 
 
 def test_grad_cache_chunk_must_divide_the_batch():
