@@ -51,6 +51,16 @@ def test_tables_carry_the_input_numbers(run):
     assert metrics["recall"]["sbert_zeroshot"]["cooccurrence"]["recall"]["10"]["recall"] == 0.75
 
 
+def test_training_row_of_a_variant_without_generation_loss(run, tmp_path):
+    """A gcl_only run logs no train loss_gen (its step skips the head): its row says so, the others are kept."""
+    logs = tmp_path / "models" / "notellm" / "logs"
+    rows = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    (logs / "metrics.jsonl").write_text("\n".join(json.dumps({k: v for k, v in r.items() if k != "loss_gen"})
+                                                  for r in rows))
+    report = (write_report(run, {"notellm": "NoteLLM"}, ("notellm",)) / "report.md").read_text()
+    assert "| NoteLLM | 4 | 3.000 → 0.750 | not computed | 0.900 | 0.50 | 1000 | 25.0% |" in report
+
+
 def test_paired_difference_table_from_per_query_ranks(run, tmp_path):
     """With per-query ranks from the same queries, the report adds NoteLLM minus each model with a paired
     interval (numbers recomputed here with numpy); a model without them is named, not silently dropped."""

@@ -70,6 +70,11 @@ def test_step_flops_prune_the_last_layer_only_when_unscanned():
     # The frozen bottom, where it runs (cache misses), is a forward over every position.
     bottom = 3 * 32 * forward_flops_per_token(cfg, 32, 2)
     assert StepFlops(cfg, config, 2)(3) - StepFlops(cfg, config, 2)(0) == pytest.approx(bottom)
+    # A "gcl_only" step computes no LM head and its last layer at [EMB]'s row alone.
+    gcl_only = override(config, {"train.objective": "gcl_only"})
+    assert StepFlops(cfg, gcl_only, frozen_layers=2)(0) == pytest.approx(
+        train_step_flops(cfg, **{**kw, "targets": 0}, read_rows=1))
+    assert StepFlops(cfg, gcl_only, 2)(0) < StepFlops(cfg, config, 2)(0)
 
 
 def test_train_step_flops_compose():
