@@ -40,7 +40,8 @@ class NoteLLM(nn.Module):
     def __call__(self, batch: dict[str, jax.Array], *, first_layer: int = 0, last_layer: int | None = None,
                  with_logits: bool = True) -> dict[str, jax.Array]:
         """batch: input_ids [N, T] (or hidden_in [N, T, H] = output of frozen layers [0, first_layer)),
-        attention_mask [N, T], embed_read_pos [N], and for generation target_positions [N, M]."""
+        attention_mask [N, T], embed_read_pos [N], and for generation target_positions [N, M]; with
+        head_index [C] (`pack_head_rows`) the LM head runs at those C of the N x M supervised slots alone."""
         # Only these rows of the final hidden states are read: [EMB]'s read position, then the supervised
         # ones; the last layer computes nothing else (Llama.__call__ read_positions).
         read = batch["embed_read_pos"][:, None].astype(jnp.int32)
@@ -56,7 +57,11 @@ class NoteLLM(nn.Module):
                          (), jnp.float32)
         out = {"embedding": self.embed_rows(hidden[:, 0]), "log_logit_scale": tau}
         if with_logits:
-            out["gen_logits"] = self.decoder.logits(hidden[:, 1:])  # [N, M, V] float32 (the policy's output dtype)
+            supervised = hidden[:, 1:]
+            if "head_index" in batch:  # packed: [N x M, H] -> the C rows that hold a target
+                supervised = jnp.take(supervised.reshape(-1, supervised.shape[-1]), batch["head_index"], axis=0)
+            # [N, M, V] or [C, V], float32 (the policy's output dtype)
+            out["gen_logits"] = self.decoder.logits(supervised)
         return out
 
     def embed_hidden(self, hidden: jax.Array, embed_read_pos: jax.Array) -> jax.Array:
@@ -71,6 +76,23 @@ class NoteLLM(nn.Module):
     def bottom(self, input_ids: jax.Array, attention_mask: jax.Array, num_layers: int) -> jax.Array:
         """Hidden states after the first `num_layers` decoder layers (no final norm): frozen-layer features."""
         return self.decoder(input_ids, attention_mask, last_layer=num_layers, final_norm=False)
+
+
+def pack_head_rows(target_mask: np.ndarray, target_ids: np.ndarray, rows_per_note: int) -> dict[str, np.ndarray] | None:
+    """The supervised slots of a host batch packed for the LM head: head_index [C] (flat indices into the
+    N x M slots, in order), head_target_ids and head_target_mask [C], C = rows_per_note x N, the unused tail
+    pointing at slot 0 with mask 0. None when the batch has more supervised slots than C (nothing is dropped:
+    the caller runs the unpacked step)."""
+    flat = np.flatnonzero(np.asarray(target_mask).reshape(-1) > 0)
+    capacity = rows_per_note * target_mask.shape[0]
+    if flat.size > capacity:
+        return None
+    index = np.zeros((capacity,), np.int32)
+    index[:flat.size] = flat
+    mask = np.zeros((capacity,), np.float32)
+    mask[:flat.size] = np.asarray(target_mask).reshape(-1)[flat]
+    return {"head_index": index, "head_target_ids": np.asarray(target_ids).reshape(-1)[index].astype(np.int32),
+            "head_target_mask": mask}
 
 
 def check_pairs(pair_id, note_id=None) -> None:
@@ -151,5 +173,8 @@ def notellm_losses(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], a
     metrics = {"loss_cl": l_cl, "accuracy": accuracy, "log_logit_scale": outputs["log_logit_scale"]}
     l_gen = None
     if "gen_logits" in outputs:  # absent when a "gcl_only" step skips the head: then no loss_gen is reported
-        l_gen = metrics["loss_gen"] = generation_loss(outputs["gen_logits"], batch["target_ids"], batch["target_mask"])
+        packed = "head_index" in batch  # the head ran at the packed rows (`pack_head_rows`)
+        ids, mask = (batch["head_target_ids"], batch["head_target_mask"]) if packed else \
+            (batch["target_ids"], batch["target_mask"])
+        l_gen = metrics["loss_gen"] = generation_loss(outputs["gen_logits"], ids, mask)
     return {"loss": combine_losses(l_cl, l_gen, alpha, objective), **metrics}

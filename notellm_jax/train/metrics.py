@@ -99,14 +99,16 @@ class StepFlops:
     """Model FLOPs of one step of a run: trained layers for every row (the last at its read rows, [EMB]'s and
     the supervised ones, unless the layers are scanned), the frozen bottom only for the rows it actually ran
     on (the others came from the feature cache). A "gcl_only" step computes no LM head and reads [EMB]'s row
-    alone (`needs_logits`)."""
+    alone (`needs_logits`); with train.head_rows_per_note the head runs at that many rows per note (a batch
+    that overflows them runs unpacked, more than counted here)."""
 
     def __init__(self, cfg: LlamaConfig, config: Any, frozen_layers: int):
         self.cfg, self.frozen_layers = cfg, frozen_layers
         self.rows, self.length = 2 * config.train.batch_pairs, config.prompt.max_length
-        self.targets = config.prompt.max_targets if needs_logits(config.train.objective) else 0
+        slots = config.prompt.max_targets if needs_logits(config.train.objective) else 0
+        self.targets = min(slots, config.train.head_rows_per_note or slots)  # LM head rows per note
         self.emb_dim = config.model.emb_dim
-        self.read_rows = None if cfg.scan_layers else 1 + self.targets
+        self.read_rows = None if cfg.scan_layers else 1 + slots
 
     def __call__(self, frozen_rows: int) -> float:
         trained = train_step_flops(self.cfg, sequences=self.rows, seq_len=self.length, targets=self.targets,

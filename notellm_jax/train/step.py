@@ -7,6 +7,7 @@ pure function of (state, batch), jitted with explicit shardings and the state do
 from __future__ import annotations
 
 import dataclasses
+import logging
 from functools import partial
 from typing import Any
 
@@ -21,15 +22,18 @@ from notellm_jax import sharding as shd
 from notellm_jax.config import Config
 from notellm_jax.model.llama import LlamaConfig
 from notellm_jax.model.lora import boxed_lora, lora_applied, lora_scale, merge_lora, split_adapters
-from notellm_jax.model.notellm import NoteLLM, check_pairs, needs_logits, notellm_losses
+from notellm_jax.model.notellm import NoteLLM, check_pairs, needs_logits, notellm_losses, pack_head_rows
 from notellm_jax.model.params import frozen_layer_count, merge_params, split_params
 from notellm_jax.train.grad_cache import grad_cache_loss_and_grads
 from notellm_jax.train.optim import make_optimizer
 
+logger = logging.getLogger(__name__)
+
 # Arrays the device step reads; the rest of a pipeline batch (task, note_id strings) stays on the host.
 # note_index lets the contrastive loss mask negatives that are the same note as a row or its positive.
+# head_* are the supervised slots packed for the LM head (train.head_rows_per_note, `pack_head_rows`).
 STEP_KEYS = ("input_ids", "hidden_in", "attention_mask", "embed_read_pos", "target_positions", "target_ids",
-             "target_mask", "pair_id", "note_index")
+             "target_mask", "pair_id", "note_index", "head_index", "head_target_ids", "head_target_mask")
 
 
 @struct.dataclass
@@ -88,6 +92,7 @@ class TrainSetup:
     loss: LossConfig
     lora_scale: float           # alpha / rank of the LoRA adapters (0.0 without)
     grad_cache_chunk: int       # rows per chunk of the two-pass GradCache step (0 = one full-batch pass)
+    head_rows_per_note: int     # LM head rows per note, packed across the batch (0 = every max_targets slot)
     state_shardings: TrainState
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings (for AOT and restore)
 
@@ -107,7 +112,7 @@ def make_train_setup(config: Config, llama_cfg: LlamaConfig, mesh, total_steps: 
     loss = LossConfig(alpha=float(config.train.alpha), objective=config.train.objective)
     scale = lora_scale(config.model.lora_rank, config.model.lora_alpha) if config.model.lora_rank > 0 else 0.0
     return TrainSetup(model, mesh, tx, schedule, frozen_layers, loss, scale, config.train.grad_cache_chunk,
-                      shardings, abstract)
+                      config.train.head_rows_per_note, shardings, abstract)
 
 
 def _place(value: Any, target: jax.ShapeDtypeStruct) -> jax.Array:
@@ -225,6 +230,13 @@ def to_global_batch(setup: TrainSetup, local: dict[str, np.ndarray]) -> dict[str
 
     Both notes of a pair always sit on the same host, so the local check covers the global batch."""
     check_pairs(local["pair_id"], local.get("note_index"))
+    if setup.head_rows_per_note and needs_logits(setup.loss.objective):
+        packed = pack_head_rows(local["target_mask"], local["target_ids"], setup.head_rows_per_note)
+        if packed is None:
+            logger.info("a batch with %d supervised tokens > %d head rows runs the unpacked step",
+                        int(np.count_nonzero(local["target_mask"])), setup.head_rows_per_note * len(local["pair_id"]))
+        else:
+            local = {**{k: v for k, v in local.items() if k not in ("target_ids", "target_mask")}, **packed}
     local = {k: v for k, v in local.items() if k in STEP_KEYS}
     if "note_index" in local:  # int64 on the host; the device runs int32 (jax_enable_x64 off)
         local["note_index"] = np.asarray(local["note_index"], np.int32)

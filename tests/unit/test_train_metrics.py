@@ -75,6 +75,11 @@ def test_step_flops_prune_the_last_layer_only_when_unscanned():
     assert StepFlops(cfg, gcl_only, frozen_layers=2)(0) == pytest.approx(
         train_step_flops(cfg, **{**kw, "targets": 0}, read_rows=1))
     assert StepFlops(cfg, gcl_only, 2)(0) < StepFlops(cfg, config, 2)(0)
+    # A packed head (train.head_rows_per_note) runs at that many rows per note; the last layer still reads
+    # every supervised slot.
+    packed = override(config, {"train.head_rows_per_note": 1})
+    assert StepFlops(cfg, packed, frozen_layers=2)(0) == pytest.approx(
+        train_step_flops(cfg, **{**kw, "targets": 1}, read_rows=5))
 
 
 def test_train_step_flops_compose():
