@@ -71,7 +71,7 @@ def get_config(arg: str = "") -> Config:
             "train.learning_rate": 3e-3, "prompt.hashtag_fraction": 0.2,
             "model.train_top_layers": 2,
             # The LM head at 5 rows per note, packed (3.1 supervised tokens per note here, of 16 slots): the
-            # same loss and gradients, step CPU time 10.4 -> 5.9 s on the AMD VM (README, Results: long recipe).
+            # same loss and gradients, step 5.1 -> 3.1 s on the AMD VM (README, Training: Measured).
             "train.head_rows_per_note": 5})
     if args.full:
         config = override(config, {
