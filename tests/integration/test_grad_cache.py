@@ -20,8 +20,9 @@ from notellm_jax.model.notellm import notellm_losses
 from notellm_jax.sharding import make_mesh
 from notellm_jax.data.input_pipeline import synthetic_batches
 from notellm_jax.model.params import merge_params
-from notellm_jax.train.step import apply_model, create_state, loss_and_grads, make_train_setup, to_global_batch, train_step
+from notellm_jax.train.step import apply_model, create_state, loss_and_grads, make_train_setup, to_global_batch
 from notellm_jax.weights.loading import load_initial_params
+from step_compare import assert_same_grads, assert_same_metrics, assert_same_updates, one_step
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py") + ":random"
 OVERRIDES = ["train.synthetic_data=true", "prompt.max_length=16", "prompt.title_max_tokens=4",
@@ -41,21 +42,7 @@ def _setup(config, mesh_shape):
 def _run(config, mesh_shape):
     """(metrics, grads, parameter update after one optimiser step) on the fixed batch; one compilation."""
     params, spec, local = _setup(config, mesh_shape)
-    state = create_state(spec, params)
-
-    @jax.jit
-    def grads_and_step(state, batch):
-        metrics, grads = loss_and_grads(state, batch, setup=spec)
-        return metrics, grads, train_step(state, batch, setup=spec)[0].params
-
-    before = jax.device_get(state.params)
-    metrics, grads, after = jax.device_get(grads_and_step(state, to_global_batch(spec, local)))
-    update = jax.tree.map(lambda new, old: np.asarray(new, np.float64) - old, after, before)
-    return metrics, grads, update
-
-
-def _relative_l2(got, want) -> float:
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+    return one_step(spec, create_state(spec, params), to_global_batch(spec, local))
 
 
 @pytest.mark.slow
@@ -68,29 +55,10 @@ def test_grad_cache_step_equals_full_batch_step(extra, chunk, mesh_shape):
     cached = override(full, {"train.grad_cache_chunk": chunk})
     want_metrics, want_grads, want_update = _run(full, mesh_shape)
     got_metrics, got_grads, got_update = _run(cached, mesh_shape)
-    assert got_metrics.keys() == want_metrics.keys()
-    for key in want_metrics:
-        np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-5, err_msg=key)
+    assert_same_metrics(got_metrics, want_metrics)
     assert want_metrics["loss_gen"] > 0 and want_metrics["loss_cl"] > 0
-    flat_got = jax.tree_util.tree_leaves_with_path(got_grads)
-    flat_want = jax.tree_util.tree_leaves_with_path(want_grads)
-    assert [p for p, _ in flat_got] == [p for p, _ in flat_want]
-    for (path, g), (_, w) in zip(flat_got, flat_want):
-        scale = float(np.max(np.abs(w)))
-        assert scale > 0, jax.tree_util.keystr(path)  # every trained tensor gets a gradient: not vacuous
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5 * scale, err_msg=jax.tree_util.keystr(path))
-    # Adam's first step is about lr * sign(g): elements whose gradient is rounding noise may flip, so the
-    # update is compared by its relative L2 error (a wrong gradient gives errors of order 1).
-    for (path, g), (_, w) in zip(jax.tree_util.tree_leaves_with_path(got_update),
-                                 jax.tree_util.tree_leaves_with_path(want_update)):
-        assert _relative_l2(g, w) < 2e-3, (jax.tree_util.keystr(path), _relative_l2(g, w))
-
-
-def _assert_same_grads(got, want):
-    for (path, g), (_, w) in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want),
-                                 strict=True):
-        scale = float(np.max(np.abs(w)))
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5 * max(scale, 1e-30), err_msg=jax.tree_util.keystr(path))
+    assert_same_grads(got_grads, want_grads)
+    assert_same_updates(got_update, want_update)
 
 
 @pytest.mark.slow
@@ -117,7 +85,7 @@ def test_gcl_only_step_skips_the_head_with_the_same_gradients():
     assert want_metrics["loss_gen"] > 0 and "loss_gen" not in got_metrics
     for key in got_metrics:
         np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-5, err_msg=key)
-    _assert_same_grads(got_grads, want_grads)
+    assert_same_grads(got_grads, want_grads, every_tensor_trained=False)  # the head gets no gradient
     # The skipped head and last-layer rows are work the compiled step no longer does (on this toy model the
     # head is small: 512 words x 64 wide, 4 targets per note).
     flops = [f.lower(state, batch).compile().cost_analysis()["flops"] for f in (skipping_jit, reference_jit)]
@@ -128,7 +96,7 @@ def test_gcl_only_step_skips_the_head_with_the_same_gradients():
     got_metrics, got_grads = jax.device_get(jax.jit(partial(loss_and_grads, setup=spec_cached))(state, batch))
     assert "loss_gen" not in got_metrics
     np.testing.assert_allclose(got_metrics["loss_cl"], want_metrics["loss_cl"], rtol=1e-5)
-    _assert_same_grads(got_grads, want_grads)
+    assert_same_grads(got_grads, want_grads, every_tensor_trained=False)  # the head gets no gradient
 
 
 def test_grad_cache_chunk_must_divide_the_batch():

@@ -4,6 +4,7 @@ cache entry, and on an accelerator as minutes of recompiling)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from notellm_jax.config import Config, override
 from notellm_jax.data.input_pipeline import synthetic_batches
@@ -14,21 +15,29 @@ from notellm_jax.model.params import abstract_params, init_params
 from notellm_jax.sharding import make_mesh
 from notellm_jax.train.step import compile_steps, create_state, make_train_setup, to_global_batch
 from notellm_jax.weights.loading import load_initial_params
+from step_compare import sparse_targets
 
 
-def test_train_step_compiles_once():
+@pytest.mark.parametrize("head_rows_per_note", [0, 3], ids=["unpacked", "packed_head"])
+def test_train_step_compiles_once(head_rows_per_note):
+    """Also with the packed LM head over batches of different fill (each fits 3 rows per note)."""
     config = override(Config(), {"model.checkpoint": "random:stories260k", "train.synthetic_data": True,
                                  "prompt.max_length": 32, "prompt.max_targets": 4, "train.batch_pairs": 4,
-                                 "model.emb_dim": 16})
+                                 "model.emb_dim": 16, "train.head_rows_per_note": head_rows_per_note})
     params, llama_cfg = load_initial_params(config, None)
     setup = make_train_setup(config, llama_cfg, make_mesh(1, 4, 1, devices=jax.devices()[:4]), total_steps=10)
     state = create_state(setup, params)
     step_fn, eval_fn = compile_steps(setup)
     data = synthetic_batches(config, llama_cfg, 0)
-    for _ in range(3):
-        state, metrics = step_fn(state, to_global_batch(setup, next(data)))
-    for _ in range(2):
-        eval_fn(state, to_global_batch(setup, next(data)))
+    def batch(seed):
+        out = to_global_batch(setup, sparse_targets(next(data), seed) if head_rows_per_note else next(data))
+        assert ("head_index" in out) == bool(head_rows_per_note)  # packed batches really are packed
+        return out
+
+    for i in range(3):
+        state, metrics = step_fn(state, batch(i))
+    for i in range(2):
+        eval_fn(state, batch(5 + i))
     jax.block_until_ready(metrics)
     assert step_fn._cache_size() == 1 and eval_fn._cache_size() == 1
 
