@@ -257,9 +257,15 @@ def write_report(config: Config, labels: dict[str, str], generating: tuple[str, 
     if generation:
         lines += ["## Generation (test notes)", ""] + _generation_lines(generation, labels) + [""]
     lines += _training_lines(training, labels)
-    lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
+    # timings.json is merged over `notellm job` invocations in this work dir (a resumed job, or one run with
+    # other variants, adds to it; a stage skipped because its outputs exist records its skip time): the sum
+    # is of the recorded stages, not one invocation's wall time.
+    lines += ["", "## Wall time per stage (s)", "",
+              "Each stage's last recorded time in this work dir; the stages may come from several `notellm job`"
+              " invocations, and a stage that found its outputs (skipped) records only the skip.", "",
+              "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
-    lines += [f"| total | {round(sum(timings.values()), 1)} |", ""]
+    lines += [f"| sum of the stages above | {round(sum(timings.values()), 1)} |", ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "metrics.json").write_text(json.dumps(
         {"run": info, "config": config.to_dict(), "timings": timings, "data": stats, "training": training,
