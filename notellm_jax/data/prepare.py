@@ -114,6 +114,16 @@ def parse_stages(text: str | None) -> list[str] | None:
     return [s for s in STAGES if s in names]  # always in pipeline order
 
 
+def stages_to_run(config: Config, stages: Sequence[str] | None = None, force: bool = False) -> list[str]:
+    """The stages (default_stages if None) that `prepare` would run: all with force, else every stage from
+    the first one whose outputs are missing in <work_dir>/data on (a redone stage redoes what reads it)."""
+    stages = default_stages(config) if stages is None else list(stages)
+    for i, name in enumerate(stages):
+        if force or not all((config.data_dir / o).exists() for o in STAGES[name][1]):
+            return stages[i:]
+    return []
+
+
 def prepare(config: Config, stages: Sequence[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Run the selected stages (default_stages if None) in order into <work_dir>/data; returns (and
     writes) stats.json's content."""
@@ -123,17 +133,15 @@ def prepare(config: Config, stages: Sequence[str] | None = None, force: bool = F
     stats_path = data_dir / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     stats["config"] = config.to_dict()
-    ran_earlier = False
+    pending = stages_to_run(config, stages, force)
     for name in stages:
-        run, outputs = STAGES[name]
-        if not (force or ran_earlier) and all((data_dir / o).exists() for o in outputs):
+        if name not in pending:
             print(f"[prepare] {name}: outputs exist in {data_dir}, skipped (--force to redo)", flush=True)
             continue
         print(f"[prepare] {name} ...", flush=True)
         start = time.perf_counter()
-        stats[name] = run(config, data_dir)
+        stats[name] = STAGES[name][0](config, data_dir)
         stats[name]["seconds"] = round(time.perf_counter() - start, 3)
-        ran_earlier = True
         print(f"[prepare] {name}: {json.dumps(_headline(stats[name]))}", flush=True)
         stats_path.write_text(json.dumps(stats, indent=1))
     stats_path.write_text(json.dumps(stats, indent=1))

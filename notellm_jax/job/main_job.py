@@ -16,6 +16,7 @@ Stages (each skips work whose outputs exist, unless named in --force):
 """
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 import time
@@ -46,8 +47,12 @@ def variant_config(config: Config, objective: str) -> Config:
 
 
 class Timer:
+    """The wall time of each stage that did work in this invocation, and the names of those that found
+    their outputs and were skipped (those record no time)."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.skipped: list[str] = []
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
         print(f"[job] {name} ...", file=sys.stderr, flush=True)
@@ -57,13 +62,20 @@ class Timer:
         print(f"[job] {name} done in {self.seconds[name]:.0f}s", file=sys.stderr, flush=True)
         return result
 
+    def skip(self, name: str, why: str = "outputs exist") -> None:
+        self.skipped.append(name)
+        print(f"[job] {name}: {why}, skipped", file=sys.stderr, flush=True)
+
 
 def _export_dir(config: Config, objective: str) -> Path:
     return variant_config(config, objective).work_dir / "export"
 
 
 def stage_prepare(config: Config, force: bool, timer: Timer) -> None:
-    from notellm_jax.data.prepare import prepare
+    from notellm_jax.data.prepare import prepare, stages_to_run
+    if not stages_to_run(config, force=force):
+        timer.skip("prepare", f"outputs exist in {config.data_dir}")
+        return
     timer.run("prepare", lambda: prepare(config, force=force))
 
 
@@ -72,7 +84,7 @@ def stage_train(config: Config, force: bool, timer: Timer) -> None:
     for objective in config.job.train_variants:
         sub = variant_config(config, objective)
         if (sub.work_dir / "export" / "notellm.json").is_file() and not force:
-            print(f"[job] train {objective}: export exists, skipped", file=sys.stderr)
+            timer.skip(f"train {objective}", "export exists")
             continue
         if force and sub.work_dir.exists():
             import shutil
@@ -88,6 +100,7 @@ def stage_embed(config: Config, force: bool, timer: Timer) -> None:
     for objective in config.job.train_variants:
         out = embedding_dir(config, objective)
         if (out / "embeddings.json").is_file() and not force:
+            timer.skip(f"embed {objective}")
             continue
         test_notes = test_notes or select_notes(config, "test")
         sub = variant_config(config, objective)
@@ -96,6 +109,7 @@ def stage_embed(config: Config, force: bool, timer: Timer) -> None:
     for name in config.job.baselines:
         out = embedding_dir(config, name)
         if (out / "embeddings.json").is_file() and not force:
+            timer.skip(f"embed {name}")
             continue
         timer.run(f"embed {name}", lambda name=name, out=out: embed_baseline(config, name, out))
 
@@ -112,6 +126,7 @@ def stage_recall(config: Config, force: bool, timer: Timer) -> None:
     for model in _models(config):
         path = out_dir / f"{model}.recall.json"
         if path.is_file() and not force:
+            timer.skip(f"recall {model}")
             continue
         result = timer.run(f"recall {model}", lambda model=model: evaluate_embeddings(
             config, embedding_dir(config, model), name=model))
@@ -127,6 +142,7 @@ def stage_generate(config: Config, force: bool, timer: Timer) -> None:
         name = objective + ("-constrained" if constrain else "")
         out = config.work_dir / "eval" / "generation" / name
         if (out / "metrics.json").is_file() and not force:
+            timer.skip(f"generate {name}")
             continue
         tasks = ("category",) if constrain else ("category", "hashtag")
         sub = variant_config(config, objective)
@@ -154,24 +170,32 @@ def _stage_list(text: str | None, default: tuple[str, ...]) -> list[str]:
     return [s for s in STAGES if s in names]
 
 
-def run_pipeline(config: Config, only: list[str], force: list[str]) -> dict[str, float]:
+def run_pipeline(config: Config, only: list[str], force: list[str]) -> dict[str, Any]:
+    """Run the stages; append this invocation's record to <work_dir>/timings.json (rewritten after each
+    stage, so an interrupted job keeps what finished) and return it."""
+    from notellm_jax.job.report import git_commit, read_timings
     timer = Timer()
     timings_path = config.work_dir / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    invocations = read_timings(timings_path)
+    start = time.time()
+    record = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "commit": git_commit(), "stages_asked": only, "forced": force,
+              "stages": timer.seconds, "skipped": timer.skipped, "wall_s": 0.0}
+    invocations.append(record)
     for stage in only:
         STAGE_FNS[stage](config, stage in force, timer)
-        timings.update(timer.seconds)
+        record["wall_s"] = round(time.time() - start, 1)
         timings_path.parent.mkdir(parents=True, exist_ok=True)
-        timings_path.write_text(json.dumps(timings, indent=1))
-    return timings
+        timings_path.write_text(json.dumps({"invocations": invocations}, indent=1))
+    return record
 
 
-def run(args, config: Config) -> dict[str, float]:
-    """`notellm job`: the stages in order, skipping finished ones; returns the stage wall times."""
+def run(args, config: Config) -> dict[str, Any]:
+    """`notellm job`: the stages in order, skipping finished ones; returns this invocation's timing record
+    (its "stages": the wall time of each stage that did work)."""
     only = _stage_list(args.only, STAGES)
     force = _stage_list(args.force, ())
-    start = time.time()
-    timings = run_pipeline(config, only, force)
-    print(f"[job] finished in {time.time() - start:.0f}s; report: {config.work_dir / 'report' / 'report.md'}",
+    record = run_pipeline(config, only, force)
+    print(f"[job] finished in {record['wall_s']:.0f}s; report: {config.work_dir / 'report' / 'report.md'}",
           file=sys.stderr)
-    return timings
+    return record

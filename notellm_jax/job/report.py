@@ -20,14 +20,18 @@ from notellm_jax.errors import MissingInputError
 from notellm_jax.runtime import machine_summary
 
 
-def run_info() -> dict[str, Any]:
+def git_commit() -> str:
+    """The short commit of the working directory's checkout ("unknown" outside git)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        return "unknown"
+
+
+def run_info() -> dict[str, Any]:
     import jax
-    return {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_summary(),
             "python": platform.python_version(), "jax": jax.__version__,
             "devices": sorted({d.device_kind for d in jax.devices()})}
@@ -231,6 +235,51 @@ def _training_lines(training: dict[str, Any], labels: dict[str, str]) -> list[st
     return lines
 
 
+def read_timings(path: Path) -> list[dict[str, Any]]:
+    """timings.json: one record per `notellm job` invocation in this work dir, oldest first. A file from
+    before per-invocation records (one flat {stage: seconds} dict) reads as one record marked "merged"."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and "invocations" not in data:
+        return [{"started": None, "commit": None, "merged": True, "stages": data, "skipped": []}]
+    return data["invocations"]
+
+
+def latest_stage_times(invocations: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each stage's latest run that did work: {stage: {"seconds", "started", "commit"}}, in first-run order."""
+    latest: dict[str, dict[str, Any]] = {}
+    for record in invocations:
+        for stage, seconds in record["stages"].items():
+            latest[stage] = {"seconds": seconds, "started": record.get("started"), "commit": record.get("commit")}
+    return latest
+
+
+def _wall_time_lines(invocations: list[dict[str, Any]]) -> list[str]:
+    """The stage times of timings.json: per stage its latest real run, then every job invocation."""
+    if not invocations:
+        return ["## Wall time", "", "No timings.json in this work dir (the stages were not run by `notellm job`).", ""]
+    lines = ["## Wall time per stage (s)", "",
+             "Each stage's latest run that did work in this work dir; the stages may come from different"
+             " `notellm job` invocations (listed below). A stage that found its outputs was skipped and records"
+             " no time.", "", "| stage | seconds | invocation started | commit |", "|---|---|---|---|"]
+    for stage, run in latest_stage_times(invocations).items():
+        lines.append(f"| {stage} | {run['seconds']} | {run['started'] or 'unknown'} | {run['commit'] or 'unknown'} |")
+    lines += ["", "### Job invocations", "",
+              "Wall time is recorded after each stage, so the invocation writing this report is counted up to"
+              " its report stage.", "",
+              "| started | commit | stages that ran | skipped | wall (s) |", "|---|---|---|---|---|"]
+    for record in invocations:
+        if record.get("merged"):
+            lines.append(f"| unknown (merged before per-invocation records) | unknown | {', '.join(record['stages'])}"
+                         " | unknown | unknown |")
+            continue
+        ran = ", ".join(f"{k} {v}" for k, v in record["stages"].items()) or "none"
+        lines.append(f"| {record['started']} | {record['commit']} | {ran} | {', '.join(record['skipped']) or 'none'}"
+                     f" | {record['wall_s']} |")
+    return lines + [""]
+
+
 def write_report(config: Config, labels: dict[str, str], generating: tuple[str, ...]) -> Path:
     out = config.work_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -243,7 +292,7 @@ def write_report(config: Config, labels: dict[str, str], generating: tuple[str, 
                   for p in sorted((config.work_dir / "eval" / "generation").glob("*")) if (p / "metrics.json").is_file()}
     training = {o: training_summary(config, o) for o in config.job.train_variants}
     stats = _read_json(config.data_dir / "stats.json") or {}
-    timings = _read_json(config.work_dir / "timings.json") or {}
+    invocations = read_timings(config.work_dir / "timings.json")
     info = run_info()
 
     _plot_recall(models, recalls, labels, out / "recall_at_k.png")
@@ -257,17 +306,9 @@ def write_report(config: Config, labels: dict[str, str], generating: tuple[str, 
     if generation:
         lines += ["## Generation (test notes)", ""] + _generation_lines(generation, labels) + [""]
     lines += _training_lines(training, labels)
-    # timings.json is merged over `notellm job` invocations in this work dir (a resumed job, or one run with
-    # other variants, adds to it; a stage skipped because its outputs exist records its skip time): the sum
-    # is of the recorded stages, not one invocation's wall time.
-    lines += ["", "## Wall time per stage (s)", "",
-              "Each stage's last recorded time in this work dir; the stages may come from several `notellm job`"
-              " invocations, and a stage that found its outputs (skipped) records only the skip.", "",
-              "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in timings.items()]
-    lines += [f"| sum of the stages above | {round(sum(timings.values()), 1)} |", ""]
+    lines += [""] + _wall_time_lines(invocations)
     (out / "report.md").write_text("\n".join(lines))
     (out / "metrics.json").write_text(json.dumps(
-        {"run": info, "config": config.to_dict(), "timings": timings, "data": stats, "training": training,
+        {"run": info, "config": config.to_dict(), "timings": {"invocations": invocations, "latest": latest_stage_times(invocations)}, "data": stats, "training": training,
          "recall": recalls, "generation": generation}, indent=1, default=str))
     return out

@@ -78,8 +78,9 @@ def test_pipeline_runs_every_stage_and_reports(prepared, shared_dir, tmp_path):
                  'job.train_variants=["notellm", "gcl_only"]', 'job.baselines=["llm_last_token", "sbert_zeroshot"]',
                  "generation.limit=6", "generation.constrain_categories=true", "retrieval.bootstrap_samples=50"]
     argv = ["job", "--config", TINY] + [a for o in overrides for a in ("--set", o)]
-    timings = main(argv)
-    assert {"train notellm", "train gcl_only", "embed notellm", "embed sbert_zeroshot", "report"} <= set(timings)
+    first = main(argv)
+    assert {"train notellm", "train gcl_only", "embed notellm", "embed sbert_zeroshot", "report"} <= set(first["stages"])
+    assert "prepare" in first["skipped"] and "prepare" not in first["stages"]  # the fixture prepared the data
 
     report = (work / "report" / "report.md").read_text()
     metrics = json.loads((work / "report" / "metrics.json").read_text())
@@ -102,5 +103,13 @@ def test_pipeline_runs_every_stage_and_reports(prepared, shared_dir, tmp_path):
     outputs = [work / "models" / "notellm" / "export" / "notellm.json", work / "embeddings" / "notellm" / "embeddings.json",
                work / "eval" / "notellm.recall.json"]
     before = [p.stat().st_mtime_ns for p in outputs]
-    main(argv + ["--only", "train,embed,recall"])
+    second = main(argv + ["--only", "train,embed,recall"])
     assert [p.stat().st_mtime_ns for p in outputs] == before
+    assert second["stages"] == {} and {"train notellm", "embed notellm", "recall notellm"} <= set(second["skipped"])
+    # Each invocation keeps its own record: the skips did not overwrite the first run's stage times.
+    invocations = json.loads((work / "timings.json").read_text())["invocations"]
+    assert [r["stages"] for r in invocations] == [first["stages"], {}]
+    main(argv + ["--only", "report"])
+    latest = json.loads((work / "report" / "metrics.json").read_text())["timings"]["latest"]
+    assert latest["train notellm"]["seconds"] == first["stages"]["train notellm"] > 0
+    assert len(json.loads((work / "timings.json").read_text())["invocations"]) == 3

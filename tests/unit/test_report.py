@@ -35,7 +35,11 @@ def run(tmp_path):
     gen = tmp_path / "eval" / "generation" / "notellm"
     gen.mkdir(parents=True)
     (gen / "metrics.json").write_text(json.dumps({"notes": 6, "category": {"accuracy": 0.5, "illusory": 1 / 6}}))
-    (tmp_path / "timings.json").write_text(json.dumps({"train notellm": 12.5, "report": 0.5}))
+    invocations = [{"started": "2026-12-01T10:00:00+00:00", "commit": "aaa1111", "stages": {"prepare": 3.0,
+                    "train notellm": 12.5, "report": 0.5}, "skipped": [], "wall_s": 16.0},
+                   {"started": "2026-12-02T10:00:00+00:00", "commit": "bbb2222", "stages": {"report": 0.7},
+                    "skipped": ["prepare", "train notellm"], "wall_s": 0.9}]
+    (tmp_path / "timings.json").write_text(json.dumps({"invocations": invocations}))
     return config
 
 
@@ -46,9 +50,14 @@ def test_tables_carry_the_input_numbers(run):
     assert "| SBERT | 25.0 [24.0, 26.0] | 75.0 [73.0, 78.0] |" in report
     assert "| NoteLLM | 6 | 50.0 | 16.7 |" in report                       # generation: Acc., Ill.
     assert "| NoteLLM | 4 | 3.000 → 0.750 | 5.000 → 1.250 | 0.900 | 0.50 | 1000 | 25.0% |" in report
-    assert "| sum of the stages above | 13.0 |" in report
+    # Wall time: each stage's latest real run (a later skip records no time), then every invocation.
+    assert "| train notellm | 12.5 | 2026-12-01T10:00:00+00:00 | aaa1111 |" in report
+    assert "| report | 0.7 | 2026-12-02T10:00:00+00:00 | bbb2222 |" in report
+    assert "| 2026-12-02T10:00:00+00:00 | bbb2222 | report 0.7 | prepare, train notellm | 0.9 |" in report
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["recall"]["sbert_zeroshot"]["cooccurrence"]["recall"]["10"]["recall"] == 0.75
+    assert metrics["timings"]["latest"]["prepare"] == {"seconds": 3.0, "started": "2026-12-01T10:00:00+00:00",
+                                                       "commit": "aaa1111"}
 
 
 def test_training_row_of_a_variant_without_generation_loss(run, tmp_path):
@@ -98,3 +107,10 @@ def test_missing_results_name_the_models(run, tmp_path):
     (tmp_path / "eval" / "sbert_zeroshot.recall.json").unlink()
     with pytest.raises(MissingInputError, match="sbert_zeroshot"):
         write_report(run, {}, ())
+
+
+def test_a_timings_file_from_before_per_invocation_records_reads_as_one_merged_record(run, tmp_path):
+    (tmp_path / "timings.json").write_text(json.dumps({"prepare": 0.0, "train notellm": 12.5}))
+    report = (write_report(run, {"notellm": "NoteLLM"}, ("notellm",)) / "report.md").read_text()
+    assert "| train notellm | 12.5 | unknown | unknown |" in report
+    assert "| unknown (merged before per-invocation records) | unknown | prepare, train notellm |" in report

@@ -127,6 +127,11 @@ def test_prepare_cli_generic(tmp_path, capsys):
     capsys.readouterr()
     main(["prepare", "--config", str(config), *stages])
     assert capsys.readouterr().out.count("outputs exist") == 3
+    # A stage whose output is missing runs again, and so does every stage after it (they read its output).
+    (data_dir / "pairs_all.parquet").unlink()
+    main(["prepare", "--config", str(config), *stages])
+    out = capsys.readouterr().out
+    assert out.count("outputs exist") == 1 and "[prepare] cooccurrence ..." in out and "[prepare] splits ..." in out
     main(["prepare", "--config", str(config), "--stages", "cooccurrence,splits", "--force",
                   "--set", "data.cooc_top_t=1"])
     assert "outputs exist" not in capsys.readouterr().out
