@@ -20,13 +20,17 @@ from notellm_jax.errors import MissingInputError
 from notellm_jax.runtime import machine_summary
 
 
-def git_commit() -> str:
-    """The short commit of the working directory's checkout ("unknown" outside git)."""
+def git_commit(cwd: str | Path | None = None) -> str:
+    """The short commit of the checkout at `cwd` (default: the working directory), with "-dirty" when a
+    tracked file differs from it (untracked files, such as the ignored runs/, do not count); "unknown"
+    outside git."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True, cwd=cwd).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], capture_output=True, cwd=cwd).returncode
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return commit + ("-dirty" if dirty else "")
 
 
 def run_info() -> dict[str, Any]:

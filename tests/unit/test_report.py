@@ -114,3 +114,28 @@ def test_a_timings_file_from_before_per_invocation_records_reads_as_one_merged_r
     report = (write_report(run, {"notellm": "NoteLLM"}, ("notellm",)) / "report.md").read_text()
     assert "| train notellm | 12.5 | unknown | unknown |" in report
     assert "| unknown (merged before per-invocation records) | unknown | prepare, train notellm |" in report
+
+
+def test_git_commit_names_the_checkout_and_marks_a_modified_one(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    from notellm_jax.job.report import git_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git looks no further up than tmp_path
+    (tmp_path / "plain").mkdir()
+    assert git_commit(tmp_path / "plain") == "unknown"  # not a git checkout
+    tmp_path = tmp_path / "repo"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.txt").write_text("one")
+    subprocess.run(git + ["add", "a.txt"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-qm", "first"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (tmp_path / "untracked.txt").write_text("x")
+    assert git_commit(tmp_path) == head  # untracked files do not count
+    (tmp_path / "a.txt").write_text("two")
+    assert git_commit(tmp_path) == head + "-dirty"
