@@ -66,6 +66,14 @@ class Timer:
         self.skipped.append(name)
         print(f"[job] {name}: {why}, skipped", file=sys.stderr, flush=True)
 
+    def done(self, name: str, marker: Path, force: bool, why: str = "outputs exist") -> bool:
+        """True (and `name` recorded as skipped) when `marker`, the file a step writes last, exists and
+        the stage is not forced."""
+        if force or not marker.is_file():
+            return False
+        self.skip(name, why)
+        return True
+
 
 def _export_dir(config: Config, objective: str) -> Path:
     return variant_config(config, objective).work_dir / "export"
@@ -83,8 +91,7 @@ def stage_train(config: Config, force: bool, timer: Timer) -> None:
     from notellm_jax.train import train
     for objective in config.job.train_variants:
         sub = variant_config(config, objective)
-        if (sub.work_dir / "export" / "notellm.json").is_file() and not force:
-            timer.skip(f"train {objective}", "export exists")
+        if timer.done(f"train {objective}", sub.work_dir / "export" / "notellm.json", force, "export exists"):
             continue
         if force and sub.work_dir.exists():
             import shutil
@@ -99,8 +106,7 @@ def stage_embed(config: Config, force: bool, timer: Timer) -> None:
     test_notes = None
     for objective in config.job.train_variants:
         out = embedding_dir(config, objective)
-        if (out / "embeddings.json").is_file() and not force:
-            timer.skip(f"embed {objective}")
+        if timer.done(f"embed {objective}", out / "embeddings.json", force):
             continue
         test_notes = test_notes or select_notes(config, "test")
         sub = variant_config(config, objective)
@@ -108,8 +114,7 @@ def stage_embed(config: Config, force: bool, timer: Timer) -> None:
                   embed_notes(sub, _export_dir(config, o), test_notes, out, name=o))
     for name in config.job.baselines:
         out = embedding_dir(config, name)
-        if (out / "embeddings.json").is_file() and not force:
-            timer.skip(f"embed {name}")
+        if timer.done(f"embed {name}", out / "embeddings.json", force):
             continue
         timer.run(f"embed {name}", lambda name=name, out=out: embed_baseline(config, name, out))
 
@@ -125,8 +130,7 @@ def stage_recall(config: Config, force: bool, timer: Timer) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for model in _models(config):
         path = out_dir / f"{model}.recall.json"
-        if path.is_file() and not force:
-            timer.skip(f"recall {model}")
+        if timer.done(f"recall {model}", path, force):
             continue
         result = timer.run(f"recall {model}", lambda model=model: evaluate_embeddings(
             config, embedding_dir(config, model), name=model))
@@ -141,8 +145,7 @@ def stage_generate(config: Config, force: bool, timer: Timer) -> None:
     for objective, constrain in runs:
         name = objective + ("-constrained" if constrain else "")
         out = config.work_dir / "eval" / "generation" / name
-        if (out / "metrics.json").is_file() and not force:
-            timer.skip(f"generate {name}")
+        if timer.done(f"generate {name}", out / "metrics.json", force):
             continue
         tasks = ("category",) if constrain else ("category", "hashtag")
         sub = variant_config(config, objective)

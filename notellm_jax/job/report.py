@@ -313,6 +313,7 @@ def write_report(config: Config, labels: dict[str, str], generating: tuple[str, 
     lines += [""] + _wall_time_lines(invocations)
     (out / "report.md").write_text("\n".join(lines))
     (out / "metrics.json").write_text(json.dumps(
-        {"run": info, "config": config.to_dict(), "timings": {"invocations": invocations, "latest": latest_stage_times(invocations)}, "data": stats, "training": training,
-         "recall": recalls, "generation": generation}, indent=1, default=str))
+        {"run": info, "config": config.to_dict(),
+         "timings": {"invocations": invocations, "latest": latest_stage_times(invocations)},
+         "data": stats, "training": training, "recall": recalls, "generation": generation}, indent=1, default=str))
     return out
