@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     for part in args.parts.split(","):
         result[part] = {"smollm2": smollm2, "llama2_7b": llama2_7b}[part](args)
         result["wall_s"] = time.time() - start
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))  # after each part: a partial file survives a kill
     print(json.dumps(result, indent=1))
     return result

@@ -1,7 +1,7 @@
 """Co-occurrence throughput, in-memory engine and Beam local runner, on synthetic logs; prints JSON.
 
     python bench/cooccurrence.py [--sizes 1000000,10000000,30000000] [--engines memory,beam] [--beam-sizes S]
-        [--max-rss-gib 0] [--timeout-s 900] [--beam-timeout-s 0] [--out bench/results/cooccurrence_cpu.json]
+        [--max-rss-gib 0] [--timeout-s 900] [--beam-timeout-s 0] [--out bench/results/cooccurrence/DATE-cpu.json]
 
 The committed result: --sizes 1000000,10000000,30000000,60000000 --beam-sizes 1000000,10000000,30000000
 --max-rss-gib 12 --timeout-s 900 --beam-timeout-s 600.
@@ -169,6 +169,7 @@ def main() -> None:
               "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "runs": runs}
     text = json.dumps(result, indent=1)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(text)
 

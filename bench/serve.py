@@ -1,8 +1,8 @@
 """Load benchmark of the service on loopback; prints one JSON object (and writes it with --out).
 
-    python bench/serve.py [--config configs/tiny.py] [--requests 64] [--out bench/results/serve_cpu.json]
+    python bench/serve.py [--config configs/tiny.py] [--requests 64] [--out bench/results/serve/DATE-cpu-tiny.json]
     python bench/serve.py --config configs/smollm2_se.py --set model.train_top_layers=0 \
-        --out bench/results/serve_cpu_smollm2.json      (SmolLM2-135M from its GGUF, every layer in the export)
+        --out bench/results/serve/DATE-cpu-smollm2.json  (SmolLM2-135M from its GGUF, every layer in the export)
 
 One export (the config's initial weights: the trainer's `load_initial_params` + `save_notellm`, the same
 shapes and cost as a trained one) is embedded offline in this process (notes/s of `note_encoder`'s embedder,
@@ -270,6 +270,7 @@ def main() -> None:
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
 
 

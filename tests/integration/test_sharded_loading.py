@@ -5,7 +5,8 @@
   after every parameter is placed (a hook inside the loading path) no live single-device array has the
   shape of a whole parameter; the values equal a numpy re-computation from the files (transpose, [EMB]
   mean row, zero padding, scan stacking); in a fresh process the RSS high-water growth while loading
-  stays within 1.3x the fp32 model bytes (measured 1.12-1.16x; the whole-checkpoint path measured 2.59x, bench/results/).
+  stays within 1.3x the fp32 model bytes (measured 1.12-1.16x; the whole-checkpoint path measured 2.59x,
+  bench/results/load_memory/).
 * `configs/llama2_7b.py` (scan, remat, bf16 compute) loads a 2-layer, 7B-vocabulary model saved as HF
   through the same path, with param_dtype float32 and bfloat16 (the loader casts to the abstract
   state's dtype), and takes a train step.
