@@ -1,36 +1,28 @@
-"""The SmolLM2-135M-Instruct recipes (real weights, from its GGUF) on the Stack Exchange data.
+"""SmolLM2-135M-Instruct (real weights, from its GGUF) on the Stack Exchange data: the main job's recipes.
 
-The default main job is sized for the project's 2-core CPU machines (ENVIRONMENT.md: a full fine-tune of even
-135M parameters over all ~36k pairs takes hours there): the top `train_top_layers` decoder layers, the final
-norm, an untied copy of the LM head (`model.untie_head`), the [EMB] projection and the logit scale train; the
-frozen bottom's hidden states are computed once per distinct sequence and cached; notes are cut to 16 title
-+ 48 content tokens; one epoch over a seeded sample of 1,024 training pairs (64 steps of 16 pairs). SentenceBERT
-fine-tunes on the same pairs, batch and epochs. None of these settings were chosen on test pairs: `notellm sweep`
-chose them on validation pairs, each setting trained for exactly these 64 steps: alpha 0.1 in the first round
-(configs/sweep_smollm2_cpu.json), the learning rate 3e-3 and r 0.2 (`prompt.hashtag_fraction`) in the second
-(configs/sweep_smollm2_cpu2.json; lr 1e-2 scored worse, so the learning rate is bracketed). One epoch, not two:
-the same settings trained for 128 steps score worse on validation pairs (docs/results/sweep_128steps), and one
-epoch keeps the job within the wall-time bound of the issue that asked for these recipes (README, Results).
-The third round (configs/sweep_smollm2_cpu3.json) chose 4 trained layers over 2 (val loss_cl 1.565 vs 1.609);
-the fourth (configs/sweep_smollm2_cpu4.json) scored LoRA rank 8 lower still (1.522), but at 30 s per step here
-(no feature cache) its three trainings alone would exceed the job's wall-time bound, so it is not the default.
-The fifth (configs/sweep_smollm2_cpu5.json) kept lr 3e-3 at 4 layers: 2e-3 scored 1.576, 5e-3 1.687.
+Default (no argument): the whole main job (prepare, NoteLLM and its two ablations, the baselines, recall,
+generation, report) sized for a 2-core CPU: about 50 minutes there (32-51 min on the two VM kinds measured),
+about 54 min from a fresh clone with `launch/setup.sh`. What trains: the top `model.train_top_layers` (4)
+decoder layers, the final norm, an untied copy of the LM head (`model.untie_head`), the [EMB] projection and
+the logit scale; the frozen bottom's hidden states are computed once per distinct sequence and cached. Notes
+are cut to 16 title + 48 content tokens; one epoch over a seeded sample of 1,024 training pairs (64 steps of
+16 pairs). SentenceBERT fine-tunes on the same pairs, batch and epochs. The learning rate, alpha, r, the
+trained depth and the single epoch were chosen on validation pairs with `notellm sweep`, never on test pairs.
 
 Arguments (`configs/smollm2_se.py:ARG`):
-- `quick`: a newcomer's first look, the whole main job in minutes on this CPU: four small sites, 128 pairs
-  for one epoch (8 steps; a first epoch runs the whole frozen bottom, ~10-17 s per step here), NoteLLM and two
-  baselines, generation on 16 notes.
-- `long`: the long CPU recipe: every training pair once, 32 pairs per batch, the top layers trained on cached
-  frozen-bottom features as in the default; SentenceBERT on the same pairs, batch and epoch, uncapped as in the
-  default (equal terms: its epoch, ~2.4 h on the AMD VM, takes about NoteLLM's training time; the README's row
-  for it is from an earlier run capped at 1 hour). It takes
-  the sweep's lr 3e-3 and r 0.2 (scored at 64 steps of 16 pairs, not at this recipe's 1,136 steps of 32) and
-  2 trained layers, not the chosen 4, for its wall time; its LM head runs packed (train.head_rows_per_note 5).
-  Measured in README, Results: the long CPU recipe.
-- `full`: the accelerator recipe (one H100/H200, under 8 minutes): every layer trains, all pairs, one epoch,
-  64 pairs per batch, bf16 compute, scanned and rematerialised; input from shards/tokens.npz (numpy only),
-  so `notellm device run` needs neither TensorFlow nor gguf on that host. Its lr (3e-5) is its own; alpha 0.1
-  and r 0.2 come from the default above (never run, so none of it was scored at this scale).
+- `quick`: a first look, the same stages in about 5 minutes on a 2-core CPU (4 min 42 s to 5 min 45 s
+  measured): four small sites, 128 pairs for one epoch (8 steps), NoteLLM and two baselines, generation on
+  16 notes. Its figures are a smoke test, not a result.
+- `long`: every training pair once (36,354 pairs, 1,136 steps of 32), the top 2 layers on cached frozen-bottom
+  features, the LM head packed at 5 rows per note. On a 2-core CPU NoteLLM's training takes about 1 h 50 min
+  from an empty feature cache and 1 h with it filled; each ablation about 1 h on the filled cache; the
+  uncapped SentenceBERT fine-tune about 1 h 40 min.
+- `full`: the accelerator recipe: every layer trains, all pairs, one epoch of 64 pairs per batch, bf16,
+  scanned and rematerialised layers; input from shards/tokens.npz (numpy only), so `notellm device run`
+  needs neither TensorFlow nor gguf on that host. Estimated under 8 minutes on one H100/H200 (0.12 s per
+  step measured there); its lr (3e-5) is its own and was not chosen on validation pairs at this scale.
+
+Every run of these recipes, with its config, machine, wall time and recall: docs/results.md.
 """
 from notellm_jax.config import (BaselineConfig, Config, DataConfig, GenerationConfig, ModelConfig,
                                 PathsConfig, PromptConfig, TrainConfig, override, parse_arg)
@@ -43,11 +35,11 @@ def get_config(arg: str = "") -> Config:
         paths=PathsConfig(work_dir="runs/smollm2_se"),
         data=DataConfig(max_train_pairs=1024),
         model=ModelConfig(checkpoint="SmolLM2-135M-Instruct.Q4_1.gguf",  # under paths.cache_dir (launch/setup.sh)
-                          train_top_layers=4),  # chosen on validation pairs (README, Recipes)
+                          train_top_layers=4),  # chosen on validation pairs (docs/results.md, Sweeps)
         prompt=PromptConfig(title_max_tokens=16, content_max_tokens=48, max_length=144, max_targets=16,
-                            hashtag_fraction=0.2),  # r, chosen on validation pairs (README, Recipes)
+                            hashtag_fraction=0.2),  # r, chosen on validation pairs (docs/results.md, Sweeps)
         train=TrainConfig(batch_pairs=16, epochs=1.0,  # 64 steps, as each sweep setting was scored
-                          learning_rate=3e-3, alpha=0.1,  # chosen on validation pairs (README, Recipes)
+                          learning_rate=3e-3, alpha=0.1,  # chosen on validation pairs (docs/results.md, Sweeps)
                           log_every=8, checkpoint_every=64),
         generation=GenerationConfig(limit=96, constrain_categories=True),
         # SentenceBERT fine-tunes for the NoteLLM recipe's steps (epochs x pairs / batch), uncapped: about
@@ -66,12 +58,12 @@ def get_config(arg: str = "") -> Config:
         config = override(config, {
             "name": "smollm2_se_long", "paths.work_dir": "runs/smollm2_se_long", "data.max_train_pairs": 0,
             "train.epochs": 1.0, "train.batch_pairs": 32, "train.log_every": 16, "train.checkpoint_every": 64,
-            # lr and r as the sweep chose them on validation pairs (scored at 64 steps of 16 pairs, not at this
-            # recipe's scale); 2 trained layers, not the chosen 4, for its wall time (4 take about 1.8x as long).
+            # lr and r from the default (chosen on validation pairs at 64 steps of 16 pairs, not at this scale);
+            # 2 trained layers, not the default's 4, for the wall time (4 take about 1.8x as long per step).
             "train.learning_rate": 3e-3, "prompt.hashtag_fraction": 0.2,
             "model.train_top_layers": 2,
             # The LM head at 5 rows per note, packed (3.1 supervised tokens per note here, of 16 slots): the
-            # same loss and gradients, step 5.1 -> 3.1 s on the AMD VM (README, Training: Measured).
+            # same loss and gradients, 3.1 s per step instead of 5.1 (docs/benchmarks.md, train_step).
             "train.head_rows_per_note": 5})
     if args.full:
         config = override(config, {

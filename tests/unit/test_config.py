@@ -1,13 +1,17 @@
 """Config files, `--set` parsing, `override`, the environment step and `Config.validate`."""
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
 from notellm_jax.config import Config, apply_override, load_config, override, parse_arg
 from notellm_jax.errors import ConfigError
+from notellm_jax.tools import sweep
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SWEEPS = Path(__file__).resolve().parents[2] / "docs" / "results" / "sweeps"
+GRIDS = [CONFIGS / "sweep_example.json", *sorted(SWEEPS.glob("*/grid.json"))]
 
 
 @pytest.mark.parametrize("spec", ["tiny.py", "tiny.py:random", "smollm2_se.py", "smollm2_se.py:quick",
@@ -109,3 +113,16 @@ def test_batch_layout_is_checked_only_for_training():
     with pytest.raises(ConfigError, match="not divisible by the 2 processes"):
         config.validate(2, 2, training=True)
     assert override(Config(), {"mesh.fsdp": 4, "mesh.data": -1}).mesh_shape(8) == (2, 4, 1)
+
+
+@pytest.mark.parametrize("grid_path", GRIDS, ids=[p.parent.name if p.name == "grid.json" else p.name for p in GRIDS])
+def test_committed_sweep_grids_expand_to_valid_settings_and_match_their_results(grid_path):
+    """configs/sweep_example.json and every grid kept beside its sweep's table (docs/results/sweeps/*/grid.json):
+    each setting applies to the default recipe and validates; a kept grid is the one its sweep.json records."""
+    assert len(GRIDS) >= 7
+    grid = json.loads(grid_path.read_text())
+    base = load_config(str(CONFIGS / "smollm2_se.py"))
+    for updates in sweep.settings(grid, "one_at_a_time"):
+        assert sweep._typed(base, updates).validate(8, 1, training=True)
+    if grid_path.name == "grid.json":
+        assert json.loads((grid_path.parent / "sweep.json").read_text())["grid"] == grid
