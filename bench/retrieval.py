@@ -18,8 +18,9 @@ runtime.set_environment_defaults()
 import jax
 
 from notellm_jax.config import RetrievalConfig
-from notellm_jax.eval import ann
-from notellm_jax.eval.retrieval import exact_topk, neighbour_overlap
+from notellm_jax.infer import ann
+from notellm_jax.eval.retrieval import exact_topk
+from notellm_jax.infer.ann import neighbour_overlap
 
 
 def _timed(fn, *args, **kwargs):

@@ -148,7 +148,7 @@ def offline(config, export, notes) -> dict:
     jitted forward of one note alone (a batch of one row: the 1-client latency floor)."""
     from notellm_jax.config import override
     from notellm_jax.data.prompts import Note
-    from notellm_jax.eval.embed import note_encoder
+    from notellm_jax.infer.encoder import note_encoder
 
     out = {}
     for prefix in (True, False):
@@ -175,7 +175,7 @@ def offline(config, export, notes) -> dict:
 def live_index_recall(num: int, upserts: int, dim: int, work: Path) -> dict:
     """Recall@10 vs exact of a live tree index built on `num` vectors after `upserts` more arrive."""
     from notellm_jax.config import RetrievalConfig
-    from notellm_jax.eval import ann
+    from notellm_jax.infer import ann
     from notellm_jax.serve.index import LiveIndex
 
     vectors = ann.clustered_vectors(num + upserts, dim, round((num + upserts) ** 0.5), seed=0)
@@ -240,7 +240,7 @@ def main() -> None:
 
     from notellm_jax.config import load_config
     from notellm_jax.data.prompts import Note
-    from notellm_jax.eval.embed import embed_notes
+    from notellm_jax.infer.embed import embed_notes
     from notellm_jax.weights.export import save_notellm
     from notellm_jax.weights.tokenizer import resolve_tokenizer
     from notellm_jax.weights.loading import load_initial_params

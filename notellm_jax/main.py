@@ -30,7 +30,7 @@ from typing import Any
 COMMANDS = {
     "train": ("notellm_jax.train.trainer", "train or resume NoteLLM; checkpoints, metrics, export", True),
     "prepare": ("notellm_jax.data.prepare", "import -> co-occurrence -> splits -> tokenised shards", True),
-    "embed": ("notellm_jax.eval.embed", "embed notes with a trained export", True),
+    "embed": ("notellm_jax.infer.embed", "embed notes with a trained export", True),
     "recall": ("notellm_jax.eval.recall", "Recall@k of an embeddings folder (exact + ScaNN)", True),
     "generate": ("notellm_jax.eval.generation", "generate categories/hashtags and score them", True),
     "baselines": ("notellm_jax.eval.baselines", "baseline embeddings in the same format", True),

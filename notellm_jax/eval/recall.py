@@ -6,7 +6,7 @@ the explicit PostLinks pairs (pairs_postlinks.parquet, kept only where both note
 many survive is reported).
 Exact search follows the paper's protocol (`notellm_jax.eval.retrieval.evaluate_recall`: disjoint pairs,
 queries removed from the pool, small k and the paper's k/N ratios, bootstrap intervals, within-category
-and exposure buckets). ScaNN (`notellm_jax.eval.ann`) then indexes the same candidate pool with the
+and exposure buckets). ScaNN (`notellm_jax.infer.ann`) then indexes the same candidate pool with the
 config's parameters, is saved and reloaded, and the reloaded index answers the same queries: its
 Recall@k for the small ks, its overlap with the exact top k, and the time and QPS of both searches.
 `--against RECALL_JSON` (repeatable) adds this model minus another recall result on the same queries, with
@@ -25,11 +25,11 @@ import numpy as np
 from notellm_jax.config import Config
 from notellm_jax.data import store
 from notellm_jax.errors import InputFormatError, MissingInputError
-from notellm_jax.eval import ann
-from notellm_jax.eval.embeddings import read_embeddings, read_meta
-from notellm_jax.eval.retrieval import (build_protocol, evaluate_recall, exact_topk, l2_normalise,
-                                        format_difference, neighbour_overlap, paired_difference, pairing_problem,
-                                        ranks_from_neighbours, recall_table)
+from notellm_jax.eval.retrieval import (build_protocol, evaluate_recall, exact_topk, format_difference,
+                                        paired_difference, pairing_problem, ranks_from_neighbours, recall_table)
+from notellm_jax.infer import ann
+from notellm_jax.infer.ann import l2_normalise, neighbour_overlap
+from notellm_jax.infer.embeddings import read_embeddings, read_embeddings_meta
 
 Pair = tuple[str, str]
 DEFAULT_KS = (1, 5, 10, 20, 50, 100)  # retrieval.ks=None: these, clipped to the candidate pool
@@ -107,7 +107,7 @@ def evaluate_embeddings(config: Config, emb_dir: str | Path, name: str | None = 
                         index_dir: str | Path | None = None) -> dict[str, Any]:
     """Every recall metric of one embeddings folder as a JSON-ready dict (see the module docstring)."""
     emb_dir = Path(emb_dir)
-    meta = read_meta(emb_dir)
+    meta = read_embeddings_meta(emb_dir)
     data = load_test_data(config.data_dir)
     test_ids = data["test_ids"]
     if not test_ids:

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from notellm_jax.infer.ann import l2_normalise
+
 Pair = tuple[Hashable, Hashable]
 _SHOW = 5  # how many offending ids an error message names
 
@@ -134,18 +136,6 @@ def align_embeddings(test_ids: Sequence[Hashable], embedding_ids: Sequence[Hasha
         raise ValueError(f"{len(missing)} test notes have no embedding: {_some(missing)}")
     rows = np.array([row_of[i] for i in test_ids], dtype=np.int64)
     return np.asarray(embeddings)[rows], len(embedding_ids) - len(test_ids)
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Unit rows (cosine = dot). Embeddings should already be unit length; a zero row is an error."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"embeddings must be a [notes, dim] matrix, got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    bad = np.flatnonzero(~(norms[:, 0] > 0) | ~np.isfinite(norms[:, 0]))
-    if bad.size:
-        raise ValueError(f"{bad.size} embedding rows are zero or not finite (rows {_some(bad.tolist())})")
-    return x / norms
 
 
 def _pad_to(x: np.ndarray, length: int) -> np.ndarray:
@@ -257,15 +247,6 @@ def ranks_from_neighbours(neighbours: np.ndarray, target_pos: np.ndarray) -> np.
     neighbours = np.asarray(neighbours)
     found = neighbours == np.asarray(target_pos)[:, None]
     return np.where(found.any(axis=1), found.argmax(axis=1), neighbours.shape[1])
-
-
-def neighbour_overlap(approx: np.ndarray, exact: np.ndarray) -> float:
-    """ANN recall relative to exact search: share of the exact top-k that the ANN list also returns."""
-    approx, exact = np.asarray(approx), np.asarray(exact)
-    if approx.shape[0] != exact.shape[0]:
-        raise ValueError(f"{approx.shape[0]} ANN lists vs {exact.shape[0]} exact lists")
-    hits = sum(len(np.intersect1d(a, e)) for a, e in zip(approx, exact))
-    return hits / exact.size
 
 
 def resolve_ks(ks: Sequence[int], ratios: Sequence[float], pool_size: int) -> tuple[list[int], dict[str, int]]:

@@ -101,14 +101,15 @@ def stage_train(config: Config, force: bool, timer: Timer) -> None:
 
 def stage_embed(config: Config, force: bool, timer: Timer) -> None:
     from notellm_jax.eval.baselines import embed_baseline
-    from notellm_jax.eval.embed import embed_notes, select_notes
-    from notellm_jax.eval.embeddings import embedding_dir
+    from notellm_jax.data import store
+    from notellm_jax.infer.embed import embed_notes
+    from notellm_jax.infer.embeddings import embedding_dir
     test_notes = None
     for objective in config.job.train_variants:
         out = embedding_dir(config, objective)
         if timer.done(f"embed {objective}", out / "embeddings.json", force):
             continue
-        test_notes = test_notes or select_notes(config, "test")
+        test_notes = test_notes or store.notes_of(config.data_dir, "test", order="file")
         sub = variant_config(config, objective)
         timer.run(f"embed {objective}", lambda sub=sub, out=out, o=objective:
                   embed_notes(sub, _export_dir(config, o), test_notes, out, name=o))
@@ -124,7 +125,7 @@ def _models(config: Config) -> list[str]:
 
 
 def stage_recall(config: Config, force: bool, timer: Timer) -> None:
-    from notellm_jax.eval.embeddings import embedding_dir
+    from notellm_jax.infer.embeddings import embedding_dir
     from notellm_jax.eval.recall import evaluate_embeddings
     out_dir = config.work_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)

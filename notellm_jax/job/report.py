@@ -113,7 +113,7 @@ def _plot_recall(models: list[str], recalls: dict[str, Any], labels: dict[str, s
 
 def _plot_projection(config: Config, model: str, label: str, out: Path) -> bool:
     """2-D PCA of the model's test-note embeddings, coloured by category (site)."""
-    from notellm_jax.eval.embeddings import embedding_dir, read_embeddings
+    from notellm_jax.infer.embeddings import embedding_dir, read_embeddings
     from notellm_jax.eval.recall import load_test_data
     emb_dir = embedding_dir(config, model)
     if not (emb_dir / "embeddings.json").is_file():

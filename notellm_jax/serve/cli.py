@@ -44,7 +44,7 @@ def open_generator(args: argparse.Namespace, config, export):
     """The service's `NoteGenerator` with --generate, else None."""
     if not args.generate:
         return None
-    from notellm_jax.eval.generation import closed_categories
+    from notellm_jax.infer.generator import closed_categories
     from notellm_jax.serve.generation import NoteGenerator
 
     constrain = config.generation.constrain_categories if args.constrain_categories is None else True
@@ -57,7 +57,7 @@ def open_generator(args: argparse.Namespace, config, export):
 def run(args: argparse.Namespace, config) -> None:
     import uvicorn
 
-    from notellm_jax.eval.embed import note_encoder
+    from notellm_jax.infer.encoder import note_encoder
     from notellm_jax.serve.app import Service, create_app
     from notellm_jax.serve.batching import row_buckets
 

@@ -1,6 +1,6 @@
 """Generated category and hashtags of a note in the service (`notellm serve --generate`).
 
-The offline tool's decoder serves them: `notellm_jax.eval.generation.Generator` (greedy decoding with the KV
+The offline tool's decoder serves them: `notellm_jax.infer.generator.Generator` (greedy decoding with the KV
 cache, `model.decode.greedy_decode`), with the tool's prompts (`generation_prompt`: a note without topics
 gets no hashtag prompt), budgets (`decode_budget`) and, when constrained, its category trie over the
 training notes' categories. Each task has its own `Batcher`, so concurrent requests share one decode call.
@@ -21,8 +21,8 @@ from typing import Any
 
 from notellm_jax.config import Config
 from notellm_jax.data.prompts import TASKS, Note, example_from_tokens
-from notellm_jax.eval.embed import was_cut
-from notellm_jax.eval.generation import PAD_MULTIPLE, Generator, category_trie, decode_budget, generation_prompt
+from notellm_jax.infer.encoder import was_cut
+from notellm_jax.infer.generator import PAD_MULTIPLE, Generator, category_trie, decode_budget, generation_prompt
 from notellm_jax.serve.batching import Batcher
 
 NO_TOPICS = ("the note has no topics: the hashtag prompt asks for min(prompt.max_topics, #topics) of them, "

@@ -36,8 +36,8 @@ import numpy as np
 from notellm_jax.config import RetrievalConfig
 from notellm_jax.data.prompts import Note
 from notellm_jax.errors import MissingInputError, StoreFormatError
-from notellm_jax.eval import ann
-from notellm_jax.eval.retrieval import l2_normalise, neighbour_overlap
+from notellm_jax.infer import ann
+from notellm_jax.infer.ann import l2_normalise, neighbour_overlap
 
 FORMAT = "notellm_jax.live_index/1"
 CURRENT = "CURRENT"
@@ -354,8 +354,8 @@ class LiveIndex:
 
 def index_from_embeddings(emb_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: RetrievalConfig, k: int,
                           notes: Sequence[Note] = ()) -> LiveIndex:
-    """A new live index over an embeddings folder (`notellm_jax.eval.embed`); titles and categories from `notes`."""
-    from notellm_jax.eval.embeddings import read_embeddings
+    """A new live index over an embeddings folder (`notellm embed`, `notellm_jax.infer.embeddings`); titles and categories from `notes`."""
+    from notellm_jax.infer.embeddings import read_embeddings
 
     ids, vectors = read_embeddings(emb_dir)
     info = {n.note_id: {"title": n.title, "category": n.category} for n in notes}

@@ -80,8 +80,8 @@ def embed_test_notes(config: Config, export_dir: Path, out_dir: Path) -> Path:
     from notellm_jax import sharding as shd
     from notellm_jax.data.input_pipeline import read_meta
     from notellm_jax.data.prompts import Note
-    from notellm_jax.eval.embed import (CHUNK_BATCHES, notellm_batch_embedder, chunk_embedder,
-                                        write_embeddings)
+    from notellm_jax.infer.embeddings import write_embeddings
+    from notellm_jax.infer.encoder import CHUNK_BATCHES, chunk_embedder, notellm_batch_embedder
     from notellm_jax.weights.export import load_notellm
 
     export = load_notellm(export_dir)

@@ -26,7 +26,7 @@ from notellm_jax.model.llama import LlamaConfig
 from notellm_jax.errors import TrainingDivergedError
 from notellm_jax.train.checkpointing import (checkpoint_dir, checkpoint_manager, write_export, report_committed,
                                              restore_checkpoint, save_checkpoint)
-from notellm_jax.train.feature_cache import FeatureCache, cache_path
+from notellm_jax.infer.feature_cache import FeatureCache, cache_path
 from notellm_jax.train.guard import NonFiniteGuard
 from notellm_jax.train.metrics import MetricsWindow, MetricsWriter, StepFlops
 from notellm_jax.train.step import (TrainSetup, TrainState, compile_steps, create_state, make_train_setup,

@@ -16,7 +16,7 @@ from notellm_jax.eval.baselines import PROMPTEOL_TEMPLATE, embed_baseline, llm_t
 from notellm_jax.weights.formats import load_params
 from notellm_jax.config import load_config
 from notellm_jax.data import store
-from notellm_jax.eval.embeddings import read_embeddings, read_meta
+from notellm_jax.infer.embeddings import read_embeddings, read_embeddings_meta
 from notellm_jax.model.llama import Llama
 from notellm_jax.sharding import make_mesh
 from notellm_jax.weights.tokenizer import resolve_tokenizer
@@ -63,7 +63,7 @@ def test_llm_baselines_equal_direct_last_token(work_dir, tmp_path, name):
         tokens = [tokenizer.bos_id] + tokenizer.encode(text, split_special_tokens=True)
         hidden = np.asarray(Llama(llama_cfg).apply({"params": params}, np.asarray([tokens], np.int32)))[0, -1]
         np.testing.assert_allclose(vectors[row], hidden / np.linalg.norm(hidden), atol=2e-5)
-    assert read_meta(out)["dim"] == llama_cfg.hidden_size
+    assert read_embeddings_meta(out)["dim"] == llama_cfg.hidden_size
 
 
 def test_llm_text_budgets_and_template(work_dir):
@@ -100,7 +100,7 @@ def test_sbert_finetuned_moves_and_records(work_dir, tmp_path):
     assert ids == ["site/0", "site/2", "site/4"]
     np.testing.assert_allclose(np.linalg.norm(tuned, axis=1), 1.0, atol=1e-5)
     assert np.abs(tuned - base).max() > 1e-3  # the two steps changed the model
-    finetune = read_meta(out)["finetune"]
+    finetune = read_embeddings_meta(out)["finetune"]
     assert (finetune["steps"], finetune["pairs_used"], finetune["pairs_available"]) == (2, 4, 4)
     assert all(np.isfinite(finetune["losses"]))
 

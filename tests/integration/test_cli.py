@@ -9,7 +9,7 @@ import pytest
 from notellm_jax.main import COMMANDS
 
 REPO = Path(__file__).resolve().parents[2]
-MODULE_FORMS = {"train": "notellm_jax.train", "prepare": "notellm_jax.data.prepare", "embed": "notellm_jax.eval.embed",
+MODULE_FORMS = {"train": "notellm_jax.train", "prepare": "notellm_jax.data.prepare",
                 "recall": "notellm_jax.eval.recall", "generate": "notellm_jax.eval.generation",
                 "baselines": "notellm_jax.eval.baselines", "job": "notellm_jax.job", "plan": "notellm_jax.plan",
                 "convert": "notellm_jax.weights.convert"}

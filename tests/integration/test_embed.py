@@ -1,4 +1,4 @@
-"""eval.embed: batched, bucketed, sharded embeddings equal a direct one-note forward pass; the
+"""infer.embed / infer.encoder: batched, bucketed, sharded embeddings equal a direct one-note forward pass; the
 streaming shard format round-trips; an export that does not belong to the tokenizer is refused.
 
 The export is built from the real stories260K weights with the trainer's own `load_initial_params`
@@ -16,8 +16,9 @@ import pytest
 
 from notellm_jax.config import load_config
 from notellm_jax.data.prompts import Note, build_example
-from notellm_jax.eval.embed import bucket_lengths, embed_notes
-from notellm_jax.eval.embeddings import EmbeddingWriter, read_embeddings, read_meta
+from notellm_jax.infer.embed import embed_notes
+from notellm_jax.infer.encoder import bucket_lengths
+from notellm_jax.infer.embeddings import EmbeddingWriter, read_embeddings, read_embeddings_meta
 from notellm_jax.weights.export import load_notellm, save_notellm
 from notellm_jax.model.notellm import NoteLLM
 from notellm_jax.sharding import make_mesh
@@ -77,7 +78,7 @@ def test_embeddings_equal_direct_forward(export_dir, tmp_path, padding_side):
     expected = np.stack([direct_embedding(export, tokenizer, n) for n in notes])
     np.testing.assert_allclose(vectors, expected, atol=2e-5)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    meta = read_meta(out)
+    meta = read_embeddings_meta(out)
     assert (meta["count"], meta["dim"], len(meta["shards"])) == (11, export.emb_dim, 3)
     assert meta["prompt"]["padding_side"] == padding_side and meta["skipped"] == {}
     assert meta["devices"] == jax.device_count() == 8
@@ -91,7 +92,7 @@ def test_shards_round_trip_and_select(tmp_path):
     for start, stop in [(0, 3), (3, 9), (9, 10)]:  # uneven pieces: shards still hold 4, 4, 2
         writer.add(ids[start:stop], vectors[start:stop])
     writer.close({"model": "random"})
-    assert [s["count"] for s in read_meta(tmp_path)["shards"]] == [4, 4, 2]
+    assert [s["count"] for s in read_embeddings_meta(tmp_path)["shards"]] == [4, 4, 2]
     got_ids, got = read_embeddings(tmp_path)
     assert got_ids == ids
     np.testing.assert_array_equal(got, vectors)
@@ -176,7 +177,7 @@ def test_prefix_cache_gives_the_full_prompt_embeddings(export_dir, tmp_path, pad
     """The instruction's key/value cache computed once + each note's own tokens on top = the whole prompt run
     at once (fp32), for titles whose first character could merge with the template's last token."""
     from notellm_jax.config import override
-    from notellm_jax.eval.embed import note_encoder
+    from notellm_jax.infer.encoder import note_encoder
     from notellm_jax.data.prompts import INSTRUCTION_HEAD
 
     config = tiny_config(tmp_path, f"prompt.padding_side={padding_side}", "embed.length_buckets=2")

@@ -10,8 +10,8 @@ from notellm_jax.weights.formats import load_causal_lm
 from notellm_jax.config import Config, override
 from notellm_jax.data.prompts import Note, build_example
 from notellm_jax.data.store import write_notes
-from notellm_jax.eval.generation import (Generator, category_trie, generate_and_score, generation_prompt,
-                                         generate_task, score_generations, split_notes)
+from notellm_jax.eval.generation import generate_and_score, generate_task, generation_notes, score_generations
+from notellm_jax.infer.generator import Generator, category_trie, generation_prompt
 from notellm_jax.model.decode import NO_CHILD, TokenTrie, greedy_decode
 from notellm_jax.weights.export import save_notellm
 from notellm_jax.weights.tokenizer import load_tokenizer
@@ -264,16 +264,16 @@ def test_limit_samples_across_the_split_not_its_first_notes(tmp_path, stories_di
     write_notes(notes, tmp_path / "data" / "notes.parquet")
     test_ids = [n["note_id"] for n in notes]
     (tmp_path / "data" / "split.json").write_text(json.dumps({"train_notes": [], "test_notes": test_ids}))
-    sample, _ = split_notes(config, "test", limit=8)  # the first 8 notes are all "coffee"
+    sample, _ = generation_notes(config, "test", limit=8)  # the first 8 notes are all "coffee"
     ids = [n.note_id for n in sample]
     assert len(set(ids)) == 8 and set(ids) <= set(test_ids)
     assert ids == sorted(ids, key=test_ids.index)  # kept in split.json order
     assert len({n.category for n in sample}) >= 3
-    assert [n.note_id for n in split_notes(config, "test", limit=8)[0]] == ids  # seeded: the same sample
+    assert [n.note_id for n in generation_notes(config, "test", limit=8)[0]] == ids  # seeded: the same sample
     other = override(config, {"data.seed": config.data.seed + 1})
-    assert [n.note_id for n in split_notes(other, "test", limit=8)[0]] != ids
+    assert [n.note_id for n in generation_notes(other, "test", limit=8)[0]] != ids
     for limit in (None, 40, 100):
-        assert [n.note_id for n in split_notes(config, "test", limit=limit)[0]] == test_ids
+        assert [n.note_id for n in generation_notes(config, "test", limit=limit)[0]] == test_ids
 
 
 def test_bad_input(run, tmp_path, stories_dir, shared_dir):

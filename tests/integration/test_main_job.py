@@ -56,7 +56,7 @@ def random_control(work: Path, data_dir: Path) -> dict:
 
     from notellm_jax.config import load_config
     from notellm_jax.data import store
-    from notellm_jax.eval.embeddings import EmbeddingWriter
+    from notellm_jax.infer.embeddings import EmbeddingWriter
     from notellm_jax.eval.recall import evaluate_embeddings
 
     ids = store.split_note_ids(data_dir, "test")

@@ -278,11 +278,11 @@ def test_inconsistent_environments_are_named(env, message):
 
 @pytest.mark.slow
 def test_two_processes_embed_the_files_one_process_writes(tmp_path, shared_dir):
-    """2 processes x 2 devices (`notellm_jax.eval.embed` through the launcher) write the same shard files,
+    """2 processes x 2 devices (`notellm embed` through the launcher) write the same shard files,
     ids and (to float tolerance) vectors as one process with 4 devices; each process wrote its own blocks."""
     from notellm_jax.data import store
-    from notellm_jax.eval.embed import embed_notes
-    from notellm_jax.eval.embeddings import read_meta
+    from notellm_jax.infer.embed import embed_notes
+    from notellm_jax.infer.embeddings import read_embeddings_meta
     from notellm_jax.weights.export import save_notellm
 
     overrides = [f"paths.work_dir={tmp_path / 'run'}", f"paths.shared_dir={shared_dir}", "embed.batch_size=4",
@@ -299,10 +299,10 @@ def test_two_processes_embed_the_files_one_process_writes(tmp_path, shared_dir):
     one = embed_notes(config, export, store.load_notes(config.data_dir / "notes.parquet"), tmp_path / "one",
                       mesh=make_mesh(1, 4, 1, devices=jax.devices()[:4]))
     launch(["-n", "2", "-d", "2", "-p", str(free_port()), "-l", str(tmp_path / "logs"), "-m",
-            "notellm_jax.eval.embed", "--", "--config", TINY, *[arg for o in overrides for arg in ("--set", o)],
+            "notellm_jax", "--", "embed", "--config", TINY, *[arg for o in overrides for arg in ("--set", o)],
             "--checkpoint", str(export), "--split", "all", "--out", str(tmp_path / "two")], tmp_path / "logs")
     two = tmp_path / "two"
-    want, got = read_meta(one), read_meta(two)
+    want, got = read_embeddings_meta(one), read_embeddings_meta(two)
     assert got["processes"] == 2 and got["count"] == want["count"] == 14 and len(want["shards"]) == 5
     assert got["shards"] == want["shards"]  # same file names and row counts, in the same order
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in Path(one).iterdir())

@@ -65,7 +65,7 @@ def test_sweep_scores_two_settings_on_validation_pairs(prepared, shared_dir, tmp
 @pytest.mark.slow
 def test_device_recipe_runs_without_tensorflow_and_its_embeddings_score_here(prepared, shared_dir, tmp_path):
     from notellm_jax.data.store import split_note_ids
-    from notellm_jax.eval.embeddings import read_embeddings
+    from notellm_jax.infer.embeddings import read_embeddings
     from notellm_jax.eval.recall import evaluate_embeddings
     from notellm_jax.tools.device_recipe import pack
 

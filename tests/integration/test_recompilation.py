@@ -8,7 +8,7 @@ import pytest
 
 from notellm_jax.config import Config, override
 from notellm_jax.data.input_pipeline import synthetic_batches
-from notellm_jax.eval.embed import BatchEmbedder
+from notellm_jax.infer.encoder import BatchEmbedder
 from notellm_jax.model import decode
 from notellm_jax.model.llama import Llama, preset
 from notellm_jax.model.params import abstract_params, init_params

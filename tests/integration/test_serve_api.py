@@ -13,9 +13,10 @@ import pytest
 import notellm_jax  # noqa: F401
 from notellm_jax.config import RetrievalConfig, load_config
 from notellm_jax.data.prompts import Note
-from notellm_jax.eval.embed import embed_notes, note_encoder
-from notellm_jax.eval import ann
-from notellm_jax.eval.embeddings import read_embeddings
+from notellm_jax.infer.embed import embed_notes
+from notellm_jax.infer.encoder import note_encoder
+from notellm_jax.infer import ann
+from notellm_jax.infer.embeddings import read_embeddings
 from notellm_jax.weights.export import save_notellm
 from notellm_jax.serve.app import Service, create_app
 from notellm_jax.serve.batching import row_buckets

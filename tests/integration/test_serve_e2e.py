@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from notellm_jax.data import store
-from notellm_jax.eval.embed import embed_notes
-from notellm_jax.eval.embeddings import read_embeddings
+from notellm_jax.infer.embed import embed_notes
+from notellm_jax.infer.embeddings import read_embeddings
 from notellm_jax.eval.generation import generate_and_score
 from notellm_jax.weights.export import save_notellm
 from notellm_jax.sharding import make_mesh

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from notellm_jax.config import Config, load_config
 from notellm_jax.sharding import make_mesh
-from notellm_jax.train.feature_cache import FeatureCache
+from notellm_jax.infer.feature_cache import FeatureCache
 from notellm_jax.data.input_pipeline import synthetic_batches
 from notellm_jax.model.params import split_params
 from notellm_jax.train.step import TrainState, compile_steps, create_state, make_train_setup, to_global_batch

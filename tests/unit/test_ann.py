@@ -6,8 +6,9 @@ import pytest
 
 from notellm_jax.config import RetrievalConfig
 from notellm_jax.errors import StoreFormatError
-from notellm_jax.eval import ann
-from notellm_jax.eval.retrieval import exact_topk, neighbour_overlap
+from notellm_jax.infer import ann
+from notellm_jax.eval.retrieval import exact_topk
+from notellm_jax.infer.ann import neighbour_overlap
 
 if importlib.util.find_spec("scann") is None:  # absent on the GPU machines by design (ENVIRONMENT.md)
     pytest.skip("scann is not installed", allow_module_level=True)

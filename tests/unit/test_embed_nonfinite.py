@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from notellm_jax.data.prompts import Note
-from notellm_jax.eval.embed import write_embeddings
+from notellm_jax.infer.embeddings import write_embeddings
 
 
 def _notes(n: int) -> list[Note]:

@@ -16,7 +16,7 @@ import pytest
 
 from notellm_jax.config import load_config
 from notellm_jax.data import store
-from notellm_jax.eval.embeddings import EmbeddingWriter
+from notellm_jax.infer.embeddings import EmbeddingWriter
 from notellm_jax.eval.recall import evaluate_embeddings
 from notellm_jax.main import main
 

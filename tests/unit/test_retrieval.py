@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from notellm_jax.eval import retrieval as R
+from notellm_jax.infer.ann import l2_normalise
 
 
 def _at_angles(degrees, scales=None):
@@ -65,8 +66,8 @@ def test_pool_excludes_every_query_and_keeps_ground_truths():
 
 def test_exact_paths_equal_numpy_brute_force():
     rng = np.random.default_rng(0)
-    queries = R.l2_normalise(rng.normal(size=(37, 16)))
-    candidates = R.l2_normalise(rng.normal(size=(301, 16)))
+    queries = l2_normalise(rng.normal(size=(37, 16)))
+    candidates = l2_normalise(rng.normal(size=(301, 16)))
     target_pos = rng.integers(0, 301, size=37)
     expected = _numpy_ranks(queries, candidates, target_pos)
     # Small blocks so the padding of the last query batch and candidate chunk is exercised.
@@ -86,11 +87,11 @@ def test_exact_paths_equal_numpy_brute_force():
 
 def test_within_group_ranks_equal_numpy():
     rng = np.random.default_rng(1)
-    candidates = R.l2_normalise(rng.normal(size=(200, 8)))
+    candidates = l2_normalise(rng.normal(size=(200, 8)))
     candidate_groups = rng.integers(0, 4, size=200)
     target_pos = rng.integers(0, 200, size=40)
     query_groups = candidate_groups[target_pos]
-    queries = R.l2_normalise(rng.normal(size=(40, 8)))
+    queries = l2_normalise(rng.normal(size=(40, 8)))
     ranks = R.exact_target_ranks(queries, candidates, target_pos, query_groups, candidate_groups, chunk_size=48)
     np.testing.assert_array_equal(ranks, _numpy_ranks(queries, candidates, target_pos, query_groups, candidate_groups))
 
@@ -228,6 +229,6 @@ def test_bad_input_errors_name_the_ids():
     with pytest.raises(ValueError, match="not test notes: 'zz'"):
         R.build_protocol(ids, [("a", "zz")])
     with pytest.raises(ValueError, match=r"zero or not finite \(rows 1\)"):
-        R.l2_normalise(np.array([[1.0, 0.0], [0.0, 0.0]]))
+        l2_normalise(np.array([[1.0, 0.0], [0.0, 0.0]]))
     with pytest.raises(ValueError, match="no test pairs"):
         R.build_protocol(ids, [])

@@ -10,7 +10,7 @@ import pytest
 
 from notellm_jax.config import RetrievalConfig
 from notellm_jax.errors import StoreFormatError
-from notellm_jax.eval import ann
+from notellm_jax.infer import ann
 from notellm_jax.serve.index import LiveIndex, UnknownNoteError
 
 if importlib.util.find_spec("scann") is None:  # absent on the GPU machines by design (ENVIRONMENT.md)

@@ -4,23 +4,33 @@ A folder (at most one shard is held in memory, writing or reading):
     embeddings-XXXXX.npy   float32 [n, d] unit vectors
     ids-XXXXX.txt          the n note ids of that shard, one per line
     embeddings.json        format, model name, dim, count, shards, prompt hash, skipped notes, timing
-NoteLLM (`eval.embed`) and every baseline (`job.baselines`) write it through `EmbeddingWriter`.
+NoteLLM (`infer.embed`) and every baseline (`eval.baselines`) write it through `write_embeddings` (one
+process, `EmbeddingWriter`) or `write_embeddings_across_hosts` (every process its own blocks), which stream
+notes through a `ChunkEmbedder`.
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from notellm_jax.config import Config
+from notellm_jax.data.prompts import Note
 from notellm_jax.errors import MissingInputError
 
 FORMAT = "notellm_jax.embeddings/1"
 META_FILE = "embeddings.json"
 
+# A chunk of notes -> (ids of the embedded notes, their vectors [n, d], skipped notes by reason): what the
+# writers below stream (`infer.encoder.chunk_embedder` builds one from a batch embedder).
+ChunkEmbedder = Callable[[list[Note]], tuple[list[str], np.ndarray, Counter]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,12 +128,12 @@ def embedding_dir(config: Config, model: str) -> Path:
 
 def written_summary(emb_dir: str | Path) -> str:
     """One line for the CLIs: what an embeddings folder holds."""
-    meta = read_meta(emb_dir)
+    meta = read_embeddings_meta(emb_dir)
     return (f"wrote {meta['count']} x {meta['dim']} {meta['model']} embeddings to {emb_dir} "
             f"({meta['notes_per_s']} notes/s, skipped {meta['skipped'] or 'none'})")
 
 
-def read_meta(emb_dir: str | Path) -> dict[str, Any]:
+def read_embeddings_meta(emb_dir: str | Path) -> dict[str, Any]:
     path = Path(emb_dir) / META_FILE
     if not path.is_file():
         raise MissingInputError(f"{emb_dir} holds no embeddings ({META_FILE} missing: run notellm embed "
@@ -137,7 +147,7 @@ def read_meta(emb_dir: str | Path) -> dict[str, Any]:
 def iter_shards(emb_dir: str | Path) -> Iterator[tuple[list[str], np.ndarray]]:
     """(ids, memory-mapped vectors) of each shard in order, checked against embeddings.json."""
     emb_dir = Path(emb_dir)
-    for shard in read_meta(emb_dir)["shards"]:
+    for shard in read_embeddings_meta(emb_dir)["shards"]:
         ids = (emb_dir / shard["ids"]).read_text().splitlines()
         vectors = np.load(emb_dir / shard["embeddings"], mmap_mode="r")
         if not len(ids) == len(vectors) == shard["count"]:
@@ -152,7 +162,7 @@ def read_embeddings(emb_dir: str | Path, ids: Sequence[str] | None = None) -> tu
     Selecting keeps one memory-mapped shard plus the selected rows in memory. An id that is missing, or
     stored twice, is an error naming the folder and the ids.
     """
-    meta = read_meta(emb_dir)
+    meta = read_embeddings_meta(emb_dir)
     if ids is None:
         parts = list(iter_shards(emb_dir))
         all_ids = [i for shard_ids, _ in parts for i in shard_ids]
@@ -176,3 +186,97 @@ def read_embeddings(emb_dir: str | Path, ids: Sequence[str] | None = None) -> tu
     if twice:
         raise ValueError(f"{emb_dir}: {len(twice)} notes are stored more than once (e.g. {twice[:5]!r})")
     return list(ids), out
+
+
+# --------------------------------------------------------------------------------------------------
+# Writers: notes streamed through a ChunkEmbedder
+
+
+def _chunks(items: Iterable[Note], size: int) -> Iterator[list[Note]]:
+    chunk: list[Note] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def write_embeddings(notes: Iterable[Note], embed_chunk: ChunkEmbedder, out_dir: str | Path, shard_size: int,
+                     chunk_size: int, meta: dict[str, Any]) -> Path:
+    """Stream `notes` through `embed_chunk` into an embeddings folder, printing notes/s per chunk."""
+    writer = EmbeddingWriter(out_dir, shard_size)
+    skipped: Counter = Counter()
+    start, done = time.time(), 0
+    try:
+        for chunk in _chunks(notes, chunk_size):
+            ids, vectors, chunk_skipped = embed_chunk(chunk)
+            if ids:
+                writer.add(ids, vectors)
+            skipped.update(chunk_skipped)
+            done += len(chunk)
+            elapsed = time.time() - start
+            print(f"[embed] {meta.get('model', '?')}: {done} notes, {done / elapsed:.1f} notes/s", flush=True)
+    except BaseException:
+        writer.abort()  # e.g. non-finite vectors: no partial folder is left behind
+        raise
+    elapsed = time.time() - start
+    if writer.dim is None:
+        raise ValueError(f"no note could be embedded ({done} read, skipped: {dict(skipped) or 'none'})")
+    return writer.close({**meta, "notes_read": done, "skipped": dict(skipped), "seconds": round(elapsed, 3),
+                         "notes_per_s": round(done / max(elapsed, 1e-9), 2)})
+
+
+def write_embeddings_across_hosts(notes: Iterable[Note], embed_chunk: ChunkEmbedder, out_dir: str | Path,
+                                  shard_size: int, meta: dict[str, Any]) -> Path:
+    """Every process calls this with the same notes. They form blocks of `shard_size`; process p embeds
+    blocks p, p + P, ... and writes each as the shard of that number (with no skipped note, the very files
+    one process writes), then process 0 writes embeddings.json from every process's part-*.json. Non-finite
+    embeddings fail every process alike (each reads all parts) and leave no shard behind."""
+    processes, me = jax.process_count(), jax.process_index()
+    out_dir = Path(out_dir)
+    if me == 0:
+        clear_folder(out_dir)
+    multihost_utils.sync_global_devices("embed: folder cleared")
+    notes, start = list(notes), time.time()
+    _embed_own_blocks(notes, embed_chunk, out_dir, shard_size, processes, me)
+    multihost_utils.sync_global_devices("embed: shards written")
+    parts = [json.loads(p.read_text()) for p in sorted(out_dir.glob("part-*.json"))]
+    shards = sorted((s for part in parts for s in part["shards"]), key=lambda s: s["block"])
+    skipped = sum((Counter(part["skipped"]) for part in parts), Counter())
+    nonfinite = [i for part in parts for i in part["nonfinite"]]
+    multihost_utils.sync_global_devices("embed: parts read")
+    if me == 0:
+        stale = [*out_dir.glob("part-*.json"),
+                 *(out_dir / s[k] for s in shards if nonfinite for k in ("embeddings", "ids"))]
+        for path in stale:
+            path.unlink(missing_ok=True)
+    if nonfinite:
+        raise ValueError(f"{len(nonfinite)} embeddings are not finite (notes {nonfinite[:5]}): the model produced "
+                         f"NaN/inf; nothing is written to {out_dir}")
+    if not shards:
+        raise ValueError(f"no note could be embedded ({len(notes)} read, skipped: {dict(skipped) or 'none'})")
+    if me == 0:
+        elapsed = time.time() - start
+        write_meta(out_dir, {**meta, "notes_read": len(notes), "skipped": dict(skipped), "processes": processes,
+                             "seconds": round(elapsed, 3), "notes_per_s": round(len(notes) / max(elapsed, 1e-9), 2)},
+                   shards[0]["dim"], [{k: s[k] for k in ("embeddings", "ids", "count")} for s in shards])
+    multihost_utils.sync_global_devices("embed: embeddings.json written")
+    return out_dir
+
+
+def _embed_own_blocks(notes: list[Note], embed_chunk: ChunkEmbedder, out_dir: Path, shard_size: int,
+                      processes: int, me: int) -> None:
+    """Process `me`'s blocks embedded and written as shards; what it did goes to its part-<me>.json."""
+    shards, skipped, nonfinite = [], Counter(), []
+    for block in range(me, -(-len(notes) // shard_size), processes):
+        ids, vectors, block_skipped = embed_chunk(notes[block * shard_size:(block + 1) * shard_size])
+        skipped.update(block_skipped)
+        bad = nonfinite_ids(ids, vectors) if ids else []
+        nonfinite += bad
+        if ids and not bad:
+            shards.append({**write_shard(out_dir, block, ids, vectors), "block": block, "dim": vectors.shape[1]})
+    part = {"shards": shards, "skipped": skipped, "nonfinite": nonfinite}
+    (out_dir / f"part-{me:05d}.json").write_text(json.dumps(part))
+    print(f"[embed] process {me}/{processes}: wrote shards {[s['block'] for s in shards]}", flush=True)

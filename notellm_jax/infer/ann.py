@@ -1,5 +1,8 @@
 """ScaNN cosine index: tree partitioning + asymmetric hashing + exact float reordering.
 
+Also the two vector helpers every index user shares: `l2_normalise` (cosine = dot) and
+`neighbour_overlap` (ANN recall against exact search).
+
 `scann` is imported inside the functions that need it: the model and training path, and GPU
 machines without ScaNN, import this package without it. Parameters come from config.retrieval.scann_*;
 0 means "chosen from the index size" (`choose_params`), following ScaNN's own guidance: about
@@ -12,15 +15,37 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from notellm_jax.config import RetrievalConfig
 from notellm_jax.errors import MissingInputError, StoreFormatError
-from notellm_jax.eval.retrieval import l2_normalise
 
 TREE_MIN_POINTS = 10_000
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Unit rows (cosine = dot). Embeddings should already be unit length; a zero row is an error."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a [notes, dim] matrix, got shape {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    bad = np.flatnonzero(~(norms[:, 0] > 0) | ~np.isfinite(norms[:, 0]))
+    if bad.size:
+        rows = ", ".join(map(repr, bad[:5].tolist())) + (f" (and {bad.size - 5} more)" if bad.size > 5 else "")
+        raise ValueError(f"{bad.size} embedding rows are zero or not finite (rows {rows})")
+    return x / norms
+
+
+def neighbour_overlap(approx: np.ndarray, exact: np.ndarray) -> float:
+    """ANN recall relative to exact search: share of the exact top-k that the ANN list also returns."""
+    approx, exact = np.asarray(approx), np.asarray(exact)
+    if approx.shape[0] != exact.shape[0]:
+        raise ValueError(f"{approx.shape[0]} ANN lists vs {exact.shape[0]} exact lists")
+    hits = sum(len(np.intersect1d(a, e)) for a, e in zip(approx, exact))
+    return hits / exact.size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,15 +84,13 @@ def scann_pybind():
     TensorFlow whenever it is installed (about 6 s on the project's CPU machines), only for ScaNN's TF ops,
     which nothing here uses; unless TensorFlow is loaded already it is hidden for that one import (its
     ModuleNotFoundError is what scann's __init__ expects when TF is absent) and visible again at once."""
-    import sys
-
     if "scann" not in sys.modules and "tensorflow" not in sys.modules:
         sys.modules["tensorflow"] = None  # `import tensorflow` now raises ModuleNotFoundError
         try:
-            import scann  # noqa: F401
+            import scann  # noqa: F401  (ScaNN: lazy, absent on GPU machines)
         finally:
             del sys.modules["tensorflow"]
-    from scann import scann_ops_pybind
+    from scann import scann_ops_pybind  # ScaNN: lazy, absent on GPU machines
     return scann_ops_pybind
 
 

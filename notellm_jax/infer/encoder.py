@@ -1,20 +1,20 @@
-"""Embed notes with a trained NoteLLM export: `python -m notellm_jax.eval.embed --config ... --checkpoint <export>`.
+"""The note encoder: a NoteLLM export (or any `apply`) turned into fixed-shape, jitted embedding batches.
 
 Every note gets the category-task prompt of the export (METHOD.md 1, built by `prompts.build_example`, the
 one prompt builder) and its embedding is read at the token just before `[EMB]`. Attention is causal, so
 nothing after that token can change it: only the prefix up to it is fed, and the read position is then
 always the last real token. Notes are embedded in fixed-shape, jitted batches: sorted by length within a
 chunk and padded to the smallest of a few bucket lengths (one compile each), the batch axis sharded over
-the mesh's data x fsdp devices, the parameters laid out by the logical sharding rules.
-The output is the embeddings file format of `eval.embeddings`, which the baselines write too.
+the mesh's data x fsdp devices, the parameters laid out by the logical sharding rules. The prompt prefix
+every note shares can run once into a key/value cache (`prefix_kv`, `prefix_apply`).
+Used by `notellm embed` (`infer.embed`), the baselines (`eval.baselines`) and the service (`serve`); what it
+produces is written in the embeddings format of `infer.embeddings`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,18 +27,21 @@ from flax.traverse_util import flatten_dict
 
 from notellm_jax import sharding as shd
 from notellm_jax.config import Config
-from notellm_jax.data import store
 from notellm_jax.data.prompts import Note, PromptTooLongError, build_example, example_from_tokens, pad_batch
-from notellm_jax.eval.embeddings import (EmbeddingWriter, clear_folder, embedding_dir, nonfinite_ids, write_meta,
-                                         write_shard, written_summary)
+from notellm_jax.infer.embeddings import ChunkEmbedder
+from notellm_jax.infer.feature_cache import FeatureCache, cache_path
+from notellm_jax.model.llama import init_cache
+from notellm_jax.model.notellm import NoteLLM
+from notellm_jax.model.params import frozen_layer_count, split_params
+from notellm_jax.weights.export import load_notellm
+from notellm_jax.weights.tokenizer import resolve_tokenizer
 
 CHUNK_BATCHES = 16  # batches per length-sorted chunk (also the progress-report interval)
 
 # The two embedder kinds: a BatchEmbedder maps token lists to vectors (fixed shapes on the mesh); a
-# ChunkEmbedder maps a chunk of notes to (ids of the embedded notes, their vectors [n, d], skipped notes by
-# reason), which is what write_embeddings streams. `<model>_batch_embedder` builds the first kind,
+# ChunkEmbedder (`infer.embeddings`, what its writers stream) maps a chunk of notes to (ids of the embedded
+# notes, their vectors [n, d], skipped notes by reason). `<model>_batch_embedder` builds the first kind,
 # `<model>_chunk_embedder` the second, and `chunk_embedder` wraps a batch embedder into a chunk one.
-ChunkEmbedder = Callable[[list[Note]], tuple[list[str], np.ndarray, Counter]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,98 +167,6 @@ def chunk_embedder(embedder: Callable[[Sequence[list[int]]], np.ndarray],
     return embed_chunk
 
 
-def _chunks(items: Iterable[Note], size: int) -> Iterator[list[Note]]:
-    chunk: list[Note] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def write_embeddings(notes: Iterable[Note], embed_chunk: ChunkEmbedder, out_dir: str | Path, shard_size: int,
-                     chunk_size: int, meta: dict[str, Any]) -> Path:
-    """Stream `notes` through `embed_chunk` into an embeddings folder, printing notes/s per chunk."""
-    writer = EmbeddingWriter(out_dir, shard_size)
-    skipped: Counter = Counter()
-    start, done = time.time(), 0
-    try:
-        for chunk in _chunks(notes, chunk_size):
-            ids, vectors, chunk_skipped = embed_chunk(chunk)
-            if ids:
-                writer.add(ids, vectors)
-            skipped.update(chunk_skipped)
-            done += len(chunk)
-            elapsed = time.time() - start
-            print(f"[embed] {meta.get('model', '?')}: {done} notes, {done / elapsed:.1f} notes/s", flush=True)
-    except BaseException:
-        writer.abort()  # e.g. non-finite vectors: no partial folder is left behind
-        raise
-    elapsed = time.time() - start
-    if writer.dim is None:
-        raise ValueError(f"no note could be embedded ({done} read, skipped: {dict(skipped) or 'none'})")
-    return writer.close({**meta, "notes_read": done, "skipped": dict(skipped), "seconds": round(elapsed, 3),
-                         "notes_per_s": round(done / max(elapsed, 1e-9), 2)})
-
-
-def write_embeddings_across_hosts(notes: Iterable[Note], embed_chunk: ChunkEmbedder, out_dir: str | Path,
-                                  shard_size: int, meta: dict[str, Any]) -> Path:
-    """Every process calls this with the same notes. They form blocks of `shard_size`; process p embeds
-    blocks p, p + P, ... and writes each as the shard of that number (with no skipped note, the very files
-    one process writes), then process 0 writes embeddings.json from every process's part-*.json. Non-finite
-    embeddings fail every process alike (each reads all parts) and leave no shard behind."""
-    from jax.experimental import multihost_utils
-
-    processes, me = jax.process_count(), jax.process_index()
-    out_dir = Path(out_dir)
-    if me == 0:
-        clear_folder(out_dir)
-    multihost_utils.sync_global_devices("embed: folder cleared")
-    notes, start = list(notes), time.time()
-    _embed_own_blocks(notes, embed_chunk, out_dir, shard_size, processes, me)
-    multihost_utils.sync_global_devices("embed: shards written")
-    parts = [json.loads(p.read_text()) for p in sorted(out_dir.glob("part-*.json"))]
-    shards = sorted((s for part in parts for s in part["shards"]), key=lambda s: s["block"])
-    skipped = sum((Counter(part["skipped"]) for part in parts), Counter())
-    nonfinite = [i for part in parts for i in part["nonfinite"]]
-    multihost_utils.sync_global_devices("embed: parts read")
-    if me == 0:
-        stale = [*out_dir.glob("part-*.json"),
-                 *(out_dir / s[k] for s in shards if nonfinite for k in ("embeddings", "ids"))]
-        for path in stale:
-            path.unlink(missing_ok=True)
-    if nonfinite:
-        raise ValueError(f"{len(nonfinite)} embeddings are not finite (notes {nonfinite[:5]}): the model produced "
-                         f"NaN/inf; nothing is written to {out_dir}")
-    if not shards:
-        raise ValueError(f"no note could be embedded ({len(notes)} read, skipped: {dict(skipped) or 'none'})")
-    if me == 0:
-        elapsed = time.time() - start
-        write_meta(out_dir, {**meta, "notes_read": len(notes), "skipped": dict(skipped), "processes": processes,
-                             "seconds": round(elapsed, 3), "notes_per_s": round(len(notes) / max(elapsed, 1e-9), 2)},
-                   shards[0]["dim"], [{k: s[k] for k in ("embeddings", "ids", "count")} for s in shards])
-    multihost_utils.sync_global_devices("embed: embeddings.json written")
-    return out_dir
-
-
-def _embed_own_blocks(notes: list[Note], embed_chunk: ChunkEmbedder, out_dir: Path, shard_size: int,
-                      processes: int, me: int) -> None:
-    """Process `me`'s blocks embedded and written as shards; what it did goes to its part-<me>.json."""
-    shards, skipped, nonfinite = [], Counter(), []
-    for block in range(me, -(-len(notes) // shard_size), processes):
-        ids, vectors, block_skipped = embed_chunk(notes[block * shard_size:(block + 1) * shard_size])
-        skipped.update(block_skipped)
-        bad = nonfinite_ids(ids, vectors) if ids else []
-        nonfinite += bad
-        if ids and not bad:
-            shards.append({**write_shard(out_dir, block, ids, vectors), "block": block, "dim": vectors.shape[1]})
-    part = {"shards": shards, "skipped": skipped, "nonfinite": nonfinite}
-    (out_dir / f"part-{me:05d}.json").write_text(json.dumps(part))
-    print(f"[embed] process {me}/{processes}: wrote shards {[s['block'] for s in shards]}", flush=True)
-
-
 # --------------------------------------------------------------------------------------------------
 # NoteLLM
 
@@ -281,10 +192,7 @@ def notellm_batch_embedder(export, mesh, batch_size: int, max_length: int, bucke
     tokens every prompt starts with), their key/value cache is computed once here and the embedder takes
     each note's tokens after the prefix only (`prefix_apply`; its buckets then cover max_length less the
     prefix). `row_buckets`: see `BatchEmbedder`."""
-    from notellm_jax.model.notellm import NoteLLM
-    from notellm_jax.model.params import frozen_layer_count, split_params
-    from notellm_jax.train.feature_cache import FeatureCache, cache_path
-    from notellm_jax.train.step import abstract_boxed_params
+    from notellm_jax.train.step import abstract_boxed_params  # until it moves down to model/params.py
 
     model = NoteLLM(export.llama, emb_dim=export.emb_dim)
     frozen_layers = frozen_layer_count(export.meta.get("train_top_layers", 0), export.llama)
@@ -316,8 +224,6 @@ def notellm_batch_embedder(export, mesh, batch_size: int, max_length: int, bucke
 
 def prefix_kv(model, params: Any, prefix: Sequence[int]) -> dict[str, Any]:
     """Keys and values [layers, 1, P, kv_heads, head_dim] of the decoder over the prompt prefix, run once."""
-    from notellm_jax.model.llama import init_cache
-
     ids = jnp.asarray([list(prefix)], jnp.int32)
     cache = init_cache(model.llama, 1, len(prefix))
     _, cache = model.apply({"params": params}, ids, jnp.ones_like(ids), cache=cache,
@@ -361,8 +267,8 @@ def shared_prefix(tokenizer, prompt) -> list[int]:
 @dataclasses.dataclass
 class NoteEncoder:
     """A NoteLLM export ready to embed notes: the export's prompt (with the config's padding side), the
-    tokenizer checked against the export, and the jitted, bucketed embedder. Shared by `embed_notes` and
-    the service (`notellm_jax.serve`)."""
+    tokenizer checked against the export, and the jitted, bucketed embedder. Shared by `infer.embed.embed_notes`
+    and the service (`notellm_jax.serve`)."""
     export: Any
     embedder: BatchEmbedder
     cache: Any                 # the frozen bottom's FeatureCache, or None
@@ -403,9 +309,6 @@ def note_encoder(config: Config, export, mesh=None, batch_size: int | None = Non
     the model was trained with); the padding side, buckets and batch size (default embed.batch_size)
     from `config`; the tokenizer is the one the export recorded, resolved against `config`'s roots, and
     checked against the export. `row_buckets`: see `BatchEmbedder`."""
-    from notellm_jax.weights.export import load_notellm
-    from notellm_jax.weights.tokenizer import resolve_tokenizer
-
     source = str(export) if isinstance(export, (str, Path)) else f"export of run {export.meta.get('run')!r}"
     multi_host = jax.process_count() > 1
     # Across hosts each process embeds its own notes on its own devices (no cross-host collective per batch).
@@ -425,59 +328,3 @@ def note_encoder(config: Config, export, mesh=None, batch_size: int | None = Non
     if cache is not None:  # the frozen bottom's features cover whole prompts: no prefix cache there
         prefix = []
     return NoteEncoder(export, embedder, cache, tokenizer, prompt, embedder.buckets, source, prefix)
-
-
-def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: str | Path, name: str = "notellm",
-                mesh=None) -> Path:
-    """Embed `note_source` with a NoteLLM export (a folder or a loaded `NoteLLMExport`) into `out_dir`
-    (prompt, tokenizer, batching and prefix cache: `note_encoder`)."""
-    from notellm_jax.data.input_pipeline import prompt_hash
-
-    encoder = note_encoder(config, export, mesh)
-    export, prompt, batch_size = encoder.export, encoder.prompt, encoder.embedder.batch_size
-    meta = {"model": name, "kind": "notellm", "source": encoder.source, "run": export.meta.get("run"),
-            "objective": export.meta.get("objective"), "tokenizer": export.tokenizer,
-            "prompt_hash": prompt_hash(dataclasses.replace(config, prompt=prompt), export.tokenizer),
-            "prompt": dataclasses.asdict(prompt), "buckets": encoder.buckets, "batch_size": batch_size,
-            "prefix_tokens": len(encoder.prefix), "devices": int(encoder.embedder.devices)}
-    embed_chunk = chunk_embedder(encoder.embedder, encoder.tokens)
-    if jax.process_count() > 1:
-        out = write_embeddings_across_hosts(note_source, embed_chunk, out_dir, config.embed.shard_size, meta)
-    else:
-        out = write_embeddings(note_source, embed_chunk, out_dir, config.embed.shard_size,
-                               batch_size * CHUNK_BATCHES, meta)
-    if encoder.cache is not None and jax.process_index() == 0:
-        encoder.cache.save()
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Which notes
-
-
-def select_notes(config: Config, split: str) -> list[Note]:
-    """Notes of <config.data_dir>/notes.parquet: every note ("all") or the test notes ("test")."""
-    notes = store.load_notes(config.data_dir / "notes.parquet")
-    if split == "all":
-        return notes
-    if split != "test":
-        raise ValueError(f"split must be 'test' or 'all', got {split!r}")
-    wanted = {n.note_id for n in store.split_notes(config.data_dir, "test", notes)}
-    return [n for n in notes if n.note_id in wanted]
-
-
-def run(args, config: Config) -> Path:
-    """`notellm embed`: embed the test (or all) notes with an export into the embeddings format."""
-    out = Path(args.out) if args.out else embedding_dir(config, args.name)
-    notes = select_notes(config, args.split)
-    path = embed_notes(config, args.checkpoint or config.work_dir / "export", notes, out, name=args.name)
-    print(f"[embed] {written_summary(path)}")
-    return path
-
-
-if __name__ == "__main__":
-    import sys
-
-    from notellm_jax.main import main
-
-    main(["embed", *sys.argv[1:]])
