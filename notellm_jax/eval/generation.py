@@ -52,6 +52,8 @@ def generation_notes(config: Config, split: str, limit: int | None = None) -> tu
     training notes' categories)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for every note), got {limit}")
     all_notes = store.load_notes(config.data_dir / "notes.parquet")
     notes = store.notes_of(config.data_dir, split, sample=limit, seed=config.data.seed, notes=all_notes)
     if not notes:
