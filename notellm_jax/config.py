@@ -196,6 +196,17 @@ class TrainConfig:
     # A step whose loss or gradient norm is not finite is discarded (no update). The run stops (no export,
     # exit code 3) at the first such step, or once more than this many have been discarded.
     max_nonfinite_steps: int = 0
+    # The guard (train/guard.py) also stops a run whose steps stay finite but look diverged or collapsed:
+    # exit code 3, no export, and the error names the anomaly, its step and the newest checkpoint saved
+    # before it (step s's metrics measure the parameters step s-1 produced, so that is step s-2 or older).
+    # 0 turns a rule off. The defaults sit far from healthy runs: the tiny and smollm2_se runs' per-step
+    # losses stay below 1.6x their running median, gradient norms below 45 and log logit scales in 2.8-3.0.
+    loss_spike_factor: float = 5.0  # a step's loss above this many times the median of the last loss_window
+    loss_window: int = 64           # finite steps' losses, once loss_warmup_steps of them were seen
+    loss_warmup_steps: int = 16
+    max_abs_log_logit_scale: float = 10.0  # |log logit scale| above this (e^10 = 22026 x the cosine)
+    max_grad_norm: float = 1e4      # gradient norm (before clipping) above this
+    max_zero_grad_steps: int = 2    # this many consecutive steps with a gradient norm of exactly 0
     # Resume when the latest checkpoint cannot be restored: "fallback" to the newest one that can (the
     # damaged step folder is renamed <step>.damaged), or "stop" with an error.
     on_bad_checkpoint: str = "fallback"
@@ -322,6 +333,22 @@ class Config:
     def data_dir(self) -> Path:
         return Path(self.paths.data_dir) if self.paths.data_dir else self.work_dir / "data"
 
+    def _optimiser_rules(self) -> list[tuple[bool, str]]:
+        """The learning rate and the training guard's settings (train/guard.py)."""
+        train, init = self.train, self.model.log_logit_scale_init
+        return [
+            (train.learning_rate > 0, f"train.learning_rate={train.learning_rate} must be > 0"),
+            (train.loss_spike_factor == 0 or train.loss_spike_factor > 1,
+             f"train.loss_spike_factor={train.loss_spike_factor} must be > 1 (or 0 = off)"),
+            (train.loss_window >= 1 and train.loss_warmup_steps >= 0,
+             "train.loss_window must be >= 1 and train.loss_warmup_steps >= 0"),
+            (train.max_abs_log_logit_scale == 0 or train.max_abs_log_logit_scale > abs(init),
+             f"train.max_abs_log_logit_scale={train.max_abs_log_logit_scale} must exceed "
+             f"|model.log_logit_scale_init|={abs(init)} (or be 0 = off)"),
+            (train.max_grad_norm >= 0 and train.max_zero_grad_steps >= 0,
+             "train.max_grad_norm and train.max_zero_grad_steps must be >= 0 (0 = off)"),
+        ]
+
     def mesh_shape(self, device_count: int) -> tuple[int, int, int]:
         """(data, fsdp, tensor) with the one -1 axis filled in from `device_count`."""
         sizes = [self.mesh.data, self.mesh.fsdp, self.mesh.tensor]
@@ -335,7 +362,10 @@ class Config:
 
     def validate(self, device_count: int, process_count: int = 1, training: bool = False) -> Config:
         """Every cross-field rule in one place, checked where a run starts (raises ConfigError)."""
-        checks = [
+        nonfinite = _nonfinite_fields(self)
+        if nonfinite:
+            raise ConfigError(f"{', '.join(nonfinite)}: not a finite number")
+        checks = [*self._optimiser_rules(),
             (self.prompt.layout in ("paper", "reference"), f"prompt.layout {self.prompt.layout!r}: paper | reference"),
             (self.prompt.padding_side in ("left", "right"), f"prompt.padding_side {self.prompt.padding_side!r}"),
             (0 < self.prompt.max_targets < self.prompt.max_length, "prompt.max_targets must be in (0, max_length)"),
@@ -387,6 +417,19 @@ class Config:
                 raise ConfigError(f"the global batch of 2 x train.{field}={pairs} notes does not divide over "
                                   f"data x fsdp = {data * fsdp} devices")
         return self
+
+
+def _nonfinite_fields(node: Any, where: str = "") -> list[str]:
+    """The dotted names of every NaN or infinite float in a config (dataclasses, tuples and dicts walked)."""
+    if dataclasses.is_dataclass(node):
+        items = [(f"{where}.{f.name}" if where else f.name, getattr(node, f.name)) for f in dataclasses.fields(node)]
+    elif isinstance(node, (tuple, list)):
+        items = [(f"{where}[{i}]", value) for i, value in enumerate(node)]
+    elif isinstance(node, dict):
+        items = [(f"{where}[{key!r}]", value) for key, value in node.items()]
+    else:
+        return [f"{where}={node}"] if isinstance(node, float) and not math.isfinite(node) else []
+    return [name for path, value in items for name in _nonfinite_fields(value, path)]
 
 
 def _type_name(annotation: Any) -> str:

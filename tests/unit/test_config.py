@@ -107,6 +107,27 @@ def test_validate_rejects_inconsistent_settings(updates, devices, message):
         override(Config(), updates).validate(devices, 1, training=True)
 
 
+@pytest.mark.parametrize("updates,message", [
+    ({"train.learning_rate": float("nan")}, r"^train\.learning_rate=nan: not a finite number$"),
+    ({"train.learning_rate": float("inf")}, r"^train\.learning_rate=inf: not a finite number$"),
+    ({"train.learning_rate": 0.0}, r"^train\.learning_rate=0\.0 must be > 0$"),
+    ({"train.learning_rate": -1e-4}, r"^train\.learning_rate=-0\.0001 must be > 0$"),
+    ({"serve.max_wait_ms": float("nan")}, r"^serve\.max_wait_ms=nan: not a finite number$"),
+    ({"retrieval.paper_k_ratios": (0.1, float("-inf"))}, r"^retrieval\.paper_k_ratios\[1\]=-inf: not a finite"),
+    ({"model.lora_alpha": float("nan"), "train.alpha": float("inf")}, r"^model\.lora_alpha=nan, train\.alpha=inf:"),
+    ({"train.loss_spike_factor": 1.0}, r"train\.loss_spike_factor=1\.0 must be > 1 \(or 0 = off\)"),
+    ({"train.loss_window": 0}, "train.loss_window must be >= 1"),
+    ({"train.max_abs_log_logit_scale": 2.0}, r"must exceed \|model\.log_logit_scale_init\|=3\.0"),
+    ({"train.max_grad_norm": -1.0}, "train.max_grad_norm and train.max_zero_grad_steps must be >= 0"),
+])
+def test_validate_rejects_nonfinite_floats_and_bad_rates_naming_the_field(updates, message):
+    """Every float field anywhere in the config is walked (a NaN learning rate used to pass until step 2)."""
+    with pytest.raises(ConfigError, match=message):
+        override(Config(), updates).validate(1)
+    with pytest.raises(ConfigError, match=r"train\.learning_rate=nan"):  # as `--set` writes it
+        apply_override(Config(), "train.learning_rate=nan").validate(1)
+
+
 def test_batch_layout_is_checked_only_for_training():
     config = override(Config(), {"train.batch_pairs": 3})
     config.validate(8, 1)  # embedding or evaluating with this config is fine
