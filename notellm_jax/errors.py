@@ -30,6 +30,8 @@ class MissingInputError(NotellmError, FileNotFoundError):
 
 
 class TrainingDivergedError(NotellmError, RuntimeError):
-    """Training steps turned non-finite (loss or gradient norm) beyond `train.max_nonfinite_steps`; the
-    message names the step and the quantity. CLIs exit with status 3 (not 2: the input may be fine)."""
+    """Training steps turned non-finite (loss or gradient norm) beyond `train.max_nonfinite_steps`, or a
+    finite step broke one of the guard's rules (loss spike, logit scale, gradient norm; train/guard.py); the
+    message names the step, the quantity and the last good checkpoint. CLIs exit with status 3 (not 2: the
+    input may be fine)."""
     exit_code = 3

@@ -203,7 +203,7 @@ def train_step(state: TrainState, batch: dict, *, setup: TrainSetup) -> tuple[Tr
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A step with a non-finite loss or gradient norm changes nothing but the step (its batch is consumed);
-    # the loop's NonFiniteGuard decides whether training may go on.
+    # the loop's TrainingGuard decides whether training may go on.
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
                                      (state.params, state.opt_state))

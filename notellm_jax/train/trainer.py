@@ -27,7 +27,7 @@ from notellm_jax.errors import TrainingDivergedError
 from notellm_jax.train.checkpointing import (checkpoint_dir, checkpoint_manager, write_export, report_committed,
                                              restore_checkpoint, save_checkpoint)
 from notellm_jax.infer.feature_cache import FeatureCache, cache_path
-from notellm_jax.train.guard import NonFiniteGuard
+from notellm_jax.train.guard import TrainingGuard
 from notellm_jax.train.metrics import MetricsWindow, MetricsWriter, StepFlops
 from notellm_jax.train.step import (TrainSetup, TrainState, compile_steps, create_state, make_train_setup,
                                     to_global_batch)
@@ -51,7 +51,7 @@ class Run:
     writer: MetricsWriter
     total_steps: int
     start_step: int
-    guard: NonFiniteGuard
+    guard: TrainingGuard
     saving: list[int] = dataclasses.field(default_factory=list)  # checkpoint steps not yet reported committed
 
 
@@ -103,7 +103,7 @@ def setup(config: Config) -> Run:
     writer = MetricsWriter(config.work_dir / "logs", total_steps, enabled=is_primary(), start_step=start_step)
     run = Run(config, llama_cfg, train_setup, state, manager, step_fn, eval_fn,
               _feature_cache(config, train_setup, state), writer, total_steps, start_step,
-              NonFiniteGuard(config.train.max_nonfinite_steps))
+              TrainingGuard(config.train))
     if is_primary():
         _announce(run)
     return run
@@ -120,7 +120,7 @@ def _with_frozen_features(run: Run, local: dict) -> tuple[dict, int]:
 
 def train_loop(run: Run) -> dict[str, Any]:
     """Steps from the resumed position to the end; periodic logging, validation and checkpoints. Every
-    step's loss and gradient norm are checked (NonFiniteGuard) before anything is logged or saved."""
+    step's loss, gradient norm and logit scale are checked (TrainingGuard) before anything is logged or saved."""
     config, train_cfg = run.config, run.config.train
     flops = StepFlops(run.llama_cfg, config, run.setup.frozen_layers)
     window = MetricsWindow(flops)
@@ -155,11 +155,20 @@ def train_loop(run: Run) -> dict[str, Any]:
 
 def _stop_diverged(run: Run, error: TrainingDivergedError) -> TrainingDivergedError:
     """The error to raise once a run diverged: saves in flight (of earlier, checked steps) are committed
-    first, and the message says which checkpoint is the last good one. Nothing is exported."""
+    first, and the message says which checkpoint is the last good one: after an anomaly the newest saved
+    before the parameters the first anomalous step measured (`TrainingGuard.last_good_step`), not the
+    newest saved. Nothing is exported."""
     run.manager.wait_until_finished()
     run.writer.close()
-    kept = run.manager.latest_step()
-    where = "none" if kept is None else f"step {kept} in {checkpoint_dir(run.config)}"
+    saved, limit = sorted(run.manager.all_steps()), run.guard.last_good_step
+    good = [s for s in saved if limit is None or s <= limit]
+    where = f"step {good[-1]} in {checkpoint_dir(run.config)}" if good else "none"
+    if limit is not None:  # step s measured the parameters step s-1 produced: checkpoint s-1 is not good
+        first = run.guard.first_anomaly
+        source = f"the parameters step {first - 1} produced" if first > 1 else "the initial parameters"
+        later = [s for s in saved if s > limit]
+        where += (f" (the first anomaly, at step {first}, measured {source}"
+                  + (f"; not good: checkpoint(s) {later}" if later else "") + ")")
     return TrainingDivergedError(f"{error}. Last good checkpoint: {where}; no export written")
 
 
