@@ -1,9 +1,10 @@
 """Training faults that must not pass as success: a damaged latest checkpoint (resume falls back to the
 newest good one and continues exactly as the uninterrupted run did), metrics.jsonl after a resume (each
-step once), and non-finite steps (discarded, then the run stops with the step named, no export, exit 3).
+step once), non-finite steps (discarded, then the run stops with the step named, no export, exit 3), and a
+finite but collapsed run (the guard stops it at the first anomaly and names a checkpoint from before it).
 
-Runs use the tiny config's random model on synthetic batches (cheap); the CLI run uses real prepared data,
-since only such a run would write an export."""
+Runs use the tiny config's random model on synthetic batches (cheap); the CLI run uses stories260K on real
+prepared data, since only such a run would write an export."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import notellm_jax  # noqa: F401
@@ -144,10 +146,15 @@ def test_metrics_after_resume_from_an_earlier_checkpoint(whole, tmp_path):
 # ----------------------------------------------------------------------------- non-finite steps
 
 
+GUARD_RULES_OFF = ("train.loss_spike_factor=0", "train.max_abs_log_logit_scale=0", "train.max_grad_norm=0",
+                   "train.max_zero_grad_steps=0")
+
+
 @pytest.mark.slow
 def test_nonfinite_steps_are_discarded_then_the_run_stops(tmp_path):
+    # The guard's finite-anomaly rules would stop this run at its collapse, before any non-finite step.
     config = synthetic_config(tmp_path, "train.learning_rate=1e6", "train.warmup_fraction=0",
-                              "train.max_nonfinite_steps=2", "train.max_steps=12")
+                              "train.max_nonfinite_steps=2", "train.max_steps=12", *GUARD_RULES_OFF)
     with pytest.raises(TrainingDivergedError) as info:
         trainer.train(config)
     message = str(info.value)
@@ -173,19 +180,35 @@ def prepared(tmp_path_factory, shared_dir) -> Path:
     return work
 
 
+def _log_logit_scale(checkpoints: Path, step: int) -> float:
+    return float(ocp.PyTreeCheckpointer().restore(checkpoints / str(step) / "state")["params"]["log_logit_scale"])
+
+
 @pytest.mark.slow
-def test_learning_rate_1e6_cli_exits_3_with_the_step_and_no_export(prepared, shared_dir):
-    cmd = [sys.executable, "-m", "notellm_jax.train", "--config", TINY + ":random",
+def test_learning_rate_1e6_stops_at_the_collapse_naming_a_checkpoint_from_before_it(prepared, shared_dir):
+    """stories260K at lr 1e6: the first update after the warm-up step (lr 0) collapses the model (log logit
+    scale about -4e5, gradient norm 0) while every value stays finite. The run exits 3 at the first step
+    whose metrics show it, names a checkpoint saved before the parameters that step measured, and exports
+    nothing."""
+    cmd = [sys.executable, "-m", "notellm_jax.train", "--config", TINY,
            *(f"--set={s}" for s in (f"paths.work_dir={prepared}", f"paths.shared_dir={shared_dir}",
-                                    "train.learning_rate=1e6", "train.warmup_fraction=0", "train.max_steps=8",
-                                    "train.checkpoint_every=1", "train.log_every=1", "train.eval_batches=0"))]
+                                    "train.learning_rate=1e6", "train.max_steps=8", "train.checkpoint_every=1",
+                                    "train.log_every=1", "train.eval_batches=0"))]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 3, proc.stderr[-3000:]
-    match = re.search(r"train: error: step (\d+): non-finite (loss|gradient norm)", proc.stderr)
+    ckpt = prepared / "checkpoints"
+    match = re.search(r"train: error: step (\d+): (log logit scale \S+ is beyond \+-10 \(train.max_abs_log_logit_scale\)"
+                      r"|gradient norm 0 in \d+ consecutive steps|loss \S+ is \S+ x the median)"
+                      r".*\. Last good checkpoint: step (\d+) in " + re.escape(str(ckpt)) +
+                      r" \(the first anomaly, at step (\d+), measured the parameters step (\d+) produced; "
+                      r"not good: checkpoint\(s\) \[([\d, ]+)\]\); no export written$", proc.stderr, re.MULTILINE)
     assert match, proc.stderr[-3000:]
-    step = int(match.group(1))
-    assert "no export written" in proc.stderr and not (prepared / "export").exists()
-    saved = sorted(int(p.name) for p in (prepared / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved == list(range(1, step))
-    kept = f"step {step - 1} in {prepared / 'checkpoints'}" if step > 1 else "none"
-    assert f"Last good checkpoint: {kept}" in proc.stderr
+    step, kept, first, measured = (int(match.group(i)) for i in (1, 3, 4, 5))
+    later = [int(s) for s in match.group(6).split(", ")]
+    assert kept >= 1 and measured == first - 1 and kept == first - 2 and first <= step
+    assert later == list(range(kept + 1, step))
+    assert not (prepared / "export").exists()
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == list(range(1, step))
+    # The named checkpoint is sound; the later ones already hold the collapsed model.
+    assert abs(_log_logit_scale(ckpt, kept)) < 10 and all(abs(_log_logit_scale(ckpt, s)) > 1e3 for s in later)
+    assert [r["step"] for r in train_rows(prepared)] == list(range(1, step))  # nothing logged from the anomaly on
