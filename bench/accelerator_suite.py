@@ -55,7 +55,7 @@ def overrides_for(impl: str, small: bool) -> list[str]:
 
 def smollm2(args) -> dict:
     """(a) and its part of (c): every implementation's JAX step; PyTorch once (its own sdpa attention)."""
-    from notellm_jax.model.llama import preset
+    from notellm_jax.model.families import preset
     from notellm_jax.weights.loading import runtime_llama_config
     out = {}
     for impl in implementations():
@@ -93,7 +93,7 @@ def attention_share(config, cfg, step_s: float, steps: int) -> dict:
 def compiled_step(config, layers: int):
     """(spec, llama config, AOT-compiled train step, per-device bytes XLA assigns) at `layers` layers."""
     from notellm_jax import sharding as shd
-    from notellm_jax.model.llama import preset
+    from notellm_jax.model.families import preset
     from notellm_jax.plan import abstract_batch
     from notellm_jax.train.step import compile_steps, make_train_setup
     from notellm_jax.weights.loading import runtime_llama_config

@@ -213,7 +213,7 @@ def benchmark_config(spec: str, overrides=()):
     checkpoint = config.model.checkpoint
     if not checkpoint.startswith("random:"):
         from notellm_jax.weights.formats import load_params
-        from notellm_jax.model.llama import PRESETS
+        from notellm_jax.model.families import PRESETS
         _, cfg = load_params(config.resolve(checkpoint))
         match = [k for k, v in PRESETS.items() if all(getattr(cfg, f) == x for f, x in v.items())]
         if not match:

@@ -43,7 +43,7 @@ def plan(config, num_layers: int | None = None) -> dict:
     import jax
 
     from notellm_jax import sharding as shd
-    from notellm_jax.model.llama import preset
+    from notellm_jax.model.families import preset
     from notellm_jax.train.metrics import StepFlops
     from notellm_jax.train.step import compile_steps, make_train_setup
     from notellm_jax.weights.loading import runtime_llama_config

@@ -26,7 +26,7 @@ def numpy_params(init: Callable[..., Any], *args: Any, seed: int = 0, scalar: fl
 def padded_tiny_models(vocab: int = 300, multiple: int = 128) -> tuple[Any, Any, Any, Any]:
     """(cfg, params, padded cfg, padded params): a random tiny untied LLaMA of `vocab` tokens and the same
     weights with the vocabulary padded to a multiple of `multiple` (`grow_vocab` adding no token)."""
-    from notellm_jax.model.llama import preset
+    from notellm_jax.model.families import preset
     from notellm_jax.model.params import grow_vocab, init_params
 
     cfg = preset("tiny", vocab_size=vocab, tie_word_embeddings=False)

@@ -26,7 +26,7 @@ import numpy as np
 from notellm_jax.config import Config
 from notellm_jax.errors import ConfigError, MissingInputError, StoreFormatError
 from notellm_jax.data import store
-from notellm_jax.model.llama import LlamaConfig
+from notellm_jax.model.families import LlamaConfig
 from notellm_jax.data.prompts import (Example, Note, PromptTooLongError, build_example, draw_topics,
                                       example_from_tokens, pad_batch)
 

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from notellm_jax.model.llama import Llama, LlamaConfig, init_cache
+from notellm_jax.model.families import LlamaConfig
+from notellm_jax.model.llama import Llama, init_cache
 from notellm_jax.model.params import sharded_abstract_params
 
 NO_CHILD = -1

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from notellm_jax.model.llama import Llama, LlamaConfig, take_rows
+from notellm_jax.model.families import LlamaConfig
+from notellm_jax.model.llama import Llama, take_rows
 
 OBJECTIVES = ("notellm", "gcl_only", "csft_only")
 

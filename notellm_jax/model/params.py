@@ -17,7 +17,8 @@ from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from notellm_jax.errors import CheckpointError
-from notellm_jax.model.llama import Llama, LlamaConfig
+from notellm_jax.model.families import LlamaConfig
+from notellm_jax.model.llama import Llama
 
 logger = logging.getLogger(__name__)
 Params = dict[str, Any]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from notellm_jax.config import Config
 from notellm_jax.distributed import is_primary
 from notellm_jax.errors import CheckpointError
-from notellm_jax.model.llama import LlamaConfig
+from notellm_jax.model.families import LlamaConfig
 from notellm_jax.train.step import TrainSetup, TrainState, check_against_abstract, merged_params
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from notellm_jax.model.llama import LlamaConfig
+from notellm_jax.model.families import LlamaConfig
 from notellm_jax.model.notellm import needs_logits
 
 logger = logging.getLogger(__name__)

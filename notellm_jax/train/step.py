@@ -20,7 +20,7 @@ from flax import struct
 
 from notellm_jax import sharding as shd
 from notellm_jax.config import Config
-from notellm_jax.model.llama import LlamaConfig
+from notellm_jax.model.families import LlamaConfig
 from notellm_jax.model.lora import boxed_lora, lora_applied, lora_scale, merge_lora, split_adapters
 from notellm_jax.model.notellm import NoteLLM, check_pairs, needs_logits, notellm_losses, pack_head_rows
 from notellm_jax.model.params import frozen_layer_count, merge_params, split_params

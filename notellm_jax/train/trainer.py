@@ -22,7 +22,7 @@ from notellm_jax import sharding as shd
 from notellm_jax.config import Config, override
 from notellm_jax.data.input_pipeline import batches, read_meta, total_train_steps
 from notellm_jax.distributed import is_primary
-from notellm_jax.model.llama import LlamaConfig
+from notellm_jax.model.families import LlamaConfig
 from notellm_jax.errors import TrainingDivergedError
 from notellm_jax.train.checkpointing import (checkpoint_dir, checkpoint_manager, write_export, report_committed,
                                              restore_checkpoint, save_checkpoint)

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 
 from notellm_jax.config import Config, PromptConfig
-from notellm_jax.model.llama import LlamaConfig
+from notellm_jax.model.families import LlamaConfig
 from notellm_jax.errors import MissingInputError
 
 FORMAT = "notellm_jax.export/2"

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from notellm_jax.model.decode import CausalLM
-from notellm_jax.model.llama import LlamaConfig
+from notellm_jax.model.families import LlamaConfig, config_from_hf
 from notellm_jax.model.params import emb_growth, grow_table, sharded_abstract_params, stack_layers, unstack_layers
 from notellm_jax.errors import CheckpointError, MissingInputError
 
@@ -889,66 +889,6 @@ def read_state(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
     return {name: np.asarray(t.full(), np.float32) for name, t in lazy.items()}, config
 
 
-# config.json fields that describe no part of the computation (bookkeeping, generation defaults, output
-# flags, label maps): accepted and not used. Any field outside these, the ones LlamaConfig reads and the
-# architecture fields it checks is refused: an ignored field could silently mean another model.
-_HF_METADATA = frozenset({
-    "_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version", "use_cache",
-    "initializer_range", "pad_token_id", "sep_token_id", "decoder_start_token_id", "tokenizer_class",
-    "is_llama_config", "transformers.js_config", "return_dict", "output_attentions", "output_hidden_states",
-    "torchscript", "use_bfloat16", "tf_legacy_loss", "id2label", "label2id", "problem_type", "finetuning_task",
-    "task_specific_params", "prefix", "chunk_size_feed_forward", "max_length", "min_length", "do_sample",
-    "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
-    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
-    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-    "begin_suppress_tokens"})
-# Fields that would change the model, accepted only at the value this port implements.
-_HF_NEUTRAL = {"partial_rotary_factor": 1.0, "attention_dropout": 0.0, "rope_interleaved": False,
-               "is_encoder_decoder": False, "add_cross_attention": False, "tie_encoder_decoder": False,
-               "is_decoder": False, "pruned_heads": {}, "cross_attention_hidden_size": None}
-_HF_COUNTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "max_position_embeddings")
-
-
-def check_hf_config(hf: dict[str, Any], source: Path | str) -> dict[str, Any]:
-    """`hf` checked field by field (CheckpointError naming `source` and the field): counts are positive
-    integers that divide as attention needs; neutral-valued fields hold their neutral value; no field is
-    unknown. Returns it with `rope_scaling: {"rope_type": "default"}` (HF's spelling of none) as None."""
-    from notellm_jax.model import llama
-
-    known = set(llama._HF_FIELDS) | set(llama._HF_REQUIRED) | set(llama._HF_INTERPRETED) | set(_HF_NEUTRAL) | \
-        _HF_METADATA
-    unknown = sorted(k for k in hf if k not in known)
-    if unknown:
-        raise CheckpointError(f"{source}: unsupported config field(s) {unknown} (not implemented by this LLaMA "
-                              "port, so they cannot be honoured; remove them only if they do not change the model)")
-    for key, neutral in _HF_NEUTRAL.items():
-        if key in hf and hf[key] != neutral and not (neutral in ({}, None) and not hf[key]):
-            raise CheckpointError(f"{source}: unsupported config field {key}={hf[key]!r} (this LLaMA port "
-                                  f"implements {key}={neutral!r})")
-    for key in _HF_COUNTS:
-        value = hf.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise CheckpointError(f"{source}: config field {key}={value!r} must be a positive integer")
-    heads, kv_heads = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
-    if heads and kv_heads and heads % kv_heads:
-        raise CheckpointError(f"{source}: config field num_key_value_heads={kv_heads} does not divide "
-                              f"num_attention_heads={heads}")
-    scaling = hf.get("rope_scaling")
-    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default":
-        hf = {**hf, "rope_scaling": None}  # HF's "default" rope type is unscaled RoPE
-    return hf
-
-
-def _config_from_hf(hf_config: dict[str, Any], source: Path, runtime: dict[str, Any]) -> LlamaConfig:
-    hf_config = check_hf_config(hf_config, source)
-    try:
-        return LlamaConfig.from_hf_dict(hf_config, **runtime)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{source}: {e}") from e
-
-
 def open_params(path: str | Path, emb_id: int | None = None, **runtime: Any) -> tuple[Params, LlamaConfig]:
     """(params as LazyTensors, LlamaConfig) from any supported checkpoint, with [EMB] given the id `emb_id`
     (`emb_growth`: a new entry, or an unused row of a table padded beyond its tokenizer) and the vocabulary
@@ -958,12 +898,12 @@ def open_params(path: str | Path, emb_id: int | None = None, **runtime: Any) -> 
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "orbax":
-        cfg = _config_from_hf(_read_json(path / "config.json"), path, runtime)
+        cfg = config_from_hf(_read_json(path / "config.json"), path, **runtime)
         n_new, reset = emb_growth(cfg, emb_id, path)
         params = _open_orbax(path, cfg, n_new, reset)
     else:
         state, hf_config = _READERS[fmt](path)
-        cfg = _config_from_hf(hf_config, path, runtime)
+        cfg = config_from_hf(hf_config, path, **runtime)
         n_new, reset = emb_growth(cfg, emb_id, path)
         params = hf_to_params(state, cfg, str(path), n_new, reset)
     cfg = cfg.replace(vocab_size=cfg.vocab_size + n_new)

@@ -17,7 +17,7 @@ import numpy as np
 
 from notellm_jax import sharding as shd
 from notellm_jax.config import Config
-from notellm_jax.model.llama import LlamaConfig, preset
+from notellm_jax.model.families import LlamaConfig, preset
 from notellm_jax.model.lora import init_lora
 from notellm_jax.model.params import emb_growth, grow_vocab, init_params, stack_layers, untie_head
 from notellm_jax.weights.formats import Transposed, open_params, place_params

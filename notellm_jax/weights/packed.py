@@ -105,7 +105,7 @@ def read_packed(folder: str | Path) -> tuple[dict[str, np.ndarray], dict]:
 
 def packed_to_hf(folder: str | Path, out_dir: str | Path) -> Path:
     """A packed folder -> an HF folder (config.json + model.safetensors) that `load_params` reads."""
-    from notellm_jax.model.llama import LlamaConfig
+    from notellm_jax.model.families import LlamaConfig
     from notellm_jax.weights.formats import hf_to_params, materialise, save_hf
 
     state, config = read_packed(folder)

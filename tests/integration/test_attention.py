@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from notellm_jax.model.attention import IMPLEMENTATIONS, attend
-from notellm_jax.model.llama import Llama, LlamaConfig, init_cache
+from notellm_jax.model.families import LlamaConfig
+from notellm_jax.model.llama import Llama, init_cache
 from notellm_jax.model.params import init_params
 from notellm_jax.model.precision import Precision
 

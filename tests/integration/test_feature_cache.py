@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from notellm_jax.infer.feature_cache import FeatureCache, cache_path, fingerprint
-from notellm_jax.model.llama import preset
+from notellm_jax.model.families import preset
 from notellm_jax.model.params import init_params
 from notellm_jax.model.notellm import NoteLLM
 from notellm_jax.sharding import make_mesh

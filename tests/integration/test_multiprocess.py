@@ -34,7 +34,7 @@ from notellm_jax.weights.loading import load_initial_params
 from notellm_jax.weights.tokenizer import resolve_tokenizer
 from notellm_jax.config import Config, load_config
 from notellm_jax.distributed import ClusterSpec, cluster_from_env
-from notellm_jax.model.llama import preset
+from notellm_jax.model.families import preset
 from notellm_jax.sharding import make_mesh
 
 REPO = Path(__file__).resolve().parents[2]

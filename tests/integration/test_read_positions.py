@@ -19,7 +19,8 @@ import pytest
 import notellm_jax  # noqa: F401
 from notellm_jax.config import load_config
 from notellm_jax.data.input_pipeline import synthetic_batches
-from notellm_jax.model.llama import Llama, LlamaConfig
+from notellm_jax.model.families import LlamaConfig
+from notellm_jax.model.llama import Llama
 from notellm_jax.model.notellm import generation_loss, notellm_losses, contrastive_loss, combine_losses
 from notellm_jax.train.step import make_model
 from notellm_jax.weights.loading import load_initial_params

@@ -10,7 +10,8 @@ from notellm_jax.config import Config, override
 from notellm_jax.data.input_pipeline import synthetic_batches
 from notellm_jax.infer.encoder import BatchEmbedder
 from notellm_jax.model import decode
-from notellm_jax.model.llama import Llama, preset
+from notellm_jax.model.families import preset
+from notellm_jax.model.llama import Llama
 from notellm_jax.model.params import abstract_params, init_params
 from notellm_jax.sharding import make_mesh
 from notellm_jax.train.step import compile_steps, create_state, make_train_setup, to_global_batch

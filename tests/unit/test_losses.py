@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from numpy_params import numpy_params
 
-from notellm_jax.model.llama import Llama, preset
+from notellm_jax.model.families import preset
+from notellm_jax.model.llama import Llama
 from notellm_jax.model.notellm import (OBJECTIVES, NoteLLM, check_pairs, combine_losses, contrastive_loss,
                                        generation_loss, notellm_losses)
 

@@ -21,7 +21,7 @@ GOLDEN = REPO / "tests" / "golden" / "llama2_7b_fsdp8_shardings.json"
 
 def current_layout() -> dict[str, dict]:
     from notellm_jax.config import load_config
-    from notellm_jax.model.llama import preset
+    from notellm_jax.model.families import preset
     from notellm_jax.sharding import make_mesh
     from notellm_jax.train.step import abstract_params_on, make_model
     from notellm_jax.weights.loading import runtime_llama_config

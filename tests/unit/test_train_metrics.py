@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from notellm_jax.model.llama import Llama, preset
+from notellm_jax.model.families import preset
+from notellm_jax.model.llama import Llama
 from notellm_jax.model.params import init_params
 from notellm_jax.train.metrics import (MetricsWriter, StepFlops, forward_flops_per_token, layer_flops_at_rows,
                                       train_step_flops)

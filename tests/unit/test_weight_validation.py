@@ -13,7 +13,7 @@ from numpy_params import numpy_params
 
 import notellm_jax  # noqa: F401
 from notellm_jax.errors import CheckpointError
-from notellm_jax.model.llama import preset
+from notellm_jax.model.families import preset
 from notellm_jax.model.params import init_params
 from notellm_jax.weights.formats import load_causal_lm, load_params, save_hf, save_orbax
 
