@@ -129,7 +129,8 @@ def random_state(spec):
     """A random train state created on the devices in its final shardings (jitted init: no host copy)."""
     from flax import linen as nn
 
-    from notellm_jax.train.step import TrainState, example_batch
+    from notellm_jax.model.params import example_batch
+    from notellm_jax.train.step import TrainState
     init = jax.jit(lambda rng: nn.meta.unbox(spec.model.init(rng, example_batch())["params"]),
                    out_shardings=spec.state_shardings.params)
     params = init(jax.random.key(0))

@@ -22,17 +22,14 @@ def fake_devices(n: int) -> None:
 
 
 def abstract_batch(config, setup) -> dict:
-    """ShapeDtypeStructs of one global batch with its sharding (what the pipeline would deliver)."""
-    import jax
-    import jax.numpy as jnp
-
+    """ShapeDtypeStructs of one global batch with its sharding (what the pipeline would deliver: the
+    `model.batch` spec's pipeline keys)."""
     from notellm_jax import sharding as shd
-    n, length, targets = 2 * config.train.batch_pairs, config.prompt.max_length, config.prompt.max_targets
-    shapes = {"input_ids": ((n, length), jnp.int32), "attention_mask": ((n, length), jnp.int32),
-              "embed_read_pos": ((n,), jnp.int32), "target_positions": ((n, targets), jnp.int32),
-              "target_ids": ((n, targets), jnp.int32), "target_mask": ((n, targets), jnp.float32),
-              "pair_id": ((n,), jnp.int32), "note_index": ((n,), jnp.int32)}
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(setup.mesh, len(s))) for k, (s, d) in shapes.items()}
+    from notellm_jax.model.batch import BatchDims
+    from notellm_jax.model.batch import abstract_batch as spec_batch
+
+    dims = BatchDims(2 * config.train.batch_pairs, config.prompt.max_length, config.prompt.max_targets)
+    return spec_batch(dims, sharding_of=lambda ndim: shd.batch_sharding(setup.mesh, ndim))
 
 
 def plan(config, num_layers: int | None = None) -> dict:

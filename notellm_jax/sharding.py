@@ -127,3 +127,17 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def abstract_on(boxed: Any, mesh: Mesh) -> Any:
+    """Unboxed ShapeDtypeStructs of a tree of logically partitioned (boxed) values, each carrying its
+    NamedSharding on `mesh` from the logical rules; nothing is allocated."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
+                        logical_shardings(boxed, mesh))
+
+
+def host_to_global(value: Any, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """A host array -> the global array `target` describes; each process touches only its devices' slices."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(target.shape, target.sharding,
+                                        lambda index: value[index].astype(target.dtype))

@@ -26,6 +26,7 @@ import numpy as np
 from notellm_jax.config import Config
 from notellm_jax.errors import ConfigError, MissingInputError, StoreFormatError
 from notellm_jax.data import store
+from notellm_jax.model.batch import BatchDims, batch_shapes
 from notellm_jax.model.families import LlamaConfig
 from notellm_jax.data.prompts import (Example, Note, PromptTooLongError, build_example, draw_topics,
                                       example_from_tokens, pad_batch)
@@ -402,25 +403,25 @@ def synthetic_batches(config: Config, llama_cfg: LlamaConfig, start_step: int, *
     host = jax.process_index() if process_index is None else process_index
     b = config.train.batch_pairs // (jax.process_count() if process_count is None else process_count)
     n, length, targets = 2 * b, config.prompt.max_length, config.prompt.max_targets
+    spec = batch_shapes(BatchDims(n, length, targets))  # {key: (shape, dtype)} of the pipeline's keys
     step = start_step
     while True:
         rng = np.random.default_rng([config.train.seed, step])
 
-        def draw(high: int, *shape: int, dtype=np.int64) -> np.ndarray:
-            """This host's rows of a global (side, pair, *shape) draw."""
-            full = rng.integers(0, high, (2, config.train.batch_pairs, *shape), dtype=dtype)
-            return full[:, host * b:(host + 1) * b].reshape(n, *shape)
+        def draw(key: str) -> np.ndarray:
+            """This host's rows of a global (side, pair, *shape) draw of random token ids."""
+            shape, dtype = spec[key]
+            full = rng.integers(0, llama_cfg.vocab_size - 1, (2, config.train.batch_pairs, *shape[1:]), dtype=dtype)
+            return full[:, host * b:(host + 1) * b].reshape(shape)
 
         embed_read_pos = np.full((n,), length - targets - 2, np.int32)
         positions = (embed_read_pos[:, None] + 2 + np.arange(targets)[None, :]).astype(np.int32)
-        positions = np.minimum(positions, length - 1)
         pair = np.arange(b, dtype=np.int32) + host * b
-        yield {"input_ids": draw(llama_cfg.vocab_size - 1, length, dtype=np.int32),
-               "attention_mask": np.ones((n, length), np.int32), "embed_read_pos": embed_read_pos,
-               "target_positions": positions,
-               "target_ids": draw(llama_cfg.vocab_size - 1, targets, dtype=np.int32),
-               "target_mask": np.ones((n, targets), np.float32), "pair_id": np.concatenate([pair, pair]),
-               "note_index": np.concatenate([2 * pair, 2 * pair + 1])}
+        batch = {"input_ids": draw("input_ids"), "attention_mask": np.ones(*spec["attention_mask"]),
+                 "embed_read_pos": embed_read_pos, "target_positions": np.minimum(positions, length - 1),
+                 "target_ids": draw("target_ids"), "target_mask": np.ones(*spec["target_mask"]),
+                 "pair_id": np.concatenate([pair, pair]), "note_index": np.concatenate([2 * pair, 2 * pair + 1])}
+        yield {k: batch[k].astype(spec[k][1], copy=False) for k in spec}
         step += 1
 
 

@@ -32,7 +32,7 @@ from notellm_jax.infer.embeddings import ChunkEmbedder
 from notellm_jax.infer.feature_cache import FeatureCache, cache_path
 from notellm_jax.model.llama import init_cache
 from notellm_jax.model.notellm import NoteLLM
-from notellm_jax.model.params import frozen_layer_count, split_params
+from notellm_jax.model.params import abstract_boxed_params, frozen_layer_count, split_params
 from notellm_jax.weights.export import load_notellm
 from notellm_jax.weights.tokenizer import resolve_tokenizer
 
@@ -192,7 +192,6 @@ def notellm_batch_embedder(export, mesh, batch_size: int, max_length: int, bucke
     tokens every prompt starts with), their key/value cache is computed once here and the embedder takes
     each note's tokens after the prefix only (`prefix_apply`; its buckets then cover max_length less the
     prefix). `row_buckets`: see `BatchEmbedder`."""
-    from notellm_jax.train.step import abstract_boxed_params  # until it moves down to model/params.py
 
     model = NoteLLM(export.llama, emb_dim=export.emb_dim)
     frozen_layers = frozen_layer_count(export.meta.get("train_top_layers", 0), export.llama)

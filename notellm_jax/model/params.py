@@ -1,4 +1,5 @@
-"""The parameter tree: random init, abstract shapes, scan stacking, [EMB] growth, the frozen/trainable split.
+"""The parameter tree: random init, abstract shapes (with their shardings), scan stacking, [EMB] growth, the
+frozen/trainable split.
 
 Host-side numpy throughout where a tree is rebuilt (stacking, growth), so a big model never lands on one
 device on its way to being sharded.
@@ -16,7 +17,9 @@ import numpy as np
 from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from notellm_jax import sharding as shd
 from notellm_jax.errors import CheckpointError
+from notellm_jax.model.batch import BatchDims, batch_shapes
 from notellm_jax.model.families import LlamaConfig
 from notellm_jax.model.llama import Llama
 
@@ -41,10 +44,24 @@ def abstract_params(config: LlamaConfig) -> Any:
 
 def sharded_abstract_params(config: LlamaConfig, mesh) -> Any:
     """Unboxed ShapeDtypeStructs of the decoder parameters carrying their NamedShardings on `mesh`."""
-    from notellm_jax import sharding as shd
-    boxed = abstract_params(config)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
-                        shd.logical_shardings(boxed, mesh))
+    return shd.abstract_on(abstract_params(config), mesh)
+
+
+def example_batch(rows: int = 2, length: int = 8, targets: int = 2) -> dict[str, jax.Array]:
+    """The smallest pipeline batch (`model.batch.PIPELINE_KEYS`), for shape inference and init: zeros,
+    with every token real."""
+    shapes = batch_shapes(BatchDims(rows, length, targets))
+    return {k: (jnp.ones if k == "attention_mask" else jnp.zeros)(s, d) for k, (s, d) in shapes.items()}
+
+
+def abstract_boxed_params(model: nn.Module) -> Any:
+    """Logically partitioned ShapeDtypeStructs of every parameter of a NoteLLM `model`; nothing is allocated."""
+    return jax.eval_shape(lambda rng: model.init(rng, example_batch())["params"], jax.random.key(0))
+
+
+def abstract_params_on(model: nn.Module, mesh) -> dict:
+    """ShapeDtypeStructs of every parameter of a NoteLLM `model` carrying its NamedSharding on `mesh`."""
+    return shd.abstract_on(abstract_boxed_params(model), mesh)
 
 
 def init_params(config: LlamaConfig, rng: jax.Array) -> Any:

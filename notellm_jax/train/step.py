@@ -15,26 +15,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 from flax import struct
 
 from notellm_jax import sharding as shd
 from notellm_jax.config import Config
 from notellm_jax.model.families import LlamaConfig
+from notellm_jax.model.batch import as_step_arrays
 from notellm_jax.model.lora import boxed_lora, lora_applied, lora_scale, merge_lora, split_adapters
 from notellm_jax.model.notellm import NoteLLM, check_pairs, needs_logits, notellm_losses, pack_head_rows
-from notellm_jax.model.params import frozen_layer_count, merge_params, split_params
+from notellm_jax.model.params import abstract_boxed_params, frozen_layer_count, merge_params, split_params
 from notellm_jax.train.grad_cache import grad_cache_loss_and_grads
 from notellm_jax.train.optim import make_optimizer
+from notellm_jax.weights.loading import make_model
 
 logger = logging.getLogger(__name__)
-
-# Arrays the device step reads; the rest of a pipeline batch (task, note_id strings) stays on the host.
-# note_index lets the contrastive loss mask negatives that are the same note as a row or its positive.
-# head_* are the supervised slots packed for the LM head (train.head_rows_per_note, `pack_head_rows`).
-STEP_KEYS = ("input_ids", "hidden_in", "attention_mask", "embed_read_pos", "target_positions", "target_ids",
-             "target_mask", "pair_id", "note_index", "head_index", "head_target_ids", "head_target_mask")
-
 
 @struct.dataclass
 class TrainState:
@@ -51,34 +45,12 @@ class LossConfig:
     objective: str
 
 
-def make_model(config: Config, llama_cfg: LlamaConfig) -> NoteLLM:
-    return NoteLLM(llama_cfg, emb_dim=config.model.emb_dim, log_logit_scale_init=config.model.log_logit_scale_init)
-
-
-def example_batch(n: int = 2, length: int = 8, targets: int = 2) -> dict[str, jax.Array]:
-    """The smallest batch with every key the model reads (for shape inference only)."""
-    return {"input_ids": jnp.zeros((n, length), jnp.int32), "attention_mask": jnp.ones((n, length), jnp.int32),
-            "embed_read_pos": jnp.zeros((n,), jnp.int32), "target_positions": jnp.zeros((n, targets), jnp.int32)}
-
-
-def abstract_boxed_params(model: NoteLLM) -> Any:
-    """Logically partitioned ShapeDtypeStructs of every parameter; nothing is allocated."""
-    return jax.eval_shape(lambda rng: model.init(rng, example_batch())["params"], jax.random.key(0))
-
-
 def abstract_train_params(config: Config, model: NoteLLM) -> Any:
     """`abstract_boxed_params` plus the LoRA adapters when the run has them."""
     boxed = abstract_boxed_params(model)
     if config.model.lora_rank > 0:
         boxed = {**boxed, "lora": boxed_lora(boxed["decoder"], config.model.lora_rank, config.model.lora_targets)}
     return boxed
-
-
-def abstract_params_on(model: NoteLLM, mesh) -> dict:
-    """ShapeDtypeStructs of every parameter carrying its NamedSharding on `mesh` (the logical rules)."""
-    boxed = abstract_boxed_params(model)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
-                        shd.logical_shardings(boxed, mesh))
 
 
 @dataclasses.dataclass
@@ -106,9 +78,8 @@ def make_train_setup(config: Config, llama_cfg: LlamaConfig, mesh, total_steps: 
     opt_boxed = jax.eval_shape(tx.init, trainable_boxed)
     state_boxed = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable_boxed,
                              frozen=frozen_boxed, opt_state=opt_boxed)
-    shardings = shd.logical_shardings(state_boxed, mesh)
-    unboxed = nn.meta.unbox(state_boxed)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, shardings)
+    abstract = shd.abstract_on(state_boxed, mesh)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
     loss = LossConfig(alpha=float(config.train.alpha), objective=config.train.objective)
     scale = lora_scale(config.model.lora_rank, config.model.lora_alpha) if config.model.lora_rank > 0 else 0.0
     return TrainSetup(model, mesh, tx, schedule, frozen_layers, loss, scale, config.train.grad_cache_chunk,
@@ -120,8 +91,7 @@ def _place(value: Any, target: jax.ShapeDtypeStruct) -> jax.Array:
     random ones): a global array is cast and resharded (kept as it is when it already matches), a host
     array is placed slice by slice, each process touching (and casting) only its devices' slices."""
     if not isinstance(value, jax.Array):
-        from notellm_jax.weights.loading import host_to_global
-        return host_to_global(value, target)
+        return shd.host_to_global(value, target)
     if value.dtype != target.dtype:
         value = value.astype(target.dtype)
     # Only an identical sharding is kept: an equivalent one on another Mesh object would leave the state's
@@ -217,12 +187,20 @@ def eval_step(state: TrainState, batch: dict, *, setup: TrainSetup) -> dict:
 
 
 def compile_steps(setup: TrainSetup):
-    """Jitted train and eval steps: explicit shardings, donated state, metrics replicated."""
+    """Jitted train and eval steps: explicit in/out shardings (the state's own; every batch array's leading
+    axis over (data, fsdp), whichever `model.batch` keys a batch has), donated state, metrics replicated."""
     replicated = shd.replicated(setup.mesh)
-    step = jax.jit(partial(train_step, setup=setup), donate_argnums=0,
+    in_shardings = (setup.state_shardings, batch_sharding(setup))
+    step = jax.jit(partial(train_step, setup=setup), donate_argnums=0, in_shardings=in_shardings,
                    out_shardings=(setup.state_shardings, replicated))
-    evaluate = jax.jit(partial(eval_step, setup=setup), out_shardings=replicated)
+    evaluate = jax.jit(partial(eval_step, setup=setup), in_shardings=in_shardings, out_shardings=replicated)
     return step, evaluate
+
+
+def batch_sharding(setup: TrainSetup) -> jax.sharding.NamedSharding:
+    """The sharding of every array of a global batch: rows over (data, fsdp), the rest replicated (a
+    PartitionSpec shorter than an array's rank leaves its other axes whole, so one sharding fits all keys)."""
+    return shd.batch_sharding(setup.mesh, 1)
 
 
 def to_global_batch(setup: TrainSetup, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -237,8 +215,5 @@ def to_global_batch(setup: TrainSetup, local: dict[str, np.ndarray]) -> dict[str
                         int(np.count_nonzero(local["target_mask"])), setup.head_rows_per_note * len(local["pair_id"]))
         else:
             local = {**{k: v for k, v in local.items() if k not in ("target_ids", "target_mask")}, **packed}
-    local = {k: v for k, v in local.items() if k in STEP_KEYS}
-    if "note_index" in local:  # int64 on the host; the device runs int32 (jax_enable_x64 off)
-        local["note_index"] = np.asarray(local["note_index"], np.int32)
-    return {k: jax.make_array_from_process_local_data(shd.batch_sharding(setup.mesh, v.ndim), v)
-            for k, v in local.items()}
+    local = as_step_arrays(local)  # the spec's keys in its dtypes (note_index: int64 on the host, int32 here)
+    return {k: jax.make_array_from_process_local_data(batch_sharding(setup), v) for k, v in local.items()}

@@ -31,7 +31,7 @@ from notellm_jax.train.guard import TrainingGuard
 from notellm_jax.train.metrics import MetricsWindow, MetricsWriter, StepFlops
 from notellm_jax.train.step import (TrainSetup, TrainState, compile_steps, create_state, make_train_setup,
                                     to_global_batch)
-from notellm_jax.weights.loading import load_initial_params
+from notellm_jax.weights.loading import open_initial_params
 from notellm_jax.weights.tokenizer import resolve_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -86,18 +86,20 @@ def _vocab_size(config: Config) -> int:
 
 
 def setup(config: Config) -> Run:
-    """Mesh, weights, sharded state (restored if a checkpoint exists), compiled steps, cache and writer."""
+    """Mesh, sharded state (restored if a checkpoint exists, else from the initial weights, which a resumed run
+    never reads), compiled steps, cache and writer."""
     config.validate(jax.device_count(), jax.process_count(), training=True)
     mesh = shd.mesh_from_config(config.mesh)
     emb_vocab = None if config.train.synthetic_data else _vocab_size(config)
-    params, llama_cfg = load_initial_params(config, emb_vocab, mesh)
+    initial = open_initial_params(config, emb_vocab, mesh)  # headers only: the config and the shapes
+    llama_cfg = initial.llama_cfg
     total_steps = total_train_steps(config)
     train_setup = make_train_setup(config, llama_cfg, mesh, total_steps)
     manager = checkpoint_manager(config)
+    # A checkpoint is looked for first: a resumed run never reads the initial weights.
     state = restore_checkpoint(manager, train_setup, config, total_steps)
     if state is None:
-        state = create_state(train_setup, params)
-    del params
+        state = create_state(train_setup, initial.read())
     step_fn, eval_fn = compile_steps(train_setup)
     start_step = int(state.step)
     writer = MetricsWriter(config.work_dir / "logs", total_steps, enabled=is_primary(), start_step=start_step)

@@ -15,8 +15,11 @@ from typing import Any
 import jax
 
 from notellm_jax.config import Config, PromptConfig
-from notellm_jax.model.families import LlamaConfig
 from notellm_jax.errors import MissingInputError
+from notellm_jax.model.families import LlamaConfig
+from notellm_jax.model.notellm import NoteLLM
+from notellm_jax.model.params import abstract_params_on, unstack_layers
+from notellm_jax.sharding import make_mesh
 
 FORMAT = "notellm_jax.export/2"
 
@@ -63,9 +66,6 @@ def load_notellm(path: str | Path, mesh=None) -> NoteLLMExport:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
     llama_cfg = LlamaConfig(**meta["llama"])
-    from notellm_jax.model.notellm import NoteLLM
-    from notellm_jax.sharding import make_mesh
-    from notellm_jax.train.step import abstract_params_on
     mesh = mesh or make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
     target = abstract_params_on(NoteLLM(llama_cfg, emb_dim=meta["emb_dim"]), mesh)
     with ocp.StandardCheckpointer() as ckptr:
@@ -77,6 +77,5 @@ def load_notellm(path: str | Path, mesh=None) -> NoteLLMExport:
 def save_hf_decoder(params: dict, llama_cfg: LlamaConfig, out_dir: Path) -> Path:
     """The fine-tuned decoder of an export's `params` (LoRA already merged, [EMB] row included, an untied
     head when one was trained) as a transformers LlamaForCausalLM folder."""
-    from notellm_jax.model.params import unstack_layers
     from notellm_jax.weights.formats import save_hf
     return save_hf(unstack_layers(params["decoder"]), llama_cfg.replace(scan_layers=False), out_dir)

@@ -28,8 +28,9 @@ import pytest
 from notellm_jax.train import trainer
 from notellm_jax.data.input_pipeline import synthetic_batches
 from notellm_jax.model.params import merge_params
+from notellm_jax.model.batch import STEP_KEYS
 from notellm_jax.train.checkpointing import checkpoint_manager
-from notellm_jax.train.step import STEP_KEYS, TrainSetup, TrainState, compile_steps, create_state, make_train_setup, to_global_batch
+from notellm_jax.train.step import TrainSetup, TrainState, compile_steps, create_state, make_train_setup, to_global_batch
 from notellm_jax.weights.loading import load_initial_params
 from notellm_jax.weights.tokenizer import resolve_tokenizer
 from notellm_jax.config import Config, load_config

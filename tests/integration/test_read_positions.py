@@ -22,8 +22,7 @@ from notellm_jax.data.input_pipeline import synthetic_batches
 from notellm_jax.model.families import LlamaConfig
 from notellm_jax.model.llama import Llama
 from notellm_jax.model.notellm import generation_loss, notellm_losses, contrastive_loss, combine_losses
-from notellm_jax.train.step import make_model
-from notellm_jax.weights.loading import load_initial_params
+from notellm_jax.weights.loading import load_initial_params, make_model
 
 VOCAB, LENGTH = 61, 24
 BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,

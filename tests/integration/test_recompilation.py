@@ -13,6 +13,7 @@ from notellm_jax.model import decode
 from notellm_jax.model.families import preset
 from notellm_jax.model.llama import Llama
 from notellm_jax.model.params import abstract_params, init_params
+from notellm_jax import sharding as shd
 from notellm_jax.sharding import make_mesh
 from notellm_jax.train.step import compile_steps, create_state, make_train_setup, to_global_batch
 from notellm_jax.weights.loading import load_initial_params
@@ -41,6 +42,14 @@ def test_train_step_compiles_once(head_rows_per_note):
         eval_fn(state, batch(5 + i))
     jax.block_until_ready(metrics)
     assert step_fn._cache_size() == 1 and eval_fn._cache_size() == 1
+    # The shardings are the step's own (explicit in_shardings), not whatever the arguments carry: an
+    # unsharded abstract batch compiles with its rows over (data, fsdp) and the state as the setup lays it out.
+    unsharded = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch(9).items()}
+    state_in, batch_in = step_fn.lower(setup.abstract_state, unsharded).compile().input_shardings[0]
+    for leaf in jax.tree.leaves(batch_in):
+        assert leaf.is_equivalent_to(shd.batch_sharding(setup.mesh, 1), 1)
+    for got, want in zip(jax.tree.leaves(state_in), jax.tree.leaves(setup.abstract_state), strict=True):
+        assert got.is_equivalent_to(want.sharding, len(want.shape))
 
 
 def test_each_embedding_bucket_compiles_once():

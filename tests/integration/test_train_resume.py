@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from notellm_jax.train import trainer
+from notellm_jax.weights import loading
 from notellm_jax.train.checkpointing import checkpoint_manager, restore_checkpoint
 from notellm_jax.train.step import make_train_setup
 from notellm_jax.weights.loading import load_initial_params
@@ -37,6 +38,17 @@ def resume_config(work_dir: Path, *extra: str) -> Config:
                               "train.keep_checkpoints=5", "train.log_every=1", "train.async_checkpoint=false",
                               "model.train_top_layers=2", "model.cache_frozen_features=true",
                               f"paths.work_dir={work_dir}", *extra])
+
+
+def count_weight_reads(monkeypatch, reads: list[str]) -> None:
+    """Record every read of a run's initial weights (`InitialWeights.read`), by the run's work dir."""
+    real = loading.InitialWeights.read
+
+    def read(self, on_leaf=None):
+        reads.append(self.config.work_dir.name)
+        return real(self, on_leaf)
+
+    monkeypatch.setattr(loading.InitialWeights, "read", read)
 
 
 def watch_batches(monkeypatch, starts: list[int], stop_after: int | None = None) -> None:
@@ -68,7 +80,9 @@ def runs(tmp_path_factory):
     """(uninterrupted, interrupted + resumed): their configs, returned metrics and recorded data starts."""
     monkeypatch = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("resume")
+    reads: list[str] = []
     try:
+        count_weight_reads(monkeypatch, reads)
         whole_starts: list[int] = []
         watch_batches(monkeypatch, whole_starts)
         whole = resume_config(root / "whole")
@@ -83,17 +97,27 @@ def runs(tmp_path_factory):
         steps_after_crash = list(manager.all_steps())
         manager.close()
         watch_batches(monkeypatch, split_starts)
+        reads_before_resume = list(reads)
         split_metrics = trainer.train(split)
+        resume_reads = reads[len(reads_before_resume):]
     finally:
         monkeypatch.undo()
     return dict(whole=whole, whole_metrics=whole_metrics, whole_starts=whole_starts, split=split,
-                split_metrics=split_metrics, split_starts=split_starts, steps_after_crash=steps_after_crash)
+                split_metrics=split_metrics, split_starts=split_starts, steps_after_crash=steps_after_crash,
+                reads_before_resume=reads_before_resume, resume_reads=resume_reads)
 
 
 def test_resumed_run_starts_from_the_checkpoint_at_step_n(runs):
     assert runs["whole_starts"] == [0]
     assert runs["steps_after_crash"] == [N]
     assert runs["split_starts"] == [0, N]
+
+
+def test_a_resumed_run_does_not_read_the_initial_weights(runs):
+    """The checkpoint is looked for before the initial weights are read: a resume restores it into the
+    abstract state and never reads them (for a 7B checkpoint, a full read for nothing)."""
+    assert runs["reads_before_resume"] == ["whole", "split"]  # each fresh start read them once
+    assert runs["resume_reads"] == []
 
 
 def test_resumed_run_equals_uninterrupted_run(runs):

@@ -23,8 +23,8 @@ def current_layout() -> dict[str, dict]:
     from notellm_jax.config import load_config
     from notellm_jax.model.families import preset
     from notellm_jax.sharding import make_mesh
-    from notellm_jax.train.step import abstract_params_on, make_model
-    from notellm_jax.weights.loading import runtime_llama_config
+    from notellm_jax.model.params import abstract_params_on
+    from notellm_jax.weights.loading import make_model, runtime_llama_config
 
     config = load_config(str(REPO / "configs" / "llama2_7b.py") + ":aot")
     base = runtime_llama_config(config, preset(config.model.checkpoint.split(":", 1)[1]))
