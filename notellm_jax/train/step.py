@@ -216,4 +216,5 @@ def to_global_batch(setup: TrainSetup, local: dict[str, np.ndarray]) -> dict[str
         else:
             local = {**{k: v for k, v in local.items() if k not in ("target_ids", "target_mask")}, **packed}
     local = as_step_arrays(local)  # the spec's keys in its dtypes (note_index: int64 on the host, int32 here)
-    return {k: jax.make_array_from_process_local_data(batch_sharding(setup), v) for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(shd.batch_sharding(setup.mesh, v.ndim), v)
+            for k, v in local.items()}
