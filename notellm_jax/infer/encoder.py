@@ -192,7 +192,6 @@ def notellm_batch_embedder(export, mesh, batch_size: int, max_length: int, bucke
     tokens every prompt starts with), their key/value cache is computed once here and the embedder takes
     each note's tokens after the prefix only (`prefix_apply`; its buckets then cover max_length less the
     prefix). `row_buckets`: see `BatchEmbedder`."""
-
     model = NoteLLM(export.llama, emb_dim=export.emb_dim)
     frozen_layers = frozen_layer_count(export.meta.get("train_top_layers", 0), export.llama)
     cache = None
