@@ -1,13 +1,14 @@
 """The real Stack Exchange dumps under the shared folder, imported whole, against the counts in SOURCES.md."""
-from notellm_jax.data import importers, store
-from notellm_jax.data.importers import StoreBuilder
+from notellm_jax.data import store
+from notellm_jax.data.importers import stackexchange
+from notellm_jax.data.importers.builder import StoreBuilder
 
 
 def test_real_stackexchange_counts_match_sources_md(shared_dir, tmp_path):
     """All 16 real site folders: totals equal SOURCES.md's table; every answer/comment/favourite is an event
     or a counted skip."""
     builder = StoreBuilder(tmp_path / "out")
-    details = importers.import_stackexchange(shared_dir / "data" / "stackexchange", [], builder)
+    details = stackexchange.import_stackexchange(shared_dir / "data" / "stackexchange", [], builder)
     stats = {**builder.finish(str(shared_dir / "data" / "stackexchange")), **details}
     out = {"notes": store.read_note_table(tmp_path / "out" / "notes.parquet").to_pylist()}
     skipped = stats["skipped"]

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from notellm_jax.data import importers, store
-from notellm_jax.data.importers import InputFormatError, StoreBuilder
+from notellm_jax.data import store
+from notellm_jax.data.importers import jsonl, reference_csv, stackexchange
+from notellm_jax.data.importers.builder import StoreBuilder
+from notellm_jax.errors import InputFormatError
 
 
 def _ts(text: str) -> int:
@@ -50,13 +52,13 @@ def test_store_round_trip_and_missing_column(tmp_path):
 
 def test_text_helpers():
     html = "<p>Use <code>x &lt; y</code> and&nbsp;<b>bold</b></p>\n<pre><code>a=1\nb=2</code></pre><p>end</p>"
-    assert importers.html_to_text(html) == "Use x < y and\xa0bold a=1 b=2 end".replace("\xa0", " ")
-    assert importers.parse_tags("<neural-networks><c++>") == ["neural-networks", "c++"]
-    assert importers.parse_tags("|neural-networks|c++|") == ["neural-networks", "c++"]
-    assert importers.parse_tags("") == []
-    assert importers.site_category("ai.stackexchange.com") == "ai"
-    assert importers.site_category("economics.stackexchange.com-2011beta") == "economics"
-    assert importers.site_category("stackoverflow.com") == "stackoverflow"
+    assert stackexchange.html_to_text(html) == "Use x < y and\xa0bold a=1 b=2 end".replace("\xa0", " ")
+    assert stackexchange.parse_tags("<neural-networks><c++>") == ["neural-networks", "c++"]
+    assert stackexchange.parse_tags("|neural-networks|c++|") == ["neural-networks", "c++"]
+    assert stackexchange.parse_tags("") == []
+    assert stackexchange.site_category("ai.stackexchange.com") == "ai"
+    assert stackexchange.site_category("economics.stackexchange.com-2011beta") == "economics"
+    assert stackexchange.site_category("stackoverflow.com") == "stackoverflow"
 
 
 # ----------------------------------------------------------------------------- Stack Exchange
@@ -105,7 +107,7 @@ def mini_dump(tmp_path) -> Path:
 
 
 def test_stackexchange_mini_dump(mini_dump, tmp_path):
-    stats, out = _run_import(lambda b: importers.import_stackexchange(mini_dump, [], b), tmp_path)
+    stats, out = _run_import(lambda b: stackexchange.import_stackexchange(mini_dump, [], b), tmp_path)
     assert out["notes"] == [
         {"note_id": "new.stackexchange.com/1", "title": "How to brew?", "content": "Use a < b",
          "topics": ["brew", "hops"], "category": "new", "created_at": _ts("2020-01-01T10:00:00"), "exposure": 50},
@@ -136,25 +138,25 @@ def test_stackexchange_mini_dump(mini_dump, tmp_path):
 
 
 def test_stackexchange_site_selection(mini_dump, tmp_path):
-    _, out = _run_import(lambda b: importers.import_stackexchange(mini_dump, ["old.stackexchange.com-2011beta"], b),
+    _, out = _run_import(lambda b: stackexchange.import_stackexchange(mini_dump, ["old.stackexchange.com-2011beta"], b),
                          tmp_path)
     assert [n["note_id"] for n in out["notes"]] == ["old.stackexchange.com-2011beta/1"]
     with pytest.raises(InputFormatError, match="unknown site.*nope.*available"):
-        importers.stackexchange_site_dirs(mini_dump, ["nope"])
+        stackexchange.stackexchange_site_dirs(mini_dump, ["nope"])
 
 
 def test_truncated_xml_names_file_and_line(mini_dump, tmp_path):
     posts = mini_dump / "new.stackexchange.com" / "Posts.xml"
     posts.write_bytes(posts.read_bytes()[:-40])
     with pytest.raises(InputFormatError, match=r"Posts\.xml: malformed XML at line \d+, column \d+"):
-        importers.import_stackexchange(mini_dump, ["new.stackexchange.com"], StoreBuilder(tmp_path / "o"))
+        stackexchange.import_stackexchange(mini_dump, ["new.stackexchange.com"], StoreBuilder(tmp_path / "o"))
 
 
 def test_malformed_xml_names_line_and_column(tmp_path):
     path = tmp_path / "Comments.xml"
     path.write_bytes(b'<comments>\n  <row Id="1" PostId=2 />\n</comments>\n')
     with pytest.raises(InputFormatError, match=r"Comments\.xml: malformed XML at line 2, column \d+"):
-        list(importers.iter_rows(path))
+        list(stackexchange.iter_rows(path))
 
 
 def test_non_utf8_xml_names_byte_offset(tmp_path):
@@ -164,7 +166,7 @@ def test_non_utf8_xml_names_byte_offset(tmp_path):
     path.write_bytes(data)
     offset = data.index(b"\xe9")
     with pytest.raises(InputFormatError, match=rf"Posts\.xml: .*byte offset {offset} \(line 3\): invalid UTF-8 byte 0xe9"):
-        list(importers.iter_rows(path))
+        list(stackexchange.iter_rows(path))
 
 
 # ----------------------------------------------------------------------------- reference CSV
@@ -185,7 +187,7 @@ def test_reference_csv(tmp_path):
     _write_csv(src / "notes_b.csv", "note_id,title,content,image_id,category,created_at\n"
                "n3,Third,#only#,img5,tech,1700000000\n")
     _write_csv(src / "note_pairs_0.csv", "note_id_1,note_id_2\nn1,n2\nn2,n3\nn1,ghost\nn1,n1\nn1,n2\n")
-    stats, out = _run_import(lambda b: importers.import_reference_csv(src, b, category_depth=1), tmp_path)
+    stats, out = _run_import(lambda b: reference_csv.import_reference_csv(src, b, category_depth=1), tmp_path)
     assert out["notes"] == [
         {"note_id": "n1", "title": "Hello", "content": "Great food here", "topics": ["美食", "travel"],
          "category": "life", "created_at": 0, "exposure": -1},
@@ -204,22 +206,22 @@ def test_reference_csv(tmp_path):
 def test_reference_csv_category_depth_zero_keeps_path(tmp_path):
     _write_csv(tmp_path / "notes_x.csv", "note_id,title,content,image_id,category\nn1,T,c,i,a@b@c\nn2,U,d,i,a\n")
     _write_csv(tmp_path / "note_pairs_x.csv", "a,b\nn1,n2\n")
-    _, out = _run_import(lambda b: importers.import_reference_csv(tmp_path, b, category_depth=0), tmp_path)
+    _, out = _run_import(lambda b: reference_csv.import_reference_csv(tmp_path, b, category_depth=0), tmp_path)
     assert out["notes"][0]["category"] == "a@b@c"
 
 
 def test_reference_csv_bad_input(tmp_path):
     _write_csv(tmp_path / "notes_x.csv", "note_id,title,content,category\nn1,T,c,food\n")
     with pytest.raises(InputFormatError, match=r"notes_x\.csv: missing column 'image_id'"):
-        importers.import_reference_csv(tmp_path, StoreBuilder(tmp_path / "o1"), 1)
+        reference_csv.import_reference_csv(tmp_path, StoreBuilder(tmp_path / "o1"), 1)
     _write_csv(tmp_path / "notes_x.csv", "note_id,title,content,image_id,category\nn1,T,c\n")
     with pytest.raises(InputFormatError, match=r"notes_x\.csv:2: row has"):
-        importers.import_reference_csv(tmp_path, StoreBuilder(tmp_path / "o2"), 1)
+        reference_csv.import_reference_csv(tmp_path, StoreBuilder(tmp_path / "o2"), 1)
     raw = "note_id,title,content,image_id,category\nn1,Caf\xe9,c,i,food\n".encode("latin-1")
     (tmp_path / "notes_x.csv").write_bytes(raw)
     offset = raw.index(b"\xe9")
     with pytest.raises(InputFormatError, match=rf"notes_x\.csv: not UTF-8 at byte offset {offset} \(line 2\)"):
-        importers.import_reference_csv(tmp_path, StoreBuilder(tmp_path / "o3"), 1)
+        reference_csv.import_reference_csv(tmp_path, StoreBuilder(tmp_path / "o3"), 1)
 
 
 # ----------------------------------------------------------------------------- generic JSONL
@@ -234,16 +236,28 @@ def test_generic_jsonl(tmp_path):
     _jsonl(tmp_path / "notes.jsonl", [note, {**note, "title": "dup"}, {**note, "note_id": "b", "exposure": 9}])
     _jsonl(tmp_path / "events.jsonl", [{"user_id": "u", "note_id": "a", "timestamp": 3, "action": "click"},
                                        {"user_id": "u", "note_id": "zz", "timestamp": 4, "action": "click"}])
-    stats, out = _run_import(lambda b: importers.import_generic(tmp_path, b), tmp_path)
+    stats, out = _run_import(lambda b: jsonl.import_generic(tmp_path, b), tmp_path)
     assert out["notes"] == [{**note, "exposure": -1}, {**note, "note_id": "b", "exposure": 9}]
     assert out["events"] == [{"user_id": "u", "note_id": "a", "timestamp": 3, "action": "click"}]
     assert stats["skipped"] == {"note.duplicate_id": 1, "event.unknown_note": 1}
 
 
+def test_generic_jsonl_schema_examples_import(tmp_path):
+    """The example lines of jsonl.py's docstring (the user-facing schema) import as the schema says."""
+    note_line, event_line = [line.strip() for line in jsonl.__doc__.splitlines() if line.strip().startswith("{")]
+    (tmp_path / "notes.jsonl").write_text(note_line + "\n")
+    (tmp_path / "events.jsonl").write_text(event_line + "\n")
+    stats, out = _run_import(lambda b: jsonl.import_generic(tmp_path, b), tmp_path)
+    note, event = json.loads(note_line), json.loads(event_line)
+    assert out["notes"] == [{**note, "created_at": _ts(note["created_at"].removesuffix("Z"))}]
+    assert out["events"] == [event]
+    assert not any(stats["skipped"].values())
+
+
 def test_generic_jsonl_bad_input(tmp_path):
     (tmp_path / "notes.jsonl").write_text('{"note_id": "a"}\n')
     with pytest.raises(InputFormatError, match=r"notes\.jsonl:1: missing field\(s\) \['title'"):
-        importers.import_generic(tmp_path, StoreBuilder(tmp_path / "o1"))
+        jsonl.import_generic(tmp_path, StoreBuilder(tmp_path / "o1"))
     (tmp_path / "notes.jsonl").write_text('\n{"note_id": \n')
     with pytest.raises(InputFormatError, match=r"notes\.jsonl:2:\d+: invalid JSON"):
-        importers.import_generic(tmp_path, StoreBuilder(tmp_path / "o2"))
+        jsonl.import_generic(tmp_path, StoreBuilder(tmp_path / "o2"))
