@@ -10,7 +10,7 @@ Everything is written to `<paths.work_dir>/data/`:
 - cooccurrence: pairs_all.parquet, related pairs over the whole log (for inspection and stats; the
                 splits compute each period's pairs from that period's own log)
 - splits:       pairs_train.parquet, pairs_val.parquet, pairs_test.parquet, split.json
-- shards:       shards/ (TFRecords of the tokenised pairs, by `data.input_pipeline.write_shards`)
+- shards:       shards/ (TFRecords of the tokenised pairs, by `data.shards.write_shards`)
 - tfds:         tfds/ (the notellm_prepared TensorFlow Datasets dataset of those shards, built on Beam;
                 run by default only with data.train_input="tfds")
 and stats.json: each stage's counts under its name, plus the config used. With data.engine="beam" the
@@ -31,7 +31,7 @@ from typing import Any
 import pyarrow as pa
 
 from notellm_jax.config import Config
-from notellm_jax.data import importers, splits, store
+from notellm_jax.data import importers, shards, splits, store
 from notellm_jax.errors import ConfigError
 
 
@@ -79,8 +79,7 @@ def run_splits(config: Config, data_dir: Path) -> dict[str, Any]:
 
 
 def run_shards(config: Config, data_dir: Path) -> dict[str, Any]:
-    from notellm_jax.data.input_pipeline import write_shards  # TensorFlow only when shards are written
-    return write_shards(config, data_dir)
+    return shards.write_shards(config, data_dir)
 
 
 def run_tfds(config: Config, data_dir: Path) -> dict[str, Any]:

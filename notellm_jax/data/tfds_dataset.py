@@ -2,12 +2,12 @@
 
 Two builder configs, read from a prepared data folder (passed as TFDS's manual_dir):
 - `notellm_prepared/pairs`: splits train, val, test (those with pairs), from shards/ (written by
-  `input_pipeline.write_shards`); one example per related pair, in the shard files' order (the seeded
-  order write_shards chose; disable_shuffling keeps it). Features, int64, for side s in a_, b_ and
-  task variant v in cat (category), hash (hashtag): `<s>note_index` (row of the note in
-  notes.parquet); `<s><v>_ids` (token ids, variable length: prompt + output + EOS); `<s><v>_emb`
-  (the [EMB] read position stored in the shards; -1 = the note has no such variant); `<s><v>_prefix`
-  (prompt length: the tokens before the output).
+  `shards.write_shards`); one example per related pair, in the shard files' order (the seeded
+  order write_shards chose; disable_shuffling keeps it). Features: the shards' own (`shards.pair_fields`),
+  int64, for side s in a_, b_ and task variant v in cat (category), hash (hashtag): `<s>note_index`
+  (row of the note in notes.parquet); `<s><v>_ids` (token ids, variable length: prompt + output + EOS);
+  `<s><v>_emb` (the [EMB] read position stored in the shards; -1 = the note has no such variant);
+  `<s><v>_prefix` (prompt length: the tokens before the output).
 - `notellm_prepared/notes`: split "notes", from notes.parquet in its row order (= note_index): the
   store's fields note_id, title, content (text), topics (list of text), category (text),
   created_at (int64 unix seconds), exposure (int64 view count, -1 unknown).
@@ -33,20 +33,15 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from notellm_jax.data import store
+from notellm_jax.data.shards import META, SPLITS, pair_fields, parse_spec, shard_file, shards_dir
 from notellm_jax.errors import MissingInputError
-from notellm_jax.data.input_pipeline import SPLITS, VARIANTS, _parse_spec
 
 NAME = "notellm_prepared"
 
 
 def _pair_features() -> tfds.features.FeaturesDict:
-    spec: dict[str, Any] = {}
-    for side in ("a_", "b_"):
-        spec[f"{side}note_index"] = tfds.features.Scalar(np.int64)
-        for short in VARIANTS:
-            spec[f"{side}{short}_ids"] = tfds.features.Tensor(shape=(None,), dtype=np.int64)
-            spec[f"{side}{short}_emb"] = tfds.features.Scalar(np.int64)
-            spec[f"{side}{short}_prefix"] = tfds.features.Scalar(np.int64)
+    spec: dict[str, Any] = {name: tfds.features.Tensor(shape=(None,), dtype=np.int64) if ragged
+                            else tfds.features.Scalar(np.int64) for name, ragged in pair_fields().items()}
     return tfds.features.FeaturesDict(spec)
 
 
@@ -60,7 +55,7 @@ def _note_features() -> tfds.features.FeaturesDict:
 def _read_pair_file(element: tuple[str, int]) -> Iterator[tuple[int, dict[str, Any]]]:
     """(global record index, example) for every record of one pair shard file."""
     path, first = element
-    spec = _parse_spec(tf, ("a_", "b_"))
+    spec = parse_spec(tf)
     for i, record in enumerate(tf.data.TFRecordDataset(path)):
         parsed = tf.io.parse_single_example(record, spec)
         yield first + i, {k: v.numpy() for k, v in parsed.items()}
@@ -93,14 +88,13 @@ class NotellmPrepared(tfds.core.GeneratorBasedBuilder):
         data_dir = Path(dl_manager.manual_dir)
         if self.builder_config.name == "notes":
             return {"notes": beam.Create([str(data_dir / "notes.parquet")]) | beam.FlatMap(_read_notes)}
-        shards = data_dir / "shards"
-        meta = json.loads((shards / "meta.json").read_text())
+        meta = json.loads((shards_dir(data_dir) / META).read_text())
         self.info.metadata["shards_meta"] = meta
         n = meta["num_shards"]
         generators = {}
         for split in (s for s in SPLITS if sum(meta["files"].get(s, [])) > 0):
             starts = np.concatenate([[0], np.cumsum(meta["files"][split])[:-1]]).tolist()
-            files = [(str(shards / f"{split}-{i:05d}-of-{n:05d}.tfrecord"), int(starts[i])) for i in range(n)]
+            files = [(str(shard_file(data_dir, split, i, n)), int(starts[i])) for i in range(n)]
             generators[split] = beam.Create(files) | beam.FlatMap(_read_pair_file)
         return generators
 

@@ -14,8 +14,8 @@ import jax
 
 from notellm_jax.config import Config
 from notellm_jax.data import store
-from notellm_jax.data.input_pipeline import prompt_hash
 from notellm_jax.data.prompts import Note
+from notellm_jax.data.shards import prompt_hash
 from notellm_jax.infer.embeddings import (embedding_dir, write_embeddings, write_embeddings_across_hosts,
                                           written_summary)
 from notellm_jax.infer.encoder import CHUNK_BATCHES, chunk_embedder, note_encoder

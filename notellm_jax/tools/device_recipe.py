@@ -78,14 +78,14 @@ def test_note_tokens(data_dir: Path) -> tuple[list[str], list[list[int]], Counte
 
 def embed_test_notes(config: Config, export_dir: Path, out_dir: Path) -> Path:
     from notellm_jax import sharding as shd
-    from notellm_jax.data.input_pipeline import read_meta
+    from notellm_jax.data.shards import read_shards_meta
     from notellm_jax.data.prompts import Note
     from notellm_jax.infer.embeddings import write_embeddings
     from notellm_jax.infer.encoder import CHUNK_BATCHES, chunk_embedder, notellm_batch_embedder
     from notellm_jax.weights.export import load_notellm
 
     export = load_notellm(export_dir)
-    meta = read_meta(config, config.data_dir)
+    meta = read_shards_meta(config, config.data_dir)
     mesh = shd.mesh_from_config(config.mesh)
     embedder, _ = notellm_batch_embedder(export, mesh, config.embed.batch_size, export.prompt.max_length,
                                          config.embed.length_buckets, meta["pad_id"], config.prompt.padding_side,

@@ -60,7 +60,7 @@ def _typed(config: Config, updates: dict[str, Any]) -> Config:
 
 def data_dir_for(config: Config, base: Config, out: Path) -> Path:
     """The base data folder if the setting tokenises prompts the same way, else its own shards."""
-    from notellm_jax.data.input_pipeline import prompt_hash, write_shards
+    from notellm_jax.data.shards import prompt_hash, write_shards
     from notellm_jax.weights.tokenizer import tokenizer_source
 
     tokenizer = tokenizer_source(config)

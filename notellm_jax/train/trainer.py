@@ -20,7 +20,8 @@ import jax
 
 from notellm_jax import sharding as shd
 from notellm_jax.config import Config, override
-from notellm_jax.data.input_pipeline import batches, read_meta, total_train_steps
+from notellm_jax.data.input_pipeline import batches, total_train_steps
+from notellm_jax.data.shards import read_shards_meta
 from notellm_jax.distributed import is_primary
 from notellm_jax.model.families import LlamaConfig
 from notellm_jax.errors import TrainingDivergedError
@@ -81,7 +82,7 @@ def _vocab_size(config: Config) -> int:
     """The tokenizer's vocabulary with [EMB]; for numpy input the one the shards were written with (such a
     host may lack the tokenizer's reader, e.g. the gguf package)."""
     if config.data.train_input == "numpy":
-        return read_meta(config, config.data_dir)["vocab_size"]
+        return read_shards_meta(config, config.data_dir)["vocab_size"]
     return resolve_tokenizer(config).vocab_size
 
 

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from notellm_jax.config import Config, override
-from notellm_jax.data.input_pipeline import (TOKEN_ARRAYS, _assemble, _token_batch, make_numpy_train_dataset,
-                                       make_train_dataset, read_meta, steps_per_epoch, write_shards)
+from notellm_jax.data.input_pipeline import (_assemble, _token_batch, make_numpy_train_dataset, make_train_dataset,
+                                             steps_per_epoch)
+from notellm_jax.data.shards import TOKEN_ARRAYS, read_shards_meta, write_shards
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = {"prompt.layout": "reference", "prompt.max_length": 128, "prompt.max_targets": 16, "train.batch_pairs": 4,
@@ -36,7 +37,7 @@ def prepared(tmp_path_factory, stories_dir):
 
 def test_numpy_batch_equals_tfrecord_batch_for_the_same_pairs(prepared):
     config, data_dir = prepared
-    meta = read_meta(config, data_dir)
+    meta = read_shards_meta(config, data_dir)
     with np.load(data_dir / "shards" / TOKEN_ARRAYS) as data:
         tokens = {k: data[k] for k in data.files}
     iterator = make_train_dataset(config, data_dir, process_index=0, process_count=1)

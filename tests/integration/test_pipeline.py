@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from notellm_jax.config import Config, override
-from notellm_jax.data.input_pipeline import make_train_dataset, steps_per_epoch, write_shards
+from notellm_jax.data.input_pipeline import make_train_dataset, steps_per_epoch
+from notellm_jax.data.shards import write_shards
 from notellm_jax.weights.tokenizer import load_tokenizer
 
 N_NOTES, N_PAIRS = 20, 24
