@@ -17,14 +17,14 @@ and stats.json: each stage's counts under its name, plus the config used. With d
 cooccurrence and splits stages run on Apache Beam (data/beam_prepare.py) and write the same files
 (the pipeline's own files go to beam/).
 
-A stage whose outputs all exist is skipped unless --force; once a stage runs, every later selected
-stage runs too, since its inputs changed.
+A stage whose outputs all exist is skipped unless --force (`skip_stage`, the rule the main job's stages
+follow too); once a stage runs, every later selected stage runs too, since its inputs changed.
 """
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,12 @@ import pyarrow as pa
 from notellm_jax.config import Config
 from notellm_jax.data import importers, shards, splits, store
 from notellm_jax.errors import ConfigError
+
+
+def skip_stage(outputs: Iterable[Path], force: bool) -> bool:
+    """The one stage-skip rule (prepare's stages, the main job's): a stage is skipped when it is not forced
+    and every one of its outputs exists."""
+    return not force and all(Path(o).exists() for o in outputs)
 
 
 def run_import(config: Config, data_dir: Path) -> dict[str, Any]:
@@ -88,7 +94,7 @@ def run_tfds(config: Config, data_dir: Path) -> dict[str, Any]:
     return tfds_dataset.build(data_dir, config.data.beam_runner, config.data.beam_options)
 
 
-STAGES: dict[str, tuple[Callable[[Config, Path], dict[str, Any]], tuple[str, ...]]] = {
+PREPARE_STAGES: dict[str, tuple[Callable[[Config, Path], dict[str, Any]], tuple[str, ...]]] = {
     "import": (run_import, ("notes.parquet", "events.parquet", "pairs_postlinks.parquet", "pairs_given.parquet")),
     "cooccurrence": (run_cooccurrence, ("pairs_all.parquet",)),
     "splits": (run_splits, ("pairs_train.parquet", "pairs_val.parquet", "pairs_test.parquet", "split.json")),
@@ -99,7 +105,7 @@ STAGES: dict[str, tuple[Callable[[Config, Path], dict[str, Any]], tuple[str, ...
 
 def default_stages(config: Config) -> list[str]:
     """Every stage; the TFDS dataset only when training reads it (data.train_input = "tfds")."""
-    return [s for s in STAGES if s != "tfds" or config.data.train_input == "tfds"]
+    return [s for s in PREPARE_STAGES if s != "tfds" or config.data.train_input == "tfds"]
 
 
 def parse_stages(text: str | None) -> list[str] | None:
@@ -107,10 +113,10 @@ def parse_stages(text: str | None) -> list[str] | None:
     if text is None:
         return None
     names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in STAGES]
+    unknown = [s for s in names if s not in PREPARE_STAGES]
     if unknown:
-        raise ConfigError(f"--stages: unknown stage(s) {unknown}; stages: {','.join(STAGES)}")
-    return [s for s in STAGES if s in names]  # always in pipeline order
+        raise ConfigError(f"--stages: unknown stage(s) {unknown}; stages: {','.join(PREPARE_STAGES)}")
+    return [s for s in PREPARE_STAGES if s in names]  # always in pipeline order
 
 
 def stages_to_run(config: Config, stages: Sequence[str] | None = None, force: bool = False) -> list[str]:
@@ -118,7 +124,7 @@ def stages_to_run(config: Config, stages: Sequence[str] | None = None, force: bo
     the first one whose outputs are missing in <work_dir>/data on (a redone stage redoes what reads it)."""
     stages = default_stages(config) if stages is None else list(stages)
     for i, name in enumerate(stages):
-        if force or not all((config.data_dir / o).exists() for o in STAGES[name][1]):
+        if not skip_stage((config.data_dir / o for o in PREPARE_STAGES[name][1]), force):
             return stages[i:]
     return []
 
@@ -139,7 +145,7 @@ def prepare(config: Config, stages: Sequence[str] | None = None, force: bool = F
             continue
         print(f"[prepare] {name} ...", flush=True)
         start = time.perf_counter()
-        stats[name] = STAGES[name][0](config, data_dir)
+        stats[name] = PREPARE_STAGES[name][0](config, data_dir)
         stats[name]["seconds"] = round(time.perf_counter() - start, 3)
         print(f"[prepare] {name}: {json.dumps(_headline(stats[name]))}", flush=True)
         stats_path.write_text(json.dumps(stats, indent=1))

@@ -3,7 +3,8 @@
     python -m notellm_jax.job --config configs/smollm2_se.py [--set ...] [--force STAGE,...] [--only STAGE,...]
     notellm job --config ...   (the same)
 
-Stages (each skips work whose outputs exist, unless named in --force):
+Stages (each skips work whose outputs exist, unless named in --force: `prepare.skip_stage`, the rule
+prepare's own stages follow):
   prepare    <work_dir>/data: notes, events, pairs, splits, TFRecord shards (notellm_jax.data.prepare)
   train      one NoteLLM per objective in job.train_variants (NoteLLM, w/o CSFT = PromptEOL+CSE, w/o GCL),
              each under <work_dir>/models/<objective>, all reading the same data and frozen-feature cache
@@ -24,8 +25,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from notellm_jax.config import Config, override
+from notellm_jax.data.prepare import prepare, skip_stage, stages_to_run
+from notellm_jax.errors import ConfigError
 
-STAGES = ("prepare", "train", "embed", "recall", "generate", "report")
+JOB_STAGES = ("prepare", "train", "embed", "recall", "generate", "report")
 
 LABELS = {
     "notellm": "NoteLLM",
@@ -67,9 +70,9 @@ class Timer:
         print(f"[job] {name}: {why}, skipped", file=sys.stderr, flush=True)
 
     def done(self, name: str, marker: Path, force: bool, why: str = "outputs exist") -> bool:
-        """True (and `name` recorded as skipped) when `marker`, the file a step writes last, exists and
-        the stage is not forced."""
-        if force or not marker.is_file():
+        """True (and `name` recorded as skipped) when `skip_stage` says so for `marker`, the file a step
+        writes last."""
+        if not skip_stage([marker], force):
             return False
         self.skip(name, why)
         return True
@@ -80,7 +83,6 @@ def _export_dir(config: Config, objective: str) -> Path:
 
 
 def stage_prepare(config: Config, force: bool, timer: Timer) -> None:
-    from notellm_jax.data.prepare import prepare, stages_to_run
     if not stages_to_run(config, force=force):
         timer.skip("prepare", f"outputs exist in {config.data_dir}")
         return
@@ -164,14 +166,15 @@ STAGE_FNS = {"prepare": stage_prepare, "train": stage_train, "embed": stage_embe
              "generate": stage_generate, "report": stage_report}
 
 
-def _stage_list(text: str | None, default: tuple[str, ...]) -> list[str]:
+def _stage_list(text: str | None, default: tuple[str, ...], flag: str) -> list[str]:
+    """`--only a,b` / `--force a,b` -> the named stages in job order (`default` if not given)."""
     if text is None:
         return list(default)
     names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = sorted(set(names) - set(STAGES))
+    unknown = sorted(set(names) - set(JOB_STAGES))
     if unknown:
-        raise SystemExit(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
-    return [s for s in STAGES if s in names]
+        raise ConfigError(f"{flag}: unknown stage(s) {unknown}; stages are {', '.join(JOB_STAGES)}")
+    return [s for s in JOB_STAGES if s in names]
 
 
 def run_pipeline(config: Config, only: list[str], force: list[str]) -> dict[str, Any]:
@@ -197,8 +200,8 @@ def run_pipeline(config: Config, only: list[str], force: list[str]) -> dict[str,
 def run(args, config: Config) -> dict[str, Any]:
     """`notellm job`: the stages in order, skipping finished ones; returns this invocation's timing record
     (its "stages": the wall time of each stage that did work)."""
-    only = _stage_list(args.only, STAGES)
-    force = _stage_list(args.force, ())
+    only = _stage_list(args.only, JOB_STAGES, "--only")
+    force = _stage_list(args.force, (), "--force")
     record = run_pipeline(config, only, force)
     print(f"[job] finished in {record['wall_s']:.0f}s; report: {config.work_dir / 'report' / 'report.md'}",
           file=sys.stderr)
