@@ -33,6 +33,7 @@ from flax import linen as nn
 
 from notellm_jax.model.attention import attend
 from notellm_jax.model.families import LlamaConfig
+from notellm_jax.model.precision import Precision
 
 Array = jax.Array
 
