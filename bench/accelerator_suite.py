@@ -94,7 +94,7 @@ def compiled_step(config, layers: int):
     """(spec, llama config, AOT-compiled train step, per-device bytes XLA assigns) at `layers` layers."""
     from notellm_jax import sharding as shd
     from notellm_jax.model.families import preset
-    from notellm_jax.plan import abstract_batch
+    from notellm_jax.tools.plan import abstract_batch
     from notellm_jax.train.step import compile_steps, make_train_setup
     from notellm_jax.weights.loading import runtime_llama_config
     base = preset(config.model.checkpoint.split(":", 1)[1])

@@ -4,7 +4,7 @@ with abstract parameters, for the slices users train on, under each remat policy
     python bench/plan_memory.py [--configs configs/llama2_7b.py:aot,configs/qwen3_8b.py:aot]
                                 [--policies full,dots_with_no_batch_dims_saveable] [--targets 8xH100-80GB,...]
 
-Each (config, target, policy) runs `python -m notellm_jax.plan` in a subprocess with that many fake CPU
+Each (config, target, policy) runs `python -m notellm_jax plan` in a subprocess with that many fake CPU
 devices; every finished row is also printed to stderr at once (`[plan] row {...}`), so a run cut short
 keeps what it computed. Memory is XLA's CPU buffer assignment for the sharded program (bf16 compute, fp32
 params + AdamW state): a planning estimate; CPU has no native bf16 matmul, so activation figures lean high.
@@ -25,7 +25,7 @@ TARGETS = [
 
 def plan_row(config: str, target: tuple, policy: str) -> dict:
     name, chips, hbm, (data, fsdp, tensor) = target
-    cmd = [sys.executable, "-m", "notellm_jax.plan", "--config", config, "--devices", str(chips),
+    cmd = [sys.executable, "-m", "notellm_jax", "plan", "--config", config, "--devices", str(chips),
            "--set", f"mesh.data={data}", "--set", f"mesh.fsdp={fsdp}", "--set", f"mesh.tensor={tensor}",
            "--set", f"model.remat_policy={policy}"]
     print(f"[plan] {config} {name} {policy} ...", file=sys.stderr, flush=True)

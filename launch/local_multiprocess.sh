@@ -11,7 +11,8 @@
 #   -d, --devices-per-process K fake CPU devices per process (default 2)
 #   -p, --port PORT             coordinator port on 127.0.0.1 (default $NOTELLM_PORT or 12321)
 #   -l, --log-dir DIR           per-process logs DIR/process_<i>.log (default runs/local_multiprocess)
-#   -m, --module MODULE         python module to run (default notellm_jax.train)
+#   -m, --module MODULE         python module to run (default notellm_jax.train; another command:
+#                               -m notellm_jax -- embed --config ...)
 #       --dry-run               print the exact commands instead of running them
 #
 # Each process gets NOTELLM_COORDINATOR=127.0.0.1:PORT, NOTELLM_NUM_PROCESSES=N, NOTELLM_PROCESS_ID=i

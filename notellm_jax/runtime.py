@@ -27,6 +27,13 @@ def configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def fake_devices(n: int) -> None:
+    """N fake CPU devices (for planning compiles); must run before jax is imported."""
+    if n:
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
 def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."): the first `model name` of /proc/cpuinfo,
     else the platform's processor string, else the architecture. Every reported timing names it, since this

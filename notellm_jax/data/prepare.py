@@ -1,6 +1,6 @@
 """Prepare a run's data: import -> co-occurrence -> splits -> tokenised shards.
 
-    python -m notellm_jax.data.prepare --config configs/<name>.py [--set section.field=value ...]
+    notellm prepare --config configs/<name>.py [--set section.field=value ...]
         [--stages import,cooccurrence,splits,shards] [--force]
 
 Everything is written to `<paths.work_dir>/data/`:
@@ -22,6 +22,7 @@ follow too); once a stage runs, every later selected stage runs too, since its i
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -158,16 +159,14 @@ def _headline(counts: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in counts.items() if k != "sites"}
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stages", help="comma-separated subset of import,cooccurrence,splits,shards,tfds "
+                        "(default all; tfds only with data.train_input=tfds)")
+    parser.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+
+
 def run(args, config: Config) -> dict[str, Any]:
     """`notellm prepare`: the selected stages; prints stats.json's counts."""
     stats = prepare(config, parse_stages(args.stages), args.force)
     print(json.dumps({k: v for k, v in stats.items() if k != "config"}, indent=1))
     return stats
-
-
-if __name__ == "__main__":
-    import sys
-
-    from notellm_jax.main import main
-
-    main(["prepare", *sys.argv[1:]])

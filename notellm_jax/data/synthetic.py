@@ -1,6 +1,6 @@
 """A seeded synthetic behaviour log with a platform's skew, written as the importers write a store.
 
-    python -m notellm_jax.data.synthetic --out DIR [--events 1000000] [--seed 0]
+    notellm synthetic --out DIR [--events 1000000] [--seed 0]
 
 writes DIR/notes.parquet, events.parquet and empty pairs_postlinks.parquet / pairs_given.parquet
 (the four files of prepare's import stage), so `prepare --stages cooccurrence,splits,...` runs on it.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,15 +134,14 @@ def write_store(log: SyntheticLog, data_dir: str | Path) -> dict[str, int]:
     return {"notes": len(notes), "events": len(events), "users": len(pc.unique(events["user_id"]))}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="data folder to write (e.g. <work_dir>/data)")
     parser.add_argument("--events", type=int, default=SyntheticLog.num_events)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(write_store(SyntheticLog(num_events=args.events, seed=args.seed), args.out))
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run(args: argparse.Namespace, config=None) -> dict[str, int]:
+    """`notellm synthetic`: write the log's store into --out and print its counts."""
+    counts = write_store(SyntheticLog(num_events=args.events, seed=args.seed), args.out)
+    print(counts)
+    return counts

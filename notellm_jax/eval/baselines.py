@@ -1,4 +1,4 @@
-"""Embedding baselines in the NoteLLM harness (METHOD.md 7): `python -m notellm_jax.eval.baselines --config ...
+"""Embedding baselines in the NoteLLM harness (METHOD.md 7): `notellm baselines --config ...
 --name NAME [--split test|all] [--out DIR]`, written in the embeddings format (`infer.embeddings`) for recall.
 
 - `llm_last_token`: the base LLM (config.model.checkpoint, no fine-tuning), final hidden state (after the
@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import time
 from collections import Counter
@@ -247,17 +248,16 @@ def embed_baseline(config: Config, name: str, out_dir: str | Path, note_ids: Seq
                             {"model": name, "kind": "baseline", **meta})
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", required=True,
+                        choices=("llm_last_token", "prompteol", "sbert_zeroshot", "sbert_finetuned"))
+    parser.add_argument("--split", choices=("test", "all"), default="test")
+    parser.add_argument("--out", help="output folder (default <work_dir>/embeddings/<name>)")
+
+
 def run(args, config: Config) -> Path:
     """`notellm baselines`: one baseline's embeddings of the test (or all) notes."""
     out = Path(args.out) if args.out else embedding_dir(config, args.name)
     path = embed_baseline(config, args.name, out, split=args.split)
     print(f"[baselines] {written_summary(path)}")
     return path
-
-
-if __name__ == "__main__":
-    import sys
-
-    from notellm_jax.main import main
-
-    main(["baselines", *sys.argv[1:]])

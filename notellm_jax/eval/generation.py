@@ -1,7 +1,7 @@
 """Category and hashtag generation with the trained NoteLLM scored: its metrics (METHOD.md 5). The generator
 itself (prompts, trie, decoding) is `infer.generator`.
 
-    python -m notellm_jax.eval.generation --config configs/<name>.py --checkpoint <work_dir>/export
+    notellm generate --config configs/<name>.py --checkpoint <work_dir>/export
         [--task category|hashtag|both] [--split test] [--out DIR] [--constrain-categories] [--limit N]
 
 For every note of the split, the generation prompt is `build_example(..., with_output=False)` with the
@@ -29,6 +29,7 @@ Outputs in the out folder: generations.jsonl and metrics.json (also returned).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Sequence
@@ -142,6 +143,16 @@ def generate_and_score(config: Config, export_dir: str | Path, out_dir: str | Pa
     return result
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a NoteLLM export folder (<work_dir>/export)")
+    parser.add_argument("--task", choices=("both", "category", "hashtag"), default="both")
+    parser.add_argument("--split", choices=("train", "test"), default="test")
+    parser.add_argument("--out", help="output folder (default <work_dir>/generation)")
+    parser.add_argument("--constrain-categories", action="store_true", default=None,
+                        help="decode categories through the closed-set trie (default: generation.constrain_categories)")
+    parser.add_argument("--limit", type=int, help="only the split's first N notes")
+
+
 def run(args, config: Config) -> dict[str, Any]:
     """`notellm generate`: generate categories and/or hashtags for a split's notes and score them."""
     constrain = config.generation.constrain_categories if args.constrain_categories is None else True
@@ -150,11 +161,3 @@ def run(args, config: Config) -> dict[str, Any]:
                                 args.split)
     print(json.dumps(result, indent=1))
     return result
-
-
-if __name__ == "__main__":
-    import sys
-
-    from notellm_jax.main import main
-
-    main(["generate", *sys.argv[1:]])

@@ -1,4 +1,4 @@
-"""Recall evaluation of one embeddings folder: `python -m notellm_jax.eval.recall --config ... --embeddings DIR`.
+"""Recall evaluation of one embeddings folder: `notellm recall --config ... --embeddings DIR`.
 
 Inputs, from config.data_dir (default <work_dir>/data): the test notes (split.json; categories and view
 counts from notes.parquet), the test pairs (pairs_test.parquet, co-occurrence from the test period) and
@@ -14,6 +14,7 @@ paired bootstrap intervals (`retrieval.paired_difference`): the way to compare r
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Sequence
@@ -164,6 +165,15 @@ def paired_against(config: Config, metrics: dict[str, Any], path: str | Path) ->
     return {"against": str(path), "model": other.get("model"), "difference": difference}
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--embeddings", required=True, help="folder written by embed or baselines")
+    parser.add_argument("--name", help="model name in the output (default: the one in embeddings.json)")
+    parser.add_argument("--out", help="metrics JSON (default <embeddings>/metrics.json)")
+    parser.add_argument("--against", action="append", metavar="RECALL_JSON",
+                        help="another recall result on the same test notes and pairs (repeatable): adds this "
+                             "model minus that one, with paired bootstrap intervals")
+
+
 def run(args, config: Config) -> dict[str, Any]:
     """`notellm recall`: every recall metric of one embeddings folder, written as JSON (with `--against`,
     also its paired differences from other recall results)."""
@@ -178,11 +188,3 @@ def run(args, config: Config) -> dict[str, Any]:
         print(f"[recall] {metrics['model']} minus {entry['model']} ({entry['against']}), paired 95%: {cells}")
     print(f"[recall] wrote {out}")
     return metrics
-
-
-if __name__ == "__main__":
-    import sys
-
-    from notellm_jax.main import main
-
-    main(["recall", *sys.argv[1:]])

@@ -6,6 +6,7 @@ The notes are those of the split in notes.parquet order (`store.notes_of`); one 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
@@ -41,6 +42,13 @@ def embed_notes(config: Config, export, note_source: Iterable[Note], out_dir: st
     if encoder.cache is not None and jax.process_index() == 0:
         encoder.cache.save()
     return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", help="NoteLLM export folder (default <work_dir>/export)")
+    parser.add_argument("--split", choices=("test", "all"), default="test")
+    parser.add_argument("--name", default="notellm", help="model name recorded in embeddings.json")
+    parser.add_argument("--out", help="output folder (default <work_dir>/embeddings/<name>)")
 
 
 def run(args, config: Config) -> Path:

@@ -17,6 +17,7 @@ prepare's own stages follow):
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import sys
@@ -195,6 +196,11 @@ def run_pipeline(config: Config, only: list[str], force: list[str]) -> dict[str,
         timings_path.parent.mkdir(parents=True, exist_ok=True)
         timings_path.write_text(json.dumps({"invocations": invocations}, indent=1))
     return record
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", help="comma-separated stages to run (default all)")
+    parser.add_argument("--force", help="comma-separated stages to redo even if their outputs exist")
 
 
 def run(args, config: Config) -> dict[str, Any]:

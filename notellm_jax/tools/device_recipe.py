@@ -6,7 +6,7 @@ Here (after `notellm prepare --config configs/smollm2_se.py:full`):
 writes device_bundle/data (shards/meta.json, shards/tokens.npz, split.json: the tokenised pairs and notes,
 numpy-readable) and device_bundle/weights (the GGUF's raw blocks in parts of at most 60 MiB + manifest;
 `weights/packed.py`). Copy the parts over in as many transfers as the link needs, then there:
-    python -m notellm_jax.tools.device_recipe run --config configs/smollm2_se.py:full --bundle device_bundle \
+    notellm device run --config configs/smollm2_se.py:full --bundle device_bundle \
         --out OUT
 which dequantises the weights with numpy, trains with `data.train_input=numpy`, embeds the test notes
 from tokens.npz (the category prompt up to [EMB], as `embed.py` builds it) and writes OUT/embeddings/notellm
@@ -15,6 +15,7 @@ plus OUT/summary.json (wall times, last metrics). Back here:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import time
@@ -122,6 +123,12 @@ def run_recipe(config: Config, bundle: Path, out: Path) -> dict:
     return summary
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("pack", "run"))
+    parser.add_argument("--bundle", required=True, help="the folder that travels to the device")
+    parser.add_argument("--out", help="run: where embeddings/ and summary.json go")
+
+
 def run(args, config: Config) -> dict:
     """`notellm device pack|run`."""
     if args.action == "pack":
@@ -132,10 +139,3 @@ def run(args, config: Config) -> dict:
         result = run_recipe(config, Path(args.bundle), Path(args.out))
     print(json.dumps(result, indent=2, default=str))
     return result
-
-
-if __name__ == "__main__":
-    import sys
-
-    from notellm_jax.main import main
-    main(["device", *sys.argv[1:]])

@@ -1,5 +1,5 @@
 """Hyper-parameter sweep on VALIDATION pairs only: `notellm sweep --config C --grid G.json --out DIR
-[--steps N] [--mode one_at_a_time|product] [--set section.field=value ...]` (= python -m notellm_jax.tools.sweep).
+[--steps N] [--mode one_at_a_time|product] [--set section.field=value ...]`.
 
 G.json maps config fields to candidate values, e.g. {"train.learning_rate": [3e-5, 1e-4, 3e-4],
 "model.train_top_layers": [2, 4], "model.lora_rank": [8], "train.batch_pairs": [16, 32],
@@ -20,6 +20,7 @@ DIR/sweep.json and DIR/sweep.md, ranked by validation contrastive loss.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import itertools
 import json
@@ -152,16 +153,16 @@ def sweep(base: Config, grid: dict[str, list], out: Path, steps: int, mode: str 
     return _write(base, grid, out, steps, mode, rows, len(planned))
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grid", required=True, help="JSON: {section.field: [values, ...]}")
+    parser.add_argument("--out", required=True, help="folder for the settings' runs and the table")
+    parser.add_argument("--steps", type=int, default=64, help="training steps per setting")
+    parser.add_argument("--mode", default="one_at_a_time", choices=("one_at_a_time", "product"))
+
+
 def run(args, config: Config) -> list[dict]:
     """`notellm sweep`."""
     out = Path(args.out)
     rows = sweep(config, json.loads(Path(args.grid).read_text()), out, args.steps, args.mode)
     print((out / "sweep.md").read_text())
     return rows
-
-
-if __name__ == "__main__":
-    import sys
-
-    from notellm_jax.main import main
-    main(["sweep", *sys.argv[1:]])

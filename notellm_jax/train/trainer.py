@@ -11,6 +11,7 @@ per distinct sequence and cached on the host (`FeatureCache`), which makes CPU f
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -220,6 +221,10 @@ def train(config: Config) -> dict[str, Any]:
     except TrainingDivergedError as e:
         raise _stop_diverged(run, e) from None
     return finish(run, last)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """No options beyond --config and --set: the config says everything about a run."""
 
 
 def run(args, config: Config) -> dict[str, Any]:

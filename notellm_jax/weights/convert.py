@@ -1,12 +1,13 @@
 """Convert any supported checkpoint to a Hugging Face folder or the project's orbax format.
 
-    notellm convert SRC DST [--to hf|orbax] [--overwrite]   (or python -m notellm_jax.weights.convert)
+    notellm convert SRC DST [--to hf|orbax] [--overwrite]
 
 SRC: an HF folder, a llama2.c .bin, a .gguf file or an orbax folder (format detected). GGUF weights are
 written dequantised (float32).
 """
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -14,6 +15,13 @@ from notellm_jax.errors import ConfigError
 from notellm_jax.weights.formats import load_params, save_hf, save_orbax
 
 WRITERS = {"hf": save_hf, "orbax": save_orbax}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="HF folder, llama2.c .bin, .gguf file or orbax folder")
+    parser.add_argument("dst", help="output folder")
+    parser.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
 
 
 def run(args, config=None) -> Path:
@@ -27,11 +35,3 @@ def run(args, config=None) -> Path:
     print(f"converted {args.src} -> {dst} ({args.to}, {cfg.num_params():,} parameters, "
           f"{time.perf_counter() - start:.1f} s)")
     return dst
-
-
-if __name__ == "__main__":
-    import sys
-
-    from notellm_jax.main import main
-
-    main(["convert", *sys.argv[1:]])

@@ -23,7 +23,7 @@ TINY = str(REPO / "configs" / "tiny.py")
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, shared_dir) -> Path:
     work = tmp_path_factory.mktemp("tiny_main")
-    cmd = [sys.executable, "-m", "notellm_jax.data.prepare", "--config", TINY, "--set", f"paths.work_dir={work}",
+    cmd = [sys.executable, "-m", "notellm_jax", "prepare", "--config", TINY, "--set", f"paths.work_dir={work}",
            "--set", f"paths.shared_dir={shared_dir}"]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True)
     stats = json.loads((work / "data" / "stats.json").read_text())

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from notellm_jax.config import load_config
-from notellm_jax.plan import plan
+from notellm_jax.tools.plan import plan
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "llama2_7b.py") + ":aot"
 LAYERS = 2

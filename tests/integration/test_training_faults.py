@@ -174,7 +174,7 @@ def test_nonfinite_steps_are_discarded_then_the_run_stops(tmp_path):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, shared_dir) -> Path:
     work = tmp_path_factory.mktemp("tiny_faults")
-    cmd = [sys.executable, "-m", "notellm_jax.data.prepare", "--config", TINY, "--set", f"paths.work_dir={work}",
+    cmd = [sys.executable, "-m", "notellm_jax", "prepare", "--config", TINY, "--set", f"paths.work_dir={work}",
            "--set", f"paths.shared_dir={shared_dir}"]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True)
     return work

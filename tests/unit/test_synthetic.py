@@ -4,6 +4,7 @@ import pyarrow.compute as pc
 
 from notellm_jax.data import store
 from notellm_jax.data.synthetic import SyntheticLog, generate, write_store
+from notellm_jax.main import main
 
 
 def test_generate_is_seeded_and_consistent():
@@ -50,3 +51,11 @@ def test_write_store_writes_the_import_files(tmp_path):
     assert len(store.read_note_table(tmp_path / "notes.parquet")) == counts["notes"]
     assert len(store.read_pairs(tmp_path / "pairs_given.parquet")) == 0
     assert len(store.read_links(tmp_path / "pairs_postlinks.parquet")) == 0
+
+
+def test_notellm_synthetic_writes_the_store(tmp_path, capsys):
+    """The `notellm synthetic` command: the same store as write_store, its counts printed."""
+    counts = main(["synthetic", "--out", str(tmp_path), "--events", "2000", "--seed", "3"])
+    assert counts == write_store(SyntheticLog(num_events=2_000, seed=3), tmp_path / "again")
+    assert str(counts) in capsys.readouterr().out
+    assert len(store.read_events(tmp_path / "events.parquet")) == 2_000

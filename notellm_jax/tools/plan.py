@@ -1,32 +1,37 @@
 """Ahead-of-time planning: compile the NoteLLM train step for a mesh with abstract (unallocated) state
 and report XLA's per-device memory and the model FLOPs per step.
 
-    notellm plan --config configs/llama2_7b.py:aot --devices 8 [--set mesh.fsdp=...]   (or python -m notellm_jax.plan)
+    notellm plan --config configs/llama2_7b.py:aot --devices 8 [--set mesh.fsdp=...]
 
-`--devices N` fakes N CPU devices (it must come before jax is imported, so this module sets XLA_FLAGS
-before the planning code is imported). The figures are the CPU backend's buffer assignment for the sharded
-program: a planning estimate of what each accelerator holds, not a measurement on one.
+`--devices N` fakes N CPU devices. That must happen before jax is imported, so `main` calls this module's
+`before_jax(args)` first, and this module imports jax and the planning code only inside its functions.
+The figures are the CPU backend's buffer assignment for the sharded program: a planning estimate of what
+each accelerator holds, not a measurement on one.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import time
 
+from notellm_jax import runtime
 
-def fake_devices(n: int) -> None:
-    """N fake CPU devices for the planning compile; must run before jax is imported."""
-    if n:
-        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--devices", type=int, default=0, help="fake this many CPU devices")
+
+
+def before_jax(args: argparse.Namespace) -> None:
+    """`--devices N`: N fake CPU devices, before anything imports jax."""
+    runtime.fake_devices(args.devices)
 
 
 def abstract_batch(config, setup) -> dict:
     """ShapeDtypeStructs of one global batch with its sharding (what the pipeline would deliver: the
     `model.batch` spec's pipeline keys)."""
-    from notellm_jax import sharding as shd
-    from notellm_jax.model.batch import BatchDims
-    from notellm_jax.model.batch import abstract_batch as spec_batch
+    from notellm_jax import sharding as shd  # imports jax: only after before_jax (--devices fakes CPU devices)
+    from notellm_jax.model.batch import BatchDims  # as above
+    from notellm_jax.model.batch import abstract_batch as spec_batch  # as above
 
     dims = BatchDims(2 * config.train.batch_pairs, config.prompt.max_length, config.prompt.max_targets)
     return spec_batch(dims, sharding_of=lambda ndim: shd.batch_sharding(setup.mesh, ndim))
@@ -37,13 +42,13 @@ def plan(config, num_layers: int | None = None) -> dict:
 
     `num_layers` truncates the decoder (same widths): per-layer memory and the shipped remat policy at a
     fraction of the full model's compile time."""
-    import jax
+    import jax  # jax only after before_jax (--devices fakes CPU devices)
 
-    from notellm_jax import sharding as shd
-    from notellm_jax.model.families import preset
-    from notellm_jax.train.metrics import StepFlops
-    from notellm_jax.train.step import compile_steps, make_train_setup
-    from notellm_jax.weights.loading import runtime_llama_config
+    from notellm_jax import sharding as shd  # imports jax: as above
+    from notellm_jax.model.families import preset  # as above
+    from notellm_jax.train.metrics import StepFlops  # as above
+    from notellm_jax.train.step import compile_steps, make_train_setup  # as above
+    from notellm_jax.weights.loading import runtime_llama_config  # as above
 
     name = config.model.checkpoint.split(":", 1)[1] if config.model.checkpoint.startswith("random:") else None
     if name is None:
@@ -78,11 +83,3 @@ def run(args, config) -> dict:
     result = plan(config)
     print(json.dumps(result))
     return result
-
-
-if __name__ == "__main__":
-    import sys
-
-    from notellm_jax.main import main
-
-    main(["plan", *sys.argv[1:]])
