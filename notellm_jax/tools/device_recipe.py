@@ -22,23 +22,30 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from notellm_jax import sharding as shd
 from notellm_jax.config import Config, override
 from notellm_jax.data import store
+from notellm_jax.data.shards import read_shards_meta
+from notellm_jax.data.prompts import Note
 from notellm_jax.errors import MissingInputError
+from notellm_jax.infer.embeddings import write_embeddings
+from notellm_jax.infer.encoder import CHUNK_BATCHES, chunk_embedder, notellm_batch_embedder
+from notellm_jax.train import train
+from notellm_jax.weights.export import load_notellm
+from notellm_jax.weights.packed import pack_gguf, packed_to_hf
 
 BUNDLE_DATA = ("shards/meta.json", "shards/tokens.npz", "split.json")
 
 
 def pack(config: Config, bundle: Path) -> dict:
     """Copy the numpy-readable prepared data and pack the weights (a GGUF) into `bundle`."""
-    from notellm_jax.weights.packed import pack_gguf
-
     for name in BUNDLE_DATA:
         source = config.data_dir / name
         if not source.is_file():
-            raise MissingInputError(f"{source} not found: run notellm_jax.data.prepare for this config first")
+            raise MissingInputError(f"{source} not found: run `notellm prepare` for this config first")
         (bundle / "data" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, bundle / "data" / name)
     checkpoint = config.resolve(config.model.checkpoint)
@@ -52,7 +59,6 @@ def device_config(config: Config, bundle: Path, work_dir: Path) -> Config:
     """The run's config on the device: the bundle's data (numpy input) and weights (HF folder made there)."""
     updates = {"paths.data_dir": str(bundle / "data"), "paths.work_dir": str(work_dir), "data.train_input": "numpy"}
     if (bundle / "weights" / "manifest.json").is_file():
-        from notellm_jax.weights.packed import packed_to_hf
         hf = bundle / "hf"
         if not (hf / "config.json").is_file():
             packed_to_hf(bundle / "weights", hf)
@@ -78,13 +84,6 @@ def test_note_tokens(data_dir: Path) -> tuple[list[str], list[list[int]], Counte
 
 
 def embed_test_notes(config: Config, export_dir: Path, out_dir: Path) -> Path:
-    from notellm_jax import sharding as shd
-    from notellm_jax.data.shards import read_shards_meta
-    from notellm_jax.data.prompts import Note
-    from notellm_jax.infer.embeddings import write_embeddings
-    from notellm_jax.infer.encoder import CHUNK_BATCHES, chunk_embedder, notellm_batch_embedder
-    from notellm_jax.weights.export import load_notellm
-
     export = load_notellm(export_dir)
     meta = read_shards_meta(config, config.data_dir)
     mesh = shd.mesh_from_config(config.mesh)
@@ -103,10 +102,6 @@ def embed_test_notes(config: Config, export_dir: Path, out_dir: Path) -> Path:
 
 def run_recipe(config: Config, bundle: Path, out: Path) -> dict:
     """Train + embed on this host; returns (and writes to out/summary.json) the wall times and metrics."""
-    import jax
-
-    from notellm_jax.train import train
-
     start = time.time()
     config = device_config(config, bundle.absolute(), bundle.absolute() / "run")
     weights_s = time.time() - start

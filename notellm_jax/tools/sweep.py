@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from notellm_jax.config import Config, override
+from notellm_jax.data.shards import prompt_hash, write_shards
+from notellm_jax.train import train
+from notellm_jax.weights.tokenizer import tokenizer_source
 
 SCORE = "val_loss_cl"  # lower is better; also reported: val_accuracy, val_loss_gen, val_loss
 COLUMNS = ("val_loss_cl", "val_accuracy", "val_loss_gen", "val_loss", "loss", "log_logit_scale", "seconds")
@@ -61,9 +64,6 @@ def _typed(config: Config, updates: dict[str, Any]) -> Config:
 
 def data_dir_for(config: Config, base: Config, out: Path) -> Path:
     """The base data folder if the setting tokenises prompts the same way, else its own shards."""
-    from notellm_jax.data.shards import prompt_hash, write_shards
-    from notellm_jax.weights.tokenizer import tokenizer_source
-
     tokenizer = tokenizer_source(config)
     digest = prompt_hash(config, tokenizer)
     if digest == prompt_hash(base, tokenizer):
@@ -86,8 +86,6 @@ def _key(updates: dict[str, Any]) -> str:
 
 
 def run_setting(base: Config, updates: dict[str, Any], index: int, out: Path, steps: int) -> dict[str, Any]:
-    from notellm_jax.train import train
-
     folder = out / f"setting-{hashlib.sha256(_key(updates).encode()).hexdigest()[:10]}"
     shutil.rmtree(folder, ignore_errors=True)  # what a stopped run left: this setting starts from its step 0
     config = _typed(base, {**updates, "train.max_steps": steps, "paths.work_dir": str(folder),
