@@ -20,14 +20,23 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from notellm_jax.config import Config, override
+from notellm_jax.data import store
 from notellm_jax.data.prepare import prepare, skip_stage, stages_to_run
 from notellm_jax.errors import ConfigError
+from notellm_jax.eval.baselines import embed_baseline
+from notellm_jax.eval.generation import generate_and_score
+from notellm_jax.eval.recall import evaluate_embeddings
+from notellm_jax.infer.embed import embed_notes
+from notellm_jax.infer.embeddings import embedding_dir
+from notellm_jax.job.report import git_commit, read_timings, write_report
+from notellm_jax.train import train
 
 JOB_STAGES = ("prepare", "train", "embed", "recall", "generate", "report")
 
@@ -91,22 +100,16 @@ def stage_prepare(config: Config, force: bool, timer: Timer) -> None:
 
 
 def stage_train(config: Config, force: bool, timer: Timer) -> None:
-    from notellm_jax.train import train
     for objective in config.job.train_variants:
         sub = variant_config(config, objective)
         if timer.done(f"train {objective}", sub.work_dir / "export" / "notellm.json", force, "export exists"):
             continue
         if force and sub.work_dir.exists():
-            import shutil
             shutil.rmtree(sub.work_dir / "checkpoints", ignore_errors=True)
         timer.run(f"train {objective}", lambda sub=sub: train(sub))
 
 
 def stage_embed(config: Config, force: bool, timer: Timer) -> None:
-    from notellm_jax.eval.baselines import embed_baseline
-    from notellm_jax.data import store
-    from notellm_jax.infer.embed import embed_notes
-    from notellm_jax.infer.embeddings import embedding_dir
     test_notes = None
     for objective in config.job.train_variants:
         out = embedding_dir(config, objective)
@@ -128,8 +131,6 @@ def _models(config: Config) -> list[str]:
 
 
 def stage_recall(config: Config, force: bool, timer: Timer) -> None:
-    from notellm_jax.infer.embeddings import embedding_dir
-    from notellm_jax.eval.recall import evaluate_embeddings
     out_dir = config.work_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     for model in _models(config):
@@ -142,7 +143,6 @@ def stage_recall(config: Config, force: bool, timer: Timer) -> None:
 
 
 def stage_generate(config: Config, force: bool, timer: Timer) -> None:
-    from notellm_jax.eval.generation import generate_and_score
     runs = [(o, False) for o in config.job.train_variants if o in GENERATING]
     if config.generation.constrain_categories and "notellm" in config.job.train_variants:
         runs.append(("notellm", True))
@@ -159,7 +159,6 @@ def stage_generate(config: Config, force: bool, timer: Timer) -> None:
 
 
 def stage_report(config: Config, force: bool, timer: Timer) -> None:
-    from notellm_jax.job.report import write_report
     timer.run("report", lambda: write_report(config, LABELS, GENERATING))
 
 
@@ -181,7 +180,6 @@ def _stage_list(text: str | None, default: tuple[str, ...], flag: str) -> list[s
 def run_pipeline(config: Config, only: list[str], force: list[str]) -> dict[str, Any]:
     """Run the stages; append this invocation's record to <work_dir>/timings.json (rewritten after each
     stage, so an interrupted job keeps what finished) and return it."""
-    from notellm_jax.job.report import git_commit, read_timings
     timer = Timer()
     timings_path = config.work_dir / "timings.json"
     invocations = read_timings(timings_path)

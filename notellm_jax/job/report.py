@@ -12,11 +12,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from notellm_jax.config import Config
-from notellm_jax.eval.recall import DEFAULT_KS
+from notellm_jax.eval.recall import DEFAULT_KS, load_test_data
+from notellm_jax.eval.retrieval import format_difference, paired_difference, pairing_problem
 from notellm_jax.errors import MissingInputError
+from notellm_jax.infer.embeddings import embedding_dir, read_embeddings
 from notellm_jax.runtime import machine_summary
 
 
@@ -34,7 +37,6 @@ def git_commit(cwd: str | Path | None = None) -> str:
 
 
 def run_info() -> dict[str, Any]:
-    import jax
     return {"commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_summary(),
             "python": platform.python_version(), "jax": jax.__version__,
@@ -91,9 +93,9 @@ def _recall_table(models: list[str], recalls: dict[str, Any], labels: dict[str, 
 
 
 def _plot_recall(models: list[str], recalls: dict[str, Any], labels: dict[str, str], out: Path) -> None:
-    import matplotlib
+    import matplotlib  # matplotlib: only where a figure is drawn, with its Agg backend chosen first
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # as above
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model in models:
         table = ((recalls.get(model) or {}).get("cooccurrence") or {}).get("recall", {})
@@ -113,14 +115,12 @@ def _plot_recall(models: list[str], recalls: dict[str, Any], labels: dict[str, s
 
 def _plot_projection(config: Config, model: str, label: str, out: Path) -> bool:
     """2-D PCA of the model's test-note embeddings, coloured by category (site)."""
-    from notellm_jax.infer.embeddings import embedding_dir, read_embeddings
-    from notellm_jax.eval.recall import load_test_data
     emb_dir = embedding_dir(config, model)
     if not (emb_dir / "embeddings.json").is_file():
         return False
-    import matplotlib
+    import matplotlib  # matplotlib: only where a figure is drawn, with its Agg backend chosen first
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # as above
     data = load_test_data(config.data_dir)
     ids, vectors = read_embeddings(emb_dir, data["test_ids"])
     centred = vectors - vectors.mean(0)
@@ -201,7 +201,6 @@ def _difference_lines(config: Config, models: list[str], recalls: dict[str, Any]
                       ks: list[int]) -> list[str]:
     """The first model (NoteLLM) minus each other one on the co-occurrence queries, with paired bootstrap
     intervals: an interval above 0 says the first model is better on these queries."""
-    from notellm_jax.eval.retrieval import format_difference, paired_difference, pairing_problem
     ref = models[0]
     ref_co = recalls[ref]["cooccurrence"]
     rows, skipped = [], []

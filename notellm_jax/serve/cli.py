@@ -13,7 +13,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import uvicorn
+
+from notellm_jax.data import store
 from notellm_jax.errors import MissingInputError
+from notellm_jax.infer.encoder import note_encoder
+from notellm_jax.infer.generator import closed_categories
+from notellm_jax.serve.app import Service, create_app
+from notellm_jax.serve.batching import row_buckets
+from notellm_jax.serve.generation import NoteGenerator
+from notellm_jax.serve.index import CURRENT, LiveIndex, index_from_embeddings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,9 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def open_index(config, index_dir: Path, emb_dir: str | None):
-    from notellm_jax.data import store
-    from notellm_jax.serve.index import CURRENT, LiveIndex, index_from_embeddings
-
     if (index_dir / CURRENT).exists():
         return LiveIndex.open(index_dir, config.retrieval)
     if not emb_dir:
@@ -44,8 +50,6 @@ def open_generator(args: argparse.Namespace, config, export):
     """The service's `NoteGenerator` with --generate, else None."""
     if not args.generate:
         return None
-    from notellm_jax.infer.generator import closed_categories
-    from notellm_jax.serve.generation import NoteGenerator
 
     constrain = config.generation.constrain_categories if args.constrain_categories is None else True
     if constrain and not (config.data_dir / "split.json").is_file():
@@ -55,12 +59,6 @@ def open_generator(args: argparse.Namespace, config, export):
 
 
 def run(args: argparse.Namespace, config) -> None:
-    import uvicorn
-
-    from notellm_jax.infer.encoder import note_encoder
-    from notellm_jax.serve.app import Service, create_app
-    from notellm_jax.serve.batching import row_buckets
-
     index = open_index(config, Path(args.index), args.embeddings)
     print(f"[serve] index {args.index}: {len(index)} notes (replayed {index.replayed} log records)", flush=True)
     export = args.export or config.work_dir / "export"

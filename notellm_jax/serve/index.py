@@ -38,6 +38,7 @@ from notellm_jax.data.prompts import Note
 from notellm_jax.errors import MissingInputError, StoreFormatError
 from notellm_jax.infer import ann
 from notellm_jax.infer.ann import l2_normalise, neighbour_overlap
+from notellm_jax.infer.embeddings import read_embeddings
 
 FORMAT = "notellm_jax.live_index/1"
 CURRENT = "CURRENT"
@@ -355,8 +356,6 @@ class LiveIndex:
 def index_from_embeddings(emb_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: RetrievalConfig, k: int,
                           notes: Sequence[Note] = ()) -> LiveIndex:
     """A new live index over an embeddings folder (`notellm embed`, `notellm_jax.infer.embeddings`); titles and categories from `notes`."""
-    from notellm_jax.infer.embeddings import read_embeddings
-
     ids, vectors = read_embeddings(emb_dir)
     info = {n.note_id: {"title": n.title, "category": n.category} for n in notes}
     return LiveIndex.create(out_dir, ids, vectors, {i: info[i] for i in ids if i in info}, cfg, k)
