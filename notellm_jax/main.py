@@ -94,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
 
 
 def _start_cluster(config) -> None:
-    """Join the cluster (a no-op on one host) and check the config against its devices. The commands that
-    train check the training rules again where the run starts."""
+    """Join the cluster (a no-op on one host) and check the config against its devices (the training rules
+    are checked where a training run starts, `trainer.setup`, which the job and the sweep reach too)."""
     import jax  # jax only after the command's before_jax hook (plan --devices fakes CPU devices)
 
     from notellm_jax.distributed import init_distributed  # imports jax: as above
