@@ -15,7 +15,7 @@ from notellm_jax.model.batch import (BATCH_SPEC, PIPELINE_KEYS, STEP_KEYS, Batch
 from notellm_jax.model.families import preset
 from notellm_jax.model.notellm import pack_head_rows
 from notellm_jax.model.params import example_batch
-from notellm_jax.plan import abstract_batch
+from notellm_jax.tools.plan import abstract_batch
 from notellm_jax.sharding import make_mesh
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py") + ":random"
