@@ -326,7 +326,7 @@ def build(p: beam.Pipeline, events_path: str, periods: Periods, names: tuple[str
 
 
 def _options(data: DataConfig):
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.options.pipeline_options import PipelineOptions  # Apache Beam: only for data.engine=beam
 
     return PipelineOptions(flags=list(data.beam_options), runner=data.beam_runner)
 

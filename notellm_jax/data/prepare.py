@@ -72,7 +72,7 @@ def run_splits(config: Config, data_dir: Path) -> dict[str, Any]:
     notes = store.read_note_table(data_dir / "notes.parquet")
     given = store.read_pairs(data_dir / "pairs_given.parquet")
     if _use_beam(config, given):
-        from notellm_jax.data import beam_prepare
+        from notellm_jax.data import beam_prepare  # Apache Beam: only for data.engine=beam
 
         pairs, split, counts = beam_prepare.make_splits(notes, data_dir / "events.parquet", config.data,
                                                         data_dir / "beam" / "splits")

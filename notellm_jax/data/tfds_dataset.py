@@ -108,7 +108,7 @@ def tfds_dir(data_dir: Path) -> Path:
 
 def build(data_dir: Path, beam_runner: str, beam_options: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Build both configs from data_dir's shards into data_dir/tfds; example counts per split."""
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.options.pipeline_options import PipelineOptions  # Apache Beam: only for the TFDS build
 
     counts: dict[str, Any] = {}
     for name in ("pairs", "notes"):

@@ -26,8 +26,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+import pyarrow.parquet as pq
 
+from notellm_jax import sharding as shd
 from notellm_jax.config import Config, PromptConfig
 from notellm_jax.data import store
 from notellm_jax.data.prompts import Note, PromptTooLongError, cut_to_tokens
@@ -35,6 +38,10 @@ from notellm_jax.errors import MissingInputError
 from notellm_jax.infer.ann import l2_normalise
 from notellm_jax.infer.embeddings import ChunkEmbedder, embedding_dir, write_embeddings, written_summary
 from notellm_jax.infer.encoder import CHUNK_BATCHES, BatchEmbedder, bucket_lengths, chunk_embedder
+from notellm_jax.model.llama import Llama
+from notellm_jax.model.params import abstract_params
+from notellm_jax.weights.formats import load_params
+from notellm_jax.weights.tokenizer import resolve_tokenizer
 
 BASELINES = ("llm_last_token", "prompteol", "sbert_zeroshot", "sbert_finetuned")
 PROMPTEOL_TEMPLATE = 'This sentence : "{}" means in one word:"'
@@ -63,12 +70,6 @@ def llm_tokens(note: Note, tokenizer, cfg: PromptConfig, name: str) -> list[int]
 
 def llm_batch_embedder(config: Config, mesh, pad_id: int) -> tuple[BatchEmbedder, str]:
     """Last-token hidden states of the base LLM through embed.py's batching; also the checkpoint path."""
-    import jax.numpy as jnp
-
-    from notellm_jax.model.llama import Llama
-    from notellm_jax.model.params import abstract_params
-    from notellm_jax.weights.formats import load_params
-
     if config.model.checkpoint.startswith("random:"):
         raise ValueError(f"model.checkpoint={config.model.checkpoint!r}: the LLM baselines need pretrained weights")
     path = config.resolve(config.model.checkpoint)
@@ -86,9 +87,6 @@ def llm_batch_embedder(config: Config, mesh, pad_id: int) -> tuple[BatchEmbedder
 
 
 def llm_chunk_embedder(config: Config, name: str, mesh=None) -> tuple[ChunkEmbedder, dict[str, Any]]:
-    from notellm_jax import sharding as shd
-    from notellm_jax.weights.tokenizer import resolve_tokenizer
-
     mesh = mesh or shd.mesh_from_config(config.mesh)
     tokenizer = resolve_tokenizer(config)
     embedder, checkpoint = llm_batch_embedder(config, mesh, tokenizer.pad_id)
@@ -115,7 +113,7 @@ def sbert_model_dir() -> Path:
 
 
 def load_sbert(config: Config):
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # torch: only for the SentenceBERT baselines
 
     model = SentenceTransformer(str(sbert_model_dir()), device="cpu", local_files_only=True)
     model.max_seq_length = config.baselines.sbert_max_tokens
@@ -131,8 +129,6 @@ SBERT_SCALE = 20.0  # MultipleNegativesRankingLoss's default similarity scale
 
 def _train_pairs(config: Config, known: set[str]) -> list[tuple[str, str]]:
     """All training pairs (note_a, note_b) of pairs_train.parquet, in file order."""
-    import pyarrow.parquet as pq
-
     path = config.data_dir / "pairs_train.parquet"
     if not path.is_file():
         raise MissingInputError(f"{path} not found: run notellm_jax.data.prepare first")
@@ -168,7 +164,7 @@ def pair_batches(pairs: list, batch: int, steps: int, seed: int):
 def duplicate_aware_infonce(a, b, note_a: list[str], note_b: list[str], scale: float):
     """NoteLLM's contrastive loss (model/notellm.py) in torch: rows [a..., b...], cosine x scale, both
     directions, self and same-note negatives (a row's own note or its positive's note) masked."""
-    import torch
+    import torch  # torch: only for the SentenceBERT baselines
 
     z = torch.nn.functional.normalize(torch.cat([a, b]), dim=-1)
     notes = list(note_a) + list(note_b)
@@ -185,8 +181,8 @@ def duplicate_aware_infonce(a, b, note_a: list[str], note_b: list[str], scale: f
 
 def finetune_sbert(model, config: Config) -> dict[str, Any]:
     """In-place fine-tune on the training pairs (see the module docstring); returns what was done."""
-    import torch
-    from sentence_transformers.util import batch_to_device
+    import torch  # torch: only for the SentenceBERT baselines
+    from sentence_transformers.util import batch_to_device  # torch: only for the SentenceBERT baselines
 
     ev = config.baselines
     texts = {n.note_id: sbert_text(n) for n in store.notes_of(config.data_dir, "all")}

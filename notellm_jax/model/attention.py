@@ -81,8 +81,8 @@ def _log_once(message: str) -> None:
 
 @functools.cache
 def _splash_kernel(length: int, groups: int, interpret: bool):
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # Pallas TPU: splash only
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # Pallas TPU: splash only
     mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(groups)])
     block = max(b for b in (512, 256, SPLASH_BLOCK) if length % b == 0)
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,

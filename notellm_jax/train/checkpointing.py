@@ -11,33 +11,35 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
 from notellm_jax.config import Config
 from notellm_jax.distributed import is_primary
 from notellm_jax.errors import CheckpointError
 from notellm_jax.model.families import LlamaConfig
 from notellm_jax.train.step import TrainSetup, TrainState, check_against_abstract, merged_params
+from notellm_jax.weights.export import save_notellm
 
 logger = logging.getLogger(__name__)
 
 
 def checkpoint_dir(config: Config):
     """`train.checkpoint_dir` (a local path or an orbax URL like gs://...) or <work_dir>/checkpoints."""
-    from etils import epath
+    from etils import epath  # orbax: only where checkpoints are read or written
     if "://" in config.train.checkpoint_dir:
         return epath.Path(config.train.checkpoint_dir)
     return Path(config.train.checkpoint_dir or config.work_dir / "checkpoints").absolute()
 
 
 def checkpoint_manager(config: Config):
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # orbax: only where checkpoints are read or written
     options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
                                            enable_async_checkpointing=config.train.async_checkpoint)
     return ocp.CheckpointManager(checkpoint_dir(config), options=options, item_names=("state", "meta"))
 
 
 def save_checkpoint(manager, state: TrainState, config: Config, total_steps: int, force: bool = False) -> None:
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # orbax: only where checkpoints are read or written
     step = int(state.step)
     meta = {"step": step, "seed": config.train.seed, "data_position": step, "total_steps": total_steps,
             "config": config.to_dict()}
@@ -58,7 +60,7 @@ def report_committed(manager, config: Config, pending: list[int]) -> list[int]:
 
 def _restore_step(manager, step: int, setup: TrainSetup) -> tuple[TrainState, dict]:
     """(state, meta) of one checkpoint step, validated: the meta names this step, the state is finite."""
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # orbax: only where checkpoints are read or written
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(setup.abstract_state),
                                                              meta=ocp.args.JsonRestore()))
     meta, state = restored["meta"], restored["state"]
@@ -79,7 +81,6 @@ def _set_aside(manager, config: Config, step: int) -> None:
             target = folder.parent / f"{step}.damaged.{int(time.time())}"
         folder.rename(target)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
     manager.reload()
 
@@ -133,7 +134,6 @@ def restore_checkpoint(manager, setup: TrainSetup, config: Config, total_steps: 
 def write_export(config: Config, setup: TrainSetup, state: TrainState, llama_cfg: LlamaConfig) -> Path:
     """Param-only export for the embedding / eval tools: orbax params + notellm.json. Called by every
     process; each writes its own shards of the sharded parameters (no gather)."""
-    from notellm_jax.weights.export import save_notellm
     params = merged_params(setup, state)  # LoRA merged into the weights
     return save_notellm(config.work_dir / "export", params, llama_cfg, config)
 

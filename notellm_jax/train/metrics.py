@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from notellm_jax.model.families import LlamaConfig
 from notellm_jax.model.notellm import needs_logits
@@ -163,14 +164,13 @@ class MetricsWriter:
         self._bar = None
         if not enabled:
             return
-        from tqdm import tqdm
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True,
                          mininterval=5.0, disable=not sys.stderr.isatty())  # logs get the metric lines only
         log_dir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(log_dir / "metrics.jsonl", start_step)
         self._jsonl = open(log_dir / "metrics.jsonl", "a", buffering=1)
         try:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # optional: logged without it
             self._tb = SummaryWriter(str(log_dir / "tensorboard"))
         except ImportError:
             logger.warning("tensorboardX not installed: no TensorBoard summaries (metrics.jsonl is still written)")
