@@ -13,7 +13,9 @@ concurrent requests can wait together for one batched model call (`batching.Batc
     PUT    /notes/{id}   a note -> embedded and upserted; acknowledged only once its log record is fsynced
     GET    /notes/{id}   its title and category (404 if unknown)
     DELETE /notes/{id}   removed (durable once acknowledged)
-    GET    /healthz, GET /metrics (Prometheus text format), GET / (the page)
+    GET    /healthz, GET /metrics (Prometheus text format), GET / (the page); both report the live index's
+                         repairs on open (`index_repairs`: torn log tails cut off into side files;
+                         `notellm_index_log_repairs`, `notellm_index_skipped_deletes`)
 A note over its token budgets is cut exactly as in training (`prompts.build_example`) and the response says
 so (`truncated`).
 """
@@ -110,6 +112,12 @@ class Metrics:
         self.truncated = Counter("notellm_truncated_notes", "Notes cut to their token budgets", registry=self.registry)
         self.index_size = Gauge("notellm_index_size", "Notes in the live index", registry=self.registry)
         self.index_size.set_function(lambda: len(index))
+        self.index_repairs = Gauge("notellm_index_log_repairs", "Torn log tails cut off (into side files) when the "
+                                   "live index was opened", registry=self.registry)
+        self.index_repairs.set_function(lambda: len(index.repairs))
+        self.skipped_deletes = Gauge("notellm_index_skipped_deletes", "Logged deletes of unknown ids skipped when the "
+                                     "live index was opened", registry=self.registry)
+        self.skipped_deletes.set_function(lambda: len(index.skipped_deletes))
 
 
 class Service:
@@ -232,7 +240,8 @@ def _add_query_routes(app: FastAPI, service: Service) -> None:
         generator = service.generator
         return {"status": "ok", "index_size": len(index), "dim": index.dim, "run": export.meta.get("run"),
                 "buckets": service.encoder.embedder.buckets, "row_buckets": service.encoder.embedder.row_buckets,
-                "max_batch_size": cfg.max_batch_size,
+                "max_batch_size": cfg.max_batch_size, "index_repairs": index.repairs,
+                "index_skipped_deletes": len(index.skipped_deletes),
                 "generation": None if generator is None else {"constrained_categories": generator.constrained}}
 
     @app.get("/metrics")

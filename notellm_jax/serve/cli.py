@@ -22,7 +22,8 @@ from notellm_jax.infer.generator import closed_categories
 from notellm_jax.serve.app import Service, create_app
 from notellm_jax.serve.batching import row_buckets
 from notellm_jax.serve.generation import NoteGenerator
-from notellm_jax.serve.index import CURRENT, LiveIndex, index_from_embeddings
+from notellm_jax.serve.index import LiveIndex, index_from_embeddings
+from notellm_jax.serve.index_files import holds_index
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def open_index(config, index_dir: Path, emb_dir: str | None):
-    if (index_dir / CURRENT).exists():
+    if holds_index(index_dir):  # whole or damaged: opening refuses a damaged one, never builds over it
         return LiveIndex.open(index_dir, config.retrieval)
     if not emb_dir:
         raise MissingInputError(f"{index_dir} holds no live index yet: give --embeddings to build one")
@@ -60,7 +61,8 @@ def open_generator(args: argparse.Namespace, config, export):
 
 def run(args: argparse.Namespace, config) -> None:
     index = open_index(config, Path(args.index), args.embeddings)
-    print(f"[serve] index {args.index}: {len(index)} notes (replayed {index.replayed} log records)", flush=True)
+    repaired = f"; {len(index.repairs)} torn log tail(s) cut off, see the warning above" if index.repairs else ""
+    print(f"[serve] index {args.index}: {len(index)} notes (replayed {index.replayed} log records{repaired})", flush=True)
     export = args.export or config.work_dir / "export"
     batch = config.serve.max_batch_size
     encoder = note_encoder(config, export, batch_size=batch, row_buckets=row_buckets(batch))

@@ -7,11 +7,17 @@ Folder layout (no pickle anywhere; a folder holding one is refused):
                      index.json (format, dim, count, ScaNN parameters)
     snap-NNNNNN.log  the upserts and deletes acknowledged since that snapshot, one record a line:
                      "<crc32 as 8 hex digits> <json>\\n"
-A write is acknowledged only after its record is fsynced, and applied to memory after that. On open the
-snapshot is loaded and its log replayed; a torn last record (no newline or a wrong checksum: a write cut by
-a crash, so never acknowledged) is dropped and cut off the file; a bad record before the last is corruption
-and an error. A new snapshot is complete on disk before CURRENT names it, so a crash at any point leaves
-either the old snapshot with its log or the new one.
+A write is acknowledged only after its record is fsynced, and applied to memory after that. On open every
+snapshot file is checked and the log replayed (index_files.py reads both): a final record whose checksum
+verifies is kept even without its newline; an incomplete final record (a write cut by a crash, never
+acknowledged, or a cut that looks like one) is the one damage repaired automatically, never quietly: it is
+cut off into a side file `<log>.torn-<offset>` with a warning naming the file, offset and bytes, and listed
+in `repairs` (the service's /healthz and /metrics report it). Any other damage (a record before the last that
+does not verify, a missing log, a damaged snapshot file or CURRENT) refuses to open with one line naming the
+file (and the record and byte offset); `notellm index check|recover DIR` list every problem and write a new
+snapshot from what verifies. Replayed deletes of unknown ids are skipped with a warning and counted
+(`skipped_deletes`); an upsert of a stored id replaces it. A new snapshot is complete on disk before CURRENT
+names it, so a crash at any point leaves either the old snapshot with its log or the new one.
 
 ScaNN 1.4.2 updates brute-force and tree-AH searchers in place (`upsert`/`delete` on integer positions of
 the raw `ScannNumpy`; its docid wrapper would pickle the ids). A delete moves the last datapoint into the
@@ -23,10 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import threading
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,55 +41,19 @@ import numpy as np
 
 from notellm_jax.config import RetrievalConfig
 from notellm_jax.data.prompts import Note
-from notellm_jax.errors import MissingInputError, StoreFormatError
+from notellm_jax.errors import StoreFormatError
 from notellm_jax.infer import ann
 from notellm_jax.infer.ann import l2_normalise, neighbour_overlap
 from notellm_jax.infer.embeddings import read_embeddings
+from notellm_jax.serve.index_files import (CURRENT, FORMAT, LEFTOVER, LogRecord, LogScan, current_snapshot,
+                                           fsync_path, holds_index, load_snapshot, read_log, record,
+                                           set_aside_torn_tail, write_durable)
 
-FORMAT = "notellm_jax.live_index/1"
-CURRENT = "CURRENT"
+logger = logging.getLogger(__name__)
 
 
 class UnknownNoteError(KeyError):
     """A note id that the index does not hold."""
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder's entry list: renames and new files in it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _record(op: dict[str, Any]) -> bytes:
-    body = json.dumps(op, separators=(",", ":"), ensure_ascii=True).encode()
-    return b"%08x %s\n" % (zlib.crc32(body), body)
-
-
-def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """(records, byte length of the intact part). Only the last record may be torn."""
-    data = path.read_bytes() if path.exists() else b""
-    records, good, lines = [], 0, data.split(b"\n")
-    for number, line in enumerate(lines[:-1]):  # lines[-1] is what follows the last newline: torn or empty
-        crc, _, body = line.partition(b" ")
-        intact = len(crc) == 8 and crc.isalnum() and int(crc, 16) == zlib.crc32(body)
-        if not intact:
-            if number == len(lines) - 2:
-                break  # the last complete-looking line, cut inside: treated as torn
-            raise StoreFormatError(f"{path}: record {number + 1} is corrupt (checksum mismatch) and is not the "
-                                   "last one: the log was damaged after it was written")
-        records.append(json.loads(body))
-        good += len(line) + 1
-    return records, good
 
 
 def _refuse_non_finite(vectors: np.ndarray, ids: Sequence[str]) -> None:
@@ -118,6 +88,8 @@ class LiveIndex:
         self._lock = threading.RLock()
         self._log = None
         self.replayed = 0  # log records applied on open
+        self.repairs: list[dict[str, Any]] = []  # torn log tails cut off on open (`index_files.set_aside_torn_tail`)
+        self.skipped_deletes: list[dict[str, Any]] = []  # replayed deletes of ids the index did not hold
 
     # ----------------------------------------------------------------------------------------------
     # Creating and opening
@@ -127,8 +99,8 @@ class LiveIndex:
                notes: dict[str, dict[str, str]], cfg: RetrievalConfig, k: int) -> LiveIndex:
         """A new index folder over (ids, vectors); refuses a folder that already holds an index."""
         directory = Path(directory).absolute()
-        if (directory / CURRENT).exists():
-            raise FileExistsError(f"{directory} already holds an index (CURRENT exists); open it instead")
+        if holds_index(directory):
+            raise FileExistsError(f"{directory} already holds an index (CURRENT or snapshot files); open it instead")
         _refuse_non_finite(vectors, ids)
         directory.mkdir(parents=True, exist_ok=True)
         vectors = l2_normalise(vectors) if len(vectors) else np.zeros((0, vectors.shape[1]), np.float32)
@@ -140,35 +112,48 @@ class LiveIndex:
 
     @classmethod
     def open(cls, directory: str | os.PathLike, cfg: RetrievalConfig) -> LiveIndex:
-        """Load the snapshot CURRENT names, replay its log (dropping a torn last record), clear leftovers."""
+        """Load the snapshot CURRENT names, every file checked, replay its log (a torn final record cut off into a
+        side file, with a warning), clear leftovers. Any other damage: a one-line `StoreFormatError` or
+        `MissingInputError` naming the file (and record and byte offset)."""
         directory = Path(directory).absolute()
         ann.refuse_pickles(directory)
-        if not (directory / CURRENT).is_file():
-            raise MissingInputError(f"{directory} holds no live index (no {CURRENT}); `notellm serve --embeddings "
-                                    "DIR` builds one from offline embeddings")
-        name = (directory / CURRENT).read_text().strip()
-        snap = directory / name
-        meta = json.loads((snap / "index.json").read_text())
-        if meta.get("format") != FORMAT:
-            raise StoreFormatError(f"{snap}/index.json: format {meta.get('format')!r}, expected {FORMAT!r}")
-        ids = json.loads((snap / "ids.json").read_text())
-        vectors = np.load(snap / "vectors.npy", allow_pickle=False)
-        raw = ann.load_index(snap).searcher
-        if not len(ids) == len(vectors) == raw.size() == meta["count"]:
-            raise StoreFormatError(f"{snap}: {len(ids)} ids, {len(vectors)} vectors, {raw.size()} ScaNN points, "
-                                   f"index.json says {meta['count']}")
-        index = cls(directory, raw, ann.ScannParams(**meta["params"]), ids, vectors,
-                    json.loads((snap / "notes.json").read_text()), name, cfg)
+        name, problems = current_snapshot(directory)
+        if not problems:
+            snap, problems = load_snapshot(directory, name)
+        if problems:
+            raise problems[0].error(directory, len(problems) - 1)
+        index = cls(directory, snap.raw, snap.params, snap.ids, snap.vectors, snap.notes, name, cfg)
         log_path = directory / f"{name}.log"
-        records, good = read_log(log_path)
-        for op in records:
-            index._apply(op)
-        index.replayed = len(records)
-        if log_path.stat().st_size != good:
-            os.truncate(log_path, good)  # a torn tail must not sit in front of the next record
+        index.replay(read_log(log_path, index.dim))
         index._log = open(log_path, "ab")
         index._remove_leftovers()
         return index
+
+    def replay(self, scan: LogScan) -> None:
+        """Apply the log's records in memory; a torn tail is cut off the file (into a side file), a final newline
+        that a cut removed is restored, so the next record starts on its own line."""
+        if scan.torn is not None:
+            self.repairs.append(set_aside_torn_tail(scan))
+        elif scan.missing_newline:
+            with open(scan.path, "ab") as f:
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            logger.info("%s: its final record verifies but had no newline: kept, newline restored", scan.path)
+        for entry in scan.records:
+            self.replay_record(entry)
+        self.replayed = len(scan.records)
+
+    def replay_record(self, entry: LogRecord) -> None:
+        """One logged operation, by rule: a delete of an id the index does not hold is skipped, with a warning,
+        and counted; an upsert of a stored id replaces it."""
+        op = entry.op
+        if op["op"] == "delete" and op["id"] not in self._pos:
+            logger.warning("%s.log: record %d at byte %d deletes note %r, which the index does not hold: skipped",
+                           self.directory / self._snapshot, entry.number, entry.offset, op["id"])
+            self.skipped_deletes.append({"id": op["id"], "record": entry.number, "offset": entry.offset})
+            return
+        self._apply(op)
 
     def close(self) -> None:
         with self._lock:
@@ -200,7 +185,7 @@ class LiveIndex:
             self._apply(op)
 
     def _append(self, op: dict[str, Any]) -> None:
-        self._log.write(_record(op))
+        self._log.write(record(op))
         self._log.flush()
         os.fsync(self._log.fileno())
 
@@ -311,14 +296,14 @@ class LiveIndex:
             for file, value in (("ids.json", self._ids), ("notes.json", self._notes), ("index.json", meta)):
                 (tmp / file).write_text(json.dumps(value))
             for file in tmp.iterdir():
-                _fsync_path(file)
-            _fsync_path(tmp)
+                fsync_path(file)
+            fsync_path(tmp)
             tmp.rename(self.directory / name)
-            _write_durable(self.directory / f"{name}.log", b"")
-            _write_durable(self.directory / f"{CURRENT}.tmp", name.encode())
-            _fsync_path(self.directory)
+            write_durable(self.directory / f"{name}.log", b"")
+            write_durable(self.directory / f"{CURRENT}.tmp", name.encode())
+            fsync_path(self.directory)
             os.replace(self.directory / f"{CURRENT}.tmp", self.directory / CURRENT)
-            _fsync_path(self.directory)
+            fsync_path(self.directory)
             if self._log is not None:
                 self._log.close()
             self._snapshot = name
@@ -327,10 +312,10 @@ class LiveIndex:
             return name
 
     def _remove_leftovers(self) -> None:
-        """Older snapshots and logs, and a snapshot or CURRENT half-written by a crash."""
+        """Older snapshots and logs, and a snapshot or CURRENT half-written by a crash (never side files of
+        repairs, nor what `notellm index recover` kept aside)."""
         for path in self.directory.iterdir():
-            if path.name.startswith(("snap-", f"{CURRENT}.tmp")) and path.name not in (
-                    self._snapshot, f"{self._snapshot}.log"):
+            if LEFTOVER.fullmatch(path.name) and path.name not in (self._snapshot, f"{self._snapshot}.log"):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def rebuild(self, k: int, min_recall: float, sample: int, params: ann.ScannParams | None = None,

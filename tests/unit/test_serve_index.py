@@ -107,6 +107,8 @@ def test_torn_last_record_is_dropped_and_corruption_before_it_refused(tmp_path):
     reopened = LiveIndex.open(tmp_path / "idx", RetrievalConfig())
     assert reopened.replayed == 3 and "ack2" in reopened and len(reopened) == 53
     assert log.read_bytes() == intact  # cut back, so the next record does not follow garbage
+    assert [r["offset"] for r in reopened.repairs] == [len(intact)]  # ... and never quietly: kept aside, reported
+    assert (log.parent / f"{log.name}.torn-{len(intact)}").read_bytes() == intact.splitlines(keepends=True)[0][:40]
     reopened.upsert("after", unit(rng, 1)[0])
     reopened.close()
     assert "after" in LiveIndex.open(tmp_path / "idx", RetrievalConfig())
@@ -114,7 +116,7 @@ def test_torn_last_record_is_dropped_and_corruption_before_it_refused(tmp_path):
     lines = log.read_bytes().splitlines(keepends=True)
     lines[1] = lines[1].replace(b'"ack1"', b'"ackX"')  # checksum no longer matches, and more records follow
     log.write_bytes(b"".join(lines))
-    with pytest.raises(StoreFormatError, match="record 2 is corrupt"):
+    with pytest.raises(StoreFormatError, match=r"snap-000001.log: record 2 at byte \d+: checksum mismatch .*not the final"):
         LiveIndex.open(tmp_path / "idx", RetrievalConfig())
 
 
