@@ -14,6 +14,7 @@ cluster up once, loads and validates the config, then calls the command's `run`.
     notellm job       --config C [--only STAGES] [--force STAGES]     (= python -m notellm_jax.job)
     notellm plan      --config C --devices N
     notellm convert   SRC DST [--to hf|orbax] [--overwrite]
+    notellm index     check|recover DIR                             (verify / repair a live index's files)
     notellm serve     --config C --index DIR [--export DIR] [--embeddings DIR] [--generate] [--host H --port P]
                                                                        (= python -m notellm_jax.serve)
     notellm sweep     --config C --grid G.json --out DIR [--steps N] [--mode one_at_a_time|product]
@@ -49,6 +50,7 @@ COMMANDS = {
     "plan": ("notellm_jax.tools.plan", "compile the step ahead of time; per-device memory", True),
     "convert": ("notellm_jax.weights.convert", "convert weights between HF, llama2.c, GGUF, orbax", False),
     "serve": ("notellm_jax.serve.cli", "serve new-note embeddings and nearest notes over HTTP", True),
+    "index": ("notellm_jax.serve.index_cli", "check or recover a live index folder's files", False),
     "sweep": ("notellm_jax.tools.sweep", "hyper-parameter sweep scored on validation pairs", True),
     "device": ("notellm_jax.tools.device_recipe", "pack / run the accelerator recipe (numpy-only inputs)", True),
 }

@@ -281,10 +281,11 @@ class LiveIndex:
     # ----------------------------------------------------------------------------------------------
     # Snapshots and rebuilds
 
-    def snapshot(self) -> str:
-        """Write the whole index as a new snapshot with an empty log, then point CURRENT at it."""
+    def snapshot(self, number: int | None = None) -> str:
+        """Write the whole index as a new snapshot with an empty log, then point CURRENT at it. `number`: the new
+        snapshot's (default the live one's + 1; `notellm index recover` passes one above every folder present)."""
         with self._lock:
-            number = int(self._snapshot.split("-")[1]) + 1
+            number = int(self._snapshot.split("-")[1]) + 1 if number is None else number
             name = f"snap-{number:06d}"
             tmp = self.directory / f"{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
