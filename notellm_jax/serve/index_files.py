@@ -36,7 +36,7 @@ CURRENT = "CURRENT"
 SNAPSHOT = re.compile(r"snap-\d{6}")
 LEFTOVER = re.compile(r"snap-\d{6}(\.log|\.tmp)?|CURRENT\.tmp")  # what a new snapshot replaces; side files stay
 _CRC = re.compile(rb"[0-9a-fA-F]{8}")
-_PARTIAL_OP = re.compile(rb'"op":"(\w+)","id":"((?:[^"\\]|\\.)*)"')
+_PARTIAL_OP = re.compile(rb'"op":"(\w+)"(?:,"id":"((?:[^"\\]|\\.)*)("?))?')
 
 
 def fsync_path(path: Path) -> None:
@@ -85,12 +85,17 @@ class LogDamage:
     reason: str
 
     def describe(self) -> str:
-        """What the damaged bytes were, as far as they can be read (e.g. a partial delete of note 'n3')."""
+        """What the damaged bytes were, as far as they can be read: e.g. the delete of note 'n3', a delete whose
+        note id is cut off, or the first bytes themselves."""
         found = _PARTIAL_OP.search(self.data)
         if found is None:
-            return f"{len(self.data)} unreadable bytes"
-        note = found.group(2).decode("ascii", "replace")
-        return f"{len(self.data)} bytes, apparently the {found.group(1).decode('ascii', 'replace')} of note {note!r}"
+            return f"{len(self.data)} bytes: {self.data[:48]!r}{'...' if len(self.data) > 48 else ''}"
+        op, note, closed = found.group(1).decode("ascii", "replace"), found.group(2), found.group(3)
+        if note is None:
+            return f"{len(self.data)} bytes, apparently a {op} whose note id is cut off"
+        note = note.decode("ascii", "replace")
+        return (f"{len(self.data)} bytes, apparently the {op} of note {note!r}" if closed else
+                f"{len(self.data)} bytes, apparently a {op} of a note whose id begins {note!r}")
 
 
 @dataclasses.dataclass
