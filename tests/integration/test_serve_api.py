@@ -193,3 +193,24 @@ def test_rebuild_endpoint_reports_recall_and_promotes_only_when_it_holds(setup, 
         assert (tmp_path / "idx" / CURRENT).read_text() == promoted["snapshot"] != before
         assert numpy_recall(index, vectors, 300) == pytest.approx(promoted["recall"], abs=0.02)
     index.close()
+
+
+def test_a_torn_log_tail_repaired_on_open_is_reported_by_healthz_and_metrics(setup, tmp_path):
+    """The one automatic repair is never quiet: the service that opened a torn log says so."""
+    service = setup[5]
+    vectors = ann.clustered_vectors(20, 32, 4, seed=1)
+    index = LiveIndex.create(tmp_path / "idx", [f"v{i}" for i in range(20)], vectors, {}, RetrievalConfig(), k=5)
+    index.upsert("kept", vectors[0])
+    index.close()
+    log = tmp_path / "idx" / "snap-000001.log"
+    size = log.stat().st_size
+    with open(log, "ab") as f:
+        f.write(b'0123abcd {"op":"delete","id":"v3"')  # a write cut by a crash
+    reopened = LiveIndex.open(tmp_path / "idx", RetrievalConfig())
+    with TestClient(create_app(Service(service.encoder, reopened, service.cfg))) as client:
+        health = client.get("/healthz").json()
+        assert [(r["file"], r["offset"], r["bytes"]) for r in health["index_repairs"]] == [(str(log), size, 33)]
+        assert "delete of note 'v3'" in health["index_repairs"][0]["dropped"] and health["index_size"] == 21
+        text = client.get("/metrics").text
+        assert "notellm_index_log_repairs 1.0" in text and "notellm_index_skipped_deletes 0.0" in text
+    reopened.close()
