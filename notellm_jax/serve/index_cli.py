@@ -9,7 +9,8 @@ operator (the service's start, `LiveIndex.open`, repairs only a torn final log r
              The old files are first kept aside, whole, in DIR/aside-<UTC time>/ (hard links, else copies):
              nothing is deleted. Prints what was kept and what was dropped.
 
-Neither takes --config: the index folder records its own ScaNN parameters.
+Neither takes --config: the index folder records its own ScaNN parameters. Stop the service before `recover`
+(it rewrites CURRENT under a running one); `check` only reads.
 """
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ from notellm_jax.infer.embeddings import read_embeddings
 from notellm_jax.weights.export import save_notellm
 from notellm_jax.serve.app import Service, create_app
 from notellm_jax.serve.batching import row_buckets
-from notellm_jax.serve.index import CURRENT, LiveIndex, index_from_embeddings
+from notellm_jax.serve.index import LiveIndex, index_from_embeddings
+from notellm_jax.serve.index_files import CURRENT
 from notellm_jax.sharding import make_mesh
 from notellm_jax.weights.tokenizer import resolve_tokenizer
 from notellm_jax.weights.loading import load_initial_params
