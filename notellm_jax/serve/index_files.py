@@ -35,6 +35,7 @@ FORMAT = "notellm_jax.live_index/1"
 CURRENT = "CURRENT"
 SNAPSHOT = re.compile(r"snap-\d{6}")
 LEFTOVER = re.compile(r"snap-\d{6}(\.log|\.tmp)?|CURRENT\.tmp")  # what a new snapshot replaces; side files stay
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 _CRC = re.compile(rb"[0-9a-fA-F]{8}")
 _PARTIAL_OP = re.compile(rb'"op":"(\w+)"(?:,"id":"((?:[^"\\]|\\.)*)("?))?')
 
@@ -113,6 +114,16 @@ class LogScan:
         return Problem(self.path, f"{damage.reason} ({damage.describe()})", damage.number, damage.offset)
 
 
+def _float32(x: Any) -> bool:
+    """A JSON number that float32 holds finite (no bool, no 1e300 or a 400-digit integer turning into inf)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x)) and abs(float(x)) <= FLOAT32_MAX
+    except OverflowError:
+        return False
+
+
 def op_problem(op: Any, dim: int | None) -> str | None:
     """Why a decoded body is not an operation this index applies (None when it is one)."""
     if not isinstance(op, dict):
@@ -124,8 +135,7 @@ def op_problem(op: Any, dim: int | None) -> str | None:
     if op["op"] == "delete":
         return None
     vector = op.get("vector")
-    if not isinstance(vector, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                               and math.isfinite(x) for x in vector):
+    if not isinstance(vector, list) or not all(_float32(x) for x in vector):
         return "its vector is not a list of finite numbers"
     if dim is not None and len(vector) != dim:
         return f"its vector has {len(vector)} dimensions, the index {dim}"
@@ -178,9 +188,12 @@ def read_log(path: Path, dim: int | None = None) -> LogScan:
                       missing=True).error(path.parent)
     scan = scan_log(path.read_bytes(), path, dim)
     if scan.damaged:
-        first = scan.problem(scan.damaged[0])
-        raise dataclasses.replace(first, message=f"{first.message}, and it is not the final record: the log was "
-                                  "damaged after it was written").error(path.parent, len(scan.damaged) - 1)
+        damage = scan.damaged[0]
+        why = ("and it is not the final record" if damage.offset + len(damage.data) < scan.size else
+               "a complete final record (its newline is there), so not a torn write")
+        first = scan.problem(damage)
+        raise dataclasses.replace(first, message=f"{first.message}, {why}: the log was damaged after it was "
+                                  "written").error(path.parent, len(scan.damaged) - 1)
     return scan
 
 
@@ -223,9 +236,11 @@ class Problem:
     def error(self, directory: Path, more: int = 0) -> NotellmError:
         """The one-line error that refuses to open the index in `directory`."""
         extra = f"; {more} more problem(s)" if more else ""
+        in_snapshot = SNAPSHOT.fullmatch(self.path.name) or SNAPSHOT.fullmatch(self.path.parent.name)
+        recover = "" if in_snapshot else (f", `notellm index recover {directory}` writes a new snapshot from "
+                                          "what verifies")
         return (MissingInputError if self.missing else StoreFormatError)(
-            f"{self}{extra}; `notellm index check {directory}` lists every problem, `notellm index recover "
-            f"{directory}` writes a new snapshot from what verifies")
+            f"{self}{extra}; `notellm index check {directory}` lists every problem{recover}")
 
 
 @dataclasses.dataclass

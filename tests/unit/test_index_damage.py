@@ -127,13 +127,15 @@ def garbage(kind: str, line: bytes) -> bytes:
         return line[:middle] + bytes([line[middle] ^ 0x04]) + line[middle + 1:]
     bodies = {"not_json": b"{not json", "not_an_op": b"[1,2]", "unknown_op": b'{"op":"merge","id":"n1"}',
               "wrong_dim": b'{"op":"upsert","id":"x","vector":[0.5,0.5,0.5],"title":"","category":""}',
-              "nan_vector": b'{"op":"upsert","id":"x","vector":[NaN,0,0,0,0,0,0,1],"title":"","category":""}'}
+              "nan_vector": b'{"op":"upsert","id":"x","vector":[NaN,0,0,0,0,0,0,1],"title":"","category":""}',
+              "huge_vector": b'{"op":"upsert","id":"x","vector":[1e300,0,0,0,0,0,0,%s],"title":"","category":""}'
+                             % (b"9" * 400,)}
     return crc_line(bodies[kind])
 
 
 REASONS = {"eight_alnum": "no checksum", "flipped": "checksum mismatch", "not_json": "body is not JSON",
            "not_an_op": "not an operation", "unknown_op": "unknown operation 'merge'", "wrong_dim": "3 dimensions",
-           "nan_vector": "not a list of finite numbers"}
+           "nan_vector": "not a list of finite numbers", "huge_vector": "not a list of finite numbers"}
 
 
 @pytest.mark.parametrize("kind", sorted(REASONS))
@@ -151,6 +153,16 @@ def test_a_damaged_record_before_the_last_refuses_with_file_record_and_offset(tm
     code, out, err = index_cli(capsys, "check", str(folder))
     assert code == 2 and f"problem: {log}: record 3 at byte {offset}: " in out and "6 records verify" in out
     assert err.count("\n") == 1 and err.startswith("notellm index: error: ")
+
+
+def test_a_complete_final_record_that_does_not_verify_is_refused_not_taken_for_a_torn_write(tmp_path):
+    folder, log, lines, _ = build(tmp_path)
+    lines[-1] = garbage("flipped", lines[-1])  # its newline is there: damaged after it was written
+    log.write_bytes(b"".join(lines))
+    with pytest.raises(StoreFormatError, match=rf"{log}: record 7 at byte {len(b''.join(lines[:-1]))}: checksum "
+                       r"mismatch .*a complete final record \(its newline is there\), so not a torn write"):
+        LiveIndex.open(folder, RetrievalConfig())
+    assert log.read_bytes() == b"".join(lines)
 
 
 @pytest.mark.parametrize("kind", ["eight_alnum", "not_json", "flipped"])
@@ -215,6 +227,8 @@ def test_a_damaged_snapshot_file_refuses_with_one_line_naming_it(tmp_path, capsy
     with pytest.raises(error) as refused:
         LiveIndex.open(folder, RetrievalConfig())
     assert str(refused.value).startswith(f"{folder}/{message}") and "\n" not in str(refused.value)
+    # recover is offered where it helps: CURRENT or the log, not a damaged snapshot file it cannot rebuild
+    assert ("notellm index recover" in str(refused.value)) == case.startswith(("current", "log"))
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before  # refused, nothing touched
     code, out, err = index_cli(capsys, "check", str(folder))
     assert code == 2 and f"problem: {folder}/{message}" in out and err.count("\n") == 1
