@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import shutil
 import zlib
 from pathlib import Path
 
@@ -360,3 +361,32 @@ def test_a_cut_log_keeps_every_whole_record_and_reports_the_cut_one(ops, where):
     whole = int(np.sum(ends - 1 <= cut))  # a record is whole when at most its newline is cut
     assert [r.op for r in scan.records] == ops[:whole] and not scan.damaged
     assert (scan.torn is not None) == (whole < len(ops) and cut > (ends[whole - 1] if whole else 0))
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("template"))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=DAMAGE)
+def test_the_service_start_on_random_log_damage_opens_what_verifies_or_refuses(template, tmp_path_factory, edits):
+    """LiveIndex.open itself on random damage: it opens with exactly the notes the verified records leave (a torn
+    tail cut off and listed in `repairs`), or refuses with the typed error; never another exception."""
+    folder, log, lines, _ = template
+    copy = tmp_path_factory.mktemp("damaged") / "idx"
+    shutil.copytree(folder, copy)
+    data = damage(b"".join(lines), edits)
+    (copy / log.name).write_bytes(data)
+    scan = scan_log(data, copy / log.name, dim=DIM)
+    try:
+        index = LiveIndex.open(copy, RetrievalConfig())
+    except StoreFormatError:
+        assert scan.damaged
+        return
+    held = {f"n{i}" for i in range(30)}
+    for entry in scan.records:
+        (held.add if entry.op["op"] == "upsert" else held.discard)(entry.op["id"])
+    assert not scan.damaged and len(index) == len(held) and all(note_id in index for note_id in held)
+    assert len(index.repairs) == (scan.torn is not None)
+    index.close()
