@@ -231,7 +231,7 @@ class Problem:
 
     def __str__(self) -> str:
         where = f": record {self.record} at byte {self.offset}" if self.record is not None else ""
-        return f"{self.path}{where}: {self.message}"
+        return f"{self.path}{where}: {' '.join(self.message.splitlines())}"  # one line, whatever a library said
 
     def error(self, directory: Path, more: int = 0) -> NotellmError:
         """The one-line error that refuses to open the index in `directory`."""
