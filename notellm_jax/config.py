@@ -51,6 +51,15 @@ class DataConfig:
     # reference_csv: how many leading levels of the '@'-joined category path form the category
     # (0 = the whole path).
     csv_category_depth: int = 1
+    # Unit of numeric (integer or integral-float) timestamps in the input: "s", "ms", "us" or "auto"
+    # (per file and field, from the magnitude of its first 10,000 numeric values: median < 1e11 -> s,
+    # < 1e14 -> ms, < 1e17 -> us). ISO-8601 strings are unaffected. The unit used per file/field is
+    # reported in stats.json (import.timestamp_units); prepare refuses timestamps that still look
+    # mis-scaled (see data/checks.py).
+    timestamp_unit: str = "auto"
+    # Unknown fields in a generic JSONL record: False = a warning per file (with counts and the nearest
+    # known field name, e.g. 'exposures' -> 'exposure'); True = an error naming file, line and field.
+    strict_fields: bool = False
     # Co-occurrence (METHOD.md 2): the paper's bounds u, l and top t; the window in days between touching
     # A and then B (0 = unbounded). What each removes on the shared data: README, Data.
     cooc_window_days: float = 0.0
@@ -368,6 +377,8 @@ class Config:
         checks = [*self._optimiser_rules(),
             (self.prompt.layout in ("paper", "reference"), f"prompt.layout {self.prompt.layout!r}: paper | reference"),
             (self.prompt.padding_side in ("left", "right"), f"prompt.padding_side {self.prompt.padding_side!r}"),
+            (self.data.timestamp_unit in ("s", "ms", "us", "auto"),
+             f"data.timestamp_unit {self.data.timestamp_unit!r}: s | ms | us | auto"),
             (0 < self.prompt.max_targets < self.prompt.max_length, "prompt.max_targets must be in (0, max_length)"),
             (0.0 <= self.prompt.hashtag_fraction <= 1.0, "prompt.hashtag_fraction must be in [0, 1]"),
             (self.train.objective in OBJECTIVES, f"train.objective {self.train.objective!r}: one of {OBJECTIVES}"),

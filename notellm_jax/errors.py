@@ -21,6 +21,13 @@ class StoreFormatError(NotellmError, ValueError):
     """A prepared-data (Parquet store, shards, split.json) file that does not have the expected shape."""
 
 
+class DataQualityError(NotellmError, ValueError):
+    """Input or prepared data that is well-formed but useless for a run: no training or validation pairs,
+    every note in one split, timestamps in the wrong unit or the far future, one creation time for all
+    notes, too few pairs for one batch. The message names the data (file or folder), the field or count
+    at fault and the likely fix."""
+
+
 class CheckpointError(NotellmError, ValueError):
     """A checkpoint that cannot be read as a supported model; the message names file and problem."""
 
