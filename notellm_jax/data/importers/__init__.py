@@ -27,7 +27,7 @@ def import_source(config: Config, data_dir: Path) -> dict[str, Any]:
     importers: dict[str, Callable[[StoreBuilder], dict[str, Any]]] = {
         "stackexchange": lambda b: import_stackexchange(folder, config.data.sites, b),
         "reference_csv": lambda b: import_reference_csv(folder, b, config.data.csv_category_depth),
-        "generic": lambda b: import_generic(folder, b),
+        "generic": lambda b: import_generic(folder, b, config.data.timestamp_unit, config.data.strict_fields),
     }
     if source not in importers:
         raise ValueError(f"data.source={source!r}: expected one of {sorted(importers)}")

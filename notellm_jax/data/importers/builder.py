@@ -1,8 +1,11 @@
 """The note store builder every importer feeds, and the field checks the sources share.
 
 `StoreBuilder` owns the rules shared by all sources: duplicate note ids keep the first record; a note
-with neither title nor content is unusable and skipped; an empty title, empty content or no topics is
-kept and counted; events, links and pairs that name an unknown note are dropped and counted. Every
+with neither title nor content (empty or whitespace only) is unusable and skipped; an empty or
+whitespace-only title or content, or no topics, is kept and counted (`notes_flagged_kept`); events,
+links and pairs that name an unknown note are dropped and counted; an event dated before its note's
+creation is kept and counted (`events_flagged_kept.before_note_created`: clocks and imports disagree,
+and the behaviour is still real). Every
 skipped record is counted under a reason in the returned stats. An import that yields no notes, or
 neither events nor given pairs (nothing to build related pairs from), is an error naming the input.
 
@@ -12,16 +15,21 @@ strictly as UTF-8 (an XML file's BOM is accepted): a wrong encoding is an error,
 replacement characters.
 
 `Record` checks the typed fields of one input record (generic JSONL; the CSV columns where they apply)
-and reports `file:line: field 'x' must be ...`; the types are listed in `importers/jsonl.py`.
+and reports `file:line: field 'x' must be ...`; the types are listed in `importers/jsonl.py`. Integers
+must fit int64 (a value such as 10**20 is refused with file and line); timestamps and counts may be
+integral floats (`1577836800.0`, as pandas writes them); timestamps before 1970 (negative) are refused.
+Numeric timestamps are scaled to seconds by the record's `unit_scale` (`timestamp_unit`, `detect_unit`).
 """
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -40,6 +48,7 @@ class StoreBuilder:
         self.data_dir = Path(data_dir)
         self._notes = store.NoteWriter(self.data_dir / "notes.parquet")
         self._note_ids: set[str] = set()
+        self._created: dict[str, int] = {}
         self._events: dict[str, list[Any]] = {name: [] for name in store.EVENTS_SCHEMA.names}
         self._links: list[tuple[str, str, str]] = []
         self._given_pairs: list[tuple[str, str, float]] = []
@@ -56,13 +65,15 @@ class StoreBuilder:
         if note["note_id"] in self._note_ids:
             self.skip("note.duplicate_id")
             return False
-        if not note["title"] and not note["content"]:
+        blank_title, blank_content = not note["title"].strip(), not note["content"].strip()
+        if blank_title and blank_content:
             self.skip("note.no_title_and_no_content")
             return False
-        for flag, empty in (("empty_title", not note["title"]), ("empty_content", not note["content"]),
+        for flag, empty in (("empty_title", blank_title), ("empty_content", blank_content),
                             ("no_topics", not note["topics"])):
             self.flagged[flag] += int(empty)
         self._note_ids.add(note["note_id"])
+        self._created[note["note_id"]] = note["created_at"]
         self._notes.add(note)
         return True
 
@@ -98,6 +109,19 @@ class StoreBuilder:
         self.skipped["event.unknown_note"] += len(events) - (pc.sum(known).as_py() or 0)
         return events.filter(known)
 
+    def _events_before_creation(self, events: pa.Table) -> int:
+        """Kept events dated before their note's creation (counted, not dropped: module docstring)."""
+        created = np.array([self._created[n] for n in events["note_id"].to_pylist()], np.int64)
+        return int(np.sum(events["timestamp"].to_numpy() < created)) if len(events) else 0
+
+    def _timestamp_summary(self, events: pa.Table) -> dict[str, dict[str, Any]]:
+        """min/median/max/distinct of the stored seconds: what prepare's timestamp checks read."""
+        columns = {"created_at": np.fromiter(self._created.values(), np.int64, len(self._created)),
+                   "timestamp": events["timestamp"].to_numpy() if len(events) else np.zeros(0, np.int64)}
+        return {name: {"min": int(v.min()), "median": float(np.median(v)), "max": int(v.max()),
+                       "distinct": int(len(np.unique(v)))} if len(v) else {}
+                for name, v in columns.items()}
+
     def finish(self, source: str) -> dict[str, Any]:
         """Write events/links/given pairs, then the notes file; return the import counts.
 
@@ -124,6 +148,8 @@ class StoreBuilder:
             "notes_written": self._notes.rows,
             "notes_flagged_kept": dict(sorted(self.flagged.items())),
             "events_written": len(events),
+            "events_flagged_kept": {"before_note_created": self._events_before_creation(events)},
+            "timestamps": self._timestamp_summary(events),
             "events_per_action": {a["values"]: a["counts"] for a in sorted(actions, key=lambda a: a["values"])},
             "users": len(pc.unique(events["user_id"])) if len(events) else 0,
             "notes_with_events": len(pc.unique(events["note_id"])) if len(events) else 0,
@@ -152,6 +178,42 @@ def utf8_error(path: Path) -> str | None:
     return None
 
 
+INT64 = (-2 ** 63, 2 ** 63 - 1)
+UNIT_SCALE = {"s": 1, "ms": 1_000, "us": 1_000_000}
+UNIT_NAME = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
+DETECT_SAMPLE = 10_000  # numeric timestamps per file/field that decide data.timestamp_unit="auto"
+
+
+def magnitude_unit(median: float) -> str:
+    """The unit a median unix time of this magnitude is most likely in: s < 1e11 (year 5138) <= ms < 1e14
+    <= us < 1e17 <= ns."""
+    for unit, bound in (("s", 1e11), ("ms", 1e14), ("us", 1e17)):
+        if abs(median) < bound:
+            return unit
+    return "ns"
+
+
+def detect_unit(values: list[float], unit: str) -> dict[str, Any]:
+    """data.timestamp_unit for one file/field: `unit` itself unless "auto", which picks s/ms/us from the
+    median of the sample (nanoseconds are not taken: they stay seconds and prepare's check names them)."""
+    median = float(statistics.median(values)) if values else None
+    if unit != "auto":
+        return {"unit": unit, "detected": False, "sample_median": median}
+    found = magnitude_unit(median) if median is not None else "s"
+    return {"unit": found if found in UNIT_SCALE else "s", "detected": True, "sample_median": median}
+
+
+def integral(value: Any) -> int | None:
+    """An int, or a float with an integral value (`1577836800.0`), as int; else None (bools, 1.5, nan)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def parse_timestamp(text: str) -> int:
     """ISO-8601 date/time -> unix seconds; without an offset it is UTC (as the dump dates
     "2016-08-02T15:39:14.947" and "2010-12-14" are)."""
@@ -164,8 +226,8 @@ def parse_timestamp(text: str) -> int:
 class Record:
     """One input record's position (file:line), with the typed-field checks of its values."""
 
-    def __init__(self, path: Path, line: int, values: Mapping[str, Any]):
-        self.path, self.line, self.values = path, line, values
+    def __init__(self, path: Path, line: int, values: Mapping[str, Any], unit_scale: int = 1):
+        self.path, self.line, self.values, self.unit_scale = path, line, values, unit_scale
 
     def error(self, name: str, expected: str) -> InputFormatError:
         value = self.values.get(name)
@@ -181,16 +243,30 @@ class Record:
             return value
         raise self.error(name, "a non-empty string or an integer")
 
+    def _in_range(self, name: str, number: int) -> int:
+        if not INT64[0] <= number <= INT64[1]:
+            raise InputFormatError(f"{self.path}:{self.line}: field {name!r} is out of range: {number} does not "
+                                   f"fit a 64-bit integer")
+        return number
+
     def timestamp(self, name: str) -> int:
+        """Unix seconds from an integer (or integral float) in the record's unit, or an ISO-8601 string;
+        a time before 1970 is refused."""
         value = self.values.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
+        number = integral(value)
+        if number is not None:
+            seconds = self._in_range(name, number) // self.unit_scale
+        elif isinstance(value, str):
             try:
-                return parse_timestamp(value)
-            except ValueError:
-                pass
-        raise self.error(name, "integer unix seconds or an ISO-8601 date/time string")
+                seconds = parse_timestamp(value)
+            except (ValueError, OverflowError):
+                raise self.error(name, "integer unix seconds or an ISO-8601 date/time string") from None
+        else:
+            raise self.error(name, "integer unix seconds or an ISO-8601 date/time string")
+        if seconds < 0:
+            raise InputFormatError(f"{self.path}:{self.line}: field {name!r} is before 1970 ({value!r}): negative "
+                                   f"unix times are refused; check the field's unit and sign")
+        return seconds
 
     def text(self, name: str, nullable: bool = False) -> str:
         value = self.values.get(name)
@@ -211,6 +287,7 @@ class Record:
         value = self.values.get(name)
         if value is None:
             return -1
-        if isinstance(value, int) and not isinstance(value, bool) and value >= -1:
-            return value
+        number = integral(value)
+        if number is not None and number >= -1:
+            return self._in_range(name, number)
         raise self.error(name, "a non-negative integer, -1 or null")
