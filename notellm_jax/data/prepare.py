@@ -13,7 +13,13 @@ Everything is written to `<paths.work_dir>/data/`:
 - shards:       shards/ (TFRecords of the tokenised pairs, by `data.shards.write_shards`)
 - tfds:         tfds/ (the notellm_prepared TensorFlow Datasets dataset of those shards, built on Beam;
                 run by default only with data.train_input="tfds")
-and stats.json: each stage's counts under its name, plus the config used. With data.engine="beam" the
+and stats.json: each stage's counts under its name, plus the config used.
+
+After each stage its checks (data/checks.py) refuse a result no run can use (no training or validation
+pairs, every note in one split, timestamps in the wrong unit or far in the future, one creation time for
+all notes) with a one-line `DataQualityError` (exit 2) naming the cause, the field and the fix; the
+stage's counts stay in stats.json with the message under "error", and its outputs are removed so that
+the next run redoes it. With data.engine="beam" the
 cooccurrence and splits stages run on Apache Beam (data/beam_prepare.py) and write the same files
 (the pipeline's own files go to beam/).
 
@@ -33,7 +39,8 @@ import pyarrow as pa
 
 from notellm_jax.config import Config
 from notellm_jax.data import importers, shards, splits, store
-from notellm_jax.errors import ConfigError
+from notellm_jax.data.checks import CHECKS
+from notellm_jax.errors import ConfigError, NotellmError
 
 
 def skip_stage(outputs: Iterable[Path], force: bool) -> bool:
@@ -149,9 +156,26 @@ def prepare(config: Config, stages: Sequence[str] | None = None, force: bool = F
         stats[name] = PREPARE_STAGES[name][0](config, data_dir)
         stats[name]["seconds"] = round(time.perf_counter() - start, 3)
         print(f"[prepare] {name}: {json.dumps(_headline(stats[name]))}", flush=True)
+        _check_stage(config, name, stats, stats_path)
         stats_path.write_text(json.dumps(stats, indent=1))
     stats_path.write_text(json.dumps(stats, indent=1))
     return stats
+
+
+def _check_stage(config: Config, name: str, stats: dict[str, Any], stats_path: Path) -> None:
+    """The stage's checks (data/checks.py); on failure its counts and the error go to stats.json and its
+    outputs are removed (a rerun redoes the stage), then the error propagates."""
+    try:
+        if name in CHECKS:
+            CHECKS[name](config, config.data_dir, stats[name])
+    except NotellmError as e:
+        stats[name]["error"] = str(e)
+        stats_path.write_text(json.dumps(stats, indent=1))
+        for output in PREPARE_STAGES[name][1]:
+            path = config.data_dir / output
+            if path.is_file():
+                path.unlink()
+        raise
 
 
 def _headline(counts: dict[str, Any]) -> dict[str, Any]:
