@@ -20,7 +20,7 @@ from notellm_jax.config import Config
 from notellm_jax.data.prompts import Example, example_from_tokens, pad_batch
 from notellm_jax.data.shards import (SIDES, TOKEN_ARRAYS, VARIANTS, parse_spec, read_shards_meta, shard_file,
                                      shards_dir)
-from notellm_jax.errors import ConfigError, StoreFormatError
+from notellm_jax.errors import ConfigError, DataQualityError, StoreFormatError
 from notellm_jax.model.batch import BatchDims, batch_shapes
 from notellm_jax.model.families import LlamaConfig
 
@@ -58,7 +58,7 @@ def make_numpy_train_dataset(config: Config, data_dir: Path, split: str = "train
     pairs, b = tokens[f"{split}_pairs"], _local_batch_pairs(config, 1)
     steps = len(pairs) // b
     if steps == 0:
-        raise ValueError(f"{split}: {len(pairs)} pairs give no full batch of {b} pairs")
+        raise DataQualityError(f"{path}: {split}: {len(pairs)} pairs give no full batch of {b} pairs")
     step = start_step
     while True:
         epoch, index = divmod(step, steps)
@@ -194,7 +194,7 @@ def make_train_dataset(config: Config, data_dir: Path, split: str = "train", pro
     file_ids, shard_records, host_records = _host_split(meta, split, process_index, process_count)
     steps = steps_per_epoch(config, data_dir, split, process_count)
     if steps == 0:
-        raise ValueError(f"{split}: {sum(meta['files'][split])} pairs give no full batch of "
+        raise DataQualityError(f"{data_dir}: {split}: {sum(meta['files'][split])} pairs give no full batch of "
                          f"{config.train.batch_pairs} pairs over {process_count} host(s)")
     records, parse = _pair_source(tf, config, data_dir, split, paths, file_ids, meta)
     buffer = config.data.shuffle_buffer or host_records
@@ -258,13 +258,31 @@ def batches(config: Config, llama_cfg: LlamaConfig, split: str, start_step: int)
                                             process_count=jax.process_count(), start_step=start_step))
 
 
+def check_one_batch(config: Config, process_count: int = 1) -> int:
+    """Training batches per epoch of the prepared data; none is a DataQualityError naming the folder, the
+    pairs per split and train.batch_pairs (instead of a run that dies later on an empty input)."""
+    per_epoch = steps_per_epoch(config, config.data_dir, process_count=process_count)
+    if per_epoch <= 0:
+        counts = {split: sum(files) for split, files in read_shards_meta(config, config.data_dir)["files"].items()}
+        raise DataQualityError(
+            f"{config.data_dir}: the prepared data cannot give one training batch: pairs per split {counts} vs "
+            f"train.batch_pairs={config.train.batch_pairs} over {process_count} process(es); lower "
+            f"train.batch_pairs or prepare more data (stats.json there has each stage's counts)")
+    return per_epoch
+
+
 def total_train_steps(config: Config) -> int:
+    """train.max_steps if set, else train.epochs over the prepared training pairs; prepared data that cannot
+    give one batch is refused either way (check_one_batch)."""
+    if config.train.synthetic_data:
+        if config.train.max_steps <= 0:
+            raise ConfigError("train.synthetic_data needs train.max_steps > 0")
+        return config.train.max_steps
+    per_epoch = check_one_batch(config, jax.process_count())
     if config.train.max_steps > 0:
         return config.train.max_steps
-    if config.train.synthetic_data:
-        raise ValueError("train.synthetic_data needs train.max_steps > 0")
-    per_epoch = steps_per_epoch(config, config.data_dir, process_count=jax.process_count())
     steps = int(np.ceil(config.train.epochs * per_epoch))
     if steps <= 0:
-        raise ValueError(f"no training steps: check the training pairs under {config.data_dir}")
+        raise ConfigError(f"train.epochs={config.train.epochs}: no training steps (set train.epochs > 0 or "
+                          f"train.max_steps)")
     return steps

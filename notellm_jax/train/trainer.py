@@ -91,11 +91,11 @@ def setup(config: Config) -> Run:
     """Mesh, sharded state (restored if a checkpoint exists, else from the initial weights, which a resumed run
     never reads), compiled steps, cache and writer."""
     config.validate(jax.device_count(), jax.process_count(), training=True)
+    total_steps = total_train_steps(config)  # first: prepared data that cannot give one batch is refused early
     mesh = shd.mesh_from_config(config.mesh)
     emb_vocab = None if config.train.synthetic_data else _vocab_size(config)
     initial = open_initial_params(config, emb_vocab, mesh)  # headers only: the config and the shapes
     llama_cfg = initial.llama_cfg
-    total_steps = total_train_steps(config)
     train_setup = make_train_setup(config, llama_cfg, mesh, total_steps)
     manager = checkpoint_manager(config)
     # A checkpoint is looked for first: a resumed run never reads the initial weights.
