@@ -109,6 +109,7 @@ def test_auto_detects_milliseconds_and_microseconds(tmp_path, unit, factor):
     used = stats["import"]["timestamp_units"]
     assert used["created_at"]["unit"] == used["timestamp"]["unit"] == unit and used["timestamp"]["detected"]
     assert used["created_at"]["sample_median"] == pytest.approx((BASE + 9.5 * DAY) * factor)
+    assert used["created_at"]["sample_size"] == 20 and used["timestamp"]["sample_size"] == len(_events())
     assert stats["import"]["timestamps"]["created_at"]["min"] == BASE and stats["splits"]["pairs"]["train"] > 0
 
 
@@ -116,7 +117,8 @@ def test_explicit_unit_converts_without_detection(tmp_path):
     stats = _prepare(tmp_path, [{**n, "created_at": n["created_at"] * 1000} for n in _notes()],
                      _events(time=lambda t: t * 1000), timestamp_unit="ms")
     assert stats["import"]["timestamp_units"]["created_at"] == {
-        "file": str(tmp_path / "src" / "notes.jsonl"), "unit": "ms", "detected": False, "sample_median": None}
+        "file": str(tmp_path / "src" / "notes.jsonl"), "unit": "ms", "detected": False, "sample_median": None,
+        "sample_size": 0}
     assert stats["import"]["timestamps"]["timestamp"]["min"] == BASE + 15 * DAY
 
 

@@ -198,9 +198,10 @@ def detect_unit(values: list[float], unit: str) -> dict[str, Any]:
     median of the sample (nanoseconds are not taken: they stay seconds and prepare's check names them)."""
     median = float(statistics.median(values)) if values else None
     if unit != "auto":
-        return {"unit": unit, "detected": False, "sample_median": median}
-    found = magnitude_unit(median) if median is not None else "s"
-    return {"unit": found if found in UNIT_SCALE else "s", "detected": True, "sample_median": median}
+        return {"unit": unit, "detected": False, "sample_median": median, "sample_size": len(values)}
+    found = magnitude_unit(median) if median is not None else "s"  # no numeric values: ISO strings only
+    return {"unit": found if found in UNIT_SCALE else "s", "detected": True, "sample_median": median,
+            "sample_size": len(values)}
 
 
 def integral(value: Any) -> int | None:
