@@ -260,7 +260,9 @@ def batches(config: Config, llama_cfg: LlamaConfig, split: str, start_step: int)
 
 def check_one_batch(config: Config, process_count: int = 1) -> int:
     """Training batches per epoch of the prepared data; none is a DataQualityError naming the folder, the
-    pairs per split and train.batch_pairs (instead of a run that dies later on an empty input)."""
+    pairs per split and train.batch_pairs (instead of a run that dies later on an empty input). So is a
+    validation split without one batch when the run validates (train.eval_batches > 0): checked before
+    training, not found after it."""
     per_epoch = steps_per_epoch(config, config.data_dir, process_count=process_count)
     if per_epoch <= 0:
         counts = {split: sum(files) for split, files in read_shards_meta(config, config.data_dir)["files"].items()}
@@ -268,6 +270,13 @@ def check_one_batch(config: Config, process_count: int = 1) -> int:
             f"{config.data_dir}: the prepared data cannot give one training batch: pairs per split {counts} vs "
             f"train.batch_pairs={config.train.batch_pairs} over {process_count} process(es); lower "
             f"train.batch_pairs or prepare more data (stats.json there has each stage's counts)")
+    if config.train.eval_batches > 0 and steps_per_epoch(config, config.data_dir, "val", process_count) <= 0:
+        val = sum(read_shards_meta(config, config.data_dir)["files"]["val"])
+        raise DataQualityError(
+            f"{config.data_dir}: {val} validation pairs cannot give one batch of train.batch_pairs="
+            f"{config.train.batch_pairs} over {process_count} process(es), and train.eval_batches="
+            f"{config.train.eval_batches} asks for validation; raise data.val_fraction, lower train.batch_pairs "
+            f"or set train.eval_batches=0")
     return per_epoch
 
 

@@ -293,7 +293,13 @@ def test_train_refuses_prepared_data_without_one_batch(tmp_path):
         f"{config.data_dir}: the prepared data cannot give one training batch: pairs per split "
         "{'train': 5, 'val': 1, 'test': 4} vs train.batch_pairs=8 over 1 process(es); lower train.batch_pairs "
         "or prepare more data (stats.json there has each stage's counts)")
-    assert input_pipeline.total_train_steps(override(config, {"train.batch_pairs": 4})) == 10
+    with pytest.raises(DataQualityError) as error:  # 1 validation pair: no batch of 4 to validate on
+        input_pipeline.total_train_steps(override(config, {"train.batch_pairs": 4, "train.eval_batches": 2}))
+    assert str(error.value) == (
+        f"{config.data_dir}: 1 validation pairs cannot give one batch of train.batch_pairs=4 over 1 process(es), "
+        "and train.eval_batches=2 asks for validation; raise data.val_fraction, lower train.batch_pairs or set "
+        "train.eval_batches=0")
+    assert input_pipeline.total_train_steps(override(config, {"train.batch_pairs": 4, "train.eval_batches": 0})) == 10
     with pytest.raises(ConfigError, match="train.synthetic_data needs train.max_steps > 0"):
         input_pipeline.total_train_steps(override(config, {"train.synthetic_data": True, "train.max_steps": 0}))
 
