@@ -115,7 +115,7 @@ def _torch_state_dict(params: dict, llama_cfg, frozen_layers: int) -> dict:
 
     import torch
 
-    from notellm_jax.weights.formats import params_to_hf
+    from notellm_jax.weights.hf import params_to_hf
     from notellm_jax.model.params import unstack_layers
     hf = params_to_hf(unstack_layers(params["decoder"]), llama_cfg)
     out = {}

@@ -77,7 +77,7 @@ def _host_stack(values) -> np.ndarray:
 def stack_layers(params: Params, stack=_host_stack) -> Params:
     """layers_{i}/... subtrees -> one `layers/layer/...` subtree with a leading layer axis (scan layout).
     `stack` joins one parameter's per-layer values: numpy on the host by default, jnp.stack inside jit,
-    or a lazy stack (`weights.formats.Stacked`)."""
+    or a lazy stack (`weights.lazy.Stacked`)."""
     layer_keys = sorted((k for k in params if layer_number(k) is not None), key=layer_number)
     if not layer_keys:
         return params
@@ -150,7 +150,7 @@ def add_tokens(params: Params, cfg: LlamaConfig, n_new: int = 1) -> tuple[Params
     the mean of the existing columns, so a new token's logit is the mean of the old logits, exactly as
     for a tied head (whose output row is the new embedding row): the logits of existing tokens, and so
     the softmax restricted to the old vocabulary, are unchanged, and the new token starts improbable.
-    The same arithmetic runs per slice when a checkpoint is loaded sharded (`weights.formats.VocabGrown`).
+    The same arithmetic runs per slice when a checkpoint is loaded sharded (`weights.lazy.VocabGrown`).
     """
     if n_new < 1:
         raise ValueError(f"n_new must be >= 1, got {n_new}")
@@ -192,7 +192,7 @@ def untie_head(decoder: dict, cfg: LlamaConfig, transpose=_host_transpose) -> tu
     the tied rows with the input side held fixed because the frozen bottom's features (and their cache)
     depend on the input table: they stay valid only if that table never moves, which needs two copies
     anyway. Exports then carry an untied head (tie_word_embeddings false), which HF loads as is.
-    `transpose` makes the copy: numpy on the host by default, or a lazy view (`weights.formats.Transposed`).
+    `transpose` makes the copy: numpy on the host by default, or a lazy view (`weights.lazy.Transposed`).
     """
     if not cfg.tie_word_embeddings:
         return decoder, cfg

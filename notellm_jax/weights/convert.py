@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 from notellm_jax.errors import ConfigError
-from notellm_jax.weights.formats import load_params, save_hf, save_orbax
+from notellm_jax.weights.formats import load_params
+from notellm_jax.weights.hf import save_hf
+from notellm_jax.weights.orbax import save_orbax
 
 WRITERS = {"hf": save_hf, "orbax": save_orbax}
 

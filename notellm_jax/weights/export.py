@@ -20,6 +20,7 @@ from notellm_jax.model.families import LlamaConfig
 from notellm_jax.model.notellm import NoteLLM
 from notellm_jax.model.params import abstract_params_on, unstack_layers
 from notellm_jax.sharding import make_mesh
+from notellm_jax.weights.hf import save_hf
 
 FORMAT = "notellm_jax.export/2"
 
@@ -77,5 +78,4 @@ def load_notellm(path: str | Path, mesh=None) -> NoteLLMExport:
 def save_hf_decoder(params: dict, llama_cfg: LlamaConfig, out_dir: Path) -> Path:
     """The fine-tuned decoder of an export's `params` (LoRA already merged, [EMB] row included, an untied
     head when one was trained) as a transformers LlamaForCausalLM folder."""
-    from notellm_jax.weights.formats import save_hf
     return save_hf(unstack_layers(params["decoder"]), llama_cfg.replace(scan_layers=False), out_dir)

@@ -27,7 +27,8 @@ from notellm_jax.model.lora import init_lora
 from notellm_jax.model.notellm import NoteLLM
 from notellm_jax.model.params import (abstract_params_on, emb_growth, grow_vocab, init_params, stack_layers,
                                       untie_head)
-from notellm_jax.weights.formats import Transposed, open_params, place_params
+from notellm_jax.weights.formats import open_params, place_params
+from notellm_jax.weights.lazy import Transposed
 
 
 def make_model(config: Config, llama_cfg: LlamaConfig) -> NoteLLM:

@@ -7,7 +7,7 @@ numpy alone: it joins the parts and dequantises the GGUF block formats itself (g
   Q8_0: blocks of 32 = float16 scale d, 32 int8 q;            w = d q
   Q4_1: blocks of 32 = float16 d, float16 m, 16 bytes of nibbles (low nibbles are weights 0-15, high 16-31);
         w = d q + m
-and then applies the same interleaved -> rotate-half permutation of q/k as `formats.open_gguf_state`, so the
+and then applies the same interleaved -> rotate-half permutation of q/k as `gguf.open_gguf_state`, so the
 state dict is identical to that reader's (tests/integration/test_device_recipe.py).
 """
 from __future__ import annotations
@@ -18,7 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from notellm_jax.errors import CheckpointError
-from notellm_jax.weights.formats import _gguf_config, _gguf_hf_name, interleaved_to_rotate_half, open_gguf
+from notellm_jax.model.families import LlamaConfig
+from notellm_jax.weights.formats import materialise
+from notellm_jax.weights.gguf import gguf_config, gguf_hf_name, open_gguf
+from notellm_jax.weights.hf import hf_to_params, save_hf
+from notellm_jax.weights.lazy import interleaved_to_rotate_half
 
 MANIFEST = "manifest.json"
 FORMAT = "notellm_jax.packed_gguf/1"
@@ -57,7 +61,7 @@ def pack_gguf(gguf_path: str | Path, out_dir: str | Path, part_bytes: int = PART
     for tensor in reader.tensors:
         raw = np.ascontiguousarray(tensor.data).view(np.uint8).reshape(-1)
         shape = [int(n) for n in reversed(tensor.shape.tolist())]
-        tensors.append({"name": _gguf_hf_name(tensor.name, path), "type": tensor.tensor_type.name, "shape": shape,
+        tensors.append({"name": gguf_hf_name(tensor.name, path), "type": tensor.tensor_type.name, "shape": shape,
                         "offset": offset, "nbytes": int(raw.size)})
         chunks.append(raw)
         offset += raw.size
@@ -67,7 +71,7 @@ def pack_gguf(gguf_path: str | Path, out_dir: str | Path, part_bytes: int = PART
         name = f"part-{index:02d}.bin"
         stream[start:start + part_bytes].tofile(out_dir / name)
         parts.append(name)
-    config = _gguf_config(reader.fields, path)
+    config = gguf_config(reader.fields, path)
     config["tie_word_embeddings"] = not any(t["name"] == "lm_head.weight" for t in tensors)
     manifest = {"format": FORMAT, "source": path.name, "config": config, "parts": parts, "total_bytes": int(offset),
                 "tensors": tensors}
@@ -105,9 +109,6 @@ def read_packed(folder: str | Path) -> tuple[dict[str, np.ndarray], dict]:
 
 def packed_to_hf(folder: str | Path, out_dir: str | Path) -> Path:
     """A packed folder -> an HF folder (config.json + model.safetensors) that `load_params` reads."""
-    from notellm_jax.model.families import LlamaConfig
-    from notellm_jax.weights.formats import hf_to_params, materialise, save_hf
-
     state, config = read_packed(folder)
     cfg = LlamaConfig.from_hf_dict(config)
     return save_hf(materialise(hf_to_params(state, cfg, source=str(folder))), cfg, out_dir)

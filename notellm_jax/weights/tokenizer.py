@@ -197,7 +197,7 @@ def _apply_gguf_special_tokens(tokenizer: NoteTokenizer, path: Path) -> None:
     transformers' GGUF tokenizer conversion gets these wrong for some files (SmolLM2-135M-Instruct: EOS
     becomes <|im_start|> instead of <|im_end|>, so generation would never stop at the end of a turn).
     """
-    from notellm_jax.weights.formats import gguf_field, open_gguf
+    from notellm_jax.weights.gguf import gguf_field, open_gguf
 
     fields = open_gguf(path).fields
     value = lambda key: gguf_field(fields, key, path, default=None)  # noqa: E731

@@ -12,9 +12,12 @@ import torch
 import transformers
 from decode_reference import greedy_by_recomputation, padded_batch
 
+from notellm_jax.errors import CheckpointError
 from notellm_jax.main import main
-from notellm_jax.weights.formats import (CausalLM, CheckpointError, detect_format, load_causal_lm, load_params,
-                                         read_state, save_hf, save_orbax)
+from notellm_jax.model.decode import CausalLM
+from notellm_jax.weights.formats import detect_format, load_causal_lm, load_params, read_state
+from notellm_jax.weights.hf import save_hf
+from notellm_jax.weights.orbax import save_orbax
 
 # (name, LlamaConfig kwargs): MHA/GQA, tied/untied, theta 1e4/1e5, odd head counts, head_dim != hidden/heads.
 HF_SHAPES = [

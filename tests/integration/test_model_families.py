@@ -15,7 +15,8 @@ from decode_reference import greedy_by_recomputation, padded_batch as padded_pro
 
 from notellm_jax.errors import CheckpointError
 from notellm_jax.model.decode import CausalLM
-from notellm_jax.weights.formats import load_causal_lm, save_hf
+from notellm_jax.weights.formats import load_causal_lm
+from notellm_jax.weights.hf import save_hf
 
 VOCAB, LENGTH, PAD = 97, 40, 0
 # Rows: unpadded (positions 0..39), right-padded (30 real), left-padded (27 real).

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from notellm_jax.errors import CheckpointError
-from notellm_jax.weights import formats
-from notellm_jax.weights.formats import _open_safetensors
+from notellm_jax.weights import hf
+from notellm_jax.weights.hf import _open_safetensors
 
 SLICES = [
     (slice(None), slice(None)),
@@ -24,7 +24,7 @@ SLICES = [
 
 @pytest.fixture
 def file(tmp_path, monkeypatch):
-    monkeypatch.setattr(formats.SafetensorsTensor, "BLOCK_BYTES", 200)  # a few rows per block
+    monkeypatch.setattr(hf.SafetensorsTensor, "BLOCK_BYTES", 200)  # a few rows per block
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(41, 32, generator=g), "b": torch.randn(41, 32, generator=g).to(torch.bfloat16),
                "c": torch.randn(6, 4, 5, generator=g), "s": torch.tensor(2.5)}

@@ -9,7 +9,8 @@ import numpy as np
 from numpy_params import padded_tiny_models
 
 from notellm_jax.model.params import add_tokens, grow_vocab, init_unused_token
-from notellm_jax.weights.formats import ArrayTensor, Kernel, Transposed, VocabGrown, params_to_hf
+from notellm_jax.weights.hf import params_to_hf
+from notellm_jax.weights.lazy import ArrayTensor, Kernel, Transposed, VocabGrown
 
 
 def test_padding_is_zero_and_the_hf_export_drops_it():

@@ -15,7 +15,9 @@ import notellm_jax  # noqa: F401
 from notellm_jax.errors import CheckpointError
 from notellm_jax.model.families import preset
 from notellm_jax.model.params import init_params
-from notellm_jax.weights.formats import load_causal_lm, load_params, save_hf, save_orbax
+from notellm_jax.weights.formats import load_causal_lm, load_params
+from notellm_jax.weights.hf import save_hf
+from notellm_jax.weights.orbax import save_orbax
 
 IDS = np.array([[1, 7, 42, 99, 3, 250]])
 
