@@ -6,7 +6,7 @@
     tokens, bf16 compute, scanned layers, the shipped remat policy), random weights of that shape, synthetic
     batches: MFU and tokens/s, JAX vs PyTorch (transformers' LlamaModel, sdpa attention, bf16 autocast) on
     the same weights and batch.
-(b) "llama2_7b": the LLaMA-2-7B-shaped step (configs/llama2_7b.py: 64 pairs x 192 tokens, bf16, real 7B
+(b) "llama2_7b": the LLaMA-2-7B-shaped step (configs/paper_7b.py:llama2_7b: 64 pairs x 192 tokens, bf16, real 7B
     widths) with as many layers as fit the chip: the per-layer memory is read off two AOT compiles (XLA's
     buffer assignment), the depth is the largest that leaves `--headroom` of the chip's memory free, and the
     program at that depth is compiled again to check. MFU per chip.
@@ -41,7 +41,7 @@ import train_step  # noqa: E402  (bench/train_step.py: the JAX/PyTorch step comp
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = str(REPO / "configs" / "smollm2_se.py") + ":full"
-LLAMA2_7B = str(REPO / "configs" / "llama2_7b.py") + ":aot"
+LLAMA2_7B = str(REPO / "configs" / "paper_7b.py") + ":llama2_7b,aot"
 SMALL = ["train.batch_pairs=4", "prompt.max_length=32", "prompt.max_targets=4", "model.compute_dtype=float32"]
 
 

@@ -1,7 +1,7 @@
 """Planning table for the NoteLLM step of a 7-8B model: per-device memory from ahead-of-time compilation
 with abstract parameters, for the slices users train on, under each remat policy. Prints one JSON document.
 
-    python bench/plan_memory.py [--configs configs/llama2_7b.py:aot,configs/qwen3_8b.py:aot]
+    python bench/plan_memory.py [--configs configs/paper_7b.py:llama2_7b,aot configs/paper_7b.py:qwen3_8b,aot]
                                 [--policies full,dots_with_no_batch_dims_saveable] [--targets 8xH100-80GB,...]
 
 Each (config, target, policy) runs `python -m notellm_jax plan` in a subprocess with that many fake CPU
@@ -40,14 +40,15 @@ def plan_row(config: str, target: tuple, policy: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", default="configs/llama2_7b.py:aot", help="comma-separated config specs")
+    parser.add_argument("--configs", nargs="+", default=["configs/paper_7b.py:llama2_7b,aot"],
+                        help="config specs, space-separated (a spec's own arguments are comma-separated)")
     parser.add_argument("--policies", default="full,dots_with_no_batch_dims_saveable")
     parser.add_argument("--targets", default=",".join(t[0] for t in TARGETS))
     args = parser.parse_args()
     chosen = args.targets.split(",")
     targets = sorted((t for t in TARGETS if t[0] in chosen), key=lambda t: chosen.index(t[0]))
     rows = [plan_row(config, target, policy) for target in targets for policy in args.policies.split(",")
-            for config in args.configs.split(",")]
+            for config in args.configs]
     print(json.dumps({"benchmark": "plan_memory", "rows": rows}, indent=1))
 
 

@@ -6,7 +6,7 @@
 #
 #   launch/tpu_pod.sh [--dry-run] [--skip-create] [--skip-install] [--] TRAIN_ARGS...
 #   TPU_NAME=notellm-v5p ACCELERATOR_TYPE=v5p-8 ZONE=us-east5-a CHECKPOINT_DIR=gs://bucket/run1/ckpt \
-#     SHARED_GCS=gs://bucket/shared launch/tpu_pod.sh -- --config configs/llama2_7b.py
+#     SHARED_GCS=gs://bucket/shared launch/tpu_pod.sh -- --config configs/paper_7b.py:llama2_7b
 #
 # Settings (environment variables; defaults in brackets):
 #   TPU_NAME [notellm-pod]   ZONE [us-east5-a]   PROJECT [gcloud's default project]
@@ -60,7 +60,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 if [[ $# -eq 0 ]]; then
-  echo "tpu_pod.sh: give the training arguments, e.g. -- --config configs/llama2_7b.py (see --help)" >&2
+  echo "tpu_pod.sh: give the training arguments, e.g. -- --config configs/paper_7b.py:llama2_7b (see --help)" >&2
   exit 2
 fi
 

@@ -1,7 +1,7 @@
 """Ahead-of-time planning: compile the NoteLLM train step for a mesh with abstract (unallocated) state
 and report XLA's per-device memory and the model FLOPs per step.
 
-    notellm plan --config configs/llama2_7b.py:aot --devices 8 [--set mesh.fsdp=...]
+    notellm plan --config configs/paper_7b.py:llama2_7b,aot --devices 8 [--set mesh.fsdp=...]
 
 `--devices N` fakes N CPU devices. That must happen before jax is imported, so `main` calls this module's
 `before_jax(args)` first, and this module imports jax and the planning code only inside its functions.

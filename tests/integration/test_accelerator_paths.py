@@ -30,7 +30,7 @@ TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py") + ":rand
 OVERRIDES = ["train.synthetic_data=true", "prompt.max_length=32", "prompt.max_targets=4", "train.batch_pairs=4",
              "train.max_steps=3", "train.warmup_fraction=0"]
 ACCELERATOR = {"model.compute_dtype": "bfloat16", "model.scan_layers": True,
-               "model.remat_policy": "dots_with_no_batch_dims_saveable"}  # configs/llama2_7b.py's choices
+               "model.remat_policy": "dots_with_no_batch_dims_saveable"}  # configs/paper_7b.py:llama2_7b's choices
 BF16_LOSS_RTOL = 1e-2
 BF16_GRAD_REL_L2 = 0.1
 

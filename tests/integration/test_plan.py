@@ -11,7 +11,7 @@ import pytest
 from notellm_jax.config import load_config
 from notellm_jax.tools.plan import plan
 
-CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "llama2_7b.py") + ":aot"
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "paper_7b.py") + ":llama2_7b,aot"
 LAYERS = 2
 
 

@@ -7,7 +7,7 @@
   mean row, zero padding, scan stacking); in a fresh process the RSS high-water growth while loading
   stays within 1.3x the fp32 model bytes (measured 1.12-1.16x; the whole-checkpoint path measured 2.59x,
   bench/results/load_memory/).
-* `configs/llama2_7b.py` (scan, remat, bf16 compute) loads a 2-layer, 7B-vocabulary model saved as HF
+* `configs/paper_7b.py:llama2_7b` (scan, remat, bf16 compute) loads a 2-layer, 7B-vocabulary model saved as HF
   through the same path, with param_dtype float32 and bfloat16 (the loader casts to the abstract
   state's dtype), and takes a train step.
 """
@@ -126,7 +126,7 @@ def small_7b_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 def test_llama2_7b_config_loads_hf_weights_sharded_and_steps(small_7b_checkpoint, param_dtype):
-    config = override(load_config(str(REPO / "configs" / "llama2_7b.py")),
+    config = override(load_config(str(REPO / "configs" / "paper_7b.py") + ":llama2_7b"),
                       {"model.checkpoint": str(small_7b_checkpoint), "model.param_dtype": param_dtype,
                        "train.batch_pairs": 8, "prompt.max_length": 32, "prompt.max_targets": 4,
                        "train.synthetic_data": True, "train.max_steps": 1, "train.warmup_fraction": 0.0})

@@ -14,11 +14,24 @@ SWEEPS = Path(__file__).resolve().parents[2] / "docs" / "results" / "sweeps"
 GRIDS = [CONFIGS / "sweep_example.json", *sorted(SWEEPS.glob("*/grid.json"))]
 
 
+PAPER_FAMILIES = ["llama2_7b", "llama3_8b", "qwen2_5_7b", "qwen3_8b", "mistral_7b"]
+
+
 @pytest.mark.parametrize("spec", ["tiny.py", "tiny.py:random", "smollm2_se.py", "smollm2_se.py:quick",
-                                  "smollm2_se.py:full", "llama2_7b.py", "llama2_7b.py:aot"])
+                                  "smollm2_se.py:full", "paper_7b.py:llama2_7b", "paper_7b.py:qwen3_8b,random"]
+                         + [f"paper_7b.py:{family},aot" for family in PAPER_FAMILIES])
 def test_every_shipped_config_loads_and_validates(spec):
     config = load_config(str(CONFIGS / spec))
     assert config.validate(8, 1, training=True) is config
+
+
+def test_the_paper_recipe_takes_its_family_first():
+    config = load_config(str(CONFIGS / "paper_7b.py") + ":mistral_7b,aot")
+    assert (config.name, config.model.checkpoint) == ("mistral_7b", "random:mistral_7b")
+    assert load_config(str(CONFIGS / "paper_7b.py") + ":llama3_8b").model.checkpoint.endswith("Llama-3.1-8B")
+    for spec in ("", ":aot", ":llama2_7b,nope"):
+        with pytest.raises(ConfigError, match="family|not understood"):
+            load_config(str(CONFIGS / "paper_7b.py") + spec)
 
 
 def test_configs_are_frozen_and_hashable():

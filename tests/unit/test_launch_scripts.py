@@ -112,15 +112,15 @@ def test_slurm_dry_run_uses_the_first_node_and_one_task_per_node(tmp_path):
     (fake_bin / "scontrol").chmod(0o755)
     env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[003-004,009]",
            "SLURM_NNODES": "3", "SLURM_JOB_ID": "40123", "NCCL_SOCKET_IFNAME": "ib0"}
-    export, srun = run_script("slurm_gpu.sbatch", "--dry-run", "--config", "configs/llama2_7b.py", "--set", TRICKY,
-                              env=env).splitlines()
+    export, srun = run_script("slurm_gpu.sbatch", "--dry-run", "--config", "configs/paper_7b.py:llama2_7b",
+                              "--set", TRICKY, env=env).splitlines()
     exported = dict(word.split("=", 1) for word in shlex.split(export)[1:])
     assert exported["NOTELLM_COORDINATOR"] == "gpu003:20123"  # 20000 + 40123 % 20000
     assert exported["NOTELLM_NUM_PROCESSES"] == "3"
     assert exported["NCCL_SOCKET_IFNAME"] == "ib0"
     words = shlex.split(srun)
     assert words[0] == "srun" and {"--nodes=3", "--ntasks-per-node=1"} <= set(words)
-    assert words[-4:] == ["--config", "configs/llama2_7b.py", "--set", TRICKY]
+    assert words[-4:] == ["--config", "configs/paper_7b.py:llama2_7b", "--set", TRICKY]
 
     # What srun starts on the node of rank 2: its wrapper, with `env` standing in for python.
     wrapper = words[4:words.index(".venv/bin/python")]
@@ -141,8 +141,8 @@ WHERE = ["--zone=us-east5-a", "--project=proj"]
 
 
 def test_tpu_dry_run_creates_installs_and_trains_on_all_workers():
-    lines = run_script("tpu_pod.sh", "--dry-run", "--", "--config", "configs/llama2_7b.py", "--set", TRICKY,
-                       env=TPU_ENV).splitlines()
+    lines = run_script("tpu_pod.sh", "--dry-run", "--", "--config", "configs/paper_7b.py:llama2_7b", "--set",
+                       TRICKY, env=TPU_ENV).splitlines()
     describe, create = lines[0].split(" || ")  # created only when it does not exist
     assert "describe" in shlex.split(describe) and "pod-a" in shlex.split(describe)
     assert {"create", "pod-a", "--accelerator-type=v5p-16", "--spot"} <= set(shlex.split(create))
@@ -151,7 +151,7 @@ def test_tpu_dry_run_creates_installs_and_trains_on_all_workers():
     assert "--worker=all" in train and "gcloud storage rsync -r gs://bucket/shared ../shared" in install[-1]
     remote = shlex.split(train[-1])  # the command every worker runs: two quoting layers deep
     assert "NOTELLM_DISTRIBUTED=auto" in remote
-    assert remote[-6:] == ["--config", "configs/llama2_7b.py", "--set", TRICKY, "--set",
+    assert remote[-6:] == ["--config", "configs/paper_7b.py:llama2_7b", "--set", TRICKY, "--set",
                            "train.checkpoint_dir=gs://bucket/run/ckpt"]
 
 

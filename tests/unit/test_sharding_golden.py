@@ -1,5 +1,5 @@
 """The 7B config's parameter layout, pinned (MaxText's sharding_compare idea): the abstract parameters of
-`configs/llama2_7b.py:aot` (32 scanned layers, [EMB] added, vocabulary padded) on an 8-device fsdp mesh,
+`configs/paper_7b.py:llama2_7b,aot` (32 scanned layers, [EMB] added, vocabulary padded) on an 8-device fsdp mesh,
 every parameter's shape, dtype and PartitionSpec, against tests/golden/llama2_7b_fsdp8_shardings.json.
 A change to the logical rules, the model's axis names, the vocabulary padding or the scan layout shows up
 here as a diff. Nothing is allocated (eval_shape only).
@@ -26,7 +26,7 @@ def current_layout() -> dict[str, dict]:
     from notellm_jax.model.params import abstract_params_on
     from notellm_jax.weights.loading import make_model, runtime_llama_config
 
-    config = load_config(str(REPO / "configs" / "llama2_7b.py") + ":aot")
+    config = load_config(str(REPO / "configs" / "paper_7b.py") + ":llama2_7b,aot")
     base = runtime_llama_config(config, preset(config.model.checkpoint.split(":", 1)[1]))
     llama_cfg = base.replace(vocab_size=base.vocab_size + 1)  # [EMB]
     abstract = abstract_params_on(make_model(config, llama_cfg), make_mesh(1, 8, 1, devices=jax.devices()[:8]))
