@@ -21,6 +21,7 @@ from notellm_jax.model.notellm import NoteLLM
 from notellm_jax.model.params import abstract_params_on, unstack_layers
 from notellm_jax.sharding import make_mesh
 from notellm_jax.weights.hf import save_hf
+from notellm_jax.weights.tokenizer import tokenizer_source
 
 FORMAT = "notellm_jax.export/2"
 
@@ -38,8 +39,7 @@ class NoteLLMExport:
 def save_notellm(out_dir: Path, params: dict, llama_cfg: LlamaConfig, config: Config) -> Path:
     """Called by every process: orbax writes each process's own shards of the (sharded) parameters, so
     nothing is gathered to one host."""
-    from notellm_jax.weights.tokenizer import tokenizer_source
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # orbax: only for this format
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
@@ -57,7 +57,7 @@ def load_notellm(path: str | Path, mesh=None) -> NoteLLMExport:
     """The export, its parameters restored straight into their shardings on `mesh` (each process reads
     only its own slices; default: this process's first device). Always into an explicit target, so the
     mesh the export was written from does not matter."""
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # orbax: only for this format
     path = Path(path).absolute()
     meta_file = path / "notellm.json"
     if not meta_file.is_file():

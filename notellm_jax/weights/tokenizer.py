@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from notellm_jax.errors import MissingInputError
+from notellm_jax.weights.gguf import gguf_field, open_gguf
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class NoteTokenizer:
     """A transformers tokenizer with `[EMB]` appended; encodes without adding BOS/EOS."""
 
     def __init__(self, hf, emb_token: str = "[EMB]", source: str = ""):
-        from transformers import AddedToken
+        from transformers import AddedToken  # transformers (torch with it): only to build a tokenizer
 
         self.hf = hf
         self.source = source
@@ -71,7 +72,7 @@ class NoteTokenizer:
 
 
 def _sentencepiece_tokenizer(model_file: Path):
-    from transformers import LlamaTokenizer
+    from transformers import LlamaTokenizer  # transformers (torch with it): only to build a tokenizer
 
     return LlamaTokenizer(vocab_file=str(model_file), legacy=False, add_bos_token=False, add_eos_token=False)
 
@@ -108,7 +109,7 @@ def _gguf_cache_folder(path: Path, cache_dir: Path) -> Path:
 
 
 def _gguf_tokenizer(path: Path, cache_dir: Path | None):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers (torch with it): only to build a tokenizer
 
     folder = _gguf_cache_folder(path, cache_dir) if cache_dir is not None else None
     if folder is not None and (folder / "tokenizer.json").is_file():
@@ -133,7 +134,7 @@ def _gguf_tokenizer(path: Path, cache_dir: Path | None):
 def _load_hf_tokenizer(path: Path, cache_dir: Path | None = None):
     if path.is_dir():
         if _is_transformers_folder(path):
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # transformers (torch with it): only to build a tokenizer
 
             return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         if (path / "tokenizer.model").is_file():
@@ -197,8 +198,6 @@ def _apply_gguf_special_tokens(tokenizer: NoteTokenizer, path: Path) -> None:
     transformers' GGUF tokenizer conversion gets these wrong for some files (SmolLM2-135M-Instruct: EOS
     becomes <|im_start|> instead of <|im_end|>, so generation would never stop at the end of a turn).
     """
-    from notellm_jax.weights.gguf import gguf_field, open_gguf
-
     fields = open_gguf(path).fields
     value = lambda key: gguf_field(fields, key, path, default=None)  # noqa: E731
     eos, pad, bos = (value(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "padding_token_id", "bos_token_id"))
