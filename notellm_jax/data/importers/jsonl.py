@@ -64,7 +64,6 @@ One line of each:
 from __future__ import annotations
 
 import difflib
-import itertools
 import json
 import logging
 from collections import Counter
