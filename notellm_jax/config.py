@@ -61,7 +61,7 @@ class DataConfig:
     # known field name, e.g. 'exposures' -> 'exposure'); True = an error naming file, line and field.
     strict_fields: bool = False
     # Co-occurrence (METHOD.md 2): the paper's bounds u, l and top t; the window in days between touching
-    # A and then B (0 = unbounded). What each removes on the shared data: README, Data.
+    # A and then B (0 = unbounded). What each removes on the shared data: docs/data.md.
     cooc_window_days: float = 0.0
     cooc_upper: float = 30.0
     cooc_lower: float = 0.01
@@ -94,7 +94,7 @@ class DataConfig:
     train_input: str = "shards"
     # Engine of the cooccurrence and splits stages: "memory" (numpy, one machine) or "beam" (Apache
     # Beam, data/beam_prepare.py; same files and counts). Beam runner and its pipeline flags, e.g.
-    # ["--direct_num_workers=2", "--direct_running_mode=multi_processing"] or Dataflow's (README).
+    # ["--direct_num_workers=2", "--direct_running_mode=multi_processing"] or Dataflow's (docs/data.md).
     engine: str = "memory"
     beam_runner: str = "DirectRunner"
     beam_options: tuple[str, ...] = ()

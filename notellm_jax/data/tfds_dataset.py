@@ -18,8 +18,8 @@ Building: `prepare --stages tfds` (or `build(config)`), or the TFDS CLI, e.g.
     tfds build notellm_jax/data/tfds_dataset.py --config pairs --manual_dir <data_dir> \
         --data_dir <data_dir>/tfds --beam_pipeline_options="direct_num_workers=2,direct_running_mode=multi_processing"
 The Beam work is reading shard files in parallel (one element per file) and TFDS's own writing
-(disable_shuffling: examples in key order); Dataflow/Flink/Spark run it by pipeline options alone (README, Data). The tokenisation itself
-is write_shards' (one process).
+(disable_shuffling: examples in key order); Dataflow/Flink/Spark run it by pipeline options alone (docs/data.md).
+The tokenisation itself is write_shards' (one process).
 """
 from __future__ import annotations
 
