@@ -12,10 +12,13 @@ concurrent requests can wait together for one batched model call (`batching.Batc
                          old index stays)
     PUT    /notes/{id}   a note -> embedded and upserted; acknowledged only once its log record is fsynced
     GET    /notes/{id}   its title and category (404 if unknown)
-    DELETE /notes/{id}   removed (durable once acknowledged)
+    DELETE /notes/{id}   removed (durable once acknowledged); an id may hold any character, `/` included
+    POST   /v1/embeddings, GET /v1/models   OpenAI-compatible embeddings (`openai_api`)
     GET    /healthz, GET /metrics (Prometheus text format), GET / (the page); both report the live index's
                          repairs on open (`index_repairs`: torn log tails cut off into side files;
                          `notellm_index_log_repairs`, `notellm_index_skipped_deletes`)
+A plain string where a note is expected is the note's content (`schemas.text_note`). Keys and allowed hosts:
+`access`. Every validation error is a 422 JSON body naming the field, without the input (`validation_error`).
 A note over its token budgets is cut exactly as in training (`prompts.build_example`) and the response says
 so (`truncated`).
 """
@@ -29,47 +32,36 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Path as PathParam, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from notellm_jax.config import ServeConfig
 from notellm_jax.data.prompts import TASKS
-from notellm_jax.data.prompts import Note, PromptTooLongError
+from notellm_jax.data.prompts import PromptTooLongError
 from notellm_jax.errors import StoreFormatError
+from notellm_jax.serve.access import Access, Guard
 from notellm_jax.serve.batching import Batcher
 from notellm_jax.serve.index import LiveIndex, UnknownNoteError
+from notellm_jax.serve.openai_api import add_openai_routes, openai_error
+from notellm_jax.serve.schemas import Body, NoteIn, Text, text_note
 
-MAX_TEXT_CHARS = 200_000  # longer text is refused outright (it would be cut to the token budget anyway)
 PAGE = Path(__file__).with_name("page.html")
 
 
-class NoteIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    title: str = Field("", max_length=MAX_TEXT_CHARS)
-    content: str = Field("", max_length=MAX_TEXT_CHARS)
-    topics: list[str] = Field(default_factory=list, max_length=256)
-    category: str = Field("", max_length=1000)
+class EmbedRequest(Body):
+    notes: list[NoteIn] = Field(min_length=1)  # a plain string is a note too (`schemas.text_note`)
 
-    @model_validator(mode="after")
-    def _not_empty(self):
-        if not (self.title.strip() or self.content.strip()):
-            raise ValueError("the note is empty: give a title or content")
-        return self
-
-    def to_note(self, note_id: str = "") -> Note:
-        return Note(note_id=note_id, title=self.title, content=self.content, topics=list(self.topics),
-                    category=self.category)
+    @field_validator("notes", mode="before")
+    @classmethod
+    def _strings_are_notes(cls, notes):
+        return [text_note(n) if isinstance(n, str) else n for n in notes] if isinstance(notes, list) else notes
 
 
-class EmbedRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    notes: list[NoteIn] = Field(min_length=1)
-
-
-class SimilarRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    note_id: str | None = None
+class SimilarRequest(Body):
+    note_id: Text | None = None
     note: NoteIn | None = None
     k: int = Field(10, ge=1)
 
@@ -80,15 +72,13 @@ class SimilarRequest(BaseModel):
         return self
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GenerateRequest(Body):
     note: NoteIn
     tasks: list[Literal[TASKS]] = Field(list(TASKS), min_length=1, max_length=len(TASKS))
 
 
-class RebuildRequest(BaseModel):
+class RebuildRequest(Body):
     """Omitted fields take serve.rebuild_min_recall / serve.rebuild_sample."""
-    model_config = ConfigDict(extra="forbid")
     k: int = Field(10, ge=1)
     min_recall: float | None = Field(None, ge=0, le=1)
     sample: int | None = Field(None, ge=1)
@@ -158,6 +148,12 @@ class Service:
         return seconds
 
     async def embed(self, notes: list[NoteIn]) -> tuple[np.ndarray, list[bool]]:
+        """[n, d] unit vectors of `notes` and whether each was cut to its token budgets."""
+        vectors, cuts, _ = await self.embed_counted(notes)
+        return vectors, cuts
+
+    async def embed_counted(self, notes: list[NoteIn]) -> tuple[np.ndarray, list[bool], int]:
+        """`embed`'s answer and the prompt tokens the model ran for the notes (cached prefix included)."""
         encoded = []
         for number, note in enumerate(notes):
             try:
@@ -166,7 +162,9 @@ class Service:
                 raise HTTPException(422, f"note {number}: {e}") from None
         cuts = [cut for _, cut in encoded]
         self.metrics.truncated.inc(sum(cuts))
-        return await self.batcher.embed([tokens for tokens, _ in encoded]), cuts
+        token_lists = [tokens for tokens, _ in encoded]
+        count = sum(len(tokens) + len(self.encoder.prefix) for tokens in token_lists)
+        return await self.batcher.embed(token_lists), cuts, count
 
     def check_k(self, k: int, excluding: bool) -> None:
         available = len(self.index) - (1 if excluding else 0)
@@ -180,7 +178,35 @@ def _hits(hits) -> list[dict[str, Any]]:
     return [{"id": h.note_id, "score": h.score, "title": h.title, "category": h.category} for h in hits]
 
 
-def create_app(service: Service) -> FastAPI:
+def _json_safe(text: Any) -> str:
+    """`text` as a string any JSON encoder can write (a lone surrogate becomes its escape)."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Every validation error as a 422 that can always be written: where (`loc`), what (`msg`, `type`) and one
+    `message` line; never the input itself (it may be text no encoder can write, or NaN)."""
+    errors = [{"loc": [p if isinstance(p, int) else _json_safe(p) for p in e.get("loc", ())],
+               "msg": _json_safe(e.get("msg", "")), "type": _json_safe(e.get("type", ""))} for e in exc.errors()]
+    message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+    body = {"detail": errors, "message": message}
+    if request.url.path.startswith("/v1/"):
+        param = errors[0]["loc"][1] if errors and len(errors[0]["loc"]) > 1 else None
+        body["error"] = openai_error(422, message, param)
+    return JSONResponse(body, 422)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's `{"detail": ...}`, with OpenAI's `error` object beside it on the /v1 routes."""
+    body: dict[str, Any] = {"detail": exc.detail}
+    if request.url.path.startswith("/v1/"):
+        body["error"] = openai_error(exc.status_code, str(exc.detail))
+    return JSONResponse(body, exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def create_app(service: Service, access: Access | None = None, docs: bool = False) -> FastAPI:
+    """The app. `access`: API keys and allowed hosts, checked before any route (None: open to any host).
+    `docs`: serve Swagger (/docs, /redoc, /openapi.json), off by default: its forms can write."""
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         service.start()
@@ -189,10 +215,15 @@ def create_app(service: Service) -> FastAPI:
         yield
         await service.stop()
 
-    app = FastAPI(title="NoteLLM cold-start service", lifespan=lifespan)
+    app = FastAPI(title="NoteLLM cold-start service", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    if access is not None:
+        app.add_middleware(Guard, access=access)
     metrics = service.metrics
 
-    @app.middleware("http")
+    @app.middleware("http")  # outside the guard: refused requests are counted too
     async def observe(request: Request, call_next):
         start = time.perf_counter()
         response = await call_next(request)
@@ -205,6 +236,7 @@ def create_app(service: Service) -> FastAPI:
     _add_query_routes(app, service)
     _add_note_routes(app, service.index, service)
     _add_generation_and_admin_routes(app, service)
+    add_openai_routes(app, service)
     return app
 
 
@@ -254,7 +286,7 @@ def _add_query_routes(app: FastAPI, service: Service) -> None:
 
 
 def _add_note_routes(app: FastAPI, index: LiveIndex, service: Service) -> None:
-    @app.put("/notes/{note_id}")
+    @app.put("/notes/{note_id:path}")
     async def put_note(note: NoteIn, note_id: str = NoteId):
         vectors, cuts = await service.embed([note])
         created = note_id not in index
@@ -262,13 +294,13 @@ def _add_note_routes(app: FastAPI, index: LiveIndex, service: Service) -> None:
         return {"id": note_id, "acknowledged": True, "created": created, "truncated": cuts[0],
                 "index_size": len(index)}
 
-    @app.get("/notes/{note_id}")
+    @app.get("/notes/{note_id:path}")
     async def get_note(note_id: str = NoteId):
         if note_id not in index:
             raise HTTPException(404, f"unknown note id {note_id!r}")
         return {"id": note_id, **index.note(note_id)}
 
-    @app.delete("/notes/{note_id}")
+    @app.delete("/notes/{note_id:path}")
     async def delete_note(note_id: str = NoteId):
         try:
             await asyncio.to_thread(index.delete, note_id)

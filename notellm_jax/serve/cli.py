@@ -1,5 +1,5 @@
 """`notellm serve --config ... --export DIR --index DIR [--embeddings DIR] [--generate [--constrain-categories]]
-[--host --port]` (= `python -m notellm_jax.serve ...`).
+[--host --port] [--api-key-file F] [--allowed-hosts H,...] [--docs]` (= `python -m notellm_jax.serve ...`).
 
 Opens the live index in --index (or, when that folder holds none yet, builds it from the offline
 embeddings in --embeddings, with titles and categories from <data_dir>/notes.parquet when present), loads
@@ -7,6 +7,7 @@ the export, compiles every length bucket, then serves on --host:--port (loopback
 --generate the same export also generates each note's category and hashtags (POST /generate), with the
 `generation` settings of the config; the category is constrained to the training notes' categories
 (<data_dir>/split.json) with --constrain-categories or generation.constrain_categories, as in `notellm generate`.
+Keys, allowed hosts and the warning for a non-loopback address without keys: `serve.access`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from notellm_jax.data import store
 from notellm_jax.errors import MissingInputError
 from notellm_jax.infer.encoder import note_encoder
 from notellm_jax.infer.generator import closed_categories
+from notellm_jax.serve.access import KEYS_ENV, Access, warn_if_exposed
 from notellm_jax.serve.app import Service, create_app
 from notellm_jax.serve.batching import row_buckets
 from notellm_jax.serve.generation import NoteGenerator
@@ -35,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="constrain generated categories to the training ones (default generation.constrain_categories)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--api-key-file", help=f"keys file, lines `read <key>` / `admin <key>` (default ${KEYS_ENV}); "
+                        "with keys every route but /healthz needs a Bearer key, writes an admin one")
+    parser.add_argument("--allowed-hosts", type=lambda s: s.split(","),
+                        help="comma-separated Host header names served (default: --host, localhost, 127.0.0.1, "
+                        "::1; `*` = any)")
+    parser.add_argument("--docs", action="store_true", help="serve Swagger /docs and /openapi.json (off by default)")
 
 
 def open_index(config, index_dir: Path, emb_dir: str | None):
@@ -60,13 +68,15 @@ def open_generator(args: argparse.Namespace, config, export):
 
 
 def run(args: argparse.Namespace, config) -> None:
+    access = Access.from_options(args.api_key_file, args.allowed_hosts, args.host)  # a bad keys file stops here
+    warn_if_exposed(args.host, access)
     index = open_index(config, Path(args.index), args.embeddings)
     repaired = f"; {len(index.repairs)} torn log tail(s) cut off, see the warning above" if index.repairs else ""
     print(f"[serve] index {args.index}: {len(index)} notes (replayed {index.replayed} log records{repaired})", flush=True)
     export = args.export or config.work_dir / "export"
     batch = config.serve.max_batch_size
     encoder = note_encoder(config, export, batch_size=batch, row_buckets=row_buckets(batch))
-    app = create_app(Service(encoder, index, config.serve, open_generator(args, config, export)))
+    app = create_app(Service(encoder, index, config.serve, open_generator(args, config, export)), access, args.docs)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
