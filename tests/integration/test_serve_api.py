@@ -3,12 +3,18 @@
 clear 4xx and the server keeps serving, concurrent requests are batched, /metrics speaks Prometheus."""
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+import uvicorn
 
 import notellm_jax  # noqa: F401
 from notellm_jax.config import RetrievalConfig, load_config
@@ -18,6 +24,7 @@ from notellm_jax.infer.encoder import note_encoder
 from notellm_jax.infer import ann
 from notellm_jax.infer.embeddings import read_embeddings
 from notellm_jax.weights.export import save_notellm
+from notellm_jax.serve.access import Access
 from notellm_jax.serve.app import Service, create_app
 from notellm_jax.serve.batching import row_buckets
 from notellm_jax.serve.index import LiveIndex, index_from_embeddings
@@ -220,3 +227,135 @@ def test_a_torn_log_tail_repaired_on_open_is_reported_by_healthz_and_metrics(set
         text = client.get("/metrics").text
         assert "notellm_index_log_repairs 1.0" in text and "notellm_index_skipped_deletes 0.0" in text
     reopened.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Behind a gateway: OpenAI-compatible embeddings, keys, hosts, /docs, errors that never echo, slash ids
+
+READ_KEY, ADMIN_KEY = "read-key-" + "0" * 16, "admin-key-" + "1" * 16
+TEXTS = ["How fine should I grind for espresso?", "cold brew", "Is a burr grinder worth it for a French press "
+         "or does a blade grinder do the same job for coarse coffee?"]
+
+
+@pytest.fixture(scope="module")
+def gateway(setup, tmp_path_factory):
+    """One real uvicorn server on 127.0.0.1 (a thread of this process, the module's encoder and index) with a
+    read and an admin key and the default allowed hosts."""
+    service = setup[5]
+    keys = tmp_path_factory.mktemp("keys") / "keys"
+    keys.write_text(f"read {READ_KEY}\nadmin {ADMIN_KEY}\n")
+    access = Access.from_options(str(keys), None, "127.0.0.1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(Service(service.encoder, service.index, service.cfg), access)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 300
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the uvicorn server did not start"
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(60)
+
+
+def test_openai_client_round_trip_equals_embed(setup, gateway):
+    openai = pytest.importorskip("openai")
+    client = setup[0]
+    api = openai.OpenAI(base_url=f"{gateway}/v1", api_key=READ_KEY, max_retries=0)
+    model = api.models.list().data[0].id
+    expected = np.array(client.post("/embed", json={"notes": [{"content": t} for t in TEXTS]}).json()["embeddings"])
+    as_strings = np.array(client.post("/embed", json={"notes": TEXTS}).json()["embeddings"])
+    np.testing.assert_array_equal(as_strings, expected)  # one rule: a string is the note's content
+    default = api.embeddings.create(input=TEXTS, model=model)  # the SDK asks for base64 by default
+    floats = api.embeddings.create(input=TEXTS, model=model, encoding_format="float", dimensions=32, user="u")
+    for answer in (default, floats):
+        assert [d.index for d in answer.data] == [0, 1, 2] and answer.model == model
+        np.testing.assert_allclose(np.array([d.embedding for d in answer.data]), expected, atol=1e-6)
+        assert answer.usage.prompt_tokens == answer.usage.total_tokens > 3 * len(setup[5].encoder.prefix)
+    raw = httpx.post(f"{gateway}/v1/embeddings", json={"input": TEXTS[1], "model": model, "encoding_format": "base64"},
+                     headers={"Authorization": f"Bearer {READ_KEY}"}).json()
+    assert np.allclose(np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), "<f4"), expected[1], atol=1e-6)
+    with pytest.raises(openai.UnprocessableEntityError, match="embeds in 32 dimensions only"):
+        api.embeddings.create(input="x", model=model, dimensions=8)
+    with pytest.raises(openai.UnprocessableEntityError, match="token-id input is not accepted"):
+        api.embeddings.create(input=[[1, 2, 3]], model=model)
+    with pytest.raises(openai.NotFoundError, match="is not served here"):
+        api.embeddings.create(input="x", model="text-embedding-3-small")
+    with pytest.raises(openai.AuthenticationError, match="unknown API key"):
+        openai.OpenAI(base_url=f"{gateway}/v1", api_key="x" * 20, max_retries=0).models.list()
+
+
+def test_keys_hosts_and_slash_ids_over_http(gateway, monkeypatch):
+    from notellm_jax.serve import access as access_mod  # noqa: PLC0415
+    read, admin = ({"Authorization": f"Bearer {k}"} for k in (READ_KEY, ADMIN_KEY))
+    note = {"title": "Descaling a kettle", "content": "citric acid and water, boil, rinse", "category": "coffee"}
+    with httpx.Client(base_url=gateway, timeout=60) as http:
+        assert http.get("/healthz").status_code == 200  # open without a key
+        missing = http.post("/embed", json={"notes": ["x"]})
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        assert "API key" in missing.json()["detail"]
+        assert http.get("/notes/site/1", headers={"Authorization": "Bearer " + "9" * 20}).status_code == 401
+        calls = []
+        real = access_mod.hmac.compare_digest
+        monkeypatch.setattr(access_mod.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+        assert http.get("/notes/site/1", headers=read).json()["title"].startswith("Question 1")
+        assert len(calls) == 2  # both stored keys compared in constant time
+        for method, path, body in [("PUT", "/notes/coffee.stackexchange.com/485", note),
+                                   ("DELETE", "/notes/site/1", None), ("POST", "/index/rebuild", {})]:
+            refused = http.request(method, path, json=body, headers=read)
+            assert refused.status_code == 403 and "admin key" in refused.json()["detail"]
+        attacker = http.put("/notes/evil", json=note, headers={**admin, "Host": "attacker.example"})
+        assert attacker.status_code == 421 and "attacker.example" in attacker.json()["detail"]
+        assert http.get("/healthz", headers={"Host": "attacker.example"}).status_code == 421
+        assert http.get("/healthz", headers={"Host": "localhost:1"}).status_code == 200
+        put = http.put("/notes/coffee.stackexchange.com/485", json=note, headers=admin).json()
+        assert put["created"] and put["id"] == "coffee.stackexchange.com/485"
+        again = http.put("/notes/coffee.stackexchange.com%2F485", json={**note, "title": "Descaling"}, headers=admin)
+        assert again.json()["created"] is False
+        assert http.get("/notes/coffee.stackexchange.com%2F485", headers=read).json()["title"] == "Descaling"
+        assert http.delete("/notes/coffee.stackexchange.com/485", headers=admin).json()["deleted"] is True
+        assert http.get("/notes/coffee.stackexchange.com/485", headers=read).status_code == 404
+        assert http.get("/docs", headers=read).status_code == 404  # Swagger off without --docs
+
+
+def test_docs_only_with_the_flag(setup):
+    service = setup[5]
+    closed, opened = (TestClient(create_app(service, docs=docs)) for docs in (False, True))  # no lifespan: no model
+    assert [closed.get(p).status_code for p in ("/docs", "/openapi.json")] == [404, 404]
+    assert [opened.get(p).status_code for p in ("/docs", "/openapi.json")] == [200, 200]
+    assert "/v1/embeddings" in opened.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/embed", '{"notes": [{"title": "\\ud800"}]}', "body.notes.0.title"),
+    ("/embed", '{"notes": [{"title": "a", "topics": ["ok", "\\udfff"]}]}', "body.notes.0.topics.1"),
+    ("/embed", '{"notes": ["lone \\ud83d"]}', "body.notes.0.content"),
+    ("/similar", '{"note_id": "\\ud800", "k": 2}', "body.note_id"),
+    ("/similar", '{"note": {"content": "x", "category": "\\ud800"}}', "body.note.category"),
+    ("/similar", '{"note_id": "site/1", "k": NaN}', "body.k"),
+    ("/similar", '{"note_id": "site/1", "k": Infinity}', "body.k"),
+    ("/index/rebuild", '{"min_recall": NaN}', "body.min_recall"),
+    ("/index/rebuild", '{"min_recall": -Infinity}', "body.min_recall"),
+    ("/generate", '{"note": {"content": "\\ud800"}}', "body.note.content"),
+    ("/v1/embeddings", '{"input": ["ok", "\\ud800"], "model": "m"}', "body.input"),
+    ("/v1/embeddings", '{"input": "x", "model": "m", "dimensions": NaN}', "body.dimensions"),
+    ("/embed", '{"notes": [{"title": "a", "\\ud800": 1}]}', "body.notes.0"),  # a key no model field can have
+])
+def test_unencodable_or_non_finite_input_is_a_422_naming_the_field(setup, path, body, field):
+    response = setup[0].post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    answer = response.json()
+    assert answer["message"].startswith(field) or f"; {field}" in answer["message"], answer
+    assert all("input" not in error for error in answer["detail"])
+
+
+def test_slash_ids_in_process_and_put_of_a_plain_string_note(setup):
+    client = setup[0]
+    assert client.get("/notes/site/3").json() == {"id": "site/3", "title": "Question 3 about was?",
+                                                  "category": "cat0"}
+    assert client.get("/notes/site%2F3").json()["id"] == "site/3"
+    assert client.put("/notes/a/b/c", json={"content": "grinder burrs"}).json()["created"]
+    assert client.delete("/notes/a%2Fb%2Fc").json()["deleted"] and client.get("/notes/a/b/c").status_code == 404
