@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from notellm_jax.config import RetrievalConfig
 from notellm_jax.errors import MissingInputError, StoreFormatError
+from notellm_jax.infer import ann
 from notellm_jax.main import main
 from notellm_jax.serve.index import LiveIndex
 from notellm_jax.serve.index_files import LogScan, read_log, record, scan_log
@@ -32,8 +33,7 @@ TREE = RetrievalConfig(scann_num_leaves=4, scann_leaves_to_search=4, scann_reord
 
 
 def unit(rng, n):
-    x = rng.normal(size=(n, DIM)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    return ann.l2_normalise(rng.normal(size=(n, DIM)).astype(np.float32))
 
 
 def build(tmp_path: Path, cfg: RetrievalConfig = RetrievalConfig()):

@@ -23,8 +23,7 @@ EXACT_TREE = RetrievalConfig(scann_num_leaves=8, scann_leaves_to_search=8, scann
 
 
 def unit(rng, n):
-    x = rng.normal(size=(n, DIM)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    return ann.l2_normalise(rng.normal(size=(n, DIM)).astype(np.float32))
 
 
 def exact_ids(reference: dict[str, np.ndarray], query: np.ndarray, k: int, skip=None) -> list[str]:
