@@ -20,13 +20,24 @@ Decisions (documented here, tested in tests/test_retrieval.py):
   Two models are compared on the same queries by a paired bootstrap of the difference of their hits
   (`paired_difference`): narrower than comparing their separate intervals, which ignores that both
   face the same easy and hard queries.
+- Groups (`site_groups`): a query pair belongs to the group of its query note's site; each group's R@k
+  and paired differences are those of its queries, the candidate pool stays the whole pool. Data whose
+  notes have no site gets no groups.
+- Seeds: runs of one recipe with several seeds answer the same queries. Their paired difference averages
+  each query's hit difference over the seeds, then resamples queries (a query carries all its seeds
+  with it): query-seed units are not independent (a hard query is hard for every seed), so resampling
+  them as if they were would understate the interval. The interval is over queries for these seeds'
+  runs; the spread between seeds is reported beside it.
+- A score matrix (BM25, `ranks_from_scores`) ranks every candidate tied with the target before it: a
+  lexical engine returns no document that shares no term with the query, so a target scoring 0 is not
+  retrieved at any k. (Dense scores practically never tie.)
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -249,6 +260,19 @@ def ranks_from_neighbours(neighbours: np.ndarray, target_pos: np.ndarray) -> np.
     return np.where(found.any(axis=1), found.argmax(axis=1), neighbours.shape[1])
 
 
+def ranks_from_scores(scores: np.ndarray, target_pos: np.ndarray, query_groups: np.ndarray | None = None,
+                      candidate_groups: np.ndarray | None = None) -> np.ndarray:
+    """0-based rank of each query's target from a [Q, C] score matrix: candidates scoring at least as high as
+    the target (ties count against it, see the module docstring), same-group candidates only if groups given."""
+    scores = np.asarray(scores)
+    rows = np.arange(len(scores))
+    ahead = scores >= scores[rows, target_pos][:, None]
+    ahead[rows, target_pos] = False
+    if query_groups is not None and candidate_groups is not None:
+        ahead &= np.asarray(candidate_groups)[None, :] == np.asarray(query_groups)[:, None]
+    return ahead.sum(axis=1).astype(np.int64)
+
+
 def resolve_ks(ks: Sequence[int], ratios: Sequence[float], pool_size: int) -> tuple[list[int], dict[str, int]]:
     """Small ks plus k = max(1, round(r * pool)) for each paper ratio r; every k must fit the pool."""
     paper = {f"{r:.6g}": max(1, round(r * pool_size)) for r in ratios}
@@ -277,21 +301,56 @@ def pairing_problem(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
     return None
 
 
+def seed_hits(ranks: np.ndarray, ks: Sequence[int]) -> np.ndarray:
+    """[Q, K] share of seeds in which each query's target is in the top k: ranks [Q] (one run) or [S, Q]
+    (S seeds on the same queries)."""
+    ranks = np.asarray(ranks)
+    ranks = ranks[None] if ranks.ndim == 1 else ranks
+    return (ranks[:, :, None] < np.asarray(list(ks))).mean(axis=0)
+
+
 def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, ks: Sequence[int], samples: int, seed: int,
                       level: float = 0.95) -> dict[str, dict]:
     """R@k of model A minus R@k of model B on the same queries, with a paired bootstrap interval: each
     resample draws the queries once and scores both models on them, so what the two share (easy and hard
-    queries) cancels. {str(k): {difference, ci_low, ci_high, queries}}."""
+    queries) cancels. Ranks are [Q] (one run) or [S, Q] (S seeds; a model no seed changes may give [Q]):
+    each query's difference is averaged over the seeds before queries are resampled (module docstring).
+    {str(k): {difference, ci_low, ci_high, queries, seeds}}."""
     a, b = np.asarray(ranks_a), np.asarray(ranks_b)
-    if a.shape != b.shape or a.ndim != 1 or not len(a):
-        raise ValueError(f"paired recall needs the same non-empty query list for both models: "
-                         f"ranks of shape {a.shape} and {b.shape}")
+    a, b = (a[None] if a.ndim == 1 else a), (b[None] if b.ndim == 1 else b)
+    same_queries = a.ndim == b.ndim == 2 and a.shape[1] == b.shape[1] > 0
+    if not same_queries or (len(a) != len(b) and 1 not in (len(a), len(b))):
+        raise ValueError(f"paired recall needs the same non-empty query list for both models (and as many "
+                         f"seeds, or one run for either): ranks of shape {np.shape(ranks_a)} and {np.shape(ranks_b)}")
     ks = list(ks)
-    cut = np.asarray(ks)
-    diff = (a[:, None] < cut).astype(np.float64) - (b[:, None] < cut)
+    seeds = max(len(a), len(b))
+    a, b = np.broadcast_to(a, (seeds, a.shape[1])), np.broadcast_to(b, (seeds, b.shape[1]))
+    diff = seed_hits(a, ks) - seed_hits(b, ks)
     low, high = bootstrap_interval(diff, samples, seed, level)
     return {str(k): {"difference": float(diff[:, i].mean()), "ci_low": float(low[i]), "ci_high": float(high[i]),
-                     "queries": len(a)} for i, k in enumerate(ks)}
+                     "queries": a.shape[1], "seeds": seeds} for i, k in enumerate(ks)}
+
+
+def group_masks(query_sites: Sequence[str | None], site_groups: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
+    """{"all": every query, group: its queries} for the groups that hold a query; {} when no query has a site."""
+    sites = np.asarray([s if s is not None else "" for s in query_sites], dtype=object)
+    if not len(sites) or not any(sites):
+        return {}
+    masks = {"all": np.ones(len(sites), bool)}
+    for name, members in site_groups.items():
+        mask = np.isin(sites, list(members))
+        if mask.any():
+            masks[name] = mask
+    return masks
+
+
+def group_differences(ranks_a: np.ndarray, ranks_b: np.ndarray, query_sites: Sequence[str | None] | None,
+                      site_groups: Mapping[str, Sequence[str]], ks: Sequence[int], samples: int,
+                      seed: int) -> dict[str, dict[str, dict]]:
+    """`paired_difference` for all queries and each site group ({"all": ...} alone without sites)."""
+    a, b = np.asarray(ranks_a), np.asarray(ranks_b)
+    masks = group_masks(query_sites or [], site_groups) or {"all": np.ones(a.shape[-1], bool)}
+    return {name: paired_difference(a[..., mask], b[..., mask], ks, samples, seed) for name, mask in masks.items()}
 
 
 def format_difference(entry: Mapping[str, float]) -> str:
@@ -335,40 +394,95 @@ def _codes(labels: Sequence[Hashable]) -> np.ndarray:
     return codes.astype(np.int32)
 
 
-def evaluate_recall(test_ids: Sequence[Hashable], embedding_ids: Sequence[Hashable], embeddings: np.ndarray,
-                    pairs: Iterable[Pair], ks: Sequence[int], paper_k_ratios: Sequence[float] = (),
-                    bootstrap_samples: int = 1000, seed: int = 0,
-                    categories: Mapping[Hashable, Hashable] | None = None,
-                    views: Mapping[Hashable, float] | None = None, clip_ks: bool = False) -> dict[str, Any]:
-    """The whole exact-search protocol for one relevance set (co-occurrence pairs, PostLinks, ...).
+RankTargets = Callable[..., np.ndarray]  # (query selection, query groups, candidate groups) -> target ranks
 
-    Returns a JSON-ready dict: counts, the ks used, the overall recall table and, when categories /
-    views are given, the within-category and exposure-bucket tables. A k larger than the candidate pool
-    is an error, unless `clip_ks` (default ks that should scale with the pool): then it is left out and
-    listed under "ks_dropped".
-    """
+
+def _dense_ranker(queries: np.ndarray, candidates: np.ndarray, target_pos: np.ndarray) -> RankTargets:
+    def rank(select, query_groups=None, candidate_groups=None):
+        return exact_target_ranks(queries[select], candidates, target_pos[select], query_groups, candidate_groups)
+    return rank
+
+
+def _score_ranker(scores: np.ndarray, target_pos: np.ndarray) -> RankTargets:
+    def rank(select, query_groups=None, candidate_groups=None):
+        return ranks_from_scores(scores[select], target_pos[select], query_groups, candidate_groups)
+    return rank
+
+
+def evaluate_recall(test_ids: Sequence[Hashable], embedding_ids: Sequence[Hashable], embeddings: np.ndarray,
+                    pairs: Iterable[Pair], ks: Sequence[int], **options) -> dict[str, Any]:
+    """The whole exact-search protocol for one relevance set (co-occurrence pairs, PostLinks, ...) over
+    embeddings (cosine ranking); `options` are `evaluate_ranking`'s."""
     setup = build_protocol(test_ids, pairs)
     vectors, unused = align_embeddings(test_ids, embedding_ids, embeddings)
     vectors = l2_normalise(vectors)
-    queries, candidates = vectors[setup.query_rows], vectors[setup.candidate_rows]
-    dropped = sorted(k for k in ks if k > len(candidates)) if clip_ks else []
-    all_ks, paper_ks = resolve_ks([k for k in ks if k not in dropped], paper_k_ratios, len(candidates))
-    ranks = exact_target_ranks(queries, candidates, setup.target_pos)
+    rank = _dense_ranker(vectors[setup.query_rows], vectors[setup.candidate_rows], setup.target_pos)
+    return {**evaluate_ranking(setup, rank, test_ids, ks, **options), "embeddings_not_in_test_set": unused}
+
+
+def evaluate_scored_recall(test_ids: Sequence[Hashable], score: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                           pairs: Iterable[Pair], ks: Sequence[int], **options) -> dict[str, Any]:
+    """The same protocol for a scorer without embeddings (BM25): `score(query_rows, candidate_rows)` gives the
+    [Q, C] scores of the kept queries against the pool (rows of `test_ids`); `options` are `evaluate_ranking`'s."""
+    setup = build_protocol(test_ids, pairs)
+    scores = np.asarray(score(setup.query_rows, setup.candidate_rows), np.float64)
+    if scores.shape != (len(setup.query_rows), len(setup.candidate_rows)):
+        raise ValueError(f"the scorer returned shape {scores.shape}, not queries x candidates "
+                         f"{(len(setup.query_rows), len(setup.candidate_rows))}")
+    return evaluate_ranking(setup, _score_ranker(scores, setup.target_pos), test_ids, ks, **options)
+
+
+def evaluate_ranking(setup: RecallSetup, rank: RankTargets, test_ids: Sequence[Hashable], ks: Sequence[int],
+                     paper_k_ratios: Sequence[float] = (), bootstrap_samples: int = 1000, seed: int = 0,
+                     categories: Mapping[Hashable, Hashable] | None = None,
+                     views: Mapping[Hashable, float] | None = None, clip_ks: bool = False,
+                     sites: Mapping[Hashable, str | None] | None = None,
+                     site_groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """Counts, the ks used, the overall recall table and, when categories / views / sites are given, the
+    within-category, exposure-bucket and site-group tables, as a JSON-ready dict. A k larger than the
+    candidate pool is an error, unless `clip_ks` (default ks that should scale with the pool): then it is left
+    out and listed under "ks_dropped"."""
+    pool = len(setup.candidate_rows)
+    dropped = sorted(k for k in ks if k > pool) if clip_ks else []
+    all_ks, paper_ks = resolve_ks([k for k in ks if k not in dropped], paper_k_ratios, pool)
+    ranks = rank(np.arange(len(setup.query_rows)))
     result: dict[str, Any] = {
-        "test_notes": len(test_ids), "embeddings_not_in_test_set": unused, "pairs_read": setup.pairs_read,
+        "test_notes": len(test_ids), "pairs_read": setup.pairs_read,
         "pairs_kept": setup.pairs_kept, "pairs_skipped_overlap": setup.pairs_read - setup.pairs_kept,
-        "pool_size": len(candidates), "ks": all_ks, "paper_ks": paper_ks, "ks_dropped": dropped,
+        "pool_size": pool, "ks": all_ks, "paper_ks": paper_ks, "ks_dropped": dropped,
         "recall": recall_table(ranks, all_ks, bootstrap_samples, seed),
         # Per-query ranks of the ground truth (0 = first), in query order: what paired comparisons between
         # models read (`paired_difference`); `queries_digest` names that order.
         "ranks": [int(r) for r in ranks], "queries_digest": setup.digest(),
     }
     if categories is not None:
-        result["within_category"] = _within_category(setup, test_ids, categories, queries, candidates,
-                                                     all_ks, bootstrap_samples, seed)
+        result["within_category"] = _within_category(setup, test_ids, categories, rank, all_ks,
+                                                     bootstrap_samples, seed)
     if views is not None:
         result["exposure"] = _exposure(setup, test_ids, views, ranks, all_ks, bootstrap_samples, seed)
+    if sites is not None:
+        result.update(site_group_recall(setup, test_ids, sites, site_groups or {}, ranks, all_ks,
+                                        bootstrap_samples, seed))
     return result
+
+
+def site_group_recall(setup: RecallSetup, test_ids: Sequence[Hashable], sites: Mapping[Hashable, str | None],
+                      site_groups: Mapping[str, Sequence[str]], ranks: np.ndarray, ks: Sequence[int], samples: int,
+                      seed: int) -> dict[str, Any]:
+    """{"query_sites": each query's site, in query order, "groups": {group: its queries' R@k table, the sites
+    found, how many of its queries have their ground truth on a site outside the group}} ("all" included;
+    no "groups" when no query has a site)."""
+    query_sites = [sites.get(test_ids[row]) for row in setup.query_rows]
+    target_sites = [sites.get(test_ids[row]) for row in setup.target_rows]
+    groups = {}
+    for name, mask in group_masks(query_sites, site_groups).items():
+        members = set(site_groups.get(name, query_sites))
+        groups[name] = {"queries": int(mask.sum()),
+                        "sites": sorted({s for s, m in zip(query_sites, mask) if m and s is not None}),
+                        "sites_without_queries": sorted(members - set(query_sites)) if name != "all" else [],
+                        "targets_outside_group": sum(1 for t, m in zip(target_sites, mask) if m and t not in members),
+                        "recall": recall_table(ranks[mask], ks, samples, seed)}
+    return {"query_sites": query_sites, **({"groups": groups} if groups else {})}
 
 
 def _lookup(mapping: Mapping[Hashable, Any], ids: Sequence[Hashable], what: str) -> list[Any]:
@@ -378,12 +492,11 @@ def _lookup(mapping: Mapping[Hashable, Any], ids: Sequence[Hashable], what: str)
     return [mapping[i] for i in ids]
 
 
-def _within_category(setup: RecallSetup, test_ids, categories, queries, candidates, ks, samples, seed) -> dict:
+def _within_category(setup: RecallSetup, test_ids, categories, rank: RankTargets, ks, samples, seed) -> dict:
     codes = _codes(_lookup(categories, test_ids, "category"))
     query_codes, pool_codes = codes[setup.query_rows], codes[setup.candidate_rows]
     same = query_codes == pool_codes[setup.target_pos]
-    ranks = exact_target_ranks(queries[same], candidates, setup.target_pos[same],
-                               query_codes[same], pool_codes)
+    ranks = rank(same, query_codes[same], pool_codes)
     pool_sizes = np.bincount(pool_codes, minlength=codes.max() + 1)[query_codes[same]]
     return {"queries": int(same.sum()), "excluded_cross_category": int((~same).sum()),
             "recall": recall_table(ranks, ks, samples, seed, pool_sizes=pool_sizes)}

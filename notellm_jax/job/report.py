@@ -16,10 +16,11 @@ import jax
 import numpy as np
 
 from notellm_jax.config import Config
-from notellm_jax.eval.recall import DEFAULT_KS, load_test_data
-from notellm_jax.eval.retrieval import format_difference, paired_difference, pairing_problem
+from notellm_jax.eval.recall import DEFAULT_KS, load_test_data, with_query_sites
+from notellm_jax.eval.retrieval import format_difference, group_differences, pairing_problem
 from notellm_jax.errors import MissingInputError
 from notellm_jax.infer.embeddings import embedding_dir, read_embeddings
+from notellm_jax.job.seeds import seed_summary
 from notellm_jax.runtime import machine_summary
 
 
@@ -176,6 +177,7 @@ def _recall_lines(config: Config, models: list[str], recalls: dict[str, Any], la
     lines = ["## Recall@k (%, exact search; 95% bootstrap interval over queries)", "",
              "Co-occurrence pairs of the test period (METHOD.md 5 protocol):", ""]
     lines += _recall_table(models, recalls, labels, "cooccurrence", ks, paper_ks)
+    lines += _group_recall_lines(config, models, recalls, labels, ks, paper_ks)
     lines += _difference_lines(config, models, recalls, labels, ks)
     lines += ["", "Explicit PostLinks between test questions (a second relevance set):", ""]
     lines += _recall_table(models, recalls, labels, "postlinks", ks, paper_ks)
@@ -197,29 +199,65 @@ def _recall_lines(config: Config, models: list[str], recalls: dict[str, Any], la
     return lines
 
 
+HEADLINE_WHY = ("all-MiniLM-L6-v2 (the SentenceBERT baselines) was trained on about 68.7M Stack Exchange pairs from a "
+                "2021 dump of the then-live sites, so only on the sites it cannot have read is its zero-shot "
+                "figure zero-shot and a comparison with it a test of what was learnt (retrieval.site_groups).")
+
+
+def group_order(config: Config, groups) -> list[str]:
+    """Site groups in report order: the headline group first, the other groups, all sites last."""
+    head = config.retrieval.headline_group
+    named = [g for g in groups if g != "all"]
+    return ([head] if head in named else []) + [g for g in named if g != head] + (["all"] if "all" in groups else [])
+
+
 def _difference_lines(config: Config, models: list[str], recalls: dict[str, Any], labels: dict[str, str],
                       ks: list[int]) -> list[str]:
     """The first model (NoteLLM) minus each other one on the co-occurrence queries, with paired bootstrap
-    intervals: an interval above 0 says the first model is better on these queries."""
+    intervals, per site group (the headline group first): an interval above 0 says the first is better."""
     ref = models[0]
     ref_co = recalls[ref]["cooccurrence"]
-    rows, skipped = [], []
+    ev = config.retrieval
+    tables: dict[str, list[str]] = {}
+    queries: dict[str, int] = {}
+    skipped = []
     for m in models[1:]:
         co = recalls[m]["cooccurrence"]
         if pairing_problem(ref_co, co):
             skipped.append(labels.get(m, m))
             continue
-        diff = paired_difference(ref_co["ranks"], co["ranks"], ks, config.retrieval.bootstrap_samples,
-                                 config.retrieval.bootstrap_seed)
-        rows.append(f"| {labels.get(m, m)} | " + " | ".join(format_difference(diff[str(k)]) for k in ks) + " |")
+        groups = group_differences(ref_co["ranks"], co["ranks"], ref_co.get("query_sites"), ev.site_groups, ks,
+                                   ev.bootstrap_samples, ev.bootstrap_seed)
+        for group, diff in groups.items():
+            queries[group] = diff[str(ks[0])]["queries"]
+            tables.setdefault(group, []).append(
+                f"| {labels.get(m, m)} | " + " | ".join(format_difference(diff[str(k)]) for k in ks) + " |")
     lines = []
-    if rows:
-        lines += ["", f"{labels.get(ref, ref)} minus each model, R@k points on the same queries (paired bootstrap "
-                  "95% interval; above 0: the first is better):", "",
-                  "| model | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|", *rows]
+    order = group_order(config, tables)
+    if order and order[0] != "all":
+        lines += ["", f"Paired differences lead with the {order[0]} sites: {HEADLINE_WHY}"]
+    for group in order:
+        lines += ["", f"{labels.get(ref, ref)} minus each model, {group} sites ({queries[group]} queries), R@k points on the "
+                  "same queries (paired bootstrap 95% interval; above 0: the first is better):", "",
+                  "| model | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|", *tables[group]]
     if skipped:
         lines += ["", "Not paired (no per-query ranks from the same queries; rerun the recall stage): "
                   f"{', '.join(skipped)}."]
+    return lines
+
+
+def _group_recall_lines(config: Config, models: list[str], recalls: dict[str, Any], labels: dict[str, str],
+                        ks: list[int], paper_ks: dict[str, int]) -> list[str]:
+    """One recall table per site group (a pair's group: its query note's site), the headline group first."""
+    groups = (recalls[models[0]]["cooccurrence"].get("groups") or {})
+    lines = []
+    for group in [g for g in group_order(config, groups) if g != "all"]:
+        entry = groups[group]
+        by_model = {m: {"group": ((recalls[m]["cooccurrence"].get("groups") or {}).get(group))} for m in models}
+        missing = f"; no query from {', '.join(entry['sites_without_queries'])}" if entry["sites_without_queries"] else ""
+        lines += ["", f"Site group **{group}**: {entry['queries']} queries from {', '.join(entry['sites'])}{missing}; "
+                  f"{entry['targets_outside_group']} of them have their ground truth on a site outside the group:", ""]
+        lines += _recall_table(models, by_model, labels, "group", ks, paper_ks)
     return lines
 
 
@@ -283,14 +321,51 @@ def _wall_time_lines(invocations: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-def write_report(config: Config, labels: dict[str, str], generating: tuple[str, ...]) -> Path:
-    out = config.work_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    models = list(config.job.train_variants) + list(config.job.baselines)
+def _seed_lines(config: Config, summary: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """Per group: each model's R@k over the seeds (mean ± sd, then each seed's), and the reference minus each
+    model with paired intervals over the queries pooled across seeds."""
+    ks, ref = summary["ks"], summary["reference"]
+    lines = ["## Seeds", "", f"{len(summary['seeds'])} runs of the recipe, train.seed (and data.seed offset) "
+             f"{', '.join(map(str, summary['seeds']))}: R@k (%) as mean ± standard deviation over the seeds, then "
+             "each seed's; models that no seed changes have sd 0. Differences: the mean over seeds of each query's "
+             "difference, 95% interval resampling queries with all their seeds (job/seeds.py)."]
+    order = group_order(config, summary["groups"])
+    if order[0] != "all":
+        lines += ["", f"The {order[0]} sites lead: {HEADLINE_WHY}"]
+    for group in order:
+        entry = summary["groups"][group]
+        lines += ["", f"**{group}** sites ({entry['queries']} queries):", "",
+                  "| model | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+        for m, fig in entry["models"].items():
+            cells = [f"{100 * fig['mean'][i]:.1f} ± {100 * fig['sd'][i]:.1f} ("
+                     + " / ".join(f"{100 * seed[i]:.1f}" for seed in fig["per_seed"]) + ")" for i in range(len(ks))]
+            lines.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
+        lines += ["", f"{labels.get(ref, ref)} minus each model, pooled over seeds:", "",
+                  "| model | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+        lines += [f"| {labels.get(m, m)} | " + " | ".join(format_difference(d[str(k)]) for k in ks) + " |"
+                  for m, d in entry["differences"].items()]
+    return lines + [""]
+
+
+def _read_recalls(config: Config, models: list[str]) -> dict[str, Any]:
+    """Each model's recall result; one written before site groups were kept gets them from the test data."""
     recalls = {m: _read_json(config.work_dir / "eval" / f"{m}.recall.json") for m in models}
     missing = [m for m, r in recalls.items() if r is None]
     if missing:
         raise MissingInputError(f"no recall results for {missing}: run the pipeline's recall stage first")
+    if (config.data_dir / "split.json").is_file():
+        for result in recalls.values():
+            result["cooccurrence"] = with_query_sites(config, result["cooccurrence"])
+    return recalls
+
+
+def write_report(config: Config, labels: dict[str, str], generating: tuple[str, ...],
+                 seeds: list[Config] | None = None) -> Path:
+    """<work_dir>/report; with `seeds` (job/seeds.py's configs, more than one), a section pooling them."""
+    out = config.work_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    models = list(config.job.train_variants) + list(config.job.baselines)
+    recalls = _read_recalls(config, models)
     generation = {p.name: _read_json(p / "metrics.json")
                   for p in sorted((config.work_dir / "eval" / "generation").glob("*")) if (p / "metrics.json").is_file()}
     training = {o: training_summary(config, o) for o in config.job.train_variants}
@@ -301,7 +376,11 @@ def write_report(config: Config, labels: dict[str, str], generating: tuple[str, 
     _plot_recall(models, recalls, labels, out / "recall_at_k.png")
     projected = _plot_projection(config, models[0], labels.get(models[0], models[0]), out / "embedding_projection.png")
 
-    lines = _header_lines(config, info, stats, recalls[models[0]]["cooccurrence"])
+    first = recalls[models[0]]["cooccurrence"]
+    lines = _header_lines(config, info, stats, first)
+    summary = (seed_summary(config, seeds, models, [k for k in (config.retrieval.ks or DEFAULT_KS) if k in first["ks"]])
+               if seeds and len(seeds) > 1 else None)
+    lines += _seed_lines(config, summary, labels) + ["The sections below are seed 0's run alone.", ""] if summary else []
     lines += _recall_lines(config, models, recalls, labels)
     lines += ["", "![recall](recall_at_k.png)", ""]
     if projected:
@@ -314,5 +393,6 @@ def write_report(config: Config, labels: dict[str, str], generating: tuple[str, 
     (out / "metrics.json").write_text(json.dumps(
         {"run": info, "config": config.to_dict(),
          "timings": {"invocations": invocations, "latest": latest_stage_times(invocations)},
-         "data": stats, "training": training, "recall": recalls, "generation": generation}, indent=1, default=str))
+         "data": stats, "training": training, "recall": recalls, "generation": generation,
+         **({"seeds": summary} if summary else {})}, indent=1, default=str))
     return out

@@ -160,7 +160,7 @@ def test_cli_pairs_against_another_run(tmp_path, capsys):
     want = paired_difference(mine["cooccurrence"]["ranks"], oracle["cooccurrence"]["ranks"],
                              mine["cooccurrence"]["ks"], samples=50, seed=0)  # retrieval.bootstrap_seed: 0
     assert entry["difference"] == want
-    assert entry["difference"]["1"] == {"difference": -1.0, "ci_low": -1.0, "ci_high": -1.0, "queries": Q}
+    assert entry["difference"]["1"] == {"difference": -1.0, "ci_low": -1.0, "ci_high": -1.0, "queries": Q, "seeds": 1}
     assert "shuffled minus oracle" in capsys.readouterr().out
 
     oracle["cooccurrence"]["queries_digest"] = "another"

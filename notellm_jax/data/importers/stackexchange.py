@@ -61,6 +61,17 @@ def site_category(folder_name: str) -> str:
     return re.sub(r"(\.stackexchange)?\.(com|net|org)$", "", name)
 
 
+_SITE_NOTE_ID = re.compile(r"(?P<name>[^/]+?)(?:\.stackexchange)?\.(?:com|net|org)(?P<beta>-\d{4}beta)?/\d+")
+
+
+def site_of(note_id: str) -> str | None:
+    """The site of a note imported here, from its id "<site folder>/<question Id>": "coffee.stackexchange.com/485"
+    -> "coffee", "economics.stackexchange.com-2011beta/7" -> "economics-2011beta" (unlike the category, a
+    beta keeps its year: it is another site than the later live one). None for an id of any other form."""
+    match = _SITE_NOTE_ID.fullmatch(str(note_id))
+    return match["name"] + (match["beta"] or "") if match else None
+
+
 def iter_rows(path: Path) -> Iterator[dict[str, str]]:
     """Stream the attribute dicts of a dump file's <row> elements, freeing each element after use."""
     context = ET.iterparse(path, events=("start", "end"))
