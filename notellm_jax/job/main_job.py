@@ -8,12 +8,16 @@ prepare's own stages follow):
   prepare    <work_dir>/data: notes, events, pairs, splits, TFRecord shards (notellm_jax.data.prepare)
   train      one NoteLLM per objective in job.train_variants (NoteLLM, w/o CSFT = PromptEOL+CSE, w/o GCL),
              each under <work_dir>/models/<objective>, all reading the same data and frozen-feature cache
-  embed      the test notes with every trained variant and every baseline in job.baselines
-             (<work_dir>/embeddings/<model>)
-  recall     Recall@k with the paper's protocol, exact and ScaNN (<work_dir>/eval/<model>.recall.json)
+  embed      the test notes with every trained variant and every baseline in job.baselines but the lexical
+             one, BM25 (<work_dir>/embeddings/<model>)
+  recall     Recall@k with the paper's protocol, exact and ScaNN, overall and per site group
+             (<work_dir>/eval/<model>.recall.json); BM25 is scored here from the note text
   generate   category / hashtag generation of the trained variants that were taught to generate
              (<work_dir>/eval/generation/<variant>[-constrained])
   report     <work_dir>/report: report.md, metrics.json, recall-curve and embedding-projection PNGs
+
+With job.seeds = N > 1 the stages run for each seed in turn (job/seeds.py: seed 0 in <work_dir>, seed i in
+<work_dir>/seeds/<i>), each seed's report in its own work dir, and <work_dir>/report adds the seeds pooled.
 """
 from __future__ import annotations
 
@@ -30,12 +34,13 @@ from notellm_jax.config import Config, override
 from notellm_jax.data import store
 from notellm_jax.data.prepare import prepare, skip_stage, stages_to_run
 from notellm_jax.errors import ConfigError
-from notellm_jax.eval.baselines import embed_baseline
+from notellm_jax.eval.baselines import LEXICAL_BASELINES, embed_baseline
 from notellm_jax.eval.generation import generate_and_score
-from notellm_jax.eval.recall import evaluate_embeddings
+from notellm_jax.eval.recall import evaluate_embeddings, evaluate_lexical
 from notellm_jax.infer.embed import embed_notes
 from notellm_jax.infer.embeddings import embedding_dir
 from notellm_jax.job.report import git_commit, read_timings, write_report
+from notellm_jax.job.seeds import seed_configs, share_feature_cache
 from notellm_jax.train import train
 
 JOB_STAGES = ("prepare", "train", "embed", "recall", "generate", "report")
@@ -48,6 +53,7 @@ LABELS = {
     "prompteol": "PromptEOL zero-shot",
     "sbert_zeroshot": "SentenceBERT zero-shot (all-MiniLM-L6-v2)",
     "sbert_finetuned": "SentenceBERT fine-tuned (in-batch negatives)",
+    "bm25": "BM25 (title, hashtags, content)",
 }
 GENERATING = ("notellm", "csft_only")  # variants trained with the generation loss
 
@@ -120,6 +126,8 @@ def stage_embed(config: Config, force: bool, timer: Timer) -> None:
         timer.run(f"embed {objective}", lambda sub=sub, out=out, o=objective:
                   embed_notes(sub, _export_dir(config, o), test_notes, out, name=o))
     for name in config.job.baselines:
+        if name in LEXICAL_BASELINES:
+            continue  # scored from the note text in the recall stage
         out = embedding_dir(config, name)
         if timer.done(f"embed {name}", out / "embeddings.json", force):
             continue
@@ -137,8 +145,9 @@ def stage_recall(config: Config, force: bool, timer: Timer) -> None:
         path = out_dir / f"{model}.recall.json"
         if timer.done(f"recall {model}", path, force):
             continue
-        result = timer.run(f"recall {model}", lambda model=model: evaluate_embeddings(
-            config, embedding_dir(config, model), name=model))
+        result = timer.run(f"recall {model}", lambda model=model: evaluate_lexical(config, model)
+                           if model in LEXICAL_BASELINES else
+                           evaluate_embeddings(config, embedding_dir(config, model), name=model))
         path.write_text(json.dumps(result, indent=1))
 
 
@@ -158,8 +167,8 @@ def stage_generate(config: Config, force: bool, timer: Timer) -> None:
                                      limit=config.generation.limit or None))
 
 
-def stage_report(config: Config, force: bool, timer: Timer) -> None:
-    timer.run("report", lambda: write_report(config, LABELS, GENERATING))
+def stage_report(config: Config, force: bool, timer: Timer, seeds: list[Config] | None = None) -> None:
+    timer.run("report", lambda: write_report(config, LABELS, GENERATING, seeds))
 
 
 STAGE_FNS = {"prepare": stage_prepare, "train": stage_train, "embed": stage_embed, "recall": stage_recall,
@@ -196,6 +205,26 @@ def run_pipeline(config: Config, only: list[str], force: list[str]) -> dict[str,
     return record
 
 
+def run_seeds(config: Config, only: list[str], force: list[str]) -> dict[str, Any]:
+    """Every seed's stages (job/seeds.py), seed 0 first, each with its own report; then seed 0's report again,
+    the seeds pooled in it. Returns seed 0's timing record with every seed's wall time added."""
+    configs = seed_configs(config)
+    before_report = [s for s in only if s != "report"]
+    record = run_pipeline(config, before_report, force)
+    wall = record["wall_s"]
+    for i, seed_config in enumerate(configs[1:], start=1):
+        print(f"[job] seed {i} of {len(configs) - 1} more (train.seed {seed_config.train.seed}) in "
+              f"{seed_config.work_dir}", file=sys.stderr, flush=True)
+        seed_config.data_dir.mkdir(parents=True, exist_ok=True)
+        share_feature_cache(config, seed_config)
+        wall += run_pipeline(seed_config, only, force)["wall_s"]
+    if "report" in only:
+        timer = Timer()
+        stage_report(config, "report" in force, timer, configs)
+        wall += timer.seconds["report"]
+    return {**record, "wall_s": round(wall, 1), "seeds": len(configs)}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", help="comma-separated stages to run (default all)")
     parser.add_argument("--force", help="comma-separated stages to redo even if their outputs exist")
@@ -206,7 +235,7 @@ def run(args, config: Config) -> dict[str, Any]:
     (its "stages": the wall time of each stage that did work)."""
     only = _stage_list(args.only, JOB_STAGES, "--only")
     force = _stage_list(args.force, (), "--force")
-    record = run_pipeline(config, only, force)
+    record = run_pipeline(config, only, force) if config.job.seeds == 1 else run_seeds(config, only, force)
     print(f"[job] finished in {record['wall_s']:.0f}s; report: {config.work_dir / 'report' / 'report.md'}",
           file=sys.stderr)
     return record
