@@ -8,7 +8,7 @@ cluster up once, loads and validates the config, then calls the command's `run`.
     notellm prepare   --config C [--stages a,b] [--force]
     notellm synthetic --out DIR [--events N] [--seed S]               (a seeded synthetic behaviour log)
     notellm embed     --config C [--checkpoint EXPORT] [--split test|all] [--name N] [--out DIR]
-    notellm recall    --config C --embeddings DIR [--name N] [--out FILE] [--against RECALL_JSON ...]
+    notellm recall    --config C --embeddings DIR|--bm25 [--name N] [--out FILE] [--against RECALL_JSON ...]
     notellm generate  --config C --checkpoint EXPORT [--task ...] [--split ...] [--constrain-categories]
     notellm baselines --config C --name NAME [--split test|all] [--out DIR]
     notellm job       --config C [--only STAGES] [--force STAGES]     (= python -m notellm_jax.job)

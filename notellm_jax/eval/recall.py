@@ -1,4 +1,4 @@
-"""Recall evaluation of one embeddings folder: `notellm recall --config ... --embeddings DIR`.
+"""Recall evaluation of one embeddings folder (or of BM25): `notellm recall --config ... --embeddings DIR|--bm25`.
 
 Inputs, from config.data_dir (default <work_dir>/data): the test notes (split.json; categories and view
 counts from notes.parquet), the test pairs (pairs_test.parquet, co-occurrence from the test period) and
