@@ -470,17 +470,19 @@ def site_group_recall(setup: RecallSetup, test_ids: Sequence[Hashable], sites: M
                       site_groups: Mapping[str, Sequence[str]], ranks: np.ndarray, ks: Sequence[int], samples: int,
                       seed: int) -> dict[str, Any]:
     """{"query_sites": each query's site, in query order, "groups": {group: its queries' R@k table, the sites
-    found, how many of its queries have their ground truth on a site outside the group}} ("all" included;
-    no "groups" when no query has a site)."""
+    found, how many of its queries have their ground truth on a site outside the group ("all": on another site
+    than the query's)}} ("all" included; no "groups" when no query has a site)."""
     query_sites = [sites.get(test_ids[row]) for row in setup.query_rows]
     target_sites = [sites.get(test_ids[row]) for row in setup.target_rows]
     groups = {}
     for name, mask in group_masks(query_sites, site_groups).items():
-        members = set(site_groups.get(name, query_sites))
+        members = set(site_groups.get(name, ()))
+        outside = [(t != q) if name == "all" else (t not in members)
+                   for q, t, m in zip(query_sites, target_sites, mask) if m]
         groups[name] = {"queries": int(mask.sum()),
                         "sites": sorted({s for s, m in zip(query_sites, mask) if m and s is not None}),
-                        "sites_without_queries": sorted(members - set(query_sites)) if name != "all" else [],
-                        "targets_outside_group": sum(1 for t, m in zip(target_sites, mask) if m and t not in members),
+                        "sites_without_queries": sorted(members - set(query_sites)),
+                        "targets_outside_group": int(sum(outside)),
                         "recall": recall_table(ranks[mask], ks, samples, seed)}
     return {"query_sites": query_sites, **({"groups": groups} if groups else {})}
 

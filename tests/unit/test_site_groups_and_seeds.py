@@ -69,10 +69,11 @@ def test_recall_per_site_group_matches_numpy():
             assert entry["recall"] == pytest.approx((ranks[mask] < k).mean())
             low, high = _bootstrap((ranks[mask] < k).astype(float), 200, 0)
             assert (entry["ci_low"], entry["ci_high"]) == pytest.approx((low, high))
-        if members is not None:
-            outside = sum(1 for t, m in zip(target_sites, mask) if m and t not in members)
-            assert group["targets_outside_group"] == outside
+        outside = sum(1 for q, t, m in zip(query_sites, target_sites, mask)
+                      if m and (t != q if members is None else t not in members))
+        assert group["targets_outside_group"] == outside
     assert out["groups"]["unseen"]["sites"] == ["economics-2011beta", "genai"]
+    assert out["groups"]["all"]["targets_outside_group"] > 0  # these made-up pairs cross sites
 
 
 def test_no_groups_without_sites_and_empty_groups_are_left_out():
