@@ -271,6 +271,26 @@ class ServeConfig:
     # many stored vectors as queries, reaches rebuild_min_recall (a request may override both).
     rebuild_min_recall: float = 0.95
     rebuild_sample: int = 1000
+    # Limits that keep the service answering (docs/serving.md "Limits"). A body over max_body_bytes is a 413
+    # before it is read. Text caps are in characters; over a cap is a 422 naming the field. Title and content
+    # are cut to their token budgets (prompt.*_max_tokens) and only their heads are tokenised, so their caps sit
+    # far above the budgets; topics go into the prompt whole (they must fit prompt.max_length, else 422), so
+    # theirs are near what a hashtag needs.
+    max_body_bytes: int = 2_097_152  # holds max_notes_per_request notes at every cap below (about 1.5 MB)
+    max_title_chars: int = 2_000
+    max_content_chars: int = 20_000
+    max_category_chars: int = 200
+    max_topics: int = 16
+    max_topic_chars: int = 64
+    # Requests that run the model (embed, search by a new note, upsert, generate) at once, queued ones included;
+    # one more is a 429 with Retry-After (retry_after_s). Each waits at most request_timeout_s for the model,
+    # tokenisation and queue included, else 503.
+    max_concurrent_requests: int = 512
+    retry_after_s: int = 1
+    request_timeout_s: float = 60.0
+    # JAX's persistent compilation cache for the service's shapes, so a restart loads compiled programs instead
+    # of compiling them: "" = <paths.cache_dir>/jax_compilation, "off" = no cache.
+    compilation_cache_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,6 +386,15 @@ class Config:
     def data_dir(self) -> Path:
         return Path(self.paths.data_dir) if self.paths.data_dir else self.work_dir / "data"
 
+    def _serve_rules(self) -> list[tuple[bool, str]]:
+        """The service's limits (serve/limits.py): every cap at least 1, the deadline positive."""
+        serve = self.serve
+        caps = ("max_body_bytes", "max_title_chars", "max_content_chars", "max_category_chars", "max_topics",
+                "max_topic_chars", "max_concurrent_requests", "max_notes_per_request", "max_batch_size")
+        return [*((getattr(serve, cap) >= 1, f"serve.{cap}={getattr(serve, cap)} must be >= 1") for cap in caps),
+                (serve.retry_after_s >= 0, f"serve.retry_after_s={serve.retry_after_s} must be >= 0"),
+                (serve.request_timeout_s > 0, f"serve.request_timeout_s={serve.request_timeout_s} must be > 0")]
+
     def _optimiser_rules(self) -> list[tuple[bool, str]]:
         """The learning rate and the training guard's settings (train/guard.py)."""
         train, init = self.train, self.model.log_logit_scale_init
@@ -449,6 +478,7 @@ class Config:
                                                    or (2 * self.train.batch_pairs) % self.train.grad_cache_chunk == 0),
              f"train.grad_cache_chunk={self.train.grad_cache_chunk} must divide the 2 x {self.train.batch_pairs} "
              "notes of a batch"),
+            *self._serve_rules(),
             (0 <= self.train.head_rows_per_note <= self.prompt.max_targets,
              f"train.head_rows_per_note={self.train.head_rows_per_note} must be in [0, prompt.max_targets]"),
             (not (self.train.head_rows_per_note > 0 and self.train.grad_cache_chunk > 0),

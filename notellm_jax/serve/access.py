@@ -2,7 +2,8 @@
 
 Keys file (`--api-key-file` or $NOTELLM_API_KEYS_FILE): one key a line, `read <key>` or `admin <key>`; blank
 lines and `#` comments are ignored; a key is at least 16 characters without spaces. With keys, every route
-but `/healthz` and `/readyz` needs `Authorization: Bearer <key>` (401 without one or with an unknown one, with
+but `/healthz`, `/readyz` and the page `/` (static HTML, no data: it asks for a key and sends it itself) needs
+`Authorization: Bearer <key>` (401 without one or with an unknown one, with
 `WWW-Authenticate: Bearer`), and a write (PUT/DELETE/PATCH, POST /index/rebuild) needs an admin key (403 for
 a read key). Keys are compared as SHA-256 digests with `hmac.compare_digest` against every stored key, so
 the time taken says nothing about how much of a key was right.
@@ -28,7 +29,7 @@ from notellm_jax.serve.openai_api import openai_error
 
 KEYS_ENV = "NOTELLM_API_KEYS_FILE"
 ROLES = ("read", "admin")
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
 MIN_KEY_CHARS = 16
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 log = logging.getLogger("notellm_jax.serve")

@@ -14,11 +14,14 @@ concurrent requests can wait together for one batched model call (`batching.Batc
     GET    /notes/{id}   its title and category (404 if unknown)
     DELETE /notes/{id}   removed (durable once acknowledged); an id may hold any character, `/` included
     POST   /v1/embeddings, GET /v1/models   OpenAI-compatible embeddings (`openai_api`)
-    GET    /healthz, GET /metrics (Prometheus text format), GET / (the page); both report the live index's
-                         repairs on open (`index_repairs`: torn log tails cut off into side files;
-                         `notellm_index_log_repairs`, `notellm_index_skipped_deletes`)
+    GET    /healthz (liveness: never touches the model or the queue), GET /readyz (200 once warmed up, else 503
+                         with the reason), GET /metrics (Prometheus text format), GET / (the page); /healthz and
+                         /metrics report the live index's repairs on open (`index_repairs`: torn log tails cut
+                         off into side files; `notellm_index_log_repairs`, `notellm_index_skipped_deletes`)
 A plain string where a note is expected is the note's content (`schemas.text_note`). Keys and allowed hosts:
 `access`. Every validation error is a 422 JSON body naming the field, without the input (`validation_error`).
+Body size, field caps, admission (429) and the per-request deadline (503): `limits`. Notes are tokenised on a
+worker thread, so the event loop (and /healthz) keeps answering while a large request is tokenised.
 A note over its token budgets is cut exactly as in training (`prompts.build_example`) and the response says
 so (`truncated`).
 """
@@ -27,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,8 +48,9 @@ from notellm_jax.data.prompts import TASKS
 from notellm_jax.data.prompts import PromptTooLongError
 from notellm_jax.errors import StoreFormatError
 from notellm_jax.serve.access import Access, Guard
-from notellm_jax.serve.batching import Batcher
+from notellm_jax.serve.batching import Batcher, BatchStats
 from notellm_jax.serve.index import LiveIndex, UnknownNoteError
+from notellm_jax.serve.limits import BodyLimit, Gate, check_notes
 from notellm_jax.serve.openai_api import add_openai_routes, openai_error
 from notellm_jax.serve.schemas import Body, NoteIn, Text, text_note
 
@@ -87,18 +93,22 @@ class RebuildRequest(Body):
 NoteId = PathParam(min_length=1, max_length=512, pattern=r"^[^\x00-\x1f\x7f]+$")
 
 
+SECONDS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+
+
 class Metrics:
-    """The service's Prometheus metrics, in a registry of its own (several apps may live in one process)."""
+    """The service's Prometheus metrics, in a registry of its own (several apps may live in one process). Where
+    text-embeddings-inference has a metric of the same meaning, it has its name (`te_*`): tokenisation per request,
+    queue and inference per note, notes and real tokens per embedder call, notes waiting."""
 
     def __init__(self, index: LiveIndex):
         self.registry = CollectorRegistry()
+        self._add_batch_metrics()
         self.requests = Counter("notellm_requests", "HTTP requests", ("endpoint", "method", "status"),
                                 registry=self.registry)
         self.latency = Histogram("notellm_request_latency_seconds", "Request latency", ("endpoint",),
                                  buckets=(.002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
                                  registry=self.registry)
-        self.batch_size = Histogram("notellm_embed_batch_size", "Notes per jitted embedder call",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.truncated = Counter("notellm_truncated_notes", "Notes cut to their token budgets", registry=self.registry)
         self.index_size = Gauge("notellm_index_size", "Notes in the live index", registry=self.registry)
         self.index_size.set_function(lambda: len(index))
@@ -108,6 +118,29 @@ class Metrics:
         self.skipped_deletes = Gauge("notellm_index_skipped_deletes", "Logged deletes of unknown ids skipped when the "
                                      "live index was opened", registry=self.registry)
         self.skipped_deletes.set_function(lambda: len(index.skipped_deletes))
+
+    def _add_batch_metrics(self) -> None:
+        def histogram(name, text, buckets=SECONDS):
+            return Histogram(name, text, buckets=buckets, registry=self.registry)
+        self.tokenization = histogram("te_embed_tokenization_duration", "Seconds to tokenise a request's notes")
+        self.queue = histogram("te_embed_queue_duration", "Seconds a note waited for its embedder call")
+        self.inference = histogram("te_embed_inference_duration", "Seconds of the embedder call, per note it embedded")
+        self.batch_size = histogram("te_batch_next_size", "Notes per embedder call", tuple(2 ** i for i in range(9)))
+        self.batch_tokens = histogram("te_batch_next_tokens", "Real (unpadded) tokens per embedder call",
+                                      tuple(2 ** i for i in range(4, 17)))
+        self.batch_fill = histogram("notellm_batch_fill", "Real tokens over the token positions an embedder call "
+                                    "computes (rows x bucket)", tuple(i / 10 for i in range(1, 11)))
+        self.queue_size = Gauge("te_queue_size", "Notes waiting for an embedder call", registry=self.registry)
+        self.in_flight = Gauge("notellm_requests_in_flight", "Requests admitted to the model (running or queued)",
+                               registry=self.registry)
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        self.batch_size.observe(stats.size)
+        self.batch_tokens.observe(stats.tokens)
+        self.batch_fill.observe(stats.fill)
+        for waited in stats.queue_seconds:
+            self.queue.observe(waited)
+            self.inference.observe(stats.inference_seconds)
 
 
 class Service:
@@ -120,16 +153,25 @@ class Service:
                              f"{index.dim}: the index was built from another model's embeddings")
         self.encoder, self.index, self.cfg, self.generator = encoder, index, cfg, generator
         self.metrics = Metrics(index)
-        self.batcher = Batcher(encoder.embedder, encoder.embedder.bucket, cfg.max_batch_size,
-                               cfg.max_wait_ms / 1000, on_batch=lambda size, _: self.metrics.batch_size.observe(size))
+        self.gate = Gate(cfg)
+        self.ready = False  # set once every shape is compiled (/readyz)
+        self.batcher = Batcher(encoder.embedder, encoder.embedder.bucket, cfg.max_batch_size, cfg.max_wait_ms / 1000,
+                               on_batch=self.metrics.observe_batch, rows=encoder.embedder.row_buckets)
+        self.metrics.queue_size.set_function(lambda: self.batcher.waiting)
+        self.metrics.in_flight.set_function(lambda: self.gate.in_flight)
+        self._tokeniser: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
+        self._tokeniser = ThreadPoolExecutor(1, thread_name_prefix="tokenise")
         self.batcher.start()
         if self.generator is not None:
             self.generator.start()
 
     async def stop(self) -> None:
+        self.ready = False
         await self.batcher.stop()
+        if self._tokeniser is not None:
+            self._tokeniser.shutdown(wait=False, cancel_futures=True)
         if self.generator is not None:
             await self.generator.stop()
 
@@ -147,19 +189,32 @@ class Service:
             seconds.update(self.generator.warm_up())
         return seconds
 
-    async def embed(self, notes: list[NoteIn]) -> tuple[np.ndarray, list[bool]]:
-        """[n, d] unit vectors of `notes` and whether each was cut to its token budgets."""
-        vectors, cuts, _ = await self.embed_counted(notes)
+    async def embed(self, notes: list[NoteIn], locs: Sequence[Sequence] | None = None) -> tuple[np.ndarray, list[bool]]:
+        """[n, d] unit vectors of `notes` and whether each was cut to its token budgets. `locs`: where each
+        note is in the request, for the 422 of a field over its cap (default `body.notes.<i>`)."""
+        vectors, cuts, _ = await self.embed_counted(notes, locs)
         return vectors, cuts
 
-    async def embed_counted(self, notes: list[NoteIn]) -> tuple[np.ndarray, list[bool], int]:
-        """`embed`'s answer and the prompt tokens the model ran for the notes (cached prefix included)."""
+    async def embed_counted(self, notes: list[NoteIn], locs: Sequence[Sequence] | None = None,
+                            content_locs: Sequence[Sequence] | None = None) -> tuple[np.ndarray, list[bool], int]:
+        """`embed`'s answer and the prompt tokens the model ran for the notes (cached prefix included);
+        `content_locs`: where each note's content is, when the request gave it as a plain string."""
+        check_notes(notes, self.cfg, locs or [("body", "notes", i) for i in range(len(notes))], content_locs)
+        return await self.gate.run(lambda: self._embed_counted(notes))
+
+    def _encode(self, notes: list[NoteIn]) -> list[tuple[list[int], bool]]:
         encoded = []
         for number, note in enumerate(notes):
             try:
                 encoded.append(self.encoder.encode(note.to_note(), report_cuts=True))
             except PromptTooLongError as e:
                 raise HTTPException(422, f"note {number}: {e}") from None
+        return encoded
+
+    async def _embed_counted(self, notes: list[NoteIn]) -> tuple[np.ndarray, list[bool], int]:
+        start = time.perf_counter()  # on the tokeniser thread: the event loop keeps answering meanwhile
+        encoded = await asyncio.get_running_loop().run_in_executor(self._tokeniser, self._encode, notes)
+        self.metrics.tokenization.observe(time.perf_counter() - start)
         cuts = [cut for _, cut in encoded]
         self.metrics.truncated.inc(sum(cuts))
         token_lists = [tokens for tokens, _ in encoded]
@@ -212,6 +267,7 @@ def create_app(service: Service, access: Access | None = None, docs: bool = Fals
         service.start()
         seconds = await asyncio.to_thread(service.warm_up)
         print(f"[serve] warm-up (seconds per compiled shape): {seconds}", flush=True)
+        service.ready = True
         yield
         await service.stop()
 
@@ -221,6 +277,7 @@ def create_app(service: Service, access: Access | None = None, docs: bool = Fals
     app.add_exception_handler(StarletteHTTPException, http_error)
     if access is not None:
         app.add_middleware(Guard, access=access)
+    app.add_middleware(BodyLimit, max_bytes=service.cfg.max_body_bytes)  # outside the guard: before any reading
     metrics = service.metrics
 
     @app.middleware("http")  # outside the guard: refused requests are counted too
@@ -261,20 +318,26 @@ def _add_query_routes(app: FastAPI, service: Service) -> None:
             except UnknownNoteError:
                 raise HTTPException(404, f"unknown note id {request.note_id!r}") from None
         else:
-            vectors, cuts = await service.embed([request.note])
+            vectors, cuts = await service.embed([request.note], [("body", "note")])
             query, truncated = vectors[0], cuts[0]
         hits = (await asyncio.to_thread(index.search, query[None], request.k, [request.note_id]))[0]
         return {"k": request.k, "results": _hits(hits), "truncated": truncated}
 
     @app.get("/healthz")
-    async def healthz():
+    async def healthz():  # liveness: attributes only, never the model, the queue or a lock
         export = service.encoder.export
         generator = service.generator
-        return {"status": "ok", "index_size": len(index), "dim": index.dim, "run": export.meta.get("run"),
+        return {"status": "ok", "ready": service.ready, "index_size": len(index), "dim": index.dim, "run": export.meta.get("run"),
                 "buckets": service.encoder.embedder.buckets, "row_buckets": service.encoder.embedder.row_buckets,
                 "max_batch_size": cfg.max_batch_size, "index_repairs": index.repairs,
                 "index_skipped_deletes": len(index.skipped_deletes),
                 "generation": None if generator is None else {"constrained_categories": generator.constrained}}
+
+    @app.get("/readyz")
+    async def readyz():
+        if not service.ready:
+            return JSONResponse({"ready": False, "detail": "warming up: compiling the model's shapes"}, 503)
+        return {"ready": True, "index_size": len(index)}
 
     @app.get("/metrics")
     async def prometheus():
@@ -288,7 +351,7 @@ def _add_query_routes(app: FastAPI, service: Service) -> None:
 def _add_note_routes(app: FastAPI, index: LiveIndex, service: Service) -> None:
     @app.put("/notes/{note_id:path}")
     async def put_note(note: NoteIn, note_id: str = NoteId):
-        vectors, cuts = await service.embed([note])
+        vectors, cuts = await service.embed([note], [("body",)])
         created = note_id not in index
         await asyncio.to_thread(index.upsert, note_id, vectors[0], note.title, note.category)
         return {"id": note_id, "acknowledged": True, "created": created, "truncated": cuts[0],
@@ -312,10 +375,12 @@ def _add_note_routes(app: FastAPI, index: LiveIndex, service: Service) -> None:
 def _add_generation_and_admin_routes(app: FastAPI, service: Service) -> None:
     @app.post("/generate")
     async def generate(request: GenerateRequest):
+        check_notes([request.note], service.cfg, [("body", "note")])
         if service.generator is None:
             raise HTTPException(404, "no generation model is loaded: start the service with --generate")
+        note, tasks = request.note.to_note(), list(dict.fromkeys(request.tasks))
         try:
-            return await service.generator.generate(request.note.to_note(), list(dict.fromkeys(request.tasks)))
+            return await service.gate.run(lambda: service.generator.generate(note, tasks))
         except PromptTooLongError as e:
             raise HTTPException(422, str(e)) from None
 

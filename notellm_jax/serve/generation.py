@@ -40,7 +40,7 @@ class NoteGenerator:
         self.penalty = config.generation.repetition_penalty
         self.budget = {"category": decode_budget(config, self.trie), "hashtag": decode_budget(config, None)}
         self.batchers = {task: Batcher(functools.partial(self._decode, task), lambda _: self.length, self.batch_size,
-                                       config.serve.max_wait_ms / 1000) for task in TASKS}
+                                       config.serve.max_wait_ms / 1000, rows=(self.batch_size,)) for task in TASKS}
 
     @property
     def constrained(self) -> bool:
@@ -73,7 +73,8 @@ class NoteGenerator:
     async def generate(self, note: Note, tasks: Sequence[str]) -> dict[str, Any]:
         """{task: {text, finished} or None (no prompt: see `skipped`), truncated, skipped}; PromptTooLongError
         if a prompt cannot fit prompt.max_length."""
-        prompts = {task: generation_prompt(note, task, self.gen.tokenizer, self.gen.prompt) for task in tasks}
+        prompts = await asyncio.to_thread(  # tokenising off the event loop: it keeps answering meanwhile
+            lambda: {task: generation_prompt(note, task, self.gen.tokenizer, self.gen.prompt) for task in tasks})
         kept = {task: example for task, example in prompts.items() if example is not None}
         rows = await asyncio.gather(*(self.batchers[task].submit([ex.input_ids]) for task, ex in kept.items()))
         out: dict[str, Any] = {task: None for task in tasks}

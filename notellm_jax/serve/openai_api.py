@@ -75,7 +75,8 @@ def add_openai_routes(app: FastAPI, service) -> None:
             raise HTTPException(422, f"{len(request.input)} inputs in one request; at most "
                                      f"serve.max_notes_per_request={limit}")
         notes = [NoteIn(**text_note(text)) for text in request.input]
-        vectors, _, tokens = await service.embed_counted(notes)
+        where = [("body", "input", i) for i in range(len(notes))]
+        vectors, _, tokens = await service.embed_counted(notes, where, content_locs=where)
         data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, request.encoding_format)}
                 for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": served,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import dataclasses
+import json
 import os
 import socket
 import threading
@@ -140,7 +142,7 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(setup, method, pa
 
 def test_long_text_is_cut_as_in_training_and_said_so(setup):
     client, config, export, *_ = setup
-    long = {"title": "espresso " * 200, "content": "crema and bitterness " * 3000, "topics": [], "category": "c"}
+    long = {"title": "espresso " * 200, "content": "crema and bitterness " * 900, "topics": [], "category": "c"}
     body = client.post("/embed", json={"notes": [long]}).json()
     assert body["truncated"] == [True]
     encoder = setup[5].encoder
@@ -152,6 +154,7 @@ def test_long_text_is_cut_as_in_training_and_said_so(setup):
 
 def test_concurrent_requests_are_batched_and_metrics_exported(setup):
     client, *_, notes, service = setup
+    assert client.get("/readyz").json() == {"ready": True, "index_size": len(service.index)}
     before = service.metrics.batch_size.collect()[0]
     count_before = next(s.value for s in before.samples if s.name.endswith("_count"))
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -163,7 +166,10 @@ def test_concurrent_requests_are_batched_and_metrics_exported(setup):
     text = client.get("/metrics").text
     assert 'notellm_requests_total{endpoint="/similar",method="POST",status="200"}' in text
     assert "notellm_request_latency_seconds_bucket" in text and "notellm_index_size 12.0" in text
-    assert "notellm_embed_batch_size_bucket" in text
+    for name in ("te_batch_next_size_bucket", "te_batch_next_tokens_bucket", "te_embed_queue_duration_bucket",
+                 "te_embed_inference_duration_bucket", "te_embed_tokenization_duration_bucket", "notellm_batch_fill_bucket",
+                 "te_queue_size", "notellm_requests_in_flight"):
+        assert name in text, name
 
 
 def numpy_recall(index: LiveIndex, vectors: np.ndarray, sample: int) -> float:
@@ -359,3 +365,81 @@ def test_slash_ids_in_process_and_put_of_a_plain_string_note(setup):
     assert client.get("/notes/site%2F3").json()["id"] == "site/3"
     assert client.put("/notes/a/b/c", json={"content": "grinder burrs"}).json()["created"]
     assert client.delete("/notes/a%2Fb%2Fc").json()["deleted"] and client.get("/notes/a/b/c").status_code == 404
+
+
+class HeldEncoder:
+    """The module's real encoder, except that each `encode` call first signals `entered` and waits for `release`:
+    the tests order events by these, never by timing."""
+
+    def __init__(self, encoder):
+        self._encoder, self.entered, self.release = encoder, threading.Semaphore(0), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._encoder, name)
+
+    def encode(self, note, report_cuts=False):
+        self.entered.release()
+        assert self.release.wait(120), "the test never released the encoder"
+        return self._encoder.encode(note, report_cuts=report_cuts)
+
+
+def test_a_burst_beyond_the_limit_gets_429s_and_every_200_is_right(setup):
+    _, config, _, emb, notes, service = setup
+    held = HeldEncoder(service.encoder)
+    live = Service(held, service.index, dataclasses.replace(config.serve, max_concurrent_requests=3, retry_after_s=2))
+    _, offline = read_embeddings(emb)
+    with TestClient(create_app(live)) as client, concurrent.futures.ThreadPoolExecutor(3) as pool:
+        admitted = [pool.submit(client.post, "/embed", json={"notes": [note_json(notes[i])]}) for i in range(3)]
+        for _ in range(6000):  # bounded: all three are admitted (one tokenising, two queued for the tokeniser)
+            if live.gate.in_flight == 3:
+                break
+            time.sleep(0.01)
+        assert live.gate.in_flight == 3 and held.entered.acquire(timeout=60)
+        refused = [client.post("/embed", json={"notes": [note_json(notes[5])]}) for _ in range(4)]
+        assert [r.status_code for r in refused] == [429] * 4
+        assert all(r.headers["retry-after"] == "2" and "max_concurrent_requests=3" in r.json()["detail"]
+                   for r in refused)
+        held.release.set()
+        answers = [f.result(timeout=120) for f in admitted]
+        assert [a.status_code for a in answers] == [200] * 3
+        for i, answer in enumerate(answers):  # nothing lost or swapped: each is its own note's offline vector
+            np.testing.assert_allclose(answer.json()["embeddings"][0], offline[i], atol=2e-5)
+        assert client.post("/embed", json={"notes": [note_json(notes[5])]}).status_code == 200  # admitted again
+        assert 'status="429"' in client.get("/metrics").text
+
+
+def test_healthz_answers_while_a_maximum_size_request_is_tokenised(setup):
+    _, config, _, _, _, service = setup
+    cfg = config.serve
+    held = HeldEncoder(service.encoder)
+    live = Service(held, service.index, cfg)
+    biggest = {"title": "t" * cfg.max_title_chars, "content": "brew " * (cfg.max_content_chars // 5),
+               "category": "c" * cfg.max_category_chars, "topics": ["brewing", "espresso"]}
+    body = {"notes": [biggest] * cfg.max_notes_per_request}  # topics short: all of them go into the prompt
+    assert len(json.dumps(body)) <= cfg.max_body_bytes  # the largest request the limits let through
+    with TestClient(create_app(live)) as client, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        big = pool.submit(client.post, "/embed", json=body)
+        while not held.entered.acquire(timeout=0.1):  # until the big request is on the tokeniser thread
+            assert not big.done(), big.result().text
+        health = client.get("/healthz")
+        assert health.status_code == 200 and health.json()["ready"] and not big.done()
+        assert client.get("/readyz").status_code == 200 and not big.done()
+        held.release.set()
+        answer = big.result(timeout=300)
+        assert answer.status_code == 200 and all(answer.json()["truncated"])
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/embed", {"notes": [{"title": "a"}, {"title": "t" * 2001}]}, "body.notes.1.title"),
+    ("/similar", {"note": {"content": "c" * 20_001}, "k": 2}, "body.note.content"),
+    ("/generate", {"note": {"content": "c", "topics": ["t"] * 17}}, "body.note.topics"),
+    ("/v1/embeddings", {"input": ["ok", "c" * 20_001], "model": "m"}, "body.input.1"),
+])
+def test_field_caps_and_the_body_cap(setup, path, body, field):
+    client = setup[0]
+    if path == "/v1/embeddings":
+        body["model"] = client.get("/v1/models").json()["data"][0]["id"]
+    response = client.post(path, json=body)
+    assert response.status_code == 422 and response.json()["message"].startswith(field), response.text
+    huge = client.post(path, content=b"{" + b" " * 10_000_000 + b"}", headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and "serve.max_body_bytes=2097152" in huge.json()["detail"]
