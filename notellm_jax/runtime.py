@@ -34,6 +34,19 @@ def fake_devices(n: int) -> None:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def enable_compilation_cache(folder: str | Path) -> Path:
+    """JAX's persistent compilation cache in `folder`: every program compiled from now on is written there and
+    read back by the next process that compiles the same program, so a restarted service loads its shapes
+    instead of compiling them. Call before the first compile."""
+    import jax  # here, not at the top: this module is imported before jax may be (fake_devices)
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # the default (1 s) skips small shapes
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder
+
+
 def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."): the first `model name` of /proc/cpuinfo,
     else the platform's processor string, else the architecture. Every reported timing names it, since this

@@ -1,9 +1,12 @@
 """`notellm serve --config ... --export DIR --index DIR [--embeddings DIR] [--generate [--constrain-categories]]
 [--host --port] [--api-key-file F] [--allowed-hosts H,...] [--docs]` (= `python -m notellm_jax.serve ...`).
 
-Opens the live index in --index (or, when that folder holds none yet, builds it from the offline
-embeddings in --embeddings, with titles and categories from <data_dir>/notes.parquet when present), loads
-the export, compiles every length bucket, then serves on --host:--port (loopback by default). With
+Binds --host:--port first (loopback by default; a port in use fails at once), answering /healthz (alive) and
+/readyz (503, what is loading) while it opens the live index in --index (or, when that folder holds none yet,
+builds it from the offline embeddings in --embeddings, with titles and categories from <data_dir>/notes.parquet
+when present), loads the export and compiles every length bucket, through JAX's persistent compilation cache
+(`serve.compilation_cache_dir`, default <paths.cache_dir>/jax_compilation: a restart loads compiled programs),
+then serves (`serve.startup`). With
 --generate the same export also generates each note's category and hashtags (POST /generate), with the
 `generation` settings of the config; the category is constrained to the training notes' categories
 (<data_dir>/split.json) with --constrain-categories or generation.constrain_categories, as in `notellm generate`.
@@ -13,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 import uvicorn
 
 from notellm_jax.data import store
 from notellm_jax.errors import MissingInputError
+from notellm_jax.runtime import enable_compilation_cache
 from notellm_jax.infer.encoder import note_encoder
 from notellm_jax.infer.generator import closed_categories
 from notellm_jax.serve.access import KEYS_ENV, Access, warn_if_exposed
@@ -26,10 +31,12 @@ from notellm_jax.serve.batching import row_buckets
 from notellm_jax.serve.generation import NoteGenerator
 from notellm_jax.serve.index import LiveIndex, index_from_embeddings
 from notellm_jax.serve.index_files import holds_index
+from notellm_jax.serve.startup import Starting, bind
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--export", help="NoteLLM export folder (default <work_dir>/export)")
+    parser.add_argument("--export", help="NoteLLM export folder (default <work_dir>/export as `notellm train` "
+                        "writes it, else <work_dir>/models/notellm/export as `notellm job` does)")
     parser.add_argument("--index", required=True, help="live index folder (built from --embeddings if empty)")
     parser.add_argument("--embeddings", help="offline embeddings folder to build a new index from")
     parser.add_argument("--generate", action="store_true", help="also serve generated categories and hashtags")
@@ -67,17 +74,61 @@ def open_generator(args: argparse.Namespace, config, export):
     return NoteGenerator(config, export, closed_categories(config) if constrain else None)
 
 
+def default_export(config) -> Path:
+    """Where the export is when --export is not given: `notellm train`'s <work_dir>/export, else the main job's
+    <work_dir>/models/notellm/export; neither: a MissingInputError naming both."""
+    candidates = (config.work_dir / "export", config.work_dir / "models" / "notellm" / "export")
+    for folder in candidates:
+        if (folder / "notellm.json").is_file():
+            return folder
+    raise MissingInputError(f"no NoteLLM export in {candidates[0]} (`notellm train` writes it) or {candidates[1]} "
+                            "(`notellm job` writes it): train first, or give --export")
+
+
+def compilation_cache(config) -> Path | None:
+    folder = config.serve.compilation_cache_dir
+    if folder == "off":
+        return None
+    return enable_compilation_cache(folder or Path(config.paths.cache_dir).expanduser() / "jax_compilation")
+
+
+def loader(args: argparse.Namespace, config, access: Access, opened: list) -> Callable:
+    """What `Starting` runs behind the bound port: the index, the export, the app (`opened` gets the index, for
+    the caller to close)."""
+    def load(report: Callable[[str], None]):
+        report(f"opening the live index {args.index}")
+        index = open_index(config, Path(args.index), args.embeddings)
+        opened.append(index)
+        repaired = f"; {len(index.repairs)} torn log tail(s) cut off, see the warning above" if index.repairs else ""
+        report(f"index {args.index}: {len(index)} notes (replayed {index.replayed} log records{repaired})")
+        cache = compilation_cache(config)
+        export = Path(args.export) if args.export else default_export(config)
+        report(f"loading the export {export} (compilation cache: {cache or 'off'})")
+        batch = config.serve.max_batch_size
+        encoder = note_encoder(config, export, batch_size=batch, row_buckets=row_buckets(batch))
+        service = Service(encoder, index, config.serve, open_generator(args, config, export))
+        return create_app(service, access, args.docs)
+    return load
+
+
 def run(args: argparse.Namespace, config) -> None:
     access = Access.from_options(args.api_key_file, args.allowed_hosts, args.host)  # a bad keys file stops here
     warn_if_exposed(args.host, access)
-    index = open_index(config, Path(args.index), args.embeddings)
-    repaired = f"; {len(index.repairs)} torn log tail(s) cut off, see the warning above" if index.repairs else ""
-    print(f"[serve] index {args.index}: {len(index)} notes (replayed {index.replayed} log records{repaired})", flush=True)
-    export = args.export or config.work_dir / "export"
-    batch = config.serve.max_batch_size
-    encoder = note_encoder(config, export, batch_size=batch, row_buckets=row_buckets(batch))
-    app = create_app(Service(encoder, index, config.serve, open_generator(args, config, export)), access, args.docs)
+    sock = bind(args.host, args.port)  # before any loading: a port in use fails at once
+    print(f"[serve] listening on {args.host}:{args.port}; /healthz answers now, /readyz once warmed up", flush=True)
+    opened: list = []
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        server.should_exit = True
+
+    starting = Starting(loader(args, config, access, opened), on_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(starting, log_level="warning", lifespan="on"))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        server.run(sockets=[sock])
     finally:
-        index.close()
+        for index in opened:
+            index.close()
+        sock.close()
+    if starting.failure is not None:
+        raise starting.failure

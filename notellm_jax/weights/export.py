@@ -61,8 +61,8 @@ def load_notellm(path: str | Path, mesh=None) -> NoteLLMExport:
     path = Path(path).absolute()
     meta_file = path / "notellm.json"
     if not meta_file.is_file():
-        raise MissingInputError(f"{path} is not a NoteLLM export (no notellm.json); training writes one "
-                                f"under <work_dir>/export")
+        raise MissingInputError(f"{path} is not a NoteLLM export (no notellm.json); `notellm train` writes one "
+                                "in <work_dir>/export, `notellm job` in <work_dir>/models/notellm/export")
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
