@@ -35,6 +35,8 @@ pytest.importorskip("scann")
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
+ADMIN_KEY, READ_KEY = "admin-" + "e2e" * 6, "read-" + "e2e" * 6
+AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def free_port() -> int:
@@ -56,17 +58,23 @@ class Server:
         cmd = [sys.executable, "-m", "notellm_jax.serve", "--config", TINY, "--set", f"paths.work_dir={self.work}",
                "--set", "serve.max_batch_size=4", "--set", "embed.length_buckets=2", "--export", str(self.export),
                "--index", str(self.work / "index"), "--embeddings", str(self.emb), "--port", str(self.port),
-               "--generate", "--constrain-categories"]
+               "--generate", "--constrain-categories", "--api-key-file", str(self.work / "keys"),
+               "--set", f"serve.compilation_cache_dir={self.work / 'jax_cache'}"]
+        (self.work / "keys").write_text(f"admin {ADMIN_KEY}\nread {READ_KEY}\n")
         self.log = open(self.work / "server.log", "ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60, headers=AUTH)
+        self.loading_seen = False  # /healthz answered while /readyz said loading
         deadline = time.time() + timeout
         while time.time() < deadline:  # bounded: the server is up, or it died, or the deadline passed
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}: {(self.work / 'server.log').read_text()}")
             try:
-                if self.client.get("/healthz").status_code == 200:
+                if self.client.get("/readyz").status_code == 200:  # /healthz answers from the bind on
                     return
+                health = self.client.get("/healthz")
+                self.loading_seen |= health.status_code == 200 and health.json()["ready"] is False
+                time.sleep(0.2)
             except httpx.TransportError:
                 time.sleep(0.5)
         self.kill9()  # never leave a server behind
@@ -127,6 +135,19 @@ def test_embed_upsert_find_delete_on_loopback(server):
     assert client.get("/healthz").json()["index_size"] == 12
 
 
+def test_bound_before_loading_and_a_port_in_use_fails_at_once(server):
+    srv, _ = server
+    assert srv.loading_seen  # /healthz answered 200 ("ready": false) while /readyz said 503 during the load
+    assert httpx.get(f"http://127.0.0.1:{srv.port}/embed").status_code == 401  # keys: no key, no answer
+    taken = subprocess.run([sys.executable, "-m", "notellm_jax.serve", "--config", TINY, "--set",
+                            f"paths.work_dir={srv.work}", "--export", str(srv.export), "--index",
+                            str(srv.work / "index"), "--port", str(srv.port)], cwd=REPO, capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert taken.returncode != 0 and f"cannot bind 127.0.0.1:{srv.port}" in taken.stderr
+    assert "loading the export" not in taken.stdout  # refused before anything was loaded
+    assert list((srv.work / "jax_cache").iterdir())  # the compiled shapes went to the persistent cache
+
+
 def test_generation_equals_the_offline_generate_tool(server):
     """Same export, notes and generation settings (constrained categories, greedy, max_new_tokens) as
     `notellm generate --constrain-categories --split test`; the server pads and batches differently."""
@@ -179,7 +200,9 @@ def test_page_in_headless_chromium(server, tmp_path):
     srv, notes = server
     driver = chromium_driver(tmp_path / "profile")
     try:
-        driver.get(f"http://127.0.0.1:{srv.port}/")
+        driver.get(f"http://127.0.0.1:{srv.port}/")  # the page itself is open; its requests carry the key
+        assert not driver.find_element(By.ID, "admin").is_displayed()
+        driver.find_element(By.ID, "api_key").send_keys(ADMIN_KEY)
         driver.find_element(By.ID, "title").send_keys(notes[4].title)
         driver.find_element(By.ID, "content").send_keys(notes[4].content)
         driver.find_element(By.ID, "topics").send_keys(", ".join(notes[4].topics))
@@ -206,13 +229,53 @@ def test_page_in_headless_chromium(server, tmp_path):
         driver.find_element(By.ID, "search").click()
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "error 422"))
         assert "exceeds serve.max_k=100" in driver.find_element(By.ID, "status").text
+        add_and_delete_on_the_page(driver, srv)
     finally:
         driver.quit()
 
 
+def add_and_delete_on_the_page(driver, srv) -> None:
+    """With the admin key entered: add a note with a category, delete it after a dismissed and an accepted
+    confirmation, then a title over its cap shows the 422 naming the field."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, 60)
+    wait.until(ec.visibility_of_element_located((By.ID, "admin")))
+    for field, value in (("note_id", "page/added-1"), ("title", "Descaling a kettle with citric acid"),
+                         ("content", "two spoons in water, boil, rinse"), ("topics", "kettle"),
+                         ("category", "appliances")):
+        driver.find_element(By.ID, field).clear()
+        driver.find_element(By.ID, field).send_keys(value)
+    driver.find_element(By.ID, "add").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "added note page/added-1"))
+    assert srv.client.get("/notes/page/added-1").json() == {
+        "id": "page/added-1", "title": "Descaling a kettle with citric acid", "category": "appliances"}
+    driver.find_element(By.ID, "delete").click()
+    wait.until(ec.alert_is_present())
+    assert "page/added-1" in driver.switch_to.alert.text
+    driver.switch_to.alert.dismiss()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "not deleted"))
+    assert srv.client.get("/notes/page/added-1").status_code == 200
+    driver.find_element(By.ID, "delete").click()
+    wait.until(ec.alert_is_present())
+    driver.switch_to.alert.accept()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "deleted note page/added-1"))
+    assert srv.client.get("/notes/page/added-1").status_code == 404
+    driver.find_element(By.ID, "note_id").clear()
+    driver.find_element(By.ID, "k").clear()
+    driver.find_element(By.ID, "k").send_keys("3")  # k itself in range: the title is what is refused
+    limit = srv.config.serve.max_title_chars
+    driver.execute_script(f"document.getElementById('title').value = 'x'.repeat({limit + 1})")
+    driver.find_element(By.ID, "search").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "error 422: body.note.title"))
+    assert f"serve.max_title_chars={limit}" in driver.find_element(By.ID, "status").text
+
+
 def stream_upserts(port: int, writer: int, acknowledged: list[str], stop: threading.Event, limit: int) -> None:
     """PUT notes one after another until the server dies, `stop` is set or `limit` notes were sent."""
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=AUTH) as client:
         for i in range(limit):
             if stop.is_set():
                 return
