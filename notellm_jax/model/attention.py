@@ -10,8 +10,11 @@
   padding expressed as segment ids (real tokens 1, pads 0), vmapped over batch and KV heads with the
   GQA groups as the MQA kernel's heads. On a backend other than TPU it runs in Pallas interpret mode
   (tests). It needs self-attention without a cache and a length that is a multiple of 128; calls that are
-  not (the decode cache) use "dot_product". The kernel sees only causal + padding: a mask with anything
-  else in it (a sliding window) is not expressed.
+  not (the decode cache) use "dot_product". The kernel sees only causal + padding, so configs with a
+  sliding window (Mistral, Gemma) or attention-logit soft-capping (Gemma 2) refuse it (`LlamaConfig`).
+
+Scores are scaled by `scale` (1/sqrt(head_dim) unless a config's `query_pre_attn_scalar` says otherwise);
+attention-logit soft-capping (Gemma 2) exists in "einsum" only (`dot_product` refuses it).
 
 q: [B, T, H, D] (RoPE applied), k and v: [B, S, K, D]; allowed: [B, T, S] bool; key_mask: [B, S] (1 = real
 token). Every implementation returns [B, T, H, D] in the compute dtype. Rows whose keys are all masked
@@ -34,16 +37,21 @@ logger = logging.getLogger(__name__)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, key_mask: jax.Array, *,
-           implementation: str, precision: Precision) -> jax.Array:
+           implementation: str, precision: Precision, scale: float | None = None,
+           softcap: float | None = None) -> jax.Array:
+    """scale: of the scores (default 1/sqrt(head_dim)); softcap (einsum only): scores -> c tanh(scores / c)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention {implementation!r} not in {IMPLEMENTATIONS}")
-    # Fold 1/sqrt(d) into q (in float32, then one rounding) instead of scaling the [.., T, S] scores.
-    q = (q.astype(jnp.float32) * (q.shape[-1] ** -0.5)).astype(precision.compute)
+    if softcap is not None and implementation != "einsum":
+        raise ValueError(f"attention {implementation!r} has no logit soft-capping: use 'einsum'")
+    # Fold the scale into q (in float32, then one rounding) instead of scaling the [.., T, S] scores.
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q = (q.astype(jnp.float32) * scale).astype(precision.compute)
     k, v = k.astype(precision.compute), v.astype(precision.compute)
     if implementation == "splash" and not splash_applies(q.shape[1], k.shape[1]):
         implementation = "dot_product"
     if implementation == "einsum":
-        return _einsum(q, k, v, allowed, precision)
+        return _einsum(q, k, v, allowed, precision, softcap)
     if implementation == "dot_product":
         return _dot_product(q, k, v, allowed)
     return _splash(q, k, v, key_mask)
@@ -53,11 +61,13 @@ def splash_applies(query_length: int, key_length: int) -> bool:
     return query_length == key_length and query_length % SPLASH_BLOCK == 0
 
 
-def _einsum(q, k, v, allowed, precision: Precision):
+def _einsum(q, k, v, allowed, precision: Precision, softcap: float | None = None):
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    if softcap is not None:  # Gemma 2
+        scores = jnp.tanh(scores / softcap) * softcap
     # A large finite negative keeps fully masked rows (leading pads) NaN-free.
     scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min / 2)
     probs = jax.nn.softmax(scores, axis=-1).astype(precision.compute)

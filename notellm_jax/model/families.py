@@ -20,11 +20,18 @@ _HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
               "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "max_position_embeddings",
               "tie_word_embeddings", "bos_token_id", "eos_token_id")
 # HF fields that change the architecture, with the only value this port implements.
-_HF_REQUIRED = {"hidden_act": "silu", "mlp_bias": False, "pretraining_tp": 1, "partial_rotary_factor": 1.0,
+_HF_REQUIRED = {"mlp_bias": False, "pretraining_tp": 1, "partial_rotary_factor": 1.0,
                 "use_sliding_window": False}
-# The other config.json fields `from_hf_dict` interprets (family, biases, RoPE scaling, windows, layer kinds).
+# Gemma's fields copied one to one (config.json name -> LlamaConfig name).
+_HF_GEMMA_FIELDS = {"query_pre_attn_scalar": "query_pre_attn_scalar", "attn_logit_softcapping":
+                    "attn_logit_softcapping", "final_logit_softcapping": "final_logit_softcapping",
+                    "rope_local_base_freq": "rope_local_theta"}
+# The other config.json fields `from_hf_dict` interprets (family, biases, RoPE scaling, windows, layer kinds,
+# the MLP activation under its two names).
 _HF_INTERPRETED = ("model_type", "attention_bias", "rope_scaling", "sliding_window", "max_window_layers",
-                   "layer_types")
+                   "layer_types", "hidden_act")
+_HF_GEMMA_INTERPRETED = ("hidden_activation", "sliding_window_pattern", "_sliding_window_pattern",
+                         *_HF_GEMMA_FIELDS)  # known in Gemma families only
 _LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
@@ -33,20 +40,41 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 @dataclasses.dataclass(frozen=True)
 class Family:
     """What a Hugging Face `model_type` fixes: its transformers class, its attention-projection biases
-    ((q/k/v, o), or None where config.json's `attention_bias` sets both), per-head q/k RMSNorm, and
-    whether config.json's `sliding_window` applies."""
+    ((q/k/v, o), or None where config.json's `attention_bias` sets both), per-head q/k RMSNorm, whether
+    config.json's `sliding_window` applies, the LlamaConfig fields of `FIXED_FIELDS` it sets (`fixed`; the
+    others keep their defaults), the optional fields it may set (`optional`), and HF's config-class
+    defaults for architecture fields a config.json may leave out (`hf_defaults`)."""
     architecture: str
     biases: tuple[bool, bool] | None
     qk_norm: bool
     sliding_window: bool
+    fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
+    optional: frozenset[str] = frozenset()
+    hf_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+
+# Architecture switches a family fixes (Gemma's block and MLP); every other family keeps the defaults.
+FIXED_FIELDS = ("hidden_act", "norm_unit_offset", "sandwich_norms", "scale_embeddings")
+_GEMMA = dict(hidden_act="gelu_pytorch_tanh", norm_unit_offset=True, sandwich_norms=True, scale_embeddings=True)
+_GEMMA_OPTIONAL = frozenset({"query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                             "layer_types"})
+_GEMMA_DEFAULTS = dict(rms_norm_eps=1e-6, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+                       tie_word_embeddings=True)
 
 FAMILIES = {
     "llama": Family("LlamaForCausalLM", None, False, False),
     "qwen2": Family("Qwen2ForCausalLM", (True, False), False, False),  # q/k/v bias always, no o bias
     "qwen3": Family("Qwen3ForCausalLM", None, True, False),
     "mistral": Family("MistralForCausalLM", (False, False), False, True),
+    "gemma2": Family("Gemma2ForCausalLM", (False, False), False, True, _GEMMA, _GEMMA_OPTIONAL,
+                     {**_GEMMA_DEFAULTS, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    # Gemma 3: transformers' attention ignores config.json's attn_logit_softcapping, and so does this port.
+    "gemma3_text": Family("Gemma3ForCausalLM", (False, False), True, True, _GEMMA,
+                          _GEMMA_OPTIONAL - {"attn_logit_softcapping"} | {"rope_local_theta"},
+                          {**_GEMMA_DEFAULTS, "rope_theta": 1e6, "rope_local_base_freq": 10000.0}),
 }
+LAYER_TYPES = ("sliding_attention", "full_attention")
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +93,8 @@ class LlamaConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     model_type: str = "llama"            # the HF family (FAMILIES): decides the export's class and config
-    # RoPE frequencies: "default" (theta only) or "llama3" (LLaMA-3.1/3.2 scaling with the fields below).
+    # RoPE frequencies: "default" (theta only), "linear" (divided by rope_factor: Gemma 3's global layers) or
+    # "llama3" (LLaMA-3.1/3.2 scaling with the fields below).
     rope_type: str = "default"
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
@@ -74,7 +103,22 @@ class LlamaConfig:
     attention_bias: bool = False         # biases on q/k/v (Qwen2, or LLaMA/Qwen3 with attention_bias)
     attention_out_bias: bool = False     # bias on o (LLaMA/Qwen3 with attention_bias)
     qk_norm: bool = False                # per-head RMSNorm on q and k before RoPE (Qwen3)
-    sliding_window: int | None = None    # Mistral: a query sees the last `sliding_window` positions
+    sliding_window: int | None = None    # a query sees the last `sliding_window` positions (Mistral, Gemma)
+    # Gemma 2/3 (all defaults: off). The MLP's activation ("silu" SwiGLU, "gelu_pytorch_tanh" GeGLU);
+    # RMSNorm scaling by (1 + scale); a norm on the attention and MLP outputs too (four per block);
+    # token embeddings times sqrt(hidden_size) (rounded to the compute dtype, as HF does).
+    hidden_act: str = "silu"
+    norm_unit_offset: bool = False
+    sandwich_norms: bool = False
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None    # attention scale 1/sqrt(this) (None: 1/sqrt(head_dim))
+    attn_logit_softcapping: float | None = None   # scores -> c * tanh(scores / c) before the mask (Gemma 2)
+    final_logit_softcapping: float | None = None  # the LM head's logits likewise (Gemma 2)
+    # Per layer "sliding_attention" (the window applies) or "full_attention"; None: the window, if any,
+    # applies to every layer (Mistral). Sliding layers use RoPE base `rope_local_theta` without scaling
+    # when it is set (Gemma 3), the global base and scaling otherwise.
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
     # Runtime choices, not part of the checkpoint.
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
@@ -98,7 +142,25 @@ class LlamaConfig:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention {self.attention!r} not in {ATTENTION_IMPLEMENTATIONS}")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} not in {HIDDEN_ACTS}")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))  # hashable (jit static argument)
+            if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - set(LAYER_TYPES):
+                raise ValueError(f"layer_types must give one of {LAYER_TYPES} for each of the "
+                                 f"{self.num_hidden_layers} layers, got {self.layer_types}")
         self._check_family()
+        self._check_attention_implementation()
+
+    def _check_attention_implementation(self) -> None:
+        """splash's kernel sees causal + padding only; jax.nn.dot_product_attention has no logit soft-cap."""
+        softcap = self.attn_logit_softcapping is not None
+        if self.attention == "splash" and (self.sliding_window is not None or softcap):
+            raise ValueError("attention 'splash' expresses causal + padding masks only: a sliding window or "
+                             "attention-logit soft-capping needs attention 'einsum' (or 'dot_product' without "
+                             "soft-capping)")
+        if self.attention == "dot_product" and softcap:
+            raise ValueError("attention 'dot_product' has no attention-logit soft-capping: use 'einsum'")
 
     def _check_family(self) -> None:
         """Every config is one HF family's architecture, so that save_hf can write it as that family."""
@@ -113,8 +175,17 @@ class LlamaConfig:
             raise ValueError(f"{self.model_type}: qk_norm={self.qk_norm}, the family has {family.qk_norm}")
         if self.sliding_window is not None and (not family.sliding_window or self.sliding_window < 1):
             raise ValueError(f"{self.model_type}: sliding_window={self.sliding_window} is not supported")
-        if self.rope_type not in ("default", "llama3"):
-            raise ValueError(f"rope_type {self.rope_type!r} not in ('default', 'llama3')")
+        if self.rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope_type {self.rope_type!r} not in ('default', 'linear', 'llama3')")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in FIXED_FIELDS:
+            if getattr(self, name) != family.fixed.get(name, defaults[name]):
+                raise ValueError(f"{self.model_type}: {name}={getattr(self, name)!r}, the family has "
+                                 f"{family.fixed.get(name, defaults[name])!r}")
+        foreign = sorted(n for n in _GEMMA_OPTIONAL | {"rope_local_theta"}
+                         if n not in family.optional and getattr(self, n) is not None)
+        if foreign:
+            raise ValueError(f"{self.model_type}: {', '.join(foreign)} do not exist in this family")
 
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
@@ -122,6 +193,18 @@ class LlamaConfig:
     @property
     def precision(self) -> Precision:
         return Precision(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype)
+
+    @property
+    def local_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether it is a sliding (local) one: `sliding_window`, if set, applies to it, and so does
+        `rope_local_theta`. Without `layer_types` every layer is."""
+        if self.layer_types is None:
+            return (True,) * self.num_hidden_layers
+        return tuple(kind == "sliding_attention" for kind in self.layer_types)
+
+    @property
+    def attention_scale(self) -> float:
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def padded_vocab_size(self) -> int:
@@ -135,7 +218,7 @@ class LlamaConfig:
         x, m, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
         h, k = self.num_attention_heads, self.num_key_value_heads
         attn = x * d * (2 * h + 2 * k) + self.attention_bias * (h + 2 * k) * d + self.attention_out_bias * x
-        layer = attn + 3 * x * m + 2 * x + self.qk_norm * 2 * d
+        layer = attn + 3 * x * m + (4 if self.sandwich_norms else 2) * x + self.qk_norm * 2 * d
         head = 0 if self.tie_word_embeddings else x * v
         return v * x + self.num_hidden_layers * layer + x + head
 
@@ -147,7 +230,8 @@ class LlamaConfig:
             raise ValueError(f"unsupported config field model_type={model_type!r} (this port implements "
                              f"{', '.join(sorted(FAMILIES))})")
         family = FAMILIES[model_type]
-        _refuse_unsupported(hf)
+        hf = {**family.hf_defaults, **hf}  # what the family's HF config class assumes when a field is absent
+        _refuse_unsupported(hf, family)
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in hf]
         if missing:
@@ -158,20 +242,25 @@ class LlamaConfig:
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         biases = family.biases or (bool(hf.get("attention_bias", False)),) * 2
         window = hf.get("sliding_window") if family.sliding_window else None
-        return cls(**kwargs, **_rope_fields(hf.get("rope_scaling")), model_type=model_type,
-                   attention_bias=biases[0], attention_out_bias=biases[1], qk_norm=family.qk_norm,
-                   sliding_window=window, **runtime)
+        return cls(**kwargs, **_rope_fields(hf.get("rope_scaling")), **_gemma_fields(hf, family),
+                   **family.fixed, model_type=model_type, attention_bias=biases[0], attention_out_bias=biases[1],
+                   qk_norm=family.qk_norm, sliding_window=window, **runtime)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json of this model's family, loadable by its transformers class."""
         out = {k: getattr(self, k) for k in _HF_FIELDS}
-        rope = None if self.rope_type == "default" else {
+        rope = {"default": None, "linear": {"rope_type": "linear", "factor": self.rope_factor}}.get(self.rope_type, {
             "rope_type": "llama3", "factor": self.rope_factor, "low_freq_factor": self.rope_low_freq_factor,
             "high_freq_factor": self.rope_high_freq_factor,
-            "original_max_position_embeddings": self.rope_original_max_position}
+            "original_max_position_embeddings": self.rope_original_max_position})
         out.update(architectures=[FAMILIES[self.model_type].architecture], model_type=self.model_type,
-                   hidden_act="silu", rope_scaling=rope, initializer_range=0.02, torch_dtype="float32",
+                   hidden_act=self.hidden_act, rope_scaling=rope, initializer_range=0.02, torch_dtype="float32",
                    use_cache=True)
+        if FAMILIES[self.model_type].optional:  # Gemma 2 / 3
+            out.update({hf: getattr(self, ours) for hf, ours in _HF_GEMMA_FIELDS.items()
+                        if ours in FAMILIES[self.model_type].optional},
+                       hidden_activation=self.hidden_act, attention_bias=False, sliding_window=self.sliding_window,
+                       layer_types=list(self.layer_types or ["full_attention"] * self.num_hidden_layers))
         if self.model_type in ("llama", "qwen3"):
             out["attention_bias"] = self.attention_bias
         if self.model_type == "llama":
@@ -183,15 +272,32 @@ class LlamaConfig:
         return out
 
 
-def _refuse_unsupported(hf: dict[str, Any]) -> None:
-    for key, expected in _HF_REQUIRED.items():
-        if key in hf and hf[key] != expected:
+def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
+    activation = family.fixed.get("hidden_act", "silu")
+    for key, expected in {**_HF_REQUIRED, "hidden_act": activation, "hidden_activation": activation}.items():
+        if hf.get(key) is not None and hf[key] != expected:
             raise ValueError(f"unsupported config field {key}={hf[key]!r} (this port implements "
                              f"{key}={expected!r})")
     layer_types = hf.get("layer_types") or []
-    if any(kind != "full_attention" for kind in layer_types):
+    allowed = LAYER_TYPES if "layer_types" in family.optional else ("full_attention",)
+    if any(kind not in allowed for kind in layer_types):
         raise ValueError(f"unsupported config field layer_types={sorted(set(layer_types))} (this port "
-                         "implements the same attention in every layer)")
+                         f"implements {list(allowed)} in this family)")
+
+
+def _gemma_fields(hf: dict[str, Any], family: Family) -> dict[str, Any]:
+    """LlamaConfig's Gemma fields from config.json: the soft-caps, the attention scalar, the local RoPE base
+    and the layer pattern (HF's default where config.json has none: Gemma 2 alternates sliding and full
+    layers, Gemma 3 makes every `sliding_window_pattern`-th layer (default 6) full)."""
+    if not family.optional:
+        return {}
+    out = {ours: hf.get(key) for key, ours in _HF_GEMMA_FIELDS.items() if ours in family.optional}
+    n = hf["num_hidden_layers"]
+    period = 2 if "rope_local_theta" not in family.optional else \
+        hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+    out["layer_types"] = tuple(hf.get("layer_types") or
+                               ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)])
+    return out
 
 
 def _rope_fields(scaling: Any) -> dict[str, Any]:
@@ -203,9 +309,13 @@ def _rope_fields(scaling: Any) -> dict[str, Any]:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return {}
+    if kind == "linear":
+        if "factor" not in scaling:
+            raise ValueError("config field rope_scaling (linear) lacks factor")
+        return {"rope_type": "linear", "rope_factor": float(scaling["factor"])}
     if kind != "llama3":
         raise ValueError(f"unsupported config field rope_scaling.rope_type={kind!r} (this port implements "
-                         "'default' and 'llama3')")
+                         "'default', 'linear' and 'llama3')")
     missing = [k for k in _LLAMA3_ROPE if k not in scaling]
     if missing:
         raise ValueError(f"config field rope_scaling (llama3) lacks {', '.join(missing)}")
@@ -287,11 +397,12 @@ _HF_METADATA = frozenset({
     "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
     "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-    "begin_suppress_tokens"})
+    "begin_suppress_tokens", "cache_implementation"})
 # Fields that would change the model, accepted only at the value this port implements.
 _HF_NEUTRAL = {"partial_rotary_factor": 1.0, "attention_dropout": 0.0, "rope_interleaved": False,
                "is_encoder_decoder": False, "add_cross_attention": False, "tie_encoder_decoder": False,
-               "is_decoder": False, "pruned_heads": {}, "cross_attention_hidden_size": None}
+               "is_decoder": False, "pruned_heads": {}, "cross_attention_hidden_size": None,
+               "use_bidirectional_attention": False}
 _HF_COUNTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "max_position_embeddings")
 
@@ -301,6 +412,8 @@ def check_hf_config(hf: dict[str, Any], source: Path | str) -> dict[str, Any]:
     integers that divide as attention needs; neutral-valued fields hold their neutral value; no field is
     unknown. Returns it with `rope_scaling: {"rope_type": "default"}` (HF's spelling of none) as None."""
     known = set(_HF_FIELDS) | set(_HF_REQUIRED) | set(_HF_INTERPRETED) | set(_HF_NEUTRAL) | _HF_METADATA
+    if FAMILIES.get(hf.get("model_type"), FAMILIES["llama"]).optional:
+        known |= set(_HF_GEMMA_INTERPRETED)
     unknown = sorted(k for k in hf if k not in known)
     if unknown:
         raise CheckpointError(f"{source}: unsupported config field(s) {unknown} (not implemented by this LLaMA "

@@ -24,6 +24,7 @@ With `scan_layers` the layers form one subtree `layers/...` with a leading [num_
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -43,20 +44,30 @@ def _dense_init(axes: tuple[str, ...]):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last axis (the hidden size, or head_dim for Qwen3's per-head q/k norms)."""
+    """RMSNorm over the last axis (the hidden size, or head_dim for the per-head q/k norms). With
+    `unit_offset` (Gemma) the stored scale s multiplies as (1 + s) and starts at zero."""
     eps: float
     dtype: Any
     param_dtype: Any
     axis_name: str = "norm"
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis_name,)),
                            (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        # HF order: normalise in float32, cast back to the compute dtype, then scale.
+        if self.unit_offset:  # HF Gemma order: scale in float32, then cast to the compute dtype
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+        # HF LLaMA order: normalise in float32, cast back to the compute dtype, then scale.
         return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def make_norm(cfg: LlamaConfig, name: str, axis_name: str = "norm") -> RMSNorm:
+    return RMSNorm(cfg.rms_norm_eps, cfg.dtype, jnp.dtype(cfg.param_dtype), axis_name, cfg.norm_unit_offset,
+                   name=name)
 
 
 def take_rows(a: Array, index: Array) -> Array:
@@ -72,13 +83,15 @@ def positions_from_mask(attention_mask: Array) -> Array:
 def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
     """The [head_dim / 2] float32 inverse frequencies of RoPE, as transformers computes them.
 
-    `llama3` (LLaMA-3.1/3.2): wavelengths shorter than original_max_position / high_freq_factor are kept,
+    `linear`: every frequency divided by `factor`. `llama3` (LLaMA-3.1/3.2): wavelengths shorter than original_max_position / high_freq_factor are kept,
     those longer than original_max_position / low_freq_factor are divided by `factor`, and the band in
     between is interpolated smoothly (transformers' `_compute_llama3_parameters`; attention factor 1).
     """
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim // 2, dtype=np.float32) * 2.0 / cfg.head_dim))
     if cfg.rope_type == "default":
         return inv_freq
+    if cfg.rope_type == "linear":
+        return (inv_freq / np.float32(cfg.rope_factor)).astype(np.float32)
     factor, low, high = (np.float32(f) for f in (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor))
     context = np.float32(cfg.rope_original_max_position)
     wavelen = np.float32(2 * np.pi) / inv_freq
@@ -136,12 +149,13 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, key_mask: Array, query_slots: Array,
-                 cache: dict[str, Array] | None, query_index: Array | None = None
+                 cache: dict[str, Array] | None, query_index: Array | None = None, local: Array | bool = True
                  ) -> tuple[Array, dict[str, Array] | None]:
         """cache: this layer's {"k", "v"} [B, S, kv_heads, head_dim]; new entries go to the query slots.
 
         query_index [B, P] (no cache): queries only at these positions of x (keys and values at all of
-        them), so the output is [B, P, hidden]: the rows of the full output at those positions."""
+        them), so the output is [B, P, hidden]: the rows of the full output at those positions.
+        local: whether this layer is a sliding-window one (a traced scalar under scan, so no branch)."""
         cfg = self.config
         h, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = lambda feats, axes, name, contract=1, bias=cfg.attention_bias: Projection(  # noqa: E731
@@ -152,11 +166,12 @@ class Attention(nn.Module):
         q = dense((h, d), ("embed", "heads", "head_dim"), "q_proj")(x_query)
         key = dense((k, d), ("embed", "kv_heads", "head_dim"), "k_proj")(x)
         value = dense((k, d), ("embed", "kv_heads", "head_dim"), "v_proj")(x)
-        if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of every q and k head, before RoPE
-            norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, jnp.dtype(cfg.param_dtype),  # noqa: E731
-                                        "head_dim", name=name)
-            q, key = norm("q_norm")(q), norm("k_norm")(key)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: RMSNorm over head_dim of every q and k head, before RoPE
+            q, key = make_norm(cfg, "q_norm", "head_dim")(q), make_norm(cfg, "k_norm", "head_dim")(key)
         inv_freq = rope_frequencies(cfg)
+        if cfg.rope_local_theta is not None:  # Gemma 3: sliding layers' own base, unscaled
+            local_freq = rope_frequencies(cfg.replace(rope_theta=cfg.rope_local_theta, rope_type="default"))
+            inv_freq = jnp.where(local, local_freq, inv_freq)
         q = apply_rope(q, positions, inv_freq)
         key = apply_rope(key, key_positions, inv_freq)
 
@@ -169,14 +184,16 @@ class Attention(nn.Module):
         # [B, Tq, S]: causal over slots, and only real (unpadded) keys.
         allowed = (key_slots[None, None, :] <= query_slots[:, :, None]) & (key_mask[:, None, :] > 0)
         if cfg.sliding_window is not None and cfg.sliding_window < key.shape[1]:
-            # Mistral: only the last `sliding_window` positions (the query's own included), counted in
-            # positions, not cache slots, so pads between a right-padded prompt and its continuation do
-            # not shrink the window. A window no shorter than the keys is plain causal attention.
+            # Sliding layers (Mistral: all; Gemma: `layer_types`): only the last `sliding_window` positions
+            # (the query's own included), counted in positions, not cache slots, so pads between a right-
+            # padded prompt and its continuation do not shrink the window. A window no shorter than the keys
+            # is plain causal attention.
             if cache is not None:
                 key_positions = positions_from_mask(key_mask)
-            allowed &= positions[:, :, None] - key_positions[:, None, :] < cfg.sliding_window
+            allowed &= (positions[:, :, None] - key_positions[:, None, :] < cfg.sliding_window) | ~jnp.asarray(local)
 
-        out = attend(q, key, value, allowed, key_mask, implementation=cfg.attention, precision=cfg.precision)
+        out = attend(q, key, value, allowed, key_mask, implementation=cfg.attention, precision=cfg.precision,
+                     scale=cfg.attention_scale, softcap=cfg.attn_logit_softcapping)
         out = dense((cfg.hidden_size,), ("heads", "head_dim", "embed"), "o_proj", 2, cfg.attention_out_bias)(out)
         return out, cache
 
@@ -192,7 +209,8 @@ class MLP(nn.Module):
             kernel_init=_dense_init(axes), name=name)
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
-        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        act = nn.silu if cfg.hidden_act == "silu" else functools.partial(nn.gelu, approximate=True)
+        hidden = nn.with_logical_constraint(act(gate) * up, ("act_batch", "act_length", "act_mlp"))
         return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(hidden)
 
 
@@ -201,16 +219,22 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, key_mask: Array, query_slots: Array,
-                 cache: dict[str, Array] | None = None, query_index: Array | None = None):
-        """query_index [B, P]: the layer's output only at those positions ([B, P, hidden]; see Attention)."""
+                 cache: dict[str, Array] | None = None, query_index: Array | None = None,
+                 local: Array | bool = True):
+        """query_index [B, P]: the layer's output only at those positions ([B, P, hidden]; see Attention).
+        With `sandwich_norms` (Gemma) the attention and MLP outputs are normalised too (post_attn_norm,
+        post_mlp_norm) and pre_mlp_norm feeds the MLP; otherwise post_attn_norm feeds the MLP (HF's names)."""
         cfg = self.config
-        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.precision.param, name=name)  # noqa: E731
+        norm = lambda name: make_norm(cfg, name)  # noqa: E731
         attn_out, cache = Attention(cfg, name="attn")(norm("input_norm")(x), positions, key_mask, query_slots, cache,
-                                                      query_index)
+                                                      query_index, local)
         if query_index is not None:
             x = take_rows(x, query_index)
+        if cfg.sandwich_norms:
+            attn_out = norm("post_attn_norm")(attn_out)
         x = x + attn_out
-        x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
+        mlp_out = MLP(cfg, name="mlp")(norm("pre_mlp_norm" if cfg.sandwich_norms else "post_attn_norm")(x))
+        x = x + (norm("post_mlp_norm")(mlp_out) if cfg.sandwich_norms else mlp_out)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         return x, cache
 
@@ -229,9 +253,9 @@ class _ScanBody(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, key_mask, query_slots):
+    def __call__(self, x, layer_cache, local, positions, key_mask, query_slots):
         layer = _remat(DecoderLayer, self.config.remat_policy, scanned=True)(self.config, name="layer")
-        x, layer_cache = layer(x, positions, key_mask, query_slots, layer_cache)
+        x, layer_cache = layer(x, positions, key_mask, query_slots, layer_cache, None, local)
         return x, layer_cache
 
 
@@ -247,12 +271,12 @@ class Llama(nn.Module):
         if cfg.scan_layers:
             self.layers = nn.scan(
                 _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
+                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         else:
             layer_cls = _remat(DecoderLayer, cfg.remat_policy, scanned=False)
             self.layers = [layer_cls(cfg) for _ in range(cfg.num_hidden_layers)]
-        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.precision.param)
+        self.norm = make_norm(cfg, "norm")
         if not cfg.tie_word_embeddings:
             self.lm_head = Projection((cfg.padded_vocab_size,), ("embed", "vocab"), 1, cfg.dtype, cfg.precision.param,
                                       precision=cfg.precision)
@@ -272,7 +296,12 @@ class Llama(nn.Module):
         [EMB] position and the supervised positions only). With scanned layers the rows are gathered after.
         """
         cfg = self.config
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
+        if inputs_embeds is None:  # Gemma: the token embeddings times sqrt(hidden), rounded like HF's
+            x = self.embed_tokens(input_ids)
+            if cfg.scale_embeddings:
+                x = x * jnp.asarray(cfg.hidden_size ** 0.5, cfg.dtype)
+        else:  # hidden states entering layer `first_layer` (never scaled)
+            x = inputs_embeds.astype(cfg.dtype)
         b, t = x.shape[:2]
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
@@ -309,11 +338,12 @@ class Llama(nn.Module):
         """Layers [first_layer, last); the last one at `read_positions` only. Returns (x, new_k, new_v)."""
         cfg = self.config
         new_k, new_v = [], []
+        local = jnp.asarray(cfg.local_layers)  # scanned data (or indexed per layer), not a Python branch
         if cfg.scan_layers:
             if (first_layer, last) != (0, cfg.num_hidden_layers):
                 raise ValueError("running a slice of the layers needs scan_layers=False")
             layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-            x, layer_cache = self.layers(x, layer_cache, positions, key_mask, query_slots)
+            x, layer_cache = self.layers(x, layer_cache, local, positions, key_mask, query_slots)
             if cache is not None:
                 new_k, new_v = layer_cache["k"], layer_cache["v"]
             if read_positions is not None:
@@ -324,7 +354,7 @@ class Llama(nn.Module):
             for i in range(first_layer, last):
                 layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
                 query_index = read_positions if i == last - 1 else None
-                x, layer_cache = self.layers[i](x, positions, key_mask, query_slots, layer_cache, query_index)
+                x, layer_cache = self.layers[i](x, positions, key_mask, query_slots, layer_cache, query_index, local[i])
                 if cache is not None:
                     new_k.append(layer_cache["k"])
                     new_v.append(layer_cache["v"])
@@ -344,6 +374,8 @@ class Llama(nn.Module):
             logits = cfg.precision.logits(hidden, self.embed_tokens.embedding, dims)
         else:
             logits = self.lm_head(hidden)
+        if cfg.final_logit_softcapping is not None:  # Gemma 2
+            logits = jnp.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
         if cfg.padded_vocab_size == cfg.vocab_size:
             return logits
         real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size

@@ -1,7 +1,8 @@
-"""GGUF files (e.g. SmolLM2-135M-Instruct.Q4_1): the reader, where a damaged file is cut, the metadata and
-the HF-style config read from it, and the tensors dequantised per slice.
+"""GGUF files (llama, gemma2, gemma3; e.g. SmolLM2-135M-Instruct.Q4_1): the reader, where a damaged file is
+cut, the metadata and the HF-style config read from it, and the tensors dequantised per slice.
 
-llama.cpp stores Q/K in Meta's interleaved RoPE layout; they are seen in HF's rotate-half layout. The
+llama.cpp stores LLaMA's Q/K in Meta's interleaved RoPE layout; they are seen in HF's rotate-half layout.
+Gemma's Q/K are stored in rotate-half already, its RMSNorm weights as 1 + scale (read back as scale). The
 `gguf` package is imported only where a GGUF is read: hosts that train from packed weights
 (`weights.packed`) do not have it.
 """
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from notellm_jax.errors import CheckpointError, MissingInputError
-from notellm_jax.weights.lazy import Index, LazyState, LazyTensor, index_ranges, rope_to_rotate_half
+from notellm_jax.weights.lazy import ArrayTensor, Index, LazyState, LazyTensor, index_ranges, rope_to_rotate_half
 
 
 class GGUFTensor(LazyTensor):
@@ -47,18 +48,25 @@ _GGUF_LAYER_NAMES = {
     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
+# Gemma's four norms a block and q/k norms (llama.cpp's ffn_norm is the pre-feed-forward norm there).
+_GGUF_GEMMA_LAYER_NAMES = {
+    **_GGUF_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+}
 _GGUF_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
+GGUF_ARCHITECTURES = ("llama", "gemma2", "gemma3")
 
 
-def gguf_hf_name(name: str, path: Path) -> str:
+def gguf_hf_name(name: str, path: Path, arch: str = "llama") -> str:
     """The HF name of a GGUF tensor (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`);
-    a tensor outside the LLaMA architecture is a CheckpointError."""
+    a tensor outside the file's architecture is a CheckpointError."""
+    layer_names = _GGUF_LAYER_NAMES if arch == "llama" else _GGUF_GEMMA_LAYER_NAMES
     match = _GGUF_LAYER.match(name)
-    if match and match.group(2) in _GGUF_LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_GGUF_LAYER_NAMES[match.group(2)]}.weight"
+    if match and match.group(2) in layer_names:
+        return f"model.layers.{match.group(1)}.{layer_names[match.group(2)]}.weight"
     if name in _GGUF_NAMES:
         return _GGUF_NAMES[name]
-    raise CheckpointError(f"{path}: GGUF tensor {name!r} is not part of the supported LLaMA architecture")
+    raise CheckpointError(f"{path}: GGUF tensor {name!r} is not part of the supported {arch} architecture")
 
 
 @functools.lru_cache(maxsize=2)
@@ -187,34 +195,61 @@ def gguf_field(fields: dict, key: str, path: Path, default: Any = ...) -> Any:
 
 
 def gguf_config(fields: dict, path: Path) -> dict[str, Any]:
-    """The HF-style config of a llama GGUF from its metadata `fields` (architecture, shapes, RoPE, special
-    tokens); unsupported architectures or RoPE variants are CheckpointErrors. Ties are left to the caller."""
+    """The HF-style config of a llama, gemma2 or gemma3 GGUF from its metadata `fields` (architecture, shapes,
+    RoPE, special tokens); unsupported architectures or RoPE variants are CheckpointErrors. Ties are left to
+    the caller."""
     arch = gguf_field(fields, "general.architecture", path)
-    if arch != "llama":
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    scaling = gguf_field(fields, "llama.rope.scaling.type", path, "none")
-    if scaling != "none":
-        raise CheckpointError(f"{path}: unsupported GGUF field llama.rope.scaling.type={scaling!r}")
-    n_heads = gguf_field(fields, "llama.attention.head_count", path)
-    hidden = gguf_field(fields, "llama.embedding_length", path)
+    if arch not in GGUF_ARCHITECTURES:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(GGUF_ARCHITECTURES)})")
+    field = lambda key, *default: gguf_field(fields, f"{arch}.{key}", path, *default)  # noqa: E731
+    scaling = field("rope.scaling.type", "none")
+    if scaling != "none" and (arch, scaling) != ("gemma3", "linear"):
+        raise CheckpointError(f"{path}: unsupported GGUF field {arch}.rope.scaling.type={scaling!r}")
+    n_heads, hidden = field("attention.head_count"), field("embedding_length")
     if not isinstance(n_heads, int | np.integer) or n_heads <= 0:
-        raise CheckpointError(f"{path}: GGUF field llama.attention.head_count={n_heads!r} must be a positive integer")
-    head_dim = gguf_field(fields, "llama.attention.key_length", path, hidden // n_heads)
-    rope_dims = gguf_field(fields, "llama.rope.dimension_count", path, head_dim)
+        raise CheckpointError(f"{path}: GGUF field {arch}.attention.head_count={n_heads!r} must be a positive integer")
+    head_dim = field("attention.key_length", hidden // n_heads)
+    rope_dims = field("rope.dimension_count", head_dim)
     if rope_dims != head_dim:
-        raise CheckpointError(f"{path}: partial RoPE (llama.rope.dimension_count={rope_dims}, head_dim {head_dim}) "
+        raise CheckpointError(f"{path}: partial RoPE ({arch}.rope.dimension_count={rope_dims}, head_dim {head_dim}) "
                               "is not supported")
-    return {"model_type": "llama", "hidden_size": hidden, "num_attention_heads": n_heads, "head_dim": head_dim,
-            "vocab_size": len(fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in fields
-            else gguf_field(fields, "llama.vocab_size", path),
-            "num_hidden_layers": gguf_field(fields, "llama.block_count", path),
-            "intermediate_size": gguf_field(fields, "llama.feed_forward_length", path),
-            "num_key_value_heads": gguf_field(fields, "llama.attention.head_count_kv", path, n_heads),
-            "rope_theta": float(gguf_field(fields, "llama.rope.freq_base", path, 10000.0)),
-            "rms_norm_eps": float(gguf_field(fields, "llama.attention.layer_norm_rms_epsilon", path)),
-            "max_position_embeddings": gguf_field(fields, "llama.context_length", path, 2048),
-            "bos_token_id": gguf_field(fields, "tokenizer.ggml.bos_token_id", path, 1),
-            "eos_token_id": gguf_field(fields, "tokenizer.ggml.eos_token_id", path, 2)}
+    config = {"model_type": "llama", "hidden_size": hidden, "num_attention_heads": n_heads, "head_dim": head_dim,
+              "vocab_size": len(fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in fields
+              else field("vocab_size"),
+              "num_hidden_layers": field("block_count"), "intermediate_size": field("feed_forward_length"),
+              "num_key_value_heads": field("attention.head_count_kv", n_heads),
+              "rope_theta": float(field("rope.freq_base", 10000.0)),
+              "rms_norm_eps": float(field("attention.layer_norm_rms_epsilon")),
+              "max_position_embeddings": field("context_length", 2048),
+              "bos_token_id": gguf_field(fields, "tokenizer.ggml.bos_token_id", path, 1),
+              "eos_token_id": gguf_field(fields, "tokenizer.ggml.eos_token_id", path, 2)}
+    if arch != "llama":
+        config.update(_gemma_gguf_config(field, arch, config, scaling))
+    return config
+
+
+def _gemma_gguf_config(field, arch: str, config: dict[str, Any], scaling: str) -> dict[str, Any]:
+    """What llama.cpp fixes for Gemma beyond the llama fields: the layer pattern (every 2nd layer full in
+    Gemma 2, every 6th in Gemma 3, unless the file lists it), the attention scale (1/sqrt(head_dim), but
+    1/sqrt(hidden / heads) for the 27B models: 46 layers in Gemma 2, 62 in Gemma 3), Gemma 3's local RoPE base
+    (10,000) and the soft-caps (absent keys: HF's defaults, as llama.cpp's)."""
+    n, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    pattern = field("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+    sliding = [bool(x) for x in pattern] if isinstance(pattern, list) else [(i + 1) % pattern != 0 for i in range(n)]
+    big = (arch, n) in (("gemma2", 46), ("gemma3", 62))
+    out = {"model_type": "gemma2" if arch == "gemma2" else "gemma3_text", "sliding_window":
+           field("attention.sliding_window"), "layer_types": ["sliding_attention" if s else "full_attention"
+                                                              for s in sliding],
+           "query_pre_attn_scalar": config["hidden_size"] // heads if big else config["head_dim"]}
+    for key in ("final_logit_softcapping",) + (("attn_logit_softcapping",) if arch == "gemma2" else ()):
+        value = field(key, None)
+        if value is not None:
+            out[key] = float(value)
+    if arch == "gemma3":
+        out["rope_local_base_freq"] = 10000.0
+    if scaling == "linear":
+        out["rope_scaling"] = {"rope_type": "linear", "factor": float(field("rope.scaling.factor"))}
+    return out
 
 
 def open_gguf_state(path: str | Path) -> tuple[LazyState, dict[str, Any]]:
@@ -223,12 +258,17 @@ def open_gguf_state(path: str | Path) -> tuple[LazyState, dict[str, Any]]:
     path = Path(path)
     reader = open_gguf(path)
     config = gguf_config(reader.fields, path)
+    arch = gguf_field(reader.fields, "general.architecture", path)
     state: LazyState = {}
     for tensor in reader.tensors:
         # GGUF lists dimensions fastest first; numpy order is the reverse.
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-        state[gguf_hf_name(tensor.name, path)] = GGUFTensor(tensor, shape)
+        name = gguf_hf_name(tensor.name, path, arch)
+        state[name] = GGUFTensor(tensor, shape)
+        if arch != "llama" and name.endswith("norm.weight"):  # llama.cpp stores Gemma's norms as 1 + scale
+            state[name] = ArrayTensor(state[name].full() - 1.0)
     config["tie_word_embeddings"] = "lm_head.weight" not in state
-    rope_to_rotate_half(state, config["num_hidden_layers"], config["num_attention_heads"],
-                         config["num_key_value_heads"])
+    if arch == "llama":  # Gemma's Q/K are already in the rotate-half (NeoX) layout
+        rope_to_rotate_half(state, config["num_hidden_layers"], config["num_attention_heads"],
+                            config["num_key_value_heads"])
     return state, config

@@ -176,6 +176,9 @@ def tensor_specs(cfg: LlamaConfig) -> list[TensorSpec]:
             TensorSpec(hf + "mlp.down_proj.weight", (tree, "mlp", "down_proj", "kernel"), (x, m), (m, x), True),
         ]
         specs += _attention_extras(cfg, hf + "self_attn.", (tree, "attn"))
+        if cfg.sandwich_norms:  # Gemma: HF's post_attention_layernorm normalises the attention output
+            specs += [TensorSpec(f"{hf}{name}.weight", (tree, ours, "scale"), (x,), (x,), False) for name, ours in
+                      (("pre_feedforward_layernorm", "pre_mlp_norm"), ("post_feedforward_layernorm", "post_mlp_norm"))]
     specs.append(TensorSpec("model.norm.weight", ("norm", "scale"), (x,), (x,), False))
     if not cfg.tie_word_embeddings:
         specs.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), (v, x), (x, v), True))
@@ -269,7 +272,8 @@ def params_to_hf(params: Params, cfg: LlamaConfig) -> StateDict:
 
 def save_hf(params: Params, cfg: LlamaConfig, out_dir: str | Path) -> Path:
     """config.json + generation_config.json + model.safetensors loadable by the family's transformers class
-    (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM: `cfg.model_type`)."""
+    (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, Gemma2ForCausalLM,
+    Gemma3ForCausalLM: `cfg.model_type`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(params_to_hf(params, cfg), out_dir / HF_WEIGHTS, metadata={"format": "pt"})

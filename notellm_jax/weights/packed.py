@@ -53,6 +53,9 @@ def pack_gguf(gguf_path: str | Path, out_dir: str | Path, part_bytes: int = PART
     """Write `out_dir/manifest.json` and `part-NN.bin` (each at most `part_bytes`)."""
     path = Path(gguf_path)
     reader = open_gguf(path)
+    config = gguf_config(reader.fields, path)
+    if config["model_type"] != "llama":  # read_packed undoes llama's RoPE layout only
+        raise CheckpointError(f"{path}: packing supports llama GGUFs only, not {config['model_type']}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("part-*.bin"):
@@ -71,7 +74,6 @@ def pack_gguf(gguf_path: str | Path, out_dir: str | Path, part_bytes: int = PART
         name = f"part-{index:02d}.bin"
         stream[start:start + part_bytes].tofile(out_dir / name)
         parts.append(name)
-    config = gguf_config(reader.fields, path)
     config["tie_word_embeddings"] = not any(t["name"] == "lm_head.weight" for t in tensors)
     manifest = {"format": FORMAT, "source": path.name, "config": config, "parts": parts, "total_bytes": int(offset),
                 "tensors": tensors}
