@@ -17,6 +17,9 @@ tokenizer files beside them) given with `--set model.checkpoint=...`; the defaul
     qwen3_8b    Qwen3-8B (Qwen3-8B): per-head q/k RMSNorm, no biases, GQA 32/8, head_dim 128, untied head.
     mistral_7b  Mistral-7B-v0.3 (Mistral-7B-v0.3): GQA 32/8, full attention (v0.3 has no sliding window;
                 v0.1's 4,096-token window is longer than the 192-token prompts, so it would be full too).
+    gemma2_9b   Gemma-2-9B (gemma-2-9b): GeGLU, four norms a block, attention and final logit soft-capping
+                (einsum attention only), local/global layers (4,096-token window), GQA 16/8, head_dim 256,
+                tied 256k-token vocabulary.
 
 Further arguments, after the family (`configs/paper_7b.py:qwen3_8b,aot`): `aot` (or `random`) keeps the
 family's shapes but builds no weights (ahead-of-time memory planning: `notellm plan`, bench/plan_memory.py).
@@ -31,6 +34,7 @@ FAMILIES = {
     "qwen2_5_7b": ("qwen2_5_7b", "Qwen2.5-7B"),
     "qwen3_8b": ("qwen3_8b", "Qwen3-8B"),
     "mistral_7b": ("mistral_7b", "Mistral-7B-v0.3"),
+    "gemma2_9b": ("gemma2_9b", "gemma-2-9b"),
 }
 
 

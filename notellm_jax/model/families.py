@@ -334,7 +334,25 @@ _LLAMA3_SCALING = dict(rope_type="llama3", rope_low_freq_factor=1.0, rope_high_f
 _MISTRAL_7B = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
                    rope_theta=1e6, model_type="mistral")
+
+
+def _gemma_layers(n: int, period: int) -> tuple[str, ...]:
+    """HF's default Gemma pattern: every `period`-th layer full attention, the others sliding."""
+    return tuple("sliding_attention" if (i + 1) % period else "full_attention" for i in range(n))
+
+
+# Gemma: google/gemma-2-9b and google/gemma-3-270m (config.json; 270M: 18 layers, d 640, 4 heads x 256, 1 KV head).
+_GEMMA_ARCH = dict(head_dim=256, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+                   query_pre_attn_scalar=256, **_GEMMA)
 PRESETS: dict[str, dict[str, Any]] = {
+    "gemma2_9b": dict(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                      num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=8192,
+                      sliding_window=4096, layer_types=_gemma_layers(42, 2), attn_logit_softcapping=50.0,
+                      final_logit_softcapping=30.0, model_type="gemma2", **_GEMMA_ARCH),
+    "gemma3_270m": dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32768, rope_theta=1e6,
+                        rope_local_theta=10000.0, sliding_window=512, layer_types=_gemma_layers(18, 6),
+                        model_type="gemma3_text", qk_norm=True, **_GEMMA_ARCH),
     "llama2_7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
     "llama2_13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
@@ -375,6 +393,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                         max_position_embeddings=512),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+    # Tests: Gemma 2's block with soft-caps low enough to bite at random init and a window shorter than a prompt.
+    "tiny_gemma2": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, model_type="gemma2",
+                        **{**_GEMMA_ARCH, "head_dim": 16, "query_pre_attn_scalar": 16}, sliding_window=6,
+                        layer_types=_gemma_layers(4, 2), attn_logit_softcapping=2.0, final_logit_softcapping=1.0),
 }
 
 

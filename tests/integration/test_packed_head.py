@@ -50,7 +50,9 @@ def _run(config, mesh_shape, local):
     ({}, (2, 4, 1), 3),
     ({"model.train_top_layers": 2}, (1, 4, 2), 2),    # tensor axis: the head's vocabulary is sharded
     ({}, (2, 4, 1), 4),                              # does not fit 2 rows per note: the unpacked step
-], ids=["packed", "packed_top2_tensor", "overflow_unpacked"])
+    # Gemma 2's tied, soft-capped head (and its window, sandwich norms and scaled embedding)
+    ({"model.checkpoint": "random:tiny_gemma2", "model.train_top_layers": 2}, (1, 4, 2), 2),
+], ids=["packed", "packed_top2_tensor", "overflow_unpacked", "gemma2_softcapped_tied_head"])
 def test_packed_head_step_equals_unpacked_step(extra, mesh_shape, most):
     unpacked = override(load_config(TINY, OVERRIDES), extra)
     packed = override(unpacked, {"train.head_rows_per_note": 2})

@@ -14,7 +14,7 @@ SWEEPS = Path(__file__).resolve().parents[2] / "docs" / "results" / "sweeps"
 GRIDS = [CONFIGS / "sweep_example.json", *sorted(SWEEPS.glob("*/grid.json"))]
 
 
-PAPER_FAMILIES = ["llama2_7b", "llama3_8b", "qwen2_5_7b", "qwen3_8b", "mistral_7b"]
+PAPER_FAMILIES = ["llama2_7b", "llama3_8b", "qwen2_5_7b", "qwen3_8b", "mistral_7b", "gemma2_9b"]
 
 
 @pytest.mark.parametrize("spec", ["tiny.py", "tiny.py:random", "smollm2_se.py", "smollm2_se.py:quick",
