@@ -2,7 +2,12 @@
 PyTorch (transformers LlamaForCausalLM layers, torch CPU/GPU), the reference implementation's stack.
 
     python bench/train_step.py [--config configs/smollm2_se.py] [--steps 5] [--torch/--no-torch] [--set ...]
-                               [--targets-per-note K]
+                               [--targets-per-note K] [--head-cost ROWS]
+
+`--head-cost ROWS` times what the CSFT LM head costs instead (no head, every slot, packed to ROWS rows per
+note; JAX only), e.g. at Gemma-3-270M's 262k-token vocabulary:
+    python bench/train_step.py --config configs/smollm2_se.py:long --set model.checkpoint=random:gemma3_270m \
+        --targets-per-note 3 --head-cost 5 --steps 3
 
 Both sides run the step the config trains: the top `model.train_top_layers` decoder layers (all layers
 when 0) on the cached output of the frozen bottom, the [EMB] projection, the in-batch InfoNCE, the LM head
@@ -239,6 +244,25 @@ def compare(config, steps: int, with_torch: bool = True, targets_per_note: int =
     return result
 
 
+def head_cost(config, steps: int, targets_per_note: int, packed_rows: int) -> dict:
+    """What the CSFT LM head costs per step, side by side in one process: the same step without the head
+    (`train.objective=gcl_only`), with the head at every target slot (`train.head_rows_per_note=0`) and
+    packed to `packed_rows` rows per note. JAX only (the torch side is a LlamaModel)."""
+    from notellm_jax.config import override
+    variants = {"no_head": {"train.objective": "gcl_only", "train.head_rows_per_note": 0},
+                "head_all_slots": {"train.objective": "notellm", "train.head_rows_per_note": 0},
+                "head_packed": {"train.objective": "notellm", "train.head_rows_per_note": packed_rows}}
+    result = {}
+    for name, changes in variants.items():
+        print(f"[train_step] {name} ...", file=sys.stderr, flush=True)
+        result[name] = compare(override(config, changes), steps, False, targets_per_note)
+    for key in ("step_s", "step_cpu_s"):  # process CPU time: what the head costs even on a shared machine
+        base = result["no_head"]["jax"][key]
+        result[f"head_{key}_all_slots"] = result["head_all_slots"]["jax"][key] - base
+        result[f"head_{key}_packed"] = result["head_packed"]["jax"][key] - base
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/smollm2_se.py")
@@ -247,11 +271,15 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--targets-per-note", type=int, default=0,
                         help="supervise this many of each note's max_targets slots (0: all, the synthetic default)")
+    parser.add_argument("--head-cost", type=int, default=0, metavar="ROWS",
+                        help="measure the LM head instead: no head vs every slot vs packed to ROWS rows per note")
     args = parser.parse_args()
-    result = {"benchmark": "train_step", "config": args.config, "machine": platform.node(),
-              "cpu_model": runtime.cpu_model(),
+    config = benchmark_config(args.config, args.overrides)
+    result = {"benchmark": "train_step", "config": args.config, "overrides": args.overrides,
+              "machine": platform.node(), "cpu_model": runtime.cpu_model(),
               "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
-              **compare(benchmark_config(args.config, args.overrides), args.steps, args.torch, args.targets_per_note)}
+              **(head_cost(config, args.steps, args.targets_per_note, args.head_cost) if args.head_cost else
+                 compare(config, args.steps, args.torch, args.targets_per_note))}
     print(json.dumps(result, indent=1))
 
 
