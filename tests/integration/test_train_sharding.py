@@ -215,8 +215,8 @@ def test_frozen_bottom_with_feature_cache_equals_bottom_inside_the_step():
 
 
 # One tiny Hugging Face model per family, each with what sets it apart from LLaMA-2 (transformers' own
-# random init, saved with save_pretrained and read by the trainer's loader). Mistral's window (8) is shorter
-# than the 32-token prompts.
+# random init, saved with save_pretrained and read by the trainer's loader). Mistral's and Gemma's window (8) is
+# shorter than the 32-token prompts; Gemma's layers alternate sliding and full.
 FAMILY_MODELS = {
     "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling={
         "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -224,6 +224,9 @@ FAMILY_MODELS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=8)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, sliding_window=8, sliding_window_pattern=2,
+                                                             rope_scaling={"rope_type": "linear", "factor": 2.0})),
 }
 
 
