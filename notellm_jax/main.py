@@ -13,7 +13,7 @@ cluster up once, loads and validates the config, then calls the command's `run`.
     notellm baselines --config C --name NAME [--split test|all] [--out DIR]
     notellm job       --config C [--only STAGES] [--force STAGES]     (= python -m notellm_jax.job)
     notellm plan      --config C --devices N
-    notellm convert   SRC DST [--to hf|orbax] [--overwrite]
+    notellm convert   SRC DST [--to hf|orbax|sentence-transformers] [--overwrite]
     notellm index     check|recover DIR                             (verify / repair a live index's files)
     notellm serve     --config C --index DIR [--export DIR] [--embeddings DIR] [--generate] [--host H --port P]
                                                                        (= python -m notellm_jax.serve)
@@ -48,7 +48,8 @@ COMMANDS = {
     "baselines": ("notellm_jax.eval.baselines", "baseline embeddings in the same format", True),
     "job": ("notellm_jax.job.main_job", "the main job: every stage, then the report", True),
     "plan": ("notellm_jax.tools.plan", "compile the step ahead of time; per-device memory", True),
-    "convert": ("notellm_jax.weights.convert", "convert weights between HF, llama2.c, GGUF, orbax", False),
+    "convert": ("notellm_jax.infer.export_formats", "convert weights (HF, llama2.c, GGUF, orbax) or an export "
+                "(HF, sentence-transformers)", False),
     "serve": ("notellm_jax.serve.cli", "serve new-note embeddings and nearest notes over HTTP", True),
     "index": ("notellm_jax.serve.index_cli", "check or recover a live index folder's files", False),
     "sweep": ("notellm_jax.tools.sweep", "hyper-parameter sweep scored on validation pairs", True),

@@ -24,12 +24,11 @@ import dataclasses
 import numpy as np
 
 from notellm_jax.config import PromptConfig
+from notellm_jax.data.note_format import prompt_texts
 from notellm_jax.weights.tokenizer import NoteTokenizer
 
 TASKS = ("category", "hashtag")
 TASK_IDS = {name: i for i, name in enumerate(TASKS)}
-INSTRUCTION_HEAD = "Extract the note information in json format, compress it into one word for recommendation, and "
-COMPRESSION_TAIL = ' The compression word is:"'
 
 
 @dataclasses.dataclass
@@ -75,19 +74,6 @@ def draw_topics(note: Note, max_topics: int, rng: np.random.Generator) -> list[s
     return [note.topics[i] for i in picked]
 
 
-def _task_texts(task: str, topics: list[str] | None) -> tuple[str, str]:
-    """(task clause of the instruction, output guidance)."""
-    if task == "category":
-        return "generate the category of the note.", "The category is:"
-    j = len(topics)
-    return f"generate {j} topics of the note.", f"The {j} topics are:"
-
-
-def _note_json(note: Note, title: str, content: str, with_topic: bool) -> str:
-    topic = f"'topic': '{', '.join(note.topics)}', " if with_topic else ""
-    return f"{{'title': '{title}', {topic}'content': '{content}'}}"
-
-
 # No token of the tokenizers we load spans more characters than this (sentencepiece pieces are at most
 # 16 by default; the longest BPE pieces, runs of spaces or dashes, stay well below 64).
 CHARS_PER_TOKEN = 64
@@ -118,14 +104,7 @@ def _texts(note: Note, tokenizer: NoteTokenizer, cfg: PromptConfig, task: str, t
     """(text before [EMB], text after [EMB] up to the guidance) for the given budgets."""
     title = cut_to_tokens(tokenizer, note.title, title_budget)
     content = cut_to_tokens(tokenizer, note.content, content_budget)
-    clause, guidance = _task_texts(task, topics)
-    if cfg.layout == "paper":
-        before = INSTRUCTION_HEAD + clause + " " + _note_json(note, title, content, task == "category")
-        return before + COMPRESSION_TAIL, '". ' + guidance
-    if cfg.layout == "reference":
-        before = _note_json(note, title, content, with_topic=False)
-        return before + COMPRESSION_TAIL, '". ' + clause[0].upper() + clause[1:] + " " + guidance
-    raise ValueError(f"prompt.layout must be 'paper' or 'reference', got {cfg.layout!r}")
+    return prompt_texts(title, content, note.topics, cfg.layout, task, len(topics or ()))
 
 
 def _output_ids(tokenizer: NoteTokenizer, guidance_text: str, output: str) -> list[int]:

@@ -3,7 +3,8 @@
     notellm convert SRC DST [--to hf|orbax] [--overwrite]
 
 SRC: an HF folder, a llama2.c .bin, a .gguf file or an orbax folder (format detected). GGUF weights are
-written dequantised (float32).
+written dequantised (float32). The `notellm convert` command itself is `infer.export_formats`, which also
+takes a trained NoteLLM export (`--to hf|sentence-transformers`) and hands weight files to `run` here.
 """
 from __future__ import annotations
 
@@ -19,18 +20,24 @@ from notellm_jax.weights.orbax import save_orbax
 WRITERS = {"hf": save_hf, "orbax": save_orbax}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, targets: tuple[str, ...] = tuple(WRITERS)) -> None:
     parser.add_argument("src", help="HF folder, llama2.c .bin, .gguf file or orbax folder")
     parser.add_argument("dst", help="output folder")
-    parser.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
+    parser.add_argument("--to", choices=targets, default="hf", help="output format (default hf)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+
+
+def check_destination(dst: str | Path, overwrite: bool) -> Path:
+    """DST as a Path: a new or empty folder, or any folder with `overwrite`; never a file."""
+    dst = Path(dst)
+    if dst.is_file() or (dst.is_dir() and any(dst.iterdir()) and not overwrite):
+        raise ConfigError(f"{dst} is a file or a non-empty folder (pass --overwrite to write into a folder)")
+    return dst
 
 
 def run(args, config=None) -> Path:
     """`notellm convert`: read SRC (any format) and write DST in `--to`'s format."""
-    dst = Path(args.dst)
-    if dst.is_file() or (dst.is_dir() and any(dst.iterdir()) and not args.overwrite):
-        raise ConfigError(f"{dst} is a file or a non-empty folder (pass --overwrite to write into a folder)")
+    dst = check_destination(args.dst, args.overwrite)
     start = time.perf_counter()
     params, cfg = load_params(args.src)
     WRITERS[args.to](params, cfg, dst)

@@ -178,7 +178,7 @@ def test_prefix_cache_gives_the_full_prompt_embeddings(export_dir, tmp_path, pad
     at once (fp32), for titles whose first character could merge with the template's last token."""
     from notellm_jax.config import override
     from notellm_jax.infer.encoder import note_encoder
-    from notellm_jax.data.prompts import INSTRUCTION_HEAD
+    from notellm_jax.data.note_format import INSTRUCTION_HEAD
 
     config = tiny_config(tmp_path, f"prompt.padding_side={padding_side}", "embed.length_buckets=2")
     cached = note_encoder(config, export_dir, make_mesh(1, -1, 1))
