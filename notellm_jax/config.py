@@ -291,6 +291,9 @@ class ServeConfig:
     # JAX's persistent compilation cache for the service's shapes, so a restart loads compiled programs instead
     # of compiling them: "" = <paths.cache_dir>/jax_compilation, "off" = no cache.
     compilation_cache_dir: str = ""
+    # A top-k export's frozen-bottom feature cache (model.cache_frozen_features) in the service: about 0.4 MB
+    # per distinct SmolLM2 note, so this cap, least recently used evicted first (training keeps model.feature_cache_max_gb).
+    feature_cache_max_mb: float = 512.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,6 +466,7 @@ class Config:
              f"model.compute_dtype / param_dtype must be one of {DTYPES}"),
             (self.retrieval.ks is None or all(k >= 1 for k in self.retrieval.ks), "retrieval.ks must be >= 1"),
             (self.train.batch_pairs >= 1, "train.batch_pairs must be >= 1"),
+            (self.serve.feature_cache_max_mb > 0, "serve.feature_cache_max_mb must be > 0"),
             (self.train.eval_batch_pairs >= 0, "train.eval_batch_pairs must be >= 0 (0 = train.batch_pairs)"),
             (self.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps must be >= 0"),
             (self.train.on_bad_checkpoint in ("fallback", "stop"),

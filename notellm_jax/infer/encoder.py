@@ -185,19 +185,19 @@ def check_export(export, tokenizer, source: str) -> None:
 def notellm_batch_embedder(export, mesh, batch_size: int, max_length: int, bucket_count: int, pad_id: int,
                            padding_side: str, source: str, cache_dir: Path | None = None,
                            prefix: Sequence[int] = (), cache_max_bytes: float = float("inf"),
-                           row_buckets: Sequence[int] = ()) -> tuple[BatchEmbedder, Any]:
+                           row_buckets: Sequence[int] = (), cache_lru: bool = False) -> tuple[BatchEmbedder, Any]:
     """(embedder, feature cache or None). With `cache_dir` and an export trained with frozen lower layers,
     the frozen bottom runs through the shared FeatureCache (every fine-tuned variant of one base model
     embeds the same test prompts: the bottom runs once for all of them). Otherwise, with `prefix` (the
     tokens every prompt starts with), their key/value cache is computed once here and the embedder takes
     each note's tokens after the prefix only (`prefix_apply`; its buckets then cover max_length less the
-    prefix). `row_buckets`: see `BatchEmbedder`."""
+    prefix). `row_buckets`: see `BatchEmbedder`; `cache_lru`: the feature cache evicts (`FeatureCache`)."""
     model = NoteLLM(export.llama, emb_dim=export.emb_dim)
     frozen_layers = frozen_layer_count(export.meta.get("train_top_layers", 0), export.llama)
     cache = None
     if cache_dir is not None and frozen_layers:
         frozen = split_params(export.params, frozen_layers)[1]
-        cache = FeatureCache(model, mesh, frozen_layers, max_bytes=cache_max_bytes,
+        cache = FeatureCache(model, mesh, frozen_layers, max_bytes=cache_max_bytes, lru=cache_lru,
                              path=cache_path(cache_dir, export.meta.get("checkpoint", "model"), frozen_layers, frozen))
     boxed = abstract_boxed_params(model)
     if prefix and cache is None:
@@ -302,11 +302,12 @@ def was_cut(note: Note, example, tokenizer, prompt) -> bool:
 
 
 def note_encoder(config: Config, export, mesh=None, batch_size: int | None = None,
-                 row_buckets: Sequence[int] = ()) -> NoteEncoder:
+                 row_buckets: Sequence[int] = (), serving: bool = False) -> NoteEncoder:
     """Load (if a folder) and check a NoteLLM export. Prompt budgets and layout come from the export (what
     the model was trained with); the padding side, buckets and batch size (default embed.batch_size)
     from `config`; the tokenizer is the one the export recorded, resolved against `config`'s roots, and
-    checked against the export. `row_buckets`: see `BatchEmbedder`."""
+    checked against the export. `row_buckets`: see `BatchEmbedder`. `serving`: the frozen-bottom feature cache
+    gets the service's cap (serve.feature_cache_max_mb, least recently used evicted) instead of training's."""
     source = str(export) if isinstance(export, (str, Path)) else f"export of run {export.meta.get('run')!r}"
     multi_host = jax.process_count() > 1
     # Across hosts each process embeds its own notes on its own devices (no cross-host collective per batch).
@@ -322,7 +323,8 @@ def note_encoder(config: Config, export, mesh=None, batch_size: int | None = Non
     embedder, cache = notellm_batch_embedder(
         export, mesh, batch_size or config.embed.batch_size, prompt.max_length, config.embed.length_buckets,
         tokenizer.pad_id, prompt.padding_side, source, cache_dir=cache_dir, prefix=prefix,
-        cache_max_bytes=config.model.feature_cache_max_gb * 1e9, row_buckets=row_buckets)
+        cache_max_bytes=config.serve.feature_cache_max_mb * 1e6 if serving else config.model.feature_cache_max_gb * 1e9,
+        row_buckets=row_buckets, cache_lru=serving)
     if cache is not None:  # the frozen bottom's features cover whole prompts: no prefix cache there
         prefix = []
     return NoteEncoder(export, embedder, cache, tokenizer, prompt, embedder.buckets, source, prefix)

@@ -10,8 +10,10 @@ so a sequence cached under right padding is reused under left padding or another
 token's features depend on the tokens before it, never on padding: positions come from the mask).
 Padded positions of a returned batch hold zeros; they are masked out as attention keys and never read.
 
-Features are kept in the model's compute dtype (bf16 halves the store) up to `max_bytes`; sequences
-missing beyond that are computed every time they come, and counted. All misses of a batch run through
+Features are kept in the model's compute dtype (bf16 halves the store) up to `max_bytes`. In training
+(`lru=False`) sequences missing beyond that are computed every time they come, and counted: an epoch
+cycling over more sequences than fit would evict each before its reuse. The service (`lru=True`, its own
+small cap `serve.feature_cache_max_mb`) evicts the least recently used sequences to make room instead. All misses of a batch run through
 the bottom in one call whose row count is a bucket: the smallest of `min_rows`, 2 `min_rows`, 4 `min_rows`...
 (a multiple of the mesh's batch devices) that holds them, capped at the batch's rows. So the cost follows
 the misses, not the batch (a 64-row batch with 3 new sequences runs 8 rows, not 64), with at most
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import jax
@@ -48,16 +51,19 @@ class FeatureCache:
     """`cache(frozen_params, batch)` swaps `input_ids` for `hidden_in` = features after the frozen layers."""
 
     def __init__(self, model, mesh, frozen_layers: int, path: Path | None = None, max_bytes: float = float("inf"),
-                 min_rows: int = 8):
+                 min_rows: int = 8, lru: bool = False):
         if min_rows < 1:
             raise ValueError(f"min_rows must be >= 1, got {min_rows}")
+        if not max_bytes > 0:
+            raise ValueError(f"the feature cache's max_bytes must be > 0, got {max_bytes}")
         self.path = path
         self.batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
         self.min_rows = -(-min_rows // self.batch_devices) * self.batch_devices
         self.dtype = np.dtype(model.llama.dtype)
-        self.max_bytes = max_bytes
-        self.store: dict[bytes, np.ndarray] = {}
+        self.max_bytes, self.lru = max_bytes, lru
+        self.store: OrderedDict[bytes, np.ndarray] = OrderedDict()  # least recently used first (with `lru`)
         self.bytes = 0
+        self.evicted = 0
         self.hits = 0
         self.misses = 0
         self.uncached = 0  # misses not stored because the store was full
@@ -75,36 +81,59 @@ class FeatureCache:
     def key(ids: np.ndarray, mask: np.ndarray) -> bytes:
         return hashlib.blake2b(np.ascontiguousarray(ids[mask > 0], np.int32).tobytes(), digest_size=16).digest()
 
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of features held."""
+        return self.bytes
+
+    @property
+    def entries(self) -> int:
+        """Sequences held."""
+        return len(self.store)
+
     def _add(self, key: bytes, value: np.ndarray) -> bool:
-        if self.bytes + value.nbytes > self.max_bytes:
+        """Store `value` if it fits (with `lru`, after evicting the least recently used); False if not."""
+        if value.nbytes > self.max_bytes or (not self.lru and self.bytes + value.nbytes > self.max_bytes):
             return False
+        while self.bytes + value.nbytes > self.max_bytes:
+            _, old = self.store.popitem(last=False)
+            self.bytes -= old.nbytes
+            self.evicted += 1
         self.store[key] = value
         self.bytes += value.nbytes
         return True
 
+    def _get(self, key: bytes) -> np.ndarray:
+        if self.lru:
+            self.store.move_to_end(key)
+        return self.store[key]
+
     def features(self, frozen: dict, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """[N, T, H] features after the frozen layers in the compute dtype (zeros at padded positions)."""
         keys = [self.key(i, m) for i, m in zip(input_ids, attention_mask)]
-        missing = list({k: row for row, k in reversed(list(enumerate(keys))) if k not in self.store}.values())
+        # Hits are read (and, with `lru`, marked used) before any miss is stored: storing may evict.
+        values = {k: self._get(k) for k in dict.fromkeys(keys) if k in self.store}
+        first_rows: dict[bytes, int] = {}
+        for row, k in enumerate(keys):
+            first_rows.setdefault(k, row)
+        missing = [row for k, row in first_rows.items() if k not in values]  # in batch order, each key once
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
-        computed: dict[bytes, np.ndarray] = {}
         if missing:
             padded = missing + [missing[-1]] * (self.bucket(len(missing), len(keys)) - len(missing))
             out = np.asarray(self._bottom(frozen, input_ids[padded], attention_mask[padded]))
             for i, row in enumerate(missing):
-                computed[keys[row]] = out[i][attention_mask[row] > 0]
-                if self._add(keys[row], computed[keys[row]]):
+                values[keys[row]] = out[i][attention_mask[row] > 0]
+                if self._add(keys[row], values[keys[row]]):
                     self._unsaved.append(keys[row])
                 else:
                     self.uncached += 1
                     if self.uncached == 1:
                         logger.warning("feature cache full (%.2f GB): further sequences are recomputed each "
                                        "time (raise model.feature_cache_max_gb)", self.bytes / 1e9)
-        hidden = (computed.get(keys[0]) if keys[0] in computed else self.store[keys[0]]).shape[-1]
-        result = np.zeros(input_ids.shape + (hidden,), self.dtype)
+        result = np.zeros(input_ids.shape + (values[keys[0]].shape[-1],), self.dtype)
         for row, k in enumerate(keys):
-            result[row][attention_mask[row] > 0] = computed[k] if k in computed else self.store[k]
+            result[row][attention_mask[row] > 0] = values[k]
         return result
 
     def bucket(self, missing: int, rows: int) -> int:
@@ -127,7 +156,9 @@ class FeatureCache:
         if self.path is None or not self._unsaved:
             return
         start = time.time()
-        keys, self._unsaved = self._unsaved, []
+        keys, self._unsaved = [k for k in self._unsaved if k in self.store], []  # less any evicted since
+        if not keys:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         part = self.path / f"part-{len(list(self.path.glob('part-*.npz'))):05d}.npz"
         tmp = part.with_name(part.name + ".tmp.npz")

@@ -160,6 +160,8 @@ class Service:
         self.metrics.queue_size.set_function(lambda: self.batcher.waiting)
         self.metrics.in_flight.set_function(lambda: self.gate.in_flight)
         self._tokeniser: ThreadPoolExecutor | None = None
+        Gauge("notellm_feature_cache_bytes", "Frozen-bottom feature cache held (serve.feature_cache_max_mb)",
+              registry=self.metrics.registry).set_function(lambda: encoder.cache.size_bytes if encoder.cache else 0)
 
     def start(self) -> None:
         self._tokeniser = ThreadPoolExecutor(1, thread_name_prefix="tokenise")

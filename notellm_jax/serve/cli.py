@@ -105,7 +105,7 @@ def loader(args: argparse.Namespace, config, access: Access, opened: list) -> Ca
         export = Path(args.export) if args.export else default_export(config)
         report(f"loading the export {export} (compilation cache: {cache or 'off'})")
         batch = config.serve.max_batch_size
-        encoder = note_encoder(config, export, batch_size=batch, row_buckets=row_buckets(batch))
+        encoder = note_encoder(config, export, batch_size=batch, row_buckets=row_buckets(batch), serving=True)
         service = Service(encoder, index, config.serve, open_generator(args, config, export))
         return create_app(service, access, args.docs)
     return load

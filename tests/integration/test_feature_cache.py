@@ -121,3 +121,41 @@ def test_misses_run_in_a_bucket_sized_by_the_misses_not_the_batch():
     assert (cache.misses, cache.hits) == (32, 3 * 32 - 32)
     assert [cache.bucket(m, 32) for m in (1, 4, 5, 9, 17, 32)] == [4, 4, 8, 16, 32, 32]
     assert [cache.bucket(m, 24) for m in (1, 17, 24)] == [4, 24, 24]
+
+
+def _key(seq) -> bytes:
+    ids, mask = _padded([seq], 8, "right")
+    return FeatureCache.key(ids[0], mask[0])
+
+
+def test_lru_cap_evicts_the_least_recently_used_like_a_hand_run_list():
+    """The service's cache (`lru=True`) against a plain list kept in use order, on a hand-built access
+    sequence; a batch whose misses evict its own hits still returns every row's features."""
+    cfg, model, frozen, mesh = _setup()
+    rng = np.random.default_rng(3)
+    seqs = {name: rng.integers(3, cfg.vocab_size, 5).tolist() for name in "ABCDE"}
+    ids, mask = _padded(list(seqs.values()), 8, "right")
+    direct = dict(zip(seqs, np.asarray(model.apply({"params": frozen}, ids, mask, FROZEN, method=NoteLLM.bottom))))
+    one = 5 * cfg.hidden_size * 4  # one sequence's float32 features
+    cache = FeatureCache(model, mesh, FROZEN, max_bytes=3 * one, lru=True, min_rows=1)
+    used: list[str] = []  # the reference: least recently used first, at most 3
+    for name in "ABCADBEAEC":
+        hit = name in used
+        used = [n for n in used if n != name] + [name]
+        used = used[-3:]
+        hits, misses = cache.hits, cache.misses
+        got = cache.features(frozen, *_padded([seqs[name]], 8, "right"))
+        assert (cache.hits - hits, cache.misses - misses) == (int(hit), int(not hit)), name
+        np.testing.assert_allclose(got[0, :5], direct[name][:5], atol=1e-6)
+        assert list(cache.store) == [_key(seqs[n]) for n in used]
+        assert (cache.entries, cache.size_bytes) == (len(used), len(used) * one)
+    assert cache.evicted == 10 - 3 - 2  # 7 misses (A B C D E, then A and C again), 3 entries kept
+    # used is [A, E, C]; this batch hits A and E (now [C, A, E]) and misses B and D, whose storing evicts C and
+    # then A, a hit of this very batch: every row still gets its features.
+    got = cache.features(frozen, *_padded([seqs[n] for n in "ABDE"], 8, "right"))
+    for row, name in enumerate("ABDE"):
+        np.testing.assert_allclose(got[row, :5], direct[name][:5], atol=1e-6)
+    assert list(cache.store) == [_key(seqs[n]) for n in "EBD"]
+    big = FeatureCache(model, mesh, FROZEN, max_bytes=one - 1, lru=True, min_rows=1)
+    big.features(frozen, *_padded([seqs["A"]], 8, "right"))
+    assert (big.entries, big.uncached) == (0, 1)
