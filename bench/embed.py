@@ -1,0 +1,190 @@
+"""CPU embedding speed: the project's embedder against transformers on PyTorch, side by side in one run.
+
+    python bench/embed.py [--notes 150] [--threads 2] [--out bench/results/embed/DATE-cpu2-epyc-TAG.json]
+
+One export of SmolLM2-135M (configs/smollm2_se.py: the GGUF's weights, the trainer's seeded projection,
+`load_initial_params` + `save_notellm`) embeds the same real notes (the first questions of
+coffee.stackexchange.com) with the same token ids (the project's category prompt up to the read position):
+- the project's `note_encoder` embedder in float32 and bfloat16, batch 8 and 32, prefix cache on and off;
+- the same export converted by `notellm convert --to hf` (`infer.export_formats.write_hf_export`), run by
+  transformers' LlamaModel in float32, bfloat16 and bfloat16 + torch.compile, length-sorted right-padded
+  batches read at each row's last token, then the projection and L2 normalisation.
+Each path runs the notes once to warm up (compiles every shape), then once timed; notes/s is of the timed
+pass. Vectors are compared with the project's float32 embedder without prefix cache (the reference): max abs
+difference and the lowest cosine. The machine's load (`uptime`) is recorded before and after: the CPUs may
+be shared with other jobs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SITE = "coffee.stackexchange.com"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "smollm2_se.py"))
+    parser.add_argument("--notes", type=int, default=150)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", default="8,32", help="batch sizes of the project's paths")
+    parser.add_argument("--torch-batch", type=int, default=32)
+    parser.add_argument("--out", help="also write the JSON here")
+    return parser.parse_args()
+
+
+def real_notes(config, count: int):
+    """The first `count` questions of one Stack Exchange site as notes (title, text of the body, tags)."""
+    from notellm_jax.data.importers.stackexchange import html_to_text, iter_rows, parse_tags
+    from notellm_jax.data.prompts import Note
+
+    notes = []
+    for row in iter_rows(config.resolve(f"data/stackexchange/{SITE}") / "Posts.xml"):
+        if row.get("PostTypeId") == "1" and row.get("Title"):
+            notes.append(Note(row["Id"], row["Title"], html_to_text(row.get("Body", "")),
+                              parse_tags(row.get("Tags", "")), "coffee"))
+        if len(notes) == count:
+            break
+    return notes
+
+
+def timed(fn, *args) -> tuple[np.ndarray, float]:
+    fn(*args)  # warm-up: every shape compiled
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def project_paths(config, export_dir: Path, notes, batches: list[int]) -> tuple[dict, list[list[int]]]:
+    """{name: (vectors, seconds, positions computed per note)} for the project's embedder, and the token ids."""
+    from notellm_jax.config import override
+    from notellm_jax.infer.encoder import note_encoder
+    from notellm_jax.weights.export import load_notellm
+
+    results, ids = {}, None
+    for dtype in ("float32", "bfloat16"):
+        export = load_notellm(export_dir)
+        export.llama = export.llama.replace(compute_dtype=dtype)
+        for batch in batches:
+            for prefix in (False, True):
+                if dtype == "bfloat16" and not prefix:
+                    continue
+                encoder = note_encoder(override(config, {"embed.prefix_cache": prefix}), export, batch_size=batch)
+                if ids is None and not prefix:
+                    ids = [encoder.tokens(n) for n in notes]
+                tokens = [encoder.tokens(n) for n in notes]
+                vectors, seconds = timed(encoder.embedder, tokens)
+                name = f"jax_{dtype}_b{batch}_{'prefix' if prefix else 'noprefix'}"
+                results[name] = (vectors, seconds, positions(tokens, batch, encoder.embedder.bucket))
+                print(f"{name}: {len(notes) / seconds:.2f} notes/s", file=sys.stderr, flush=True)
+    return results, ids
+
+
+def positions(tokens: list[list[int]], batch: int, bucket) -> float:
+    """Token positions the fixed-shape embedder computes per note: length-sorted batches of `batch` rows
+    (the last one filled to `batch`), each padded to its bucket."""
+    lengths = sorted(len(t) for t in tokens)
+    total = sum(batch * bucket(max(lengths[i:i + batch])) for i in range(0, len(lengths), batch))
+    return total / len(tokens)
+
+
+def torch_paths(hf_dir: Path, ids: list[list[int]], pad_id: int, batch: int) -> dict:
+    """{name: (vectors, seconds, positions per note)} for transformers on PyTorch."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModel
+
+    weight = torch.from_numpy(load_file(hf_dir / "notellm_projection.safetensors")["weight"])
+    order = np.argsort([len(t) for t in ids], kind="stable")
+    lengths = [len(ids[i]) for i in order]
+    spent = sum(len(order[s:s + batch]) * max(lengths[s:s + batch]) for s in range(0, len(order), batch))
+    results = {}
+    for name, dtype, compile_ in (("torch_float32", torch.float32, False), ("torch_bfloat16", torch.bfloat16, False),
+                                  ("torch_bfloat16_compile", torch.bfloat16, True)):
+        model = AutoModel.from_pretrained(str(hf_dir), torch_dtype=dtype).eval()
+        forward = torch.compile(model) if compile_ else model
+
+        def run():
+            out = np.zeros((len(ids), weight.shape[0]), np.float32)
+            with torch.inference_mode():
+                for start in range(0, len(order), batch):
+                    rows = order[start:start + batch]
+                    width = max(len(ids[r]) for r in rows)
+                    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+                    mask = torch.zeros((len(rows), width), dtype=torch.long)
+                    for i, r in enumerate(rows):
+                        x[i, :len(ids[r])] = torch.tensor(ids[r])
+                        mask[i, :len(ids[r])] = 1
+                    hidden = forward(input_ids=x, attention_mask=mask).last_hidden_state
+                    last = hidden[torch.arange(len(rows)), mask.sum(1) - 1].float() @ weight.T
+                    out[rows] = torch.nn.functional.normalize(last, dim=-1).numpy()
+            return out
+
+        vectors, seconds = timed(run)
+        results[name] = (vectors, seconds, spent / len(ids))
+        print(f"{name}: {len(ids) / seconds:.2f} notes/s", file=sys.stderr, flush=True)
+    return results
+
+
+def agreement(vectors: np.ndarray, reference: np.ndarray) -> dict:
+    cos = np.sum(vectors * reference, axis=1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(reference, axis=1)
+    return {"max_abs_diff": float(np.abs(vectors - reference).max()), "min_cosine": float(cos.min())}
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("USE_TF", "0")
+    import torch
+    torch.set_num_threads(args.threads)
+    from notellm_jax.config import load_config
+    from notellm_jax.infer.export_formats import write_hf_export
+    from notellm_jax.runtime import cpu_model
+    from notellm_jax.weights.export import load_notellm, save_notellm
+    from notellm_jax.weights.loading import load_initial_params
+    from notellm_jax.weights.tokenizer import resolve_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="bench_embed_"))
+    config = load_config(args.config, [f"paths.work_dir={work}", "model.train_top_layers=0"], environ=os.environ)
+    tokenizer = resolve_tokenizer(config)
+    params, llama_cfg = load_initial_params(config, tokenizer.vocab_size)
+    export_dir = save_notellm(work / "export", params, llama_cfg, config)
+    hf_dir = write_hf_export(load_notellm(export_dir), tokenizer, work / "hf")
+    notes = real_notes(config, args.notes)
+    result = {"benchmark": "embed", "config": args.config, "model": config.model.checkpoint, "notes": len(notes),
+              "threads": args.threads, "machine": f"{platform.node()}: {os.cpu_count()} CPUs ({cpu_model()})",
+              "caveat": "2-core VM shared with other jobs during this run: absolute rates vary with the load "
+                        "(see load_before / load_after); the paths ran one after another in one process",
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_before": uptime()}
+    paths, ids = project_paths(config, export_dir, notes, [int(b) for b in args.batches.split(",")])
+    paths.update(torch_paths(hf_dir, ids, tokenizer.pad_id, args.torch_batch))
+    reference = paths["jax_float32_b%s_noprefix" % args.batches.split(",")[0]][0]
+    result["paths"] = {name: {"notes_per_s": round(len(notes) / seconds, 3), "seconds": round(seconds, 2),
+                              "positions_per_note": round(spent, 1), **agreement(vectors, reference)}
+                       for name, (vectors, seconds, spent) in paths.items()}
+    result["tokens_per_note"] = round(float(np.mean([len(t) for t in ids])), 1)
+    best = lambda prefix: max((v["notes_per_s"], k) for k, v in result["paths"].items() if k.startswith(prefix))  # noqa: E731
+    result["best_project"], result["best_torch"] = best("jax"), best("torch")
+    result["load_after"] = uptime()
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
