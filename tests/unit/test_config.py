@@ -114,6 +114,7 @@ def test_missing_config_and_missing_get_config(tmp_path):
     ({"retrieval.ks": (0, 10)}, 1, "retrieval.ks"),
     ({"train.eval_batch_pairs": 3}, 8, "eval_batch_pairs=3 notes does not divide"),
     ({"train.eval_batch_pairs": -1}, 1, "eval_batch_pairs must be >= 0"),
+    ({"serve.feature_cache_max_mb": 0}, 1, "serve.feature_cache_max_mb must be > 0"),
 ])
 def test_validate_rejects_inconsistent_settings(updates, devices, message):
     with pytest.raises(ConfigError, match=message):
