@@ -58,20 +58,30 @@ def real_notes(config, count: int):
     return notes
 
 
-def timed(fn, *args) -> tuple[np.ndarray, float]:
-    fn(*args)  # warm-up: every shape compiled
+def timed(fn, warm, items) -> tuple[np.ndarray, float]:
+    """fn(items) timed after fn(warm), a few items that reach every shape (compiles)."""
+    fn(warm)
     start = time.perf_counter()
-    out = fn(*args)
+    out = fn(items)
     return out, time.perf_counter() - start
 
 
-def project_paths(config, export_dir: Path, notes, batches: list[int]) -> tuple[dict, list[list[int]]]:
-    """{name: (vectors, seconds, positions computed per note)} for the project's embedder, and the token ids."""
+def token_ids(config, export_dir: Path, notes) -> list[list[int]]:
+    """Each note's prompt tokens up to the read position, as the project's embedder builds them."""
+    from notellm_jax.config import override
+    from notellm_jax.infer.encoder import note_encoder
+
+    encoder = note_encoder(override(config, {"embed.prefix_cache": False}), export_dir)
+    return [encoder.tokens(n) for n in notes]
+
+
+def project_paths(config, export_dir: Path, notes, batches: list[int]) -> dict:
+    """{name: (vectors, seconds, positions computed per note)} for the project's embedder."""
     from notellm_jax.config import override
     from notellm_jax.infer.encoder import note_encoder
     from notellm_jax.weights.export import load_notellm
 
-    results, ids = {}, None
+    results = {}
     for dtype in ("float32", "bfloat16"):
         export = load_notellm(export_dir)
         export.llama = export.llama.replace(compute_dtype=dtype)
@@ -80,14 +90,13 @@ def project_paths(config, export_dir: Path, notes, batches: list[int]) -> tuple[
                 if dtype == "bfloat16" and not prefix:
                     continue
                 encoder = note_encoder(override(config, {"embed.prefix_cache": prefix}), export, batch_size=batch)
-                if ids is None and not prefix:
-                    ids = [encoder.tokens(n) for n in notes]
                 tokens = [encoder.tokens(n) for n in notes]
-                vectors, seconds = timed(encoder.embedder, tokens)
+                one_per_bucket = list({encoder.embedder.bucket(len(t)): t for t in tokens}.values())
+                vectors, seconds = timed(encoder.embedder, one_per_bucket, tokens)
                 name = f"jax_{dtype}_b{batch}_{'prefix' if prefix else 'noprefix'}"
                 results[name] = (vectors, seconds, positions(tokens, batch, encoder.embedder.bucket))
                 print(f"{name}: {len(notes) / seconds:.2f} notes/s", file=sys.stderr, flush=True)
-    return results, ids
+    return results
 
 
 def positions(tokens: list[list[int]], batch: int, bucket) -> float:
@@ -111,10 +120,11 @@ def torch_paths(hf_dir: Path, ids: list[list[int]], pad_id: int, batch: int) -> 
     results = {}
     for name, dtype, compile_ in (("torch_float32", torch.float32, False), ("torch_bfloat16", torch.bfloat16, False),
                                   ("torch_bfloat16_compile", torch.bfloat16, True)):
-        model = AutoModel.from_pretrained(str(hf_dir), torch_dtype=dtype).eval()
+        model = AutoModel.from_pretrained(str(hf_dir), dtype=dtype).eval()
         forward = torch.compile(model) if compile_ else model
 
-        def run():
+        def run(ids):
+            order = np.argsort([len(t) for t in ids], kind="stable")
             out = np.zeros((len(ids), weight.shape[0]), np.float32)
             with torch.inference_mode():
                 for start in range(0, len(order), batch):
@@ -130,7 +140,11 @@ def torch_paths(hf_dir: Path, ids: list[list[int]], pad_id: int, batch: int) -> 
                     out[rows] = torch.nn.functional.normalize(last, dim=-1).numpy()
             return out
 
-        vectors, seconds = timed(run)
+        by_length = [ids[i] for i in np.argsort([len(t) for t in ids], kind="stable")]
+        # The shortest, a middle and the longest batch: torch.compile turns to dynamic shapes on a second length.
+        middle = len(by_length) // 2
+        warm = by_length[:batch] + by_length[middle:middle + batch] + by_length[-batch:]
+        vectors, seconds = timed(run, warm, ids)
         results[name] = (vectors, seconds, spent / len(ids))
         print(f"{name}: {len(ids) / seconds:.2f} notes/s", file=sys.stderr, flush=True)
     return results
@@ -169,8 +183,9 @@ def main() -> None:
               "caveat": "2-core VM shared with other jobs during this run: absolute rates vary with the load "
                         "(see load_before / load_after); the paths ran one after another in one process",
               "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_before": uptime()}
-    paths, ids = project_paths(config, export_dir, notes, [int(b) for b in args.batches.split(",")])
-    paths.update(torch_paths(hf_dir, ids, tokenizer.pad_id, args.torch_batch))
+    ids = token_ids(config, export_dir, notes)
+    paths = torch_paths(hf_dir, ids, tokenizer.pad_id, args.torch_batch)
+    paths.update(project_paths(config, export_dir, notes, [int(b) for b in args.batches.split(",")]))
     reference = paths["jax_float32_b%s_noprefix" % args.batches.split(",")[0]][0]
     result["paths"] = {name: {"notes_per_s": round(len(notes) / seconds, 3), "seconds": round(seconds, 2),
                               "positions_per_note": round(spent, 1), **agreement(vectors, reference)}

@@ -168,7 +168,7 @@ def add_sentence_transformers_modules(export: NoteLLMExport, dst: Path) -> None:
 
     hidden = export.llama.hidden_size
     transformer = Transformer(str(dst), max_seq_length=export.prompt.max_length,
-                              model_kwargs={"torch_dtype": torch.float32})
+                              model_kwargs={"dtype": torch.float32})
     dense = Dense(hidden, export.emb_dim, bias=False, activation_function=torch.nn.Identity(),
                   init_weight=torch.from_numpy(projection_weight(export)))
     model = SentenceTransformer(modules=[transformer, Pooling(hidden, pooling_mode="lasttoken"), dense, Normalize()],
