@@ -396,7 +396,8 @@ class Config:
                 "max_topic_chars", "max_concurrent_requests", "max_notes_per_request", "max_batch_size")
         return [*((getattr(serve, cap) >= 1, f"serve.{cap}={getattr(serve, cap)} must be >= 1") for cap in caps),
                 (serve.retry_after_s >= 0, f"serve.retry_after_s={serve.retry_after_s} must be >= 0"),
-                (serve.request_timeout_s > 0, f"serve.request_timeout_s={serve.request_timeout_s} must be > 0")]
+                (serve.request_timeout_s > 0, f"serve.request_timeout_s={serve.request_timeout_s} must be > 0"),
+                (serve.feature_cache_max_mb > 0, "serve.feature_cache_max_mb must be > 0")]
 
     def _optimiser_rules(self) -> list[tuple[bool, str]]:
         """The learning rate and the training guard's settings (train/guard.py)."""
@@ -466,7 +467,6 @@ class Config:
              f"model.compute_dtype / param_dtype must be one of {DTYPES}"),
             (self.retrieval.ks is None or all(k >= 1 for k in self.retrieval.ks), "retrieval.ks must be >= 1"),
             (self.train.batch_pairs >= 1, "train.batch_pairs must be >= 1"),
-            (self.serve.feature_cache_max_mb > 0, "serve.feature_cache_max_mb must be > 0"),
             (self.train.eval_batch_pairs >= 0, "train.eval_batch_pairs must be >= 0 (0 = train.batch_pairs)"),
             (self.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps must be >= 0"),
             (self.train.on_bad_checkpoint in ("fallback", "stop"),
