@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from notellm_jax.config import Config
+from notellm_jax.data import store
 from notellm_jax.data.prompts import Example, example_from_tokens, pad_batch
 from notellm_jax.data.shards import (SIDES, TOKEN_ARRAYS, VARIANTS, parse_spec, read_shards_meta, shard_file,
                                      shards_dir)
@@ -53,18 +54,48 @@ def make_numpy_train_dataset(config: Config, data_dir: Path, split: str = "train
     path = shards_dir(data_dir) / TOKEN_ARRAYS
     with np.load(path) as data:
         tokens = {k: data[k] for k in data.files if k != "note_id"}
+        # validation batches stay uniform: their loss compares settings
+        note_ids = data["note_id"] if config.train.batch_by_category and split == "train" else None
     if f"{split}_pairs" not in tokens:
         raise ValueError(f"{path}: no {split} pairs (pairs_{split}.parquet was absent at prepare time)")
     pairs, b = tokens[f"{split}_pairs"], _local_batch_pairs(config, 1)
     steps = len(pairs) // b
     if steps == 0:
         raise DataQualityError(f"{path}: {split}: {len(pairs)} pairs give no full batch of {b} pairs")
+    categories = None if note_ids is None else _pair_categories(data_dir, note_ids, pairs)
     step = start_step
     while True:
         epoch, index = divmod(step, steps)
-        order = np.random.default_rng([config.train.seed, epoch]).permutation(len(pairs))
+        rng = np.random.default_rng([config.train.seed, epoch])
+        order = rng.permutation(len(pairs)) if categories is None else category_order(categories, b, rng)
         yield _assemble(_token_batch(tokens, pairs[order[index * b:(index + 1) * b]]), config, meta, step, 0, b)
         step += 1
+
+
+def _pair_categories(data_dir: Path, note_ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """[pairs] the category of each pair's first note (notes.parquet), as a string array."""
+    table = store.read_columns(Path(data_dir) / "notes.parquet", ("note_id", "category")).to_pydict()
+    category_of = dict(zip(table["note_id"], table["category"]))
+    return np.asarray([str(category_of[str(note_ids[i])]) for i in pairs[:, 0]])
+
+
+def category_order(categories: np.ndarray, b: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of the pairs whose consecutive blocks of `b` are the batches of `train.batch_by_category`
+    (hard negatives): each category's pairs, shuffled, cut into whole batches of that category; the pairs
+    left over (fewer than b per category) are pooled, shuffled, into mixed batches at the end of the
+    permutation, then the order of all whole batches is shuffled. Every pair is used once, and the number
+    of whole batches is the same as a plain permutation's (floor(pairs / b))."""
+    whole, rest = [], []
+    for category in np.unique(categories):
+        members = rng.permutation(np.flatnonzero(categories == category))
+        cut = len(members) - len(members) % b
+        whole.extend(members[:cut].reshape(-1, b))
+        rest.extend(members[cut:])
+    rest = rng.permutation(np.asarray(rest, np.int64))
+    cut = len(rest) - len(rest) % b
+    blocks = whole + list(rest[:cut].reshape(-1, b))
+    blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+    return np.concatenate([*blocks, rest[cut:]]).astype(np.int64) if blocks else rest
 
 
 def _shard_paths(data_dir: Path, stem: str, meta: dict) -> list[Path]:

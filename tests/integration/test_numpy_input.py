@@ -79,3 +79,31 @@ def test_numpy_input_imports_no_tensorflow(prepared):
             f"print(batch['input_ids'].shape)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "(8, 128)"
+
+
+def test_batch_by_category_gives_same_category_batches_covering_every_pair(prepared):
+    """train.batch_by_category: the categories of each batch's first notes, read back from notes.parquet,
+    are one category per whole-category batch; an epoch still uses every pair at most once, for the same
+    number of steps; validation batches are not regrouped."""
+    config, data_dir = prepared
+    grouped = override(config, {"train.batch_by_category": True, "data.train_input": "numpy"})
+    grouped.validate(1, training=True)
+    with np.load(data_dir / "shards" / TOKEN_ARRAYS) as data:
+        note_ids = data["note_id"]
+    category = {f"q{i}": f"site{i % 3}" for i in range(12)}
+    steps = steps_per_epoch(grouped, data_dir)
+    iterator = make_numpy_train_dataset(grouped, data_dir)
+    b = config.train.batch_pairs
+    seen, single = [], 0
+    for _ in range(steps):
+        batch = next(iterator)
+        firsts = {category[str(note_ids[i])] for i in batch["note_index"][:b]}
+        single += len(firsts) == 1
+        seen.extend(zip(batch["note_index"][:b].tolist(), batch["note_index"][b:].tolist()))
+    assert single >= 1 and len(seen) == steps * b
+    assert not collections.Counter(seen) - collections.Counter(map(tuple, data_pairs(data_dir)))
+
+
+def data_pairs(data_dir):
+    with np.load(data_dir / "shards" / TOKEN_ARRAYS) as data:
+        return data["train_pairs"].tolist()
