@@ -241,6 +241,10 @@ class TrainConfig:
     # category_order), so a pair's in-batch negatives share its category (duplicates stay masked); leftover
     # pairs fill mixed batches. Needs data.train_input="numpy". False = uniformly shuffled batches.
     batch_by_category: bool = False
+    # Beyond the paper: field self-positives (data/self_positives.py). This share of each training batch's
+    # pairs becomes (a note's title, its own content) pairs, so it is their weight in the contrastive loss.
+    # In [0, 1); needs data.train_input="numpy". 0 = the paper.
+    self_positive_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -450,6 +454,9 @@ class Config:
              f"model.pooling {self.model.pooling!r}: emb | mean | attention"),
             (not self.train.batch_by_category or self.data.train_input == "numpy" or self.train.synthetic_data,
              "train.batch_by_category composes batches in the numpy input: set data.train_input=numpy"),
+            (0.0 <= self.train.self_positive_weight < 1.0, "train.self_positive_weight must be in [0, 1)"),
+            (self.train.self_positive_weight == 0 or self.data.train_input == "numpy" or self.train.synthetic_data,
+             "train.self_positive_weight > 0 draws its pairs in the numpy input: set data.train_input=numpy"),
         ]
 
     def mesh_shape(self, device_count: int) -> tuple[int, int, int]:

@@ -19,6 +19,7 @@ import numpy as np
 from notellm_jax.config import Config
 from notellm_jax.data import store
 from notellm_jax.data.prompts import Example, example_from_tokens, pad_batch
+from notellm_jax.data.self_positives import SelfPositives
 from notellm_jax.data.shards import (SIDES, TOKEN_ARRAYS, VARIANTS, parse_spec, read_shards_meta, shard_file,
                                      shards_dir)
 from notellm_jax.errors import ConfigError, DataQualityError, StoreFormatError
@@ -54,21 +55,26 @@ def make_numpy_train_dataset(config: Config, data_dir: Path, split: str = "train
     path = shards_dir(data_dir) / TOKEN_ARRAYS
     with np.load(path) as data:
         tokens = {k: data[k] for k in data.files if k != "note_id"}
-        # validation batches stay uniform: their loss compares settings
-        note_ids = data["note_id"] if config.train.batch_by_category and split == "train" else None
+        note_ids = data["note_id"]
     if f"{split}_pairs" not in tokens:
         raise ValueError(f"{path}: no {split} pairs (pairs_{split}.parquet was absent at prepare time)")
     pairs, b = tokens[f"{split}_pairs"], _local_batch_pairs(config, 1)
     steps = len(pairs) // b
     if steps == 0:
         raise DataQualityError(f"{path}: {split}: {len(pairs)} pairs give no full batch of {b} pairs")
-    categories = None if note_ids is None else _pair_categories(data_dir, note_ids, pairs)
+    # Validation batches stay uniform and unchanged: their loss compares settings.
+    training = split == "train"
+    categories = _pair_categories(data_dir, note_ids, pairs) if training and config.train.batch_by_category else None
+    views = SelfPositives(config, data_dir, note_ids) if training and config.train.self_positive_weight > 0 else None
     step = start_step
     while True:
         epoch, index = divmod(step, steps)
         rng = np.random.default_rng([config.train.seed, epoch])
         order = rng.permutation(len(pairs)) if categories is None else category_order(categories, b, rng)
-        yield _assemble(_token_batch(tokens, pairs[order[index * b:(index + 1) * b]]), config, meta, step, 0, b)
+        batch = _token_batch(tokens, pairs[order[index * b:(index + 1) * b]])
+        if views is not None:
+            views.substitute(batch, step)
+        yield _assemble(batch, config, meta, step, 0, b)
         step += 1
 
 

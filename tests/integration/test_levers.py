@@ -15,7 +15,7 @@ from notellm_jax.model.decode import greedy_decode
 from notellm_jax.model.families import LlamaConfig
 from notellm_jax.model.llama import Llama, attention_allowed
 from notellm_jax.model.notellm import NoteLLM
-from notellm_jax.model.params import init_params
+from notellm_jax.model.params import init_params, stack_layers
 from notellm_jax.model.precision import Precision
 from tests.numpy_params import numpy_params
 
@@ -208,3 +208,17 @@ def test_pooling_equals_numpy(params, pooling):
     emb_model = NoteLLM(CFG, emb_dim=8)
     want_logits = emb_model.apply({"params": {k: v for k, v in full.items() if k != "pooler"}}, batch)["gen_logits"]
     np.testing.assert_allclose(np.asarray(out["gen_logits"]), np.asarray(want_logits), atol=1e-5)
+
+
+def test_scanned_layers_take_the_prefix_as_unscanned_ones_do(params):
+    """The accelerator recipe scans its layers (configs/smollm2_se.py:full): the prefix reaches every scanned
+    layer, and a prefix above causal layers is refused there (it needs per-layer masks)."""
+    rng = np.random.default_rng(6)
+    ids = rng.integers(1, 64, (B, T)).astype(np.int32)
+    mask = np.ones_like(ids)
+    scanned = Llama(CFG.replace(scan_layers=True))
+    stacked = stack_layers(params)
+    got = scanned.apply({"params": stacked}, ids, mask, prefix_end=jnp.array([5, 3]))
+    np.testing.assert_allclose(np.asarray(got), forward(params, ids, mask, jnp.array([5, 3])), atol=1e-5)
+    with pytest.raises(ValueError, match="needs scan_layers=False"):
+        scanned.apply({"params": stacked}, ids, mask, prefix_end=jnp.array([5, 3]), prefix_from_layer=1)

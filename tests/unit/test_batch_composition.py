@@ -1,8 +1,10 @@
-"""train.batch_by_category's batch order (`category_order`), against a direct count of the categories."""
+"""The levers' config rules and train.batch_by_category's batch order (`category_order`, against a direct count)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from notellm_jax.config import Config, override
+from notellm_jax.config import Config, load_config, override
 from notellm_jax.data.input_pipeline import category_order
 from notellm_jax.errors import ConfigError
 
@@ -32,6 +34,19 @@ def test_levers_config_validation():
         override(Config(), {"model.pooling": "max"}).validate(1)
     with pytest.raises(ConfigError, match="batch_by_category"):
         override(Config(), {"train.batch_by_category": True}).validate(1)
+    for weight, message in ((1.0, "must be in"), (0.2, "numpy input")):
+        with pytest.raises(ConfigError, match=message):
+            override(Config(), {"train.self_positive_weight": weight}).validate(1)
     override(Config(), {"train.batch_by_category": True, "data.train_input": "numpy", "model.pooling": "attention",
+                        "train.self_positive_weight": 0.25,
                         "model.prefix_bidirectional": True, "model.lora_rank": 4,
                         "model.train_top_layers": 2}).validate(1)
+
+
+def test_accelerator_recipe_validates_with_every_lever():
+    """configs/smollm2_se.py:full (scanned layers, numpy input) takes each lever: the bidirectional prefix from
+    layer 0, both poolings, category batches, self-positives."""
+    config = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "smollm2_se.py") + ":full")
+    for updates in ({"model.prefix_bidirectional": True}, {"model.pooling": "mean"}, {"model.pooling": "attention"},
+                    {"train.batch_by_category": True, "train.self_positive_weight": 0.1}):
+        override(config, updates).validate(8, training=True)
