@@ -24,6 +24,7 @@ from notellm_jax.errors import ConfigError
 OBJECTIVES = ("notellm", "gcl_only", "csft_only")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
+POOLINGS = ("emb", "mean", "attention")  # model.pooling (model/notellm.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -450,8 +451,7 @@ class Config:
     def _lever_rules(self) -> list[tuple[bool, str]]:
         """The issue-28 levers (attention, pooling, batch composition)."""
         return [
-            (self.model.pooling in ("emb", "mean", "attention"),
-             f"model.pooling {self.model.pooling!r}: emb | mean | attention"),
+            (self.model.pooling in POOLINGS, f"model.pooling {self.model.pooling!r}: one of {POOLINGS}"),
             (not self.train.batch_by_category or self.data.train_input == "numpy" or self.train.synthetic_data,
              "train.batch_by_category composes batches in the numpy input: set data.train_input=numpy"),
             (0.0 <= self.train.self_positive_weight < 1.0, "train.self_positive_weight must be in [0, 1)"),

@@ -2,7 +2,8 @@
 
 One forward pass over a batch of prompts gives
   * the note embedding: the final hidden state (after the last norm) at the token just before [EMB],
-    projected without bias to `emb_dim` and L2-normalised (METHOD.md 1);
+    projected without bias to `emb_dim` and L2-normalised (METHOD.md 1); or, with `pooling`, the mean or a
+    learned attention pooling of the hidden states up to that token (issue 28's levers, docs/model.md);
   * the generation logits, but only at the supervised positions (`target_positions`), so no
     [batch, length, vocab] float32 tensor is ever built.
 The losses (METHOD.md 2-3) are computed on the global, sharded arrays: the contrastive similarity is
@@ -58,14 +59,15 @@ class NoteLLM(nn.Module):
         read = batch["embed_read_pos"][:, None].astype(jnp.int32)
         if with_logits:
             read = jnp.concatenate([read, batch["target_positions"].astype(jnp.int32)], axis=1)  # [N, 1 + M]
-        pooled = self.pooling != "emb"  # a pooling reads every row up to [EMB]'s: the last layer runs in full
+        pooled = self.pooling != "emb"
         hidden = self._decode(batch, first_layer, last_layer, None if pooled else read)
-        pool_in = hidden
-        if pooled:
+        if pooled:  # a pooling reads every row up to [EMB]'s: the last layer ran in full
+            rows = self._pool(hidden, batch["attention_mask"], batch["embed_read_pos"])
             hidden = take_rows(hidden, read)
+        else:
+            rows = hidden[:, 0]
         tau = self.param("log_logit_scale", nn.with_logical_partitioning(nn.initializers.constant(self.log_logit_scale_init), ()),
                          (), jnp.float32)
-        rows = self._pool(pool_in, batch["attention_mask"], batch["embed_read_pos"]) if pooled else hidden[:, 0]
         out = {"embedding": self.embed_rows(rows), "log_logit_scale": tau}
         if with_logits:
             supervised = hidden[:, 1:]

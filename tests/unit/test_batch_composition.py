@@ -30,7 +30,7 @@ def test_category_order_depends_on_the_seed_only():
 
 
 def test_levers_config_validation():
-    with pytest.raises(ConfigError, match="model.pooling 'max'"):
+    with pytest.raises(ConfigError, match="model.pooling .max.: one of"):
         override(Config(), {"model.pooling": "max"}).validate(1)
     with pytest.raises(ConfigError, match="batch_by_category"):
         override(Config(), {"train.batch_by_category": True}).validate(1)
