@@ -62,7 +62,8 @@ def test_sweep_scores_two_settings_on_validation_pairs(prepared, shared_dir, tmp
     assert all(t["train.learning_rate"] == 1e-3 for t in trained)
 
 
-LEVERS = ("model.prefix_bidirectional=true", "model.pooling=attention", "train.batch_by_category=true")
+LEVERS = ("model.prefix_bidirectional=true", "model.pooling=attention", "train.batch_by_category=true",
+          "data.train_input=numpy")
 
 
 @pytest.mark.slow
