@@ -24,6 +24,7 @@ from notellm_jax.errors import ConfigError
 OBJECTIVES = ("notellm", "gcl_only", "csft_only")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
+POOLINGS = ("emb", "mean", "attention")  # model.pooling (model/notellm.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,12 +154,21 @@ class ModelConfig:
     # Partial training (train_top_layers or LoRA) of a tied model: train an untied copy of the output rows
     # (initialised from the tied table; the input table stays frozen). False: the head stays frozen.
     untie_head: bool = True
-    # LoRA (model/lora.py) instead of freezing a bottom: rank > 0 freezes every base weight (embedding,
-    # layers, norms) and trains adapters on `lora_targets` in every layer, plus head, projection, logit scale.
-    # Scale alpha / rank; merged into the weights on export. Needs train_top_layers=0, scan_layers=False.
+    # LoRA (model/lora.py): rank > 0 freezes every base weight (embedding, layers, norms) and trains adapters
+    # on `lora_targets` plus head, projection, logit scale. Scale alpha / rank; merged into the weights on
+    # export. Needs scan_layers=False. The adapters sit in every layer, or with train_top_layers = k in the
+    # top k only, above the frozen bottom (whose features the feature cache then serves).
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # Levers of issue 28 (docs/model.md "Levers"); the defaults are the paper's.
+    # Prefix-bidirectional attention in the trained layers: the prompt up to [EMB]'s read position attends in
+    # both directions, later tokens causally (one forward still serves both losses; nothing after the read
+    # position reaches the embedding). A frozen bottom (train_top_layers) stays causal. False = causal.
+    prefix_bidirectional: bool = False
+    # The note embedding's read-out: "emb" (the paper: the hidden state before [EMB]), "mean" (mean of the
+    # real tokens up to that position) or "attention" (a learned query over the same tokens).
+    pooling: str = "emb"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +238,14 @@ class TrainConfig:
     # than fit runs the unpacked step (a second compilation), so none is dropped. One process; not with
     # grad_cache_chunk. 0 = off.
     head_rows_per_note: int = 0
+    # Hard negatives: compose each training batch from pairs of one category (data/input_pipeline.py
+    # category_order), so a pair's in-batch negatives share its category (duplicates stay masked); leftover
+    # pairs fill mixed batches. Needs data.train_input="numpy". False = uniformly shuffled batches.
+    batch_by_category: bool = False
+    # Beyond the paper: field self-positives (data/self_positives.py). This share of each training batch's
+    # pairs becomes (a note's title, its own content) pairs, so it is their weight in the contrastive loss.
+    # In [0, 1); needs data.train_input="numpy". 0 = the paper.
+    self_positive_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,6 +452,17 @@ class Config:
              "in [0, 1]"),
         ]
 
+    def _lever_rules(self) -> list[tuple[bool, str]]:
+        """The issue-28 levers (attention, pooling, batch composition)."""
+        return [
+            (self.model.pooling in POOLINGS, f"model.pooling {self.model.pooling!r}: one of {POOLINGS}"),
+            (not self.train.batch_by_category or self.data.train_input == "numpy" or self.train.synthetic_data,
+             "train.batch_by_category composes batches in the numpy input: set data.train_input=numpy"),
+            (0.0 <= self.train.self_positive_weight < 1.0, "train.self_positive_weight must be in [0, 1)"),
+            (self.train.self_positive_weight == 0 or self.data.train_input == "numpy" or self.train.synthetic_data,
+             "train.self_positive_weight > 0 draws its pairs in the numpy input: set data.train_input=numpy"),
+        ]
+
     def mesh_shape(self, device_count: int) -> tuple[int, int, int]:
         """(data, fsdp, tensor) with the one -1 axis filled in from `device_count`."""
         sizes = [self.mesh.data, self.mesh.fsdp, self.mesh.tensor]
@@ -450,7 +479,7 @@ class Config:
         nonfinite = _nonfinite_fields(self)
         if nonfinite:
             raise ConfigError(f"{', '.join(nonfinite)}: not a finite number")
-        checks = [*self._optimiser_rules(), *self._evaluation_rules(),
+        checks = [*self._optimiser_rules(), *self._evaluation_rules(), *self._lever_rules(),
             (self.prompt.layout in ("paper", "reference"), f"prompt.layout {self.prompt.layout!r}: paper | reference"),
             (self.prompt.padding_side in ("left", "right"), f"prompt.padding_side {self.prompt.padding_side!r}"),
             (self.data.timestamp_unit in ("s", "ms", "us", "auto"),
@@ -471,8 +500,6 @@ class Config:
             (self.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps must be >= 0"),
             (self.train.on_bad_checkpoint in ("fallback", "stop"),
              f"train.on_bad_checkpoint {self.train.on_bad_checkpoint!r}: fallback | stop"),
-            (not (self.model.lora_rank > 0 and self.model.train_top_layers > 0),
-             "model.lora_rank and model.train_top_layers are alternatives: set one of them to 0"),
             (not (self.model.lora_rank > 0 and self.model.scan_layers),
              "model.lora_rank needs model.scan_layers=false (each layer gets its own adapters)"),
             (self.data.cooc_user_split_events >= 0, "data.cooc_user_split_events must be >= 0 (0 = off)"),

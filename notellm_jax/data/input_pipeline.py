@@ -17,7 +17,9 @@ import jax
 import numpy as np
 
 from notellm_jax.config import Config
+from notellm_jax.data import store
 from notellm_jax.data.prompts import Example, example_from_tokens, pad_batch
+from notellm_jax.data.self_positives import SelfPositives
 from notellm_jax.data.shards import (SIDES, TOKEN_ARRAYS, VARIANTS, parse_spec, read_shards_meta, shard_file,
                                      shards_dir)
 from notellm_jax.errors import ConfigError, DataQualityError, StoreFormatError
@@ -53,18 +55,53 @@ def make_numpy_train_dataset(config: Config, data_dir: Path, split: str = "train
     path = shards_dir(data_dir) / TOKEN_ARRAYS
     with np.load(path) as data:
         tokens = {k: data[k] for k in data.files if k != "note_id"}
+        note_ids = data["note_id"]
     if f"{split}_pairs" not in tokens:
         raise ValueError(f"{path}: no {split} pairs (pairs_{split}.parquet was absent at prepare time)")
     pairs, b = tokens[f"{split}_pairs"], _local_batch_pairs(config, 1)
     steps = len(pairs) // b
     if steps == 0:
         raise DataQualityError(f"{path}: {split}: {len(pairs)} pairs give no full batch of {b} pairs")
+    # Validation batches stay uniform and unchanged: their loss compares settings.
+    training = split == "train"
+    categories = _pair_categories(data_dir, note_ids, pairs) if training and config.train.batch_by_category else None
+    views = SelfPositives(config, data_dir, note_ids) if training and config.train.self_positive_weight > 0 else None
     step = start_step
     while True:
         epoch, index = divmod(step, steps)
-        order = np.random.default_rng([config.train.seed, epoch]).permutation(len(pairs))
-        yield _assemble(_token_batch(tokens, pairs[order[index * b:(index + 1) * b]]), config, meta, step, 0, b)
+        rng = np.random.default_rng([config.train.seed, epoch])
+        order = rng.permutation(len(pairs)) if categories is None else category_order(categories, b, rng)
+        batch = _token_batch(tokens, pairs[order[index * b:(index + 1) * b]])
+        if views is not None:
+            views.substitute(batch, step)
+        yield _assemble(batch, config, meta, step, 0, b)
         step += 1
+
+
+def _pair_categories(data_dir: Path, note_ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """[pairs] the category of each pair's first note (notes.parquet), as a string array."""
+    table = store.read_columns(Path(data_dir) / "notes.parquet", ("note_id", "category")).to_pydict()
+    category_of = dict(zip(table["note_id"], table["category"]))
+    return np.asarray([str(category_of[str(note_ids[i])]) for i in pairs[:, 0]])
+
+
+def category_order(categories: np.ndarray, b: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of the pairs whose consecutive blocks of `b` are the batches of `train.batch_by_category`
+    (hard negatives): each category's pairs, shuffled, cut into whole batches of that category; the pairs
+    left over (fewer than b per category) are pooled, shuffled, into mixed batches at the end of the
+    permutation, then the order of all whole batches is shuffled. Every pair is used once, and the number
+    of whole batches is the same as a plain permutation's (floor(pairs / b))."""
+    whole, rest = [], []
+    for category in np.unique(categories):
+        members = rng.permutation(np.flatnonzero(categories == category))
+        cut = len(members) - len(members) % b
+        whole.extend(members[:cut].reshape(-1, b))
+        rest.extend(members[cut:])
+    rest = rng.permutation(np.asarray(rest, np.int64))
+    cut = len(rest) - len(rest) % b
+    blocks = whole + list(rest[:cut].reshape(-1, b))
+    blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+    return np.concatenate([*blocks, rest[cut:]]).astype(np.int64) if blocks else rest
 
 
 def _shard_paths(data_dir: Path, stem: str, meta: dict) -> list[Path]:

@@ -31,9 +31,8 @@ from notellm_jax.data.prompts import Note, PromptTooLongError, build_example, ex
 from notellm_jax.infer.embeddings import ChunkEmbedder
 from notellm_jax.infer.feature_cache import FeatureCache, cache_path
 from notellm_jax.model.llama import init_cache
-from notellm_jax.model.notellm import NoteLLM
 from notellm_jax.model.params import abstract_boxed_params, frozen_layer_count, split_params
-from notellm_jax.weights.export import load_notellm
+from notellm_jax.weights.export import export_model, load_notellm
 from notellm_jax.weights.tokenizer import resolve_tokenizer
 
 CHUNK_BATCHES = 16  # batches per length-sorted chunk (also the progress-report interval)
@@ -192,7 +191,7 @@ def notellm_batch_embedder(export, mesh, batch_size: int, max_length: int, bucke
     tokens every prompt starts with), their key/value cache is computed once here and the embedder takes
     each note's tokens after the prefix only (`prefix_apply`; its buckets then cover max_length less the
     prefix). `row_buckets`: see `BatchEmbedder`; `cache_lru`: the feature cache evicts (`FeatureCache`)."""
-    model = NoteLLM(export.llama, emb_dim=export.emb_dim)
+    model = export_model(export)
     frozen_layers = frozen_layer_count(export.meta.get("train_top_layers", 0), export.llama)
     cache = None
     if cache_dir is not None and frozen_layers:
@@ -200,7 +199,8 @@ def notellm_batch_embedder(export, mesh, batch_size: int, max_length: int, bucke
         cache = FeatureCache(model, mesh, frozen_layers, max_bytes=cache_max_bytes, lru=cache_lru,
                              path=cache_path(cache_dir, export.meta.get("checkpoint", "model"), frozen_layers, frozen))
     boxed = abstract_boxed_params(model)
-    if prefix and cache is None:
+    if prefix and cache is None and model.bidirectional_from < 0 and model.pooling == "emb":
+        # (a bidirectional prefix sees the note's tokens, a pooling reads the prefix rows: neither is shared)
         _check_params(export.params, boxed, source)  # before the prefix runs through them
         kv = prefix_kv(model, export.params, prefix)
         buckets = bucket_lengths(max_length - len(prefix), bucket_count)

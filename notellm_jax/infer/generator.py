@@ -41,13 +41,16 @@ class Generator:
         self.prompt: PromptConfig = export.prompt
         self.model = Llama(export.llama)
         self.params = export.params["decoder"]
+        # model.prefix_bidirectional: the prompt up to [EMB]'s read position is decoded as it was trained
+        self.prefix_from = export.meta.get("levers", {}).get("bidirectional_from", -1)
 
     def decode(self, examples: Sequence[Example], length: int, max_new_tokens: int, repetition_penalty: float,
                trie: TokenTrie | None) -> list[list[int]]:
         """Generated tokens of one batch of prompts left-padded to `length`, cut after the first EOS."""
         batch = pad_batch(list(examples), length, "left", self.tokenizer.pad_id, max_targets=1)
+        prefix_end = batch["embed_read_pos"] + 1 if self.prefix_from >= 0 else None
         new = greedy_decode(self.model, self.params, batch["input_ids"], batch["attention_mask"], max_new_tokens,
-                            self.tokenizer.eos_id, repetition_penalty, trie)
+                            self.tokenizer.eos_id, repetition_penalty, trie, prefix_end, max(self.prefix_from, 0))
         eos = self.tokenizer.eos_id
         return [row[:row.index(eos) + 1] if eos in row else row for row in new.tolist()]
 

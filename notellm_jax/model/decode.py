@@ -90,11 +90,14 @@ def _advance_trie(trie: tuple[jax.Array, jax.Array], state: jax.Array, token: ja
 
 
 def greedy_decode(model: Llama, params: Any, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int,
-                  eos_id: int, repetition_penalty: float = 1.0, trie: TokenTrie | None = None) -> np.ndarray:
+                  eos_id: int, repetition_penalty: float = 1.0, trie: TokenTrie | None = None,
+                  prefix_end: np.ndarray | None = None, prefix_from_layer: int = 0) -> np.ndarray:
     """[B, max_new_tokens] greedy continuations of the padded prompts `ids` (mask: 1 = real token).
 
     `eos_id` = -1 never stops. With `trie`, max_new_tokens must cover `trie.depth` so no constrained
-    row is cut before its end token.
+    row is cut before its end token. `prefix_end` [B] (slots of `ids`): the prompt's bidirectional prefix
+    in layers from `prefix_from_layer` on (`llama.attention_allowed`); it is prefilled with the prompt, and
+    every generated token, after it, attends causally.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -109,20 +112,22 @@ def greedy_decode(model: Llama, params: Any, ids: np.ndarray, mask: np.ndarray, 
             raise ValueError(f"trie token {int(trie.tokens.max())} is outside the model's "
                              f"{model.config.vocab_size}-token vocabulary")
         tables = (jnp.asarray(trie.tokens), jnp.asarray(trie.next_state))
+    prefix = None if prefix_end is None else jnp.asarray(prefix_end, jnp.int32)
     out = _decode(model, params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), int(max_new_tokens),
-                  float(repetition_penalty), jnp.int32(eos_id), tables)
+                  float(repetition_penalty), jnp.int32(eos_id), tables, prefix, int(prefix_from_layer))
     return np.asarray(out, np.int32)
 
 
-@partial(jax.jit, static_argnums=(0, 4, 5))
+@partial(jax.jit, static_argnums=(0, 4, 5, 9))
 def _decode(model: Llama, params: Any, ids: jax.Array, mask: jax.Array, max_new_tokens: int, penalty: float,
-            eos_id: jax.Array, trie: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+            eos_id: jax.Array, trie: tuple[jax.Array, jax.Array] | None, prefix_end: jax.Array | None, prefix_from_layer: int) -> jax.Array:
     """Prefill the cache with the prompt, then feed back one chosen token per step."""
     batch, length = ids.shape
     vocab = model.config.padded_vocab_size  # the logits' width; padded entries are masked by Llama.logits
     variables = {"params": params}
     cache = init_cache(model.config, batch, length + max_new_tokens)
-    hidden, cache = model.apply(variables, ids, mask, cache=cache)
+    hidden, cache = model.apply(variables, ids, mask, cache=cache, prefix_end=prefix_end,
+                                prefix_from_layer=prefix_from_layer)
     last_real = length - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # right padding: last real token, not slot T-1
     last_hidden = hidden[jnp.arange(batch), last_real][:, None]
 

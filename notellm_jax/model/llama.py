@@ -83,8 +83,8 @@ def positions_from_mask(attention_mask: Array) -> Array:
 def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
     """The [head_dim / 2] float32 inverse frequencies of RoPE, as transformers computes them.
 
-    `linear`: every frequency divided by `factor`. `llama3` (LLaMA-3.1/3.2): wavelengths shorter than original_max_position / high_freq_factor are kept,
-    those longer than original_max_position / low_freq_factor are divided by `factor`, and the band in
+    `linear`: every frequency divided by `factor`. `llama3` (LLaMA-3.1/3.2): wavelengths shorter than
+    original_max_position / high_freq_factor are kept, those longer than original_max_position / low_freq_factor are divided by `factor`, and the band in
     between is interpolated smoothly (transformers' `_compute_llama3_parameters`; attention factor 1).
     """
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim // 2, dtype=np.float32) * 2.0 / cfg.head_dim))
@@ -149,13 +149,14 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, key_mask: Array, query_slots: Array,
-                 cache: dict[str, Array] | None, query_index: Array | None = None, local: Array | bool = True
-                 ) -> tuple[Array, dict[str, Array] | None]:
+                 cache: dict[str, Array] | None, query_index: Array | None = None, local: Array | bool = True,
+                 prefix_end: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
         """cache: this layer's {"k", "v"} [B, S, kv_heads, head_dim]; new entries go to the query slots.
 
         query_index [B, P] (no cache): queries only at these positions of x (keys and values at all of
         them), so the output is [B, P, hidden]: the rows of the full output at those positions.
-        local: whether this layer is a sliding-window one (a traced scalar under scan, so no branch)."""
+        local: whether this layer is a sliding-window one (a traced scalar under scan, so no branch).
+        prefix_end [B]: slots below it attend to each other in both directions (`attention_allowed`)."""
         cfg = self.config
         h, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = lambda feats, axes, name, contract=1, bias=cfg.attention_bias: Projection(  # noqa: E731
@@ -180,9 +181,7 @@ class Attention(nn.Module):
             key = jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype), start, axis=1)
             value = jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype), start, axis=1)
             cache = {"k": key, "v": value}
-        key_slots = jnp.arange(key.shape[1])
-        # [B, Tq, S]: causal over slots, and only real (unpadded) keys.
-        allowed = (key_slots[None, None, :] <= query_slots[:, :, None]) & (key_mask[:, None, :] > 0)
+        allowed = attention_allowed(query_slots, key.shape[1], key_mask, prefix_end)
         if cfg.sliding_window is not None and cfg.sliding_window < key.shape[1]:
             # Sliding layers (Mistral: all; Gemma: `layer_types`): only the last `sliding_window` positions
             # (the query's own included), counted in positions, not cache slots, so pads between a right-
@@ -192,10 +191,25 @@ class Attention(nn.Module):
                 key_positions = positions_from_mask(key_mask)
             allowed &= (positions[:, :, None] - key_positions[:, None, :] < cfg.sliding_window) | ~jnp.asarray(local)
 
-        out = attend(q, key, value, allowed, key_mask, implementation=cfg.attention, precision=cfg.precision,
+        # The splash kernel expresses causal masks only: a bidirectional prefix takes the dense path.
+        implementation = "dot_product" if prefix_end is not None and cfg.attention == "splash" else cfg.attention
+        out = attend(q, key, value, allowed, key_mask, implementation=implementation, precision=cfg.precision,
                      scale=cfg.attention_scale, softcap=cfg.attn_logit_softcapping)
         out = dense((cfg.hidden_size,), ("heads", "head_dim", "embed"), "o_proj", 2, cfg.attention_out_bias)(out)
         return out, cache
+
+
+def attention_allowed(query_slots: Array, key_length: int, key_mask: Array, prefix_end: Array | None = None) -> Array:
+    """[B, Tq, S] bool: causal over slots, only real (unpadded) keys. With `prefix_end` [B] (prefix-bidirectional
+    attention, `model.prefix_bidirectional`): a query in a slot below its row's prefix_end also sees every key
+    below it, so the prefix attends in both directions while later tokens stay causal (they see the whole
+    prefix either way) and nothing at or after prefix_end reaches a prefix token."""
+    key_slots = jnp.arange(key_length)[None, None, :]
+    allowed = key_slots <= query_slots[:, :, None]
+    if prefix_end is not None:
+        end = prefix_end.astype(jnp.int32)[:, None, None]
+        allowed |= (query_slots[:, :, None] < end) & (key_slots < end)
+    return allowed & (key_mask[:, None, :] > 0)
 
 
 class MLP(nn.Module):
@@ -220,14 +234,15 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, positions: Array, key_mask: Array, query_slots: Array,
                  cache: dict[str, Array] | None = None, query_index: Array | None = None,
-                 local: Array | bool = True):
+                 local: Array | bool = True, prefix_end: Array | None = None):
         """query_index [B, P]: the layer's output only at those positions ([B, P, hidden]; see Attention).
         With `sandwich_norms` (Gemma) the attention and MLP outputs are normalised too (post_attn_norm,
-        post_mlp_norm) and pre_mlp_norm feeds the MLP; otherwise post_attn_norm feeds the MLP (HF's names)."""
+        post_mlp_norm) and pre_mlp_norm feeds the MLP; otherwise post_attn_norm feeds the MLP (HF's names).
+        prefix_end [B]: the bidirectional prefix of each row (see `attention_allowed`)."""
         cfg = self.config
         norm = lambda name: make_norm(cfg, name)  # noqa: E731
         attn_out, cache = Attention(cfg, name="attn")(norm("input_norm")(x), positions, key_mask, query_slots, cache,
-                                                      query_index, local)
+                                                      query_index, local, prefix_end)
         if query_index is not None:
             x = take_rows(x, query_index)
         if cfg.sandwich_norms:
@@ -253,9 +268,9 @@ class _ScanBody(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, local, positions, key_mask, query_slots):
+    def __call__(self, x, layer_cache, local, positions, key_mask, query_slots, prefix_end):
         layer = _remat(DecoderLayer, self.config.remat_policy, scanned=True)(self.config, name="layer")
-        x, layer_cache = layer(x, positions, key_mask, query_slots, layer_cache, None, local)
+        x, layer_cache = layer(x, positions, key_mask, query_slots, layer_cache, None, local, prefix_end)
         return x, layer_cache
 
 
@@ -271,7 +286,7 @@ class Llama(nn.Module):
         if cfg.scan_layers:
             self.layers = nn.scan(
                 _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
+                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         else:
             layer_cls = _remat(DecoderLayer, cfg.remat_policy, scanned=False)
@@ -284,7 +299,8 @@ class Llama(nn.Module):
     def __call__(self, input_ids: Array | None = None, attention_mask: Array | None = None, *,
                  inputs_embeds: Array | None = None, positions: Array | None = None,
                  cache: dict[str, Array] | None = None, first_layer: int = 0, last_layer: int | None = None,
-                 final_norm: bool = True, read_positions: Array | None = None):
+                 final_norm: bool = True, read_positions: Array | None = None,
+                 prefix_end: Array | None = None, prefix_from_layer: int = 0):
         """Run layers [first_layer, last_layer) and (optionally) the final norm.
 
         input_ids/inputs_embeds: [B, T] token ids or [B, T, H] hidden states (e.g. the output of frozen
@@ -294,6 +310,8 @@ class Llama(nn.Module):
         last layer then computes its queries, attention output and MLP at those P positions alone (its keys
         and values still at all T), which saves most of one layer's work when P << T (NoteLLM reads the
         [EMB] position and the supervised positions only). With scanned layers the rows are gathered after.
+        prefix_end [B] (slots; `attention_allowed`): layers from `prefix_from_layer` on attend bidirectionally
+        within each row's slots [0, prefix_end); the layers below stay causal (NoteLLM's frozen bottom).
         """
         cfg = self.config
         if inputs_embeds is None:  # Gemma: the token embeddings times sqrt(hidden), rounded like HF's
@@ -326,7 +344,8 @@ class Llama(nn.Module):
             if cache is not None:
                 raise ValueError("read_positions needs cache=None")
             read_positions = read_positions.astype(jnp.int32)
-        x, new_k, new_v = self._layers(x, positions, key_mask, query_slots, cache, first_layer, last, read_positions)
+        masks = (positions, key_mask, query_slots, prefix_end, prefix_from_layer)
+        x, new_k, new_v = self._layers(x, masks, cache, first_layer, last, read_positions)
         if final_norm:
             x = self.norm(x)
         if cache is None:
@@ -334,16 +353,19 @@ class Llama(nn.Module):
         stack = (lambda xs: xs) if cfg.scan_layers else jnp.stack
         return x, {"k": stack(new_k), "v": stack(new_v), "mask": key_mask, "index": cache["index"] + t}
 
-    def _layers(self, x, positions, key_mask, query_slots, cache, first_layer: int, last: int, read_positions):
+    def _layers(self, x, masks, cache, first_layer: int, last: int, read_positions):
         """Layers [first_layer, last); the last one at `read_positions` only. Returns (x, new_k, new_v)."""
         cfg = self.config
+        positions, key_mask, query_slots, prefix_end, prefix_from_layer = masks
         new_k, new_v = [], []
         local = jnp.asarray(cfg.local_layers)  # scanned data (or indexed per layer), not a Python branch
         if cfg.scan_layers:
             if (first_layer, last) != (0, cfg.num_hidden_layers):
                 raise ValueError("running a slice of the layers needs scan_layers=False")
+            if prefix_end is not None and prefix_from_layer > 0:
+                raise ValueError("a bidirectional prefix above causal layers needs scan_layers=False")
             layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-            x, layer_cache = self.layers(x, layer_cache, local, positions, key_mask, query_slots)
+            x, layer_cache = self.layers(x, layer_cache, local, positions, key_mask, query_slots, prefix_end)
             if cache is not None:
                 new_k, new_v = layer_cache["k"], layer_cache["v"]
             if read_positions is not None:
@@ -354,7 +376,9 @@ class Llama(nn.Module):
             for i in range(first_layer, last):
                 layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
                 query_index = read_positions if i == last - 1 else None
-                x, layer_cache = self.layers[i](x, positions, key_mask, query_slots, layer_cache, query_index, local[i])
+                layer_prefix = prefix_end if i >= prefix_from_layer else None
+                x, layer_cache = self.layers[i](x, positions, key_mask, query_slots, layer_cache, query_index,
+                                                local[i], layer_prefix)
                 if cache is not None:
                     new_k.append(layer_cache["k"])
                     new_v.append(layer_cache["v"])

@@ -33,19 +33,22 @@ def _check_targets(targets) -> None:
         raise ValueError(f"LoRA targets {list(targets)}: choose among {', '.join(TARGETS)}")
 
 
-def _targets_of(decoder: dict, targets) -> list[tuple[str, str, str]]:
+def _targets_of(decoder: dict, targets, first_layer: int = 0) -> list[tuple[str, str, str]]:
+    """(layer, block, projection) of every adapter: `targets` in layers first_layer and above (the layers
+    over a frozen, cached bottom with `model.train_top_layers`; 0 = every layer)."""
     _check_targets(targets)
     if "layers" in decoder:
         raise ValueError("LoRA needs model.scan_layers=False (each layer gets its own adapters)")
-    layers = sorted((k for k in decoder if _LAYER.match(k)), key=lambda k: int(k.split("_")[1]))
+    layers = sorted((k for k in decoder if _LAYER.match(k) and int(k.split("_")[1]) >= first_layer),
+                    key=lambda k: int(k.split("_")[1]))
     return [(layer, _BLOCK[t], t) for layer in layers for t in targets]
 
 
-def init_lora(decoder: dict, rank: int, targets, seed: int) -> dict:
-    """Adapters for `targets` in every layer of the (unscanned) decoder params, as numpy float32."""
+def init_lora(decoder: dict, rank: int, targets, seed: int, first_layer: int = 0) -> dict:
+    """Adapters for `targets` in the layers from `first_layer` of the (unscanned) decoder params, numpy float32."""
     rng = np.random.default_rng(seed)
     adapters: dict = {}
-    for layer, block, name in _targets_of(decoder, targets):
+    for layer, block, name in _targets_of(decoder, targets, first_layer):
         shape = np.shape(decoder[layer][block][name]["kernel"])  # a global array need not be addressable
         n_in = _INPUT_AXES[name]
         fan_in = int(np.prod(shape[:n_in]))
@@ -56,10 +59,10 @@ def init_lora(decoder: dict, rank: int, targets, seed: int) -> dict:
     return adapters
 
 
-def boxed_lora(boxed_decoder: dict, rank: int, targets) -> dict:
+def boxed_lora(boxed_decoder: dict, rank: int, targets, first_layer: int = 0) -> dict:
     """Logically partitioned ShapeDtypeStructs of the adapters: A shares W's input axes, B its output axes."""
     adapters: dict = {}
-    for layer, block, name in _targets_of(boxed_decoder, targets):
+    for layer, block, name in _targets_of(boxed_decoder, targets, first_layer):
         kernel = boxed_decoder[layer][block][name]["kernel"]
         n_in, names = _INPUT_AXES[name], kernel.names
         shape, dtype = kernel.value.shape, kernel.value.dtype

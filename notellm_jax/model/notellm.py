@@ -2,7 +2,8 @@
 
 One forward pass over a batch of prompts gives
   * the note embedding: the final hidden state (after the last norm) at the token just before [EMB],
-    projected without bias to `emb_dim` and L2-normalised (METHOD.md 1);
+    projected without bias to `emb_dim` and L2-normalised (METHOD.md 1); or, with `pooling`, the mean or a
+    learned attention pooling of the hidden states up to that token (issue 28's levers, docs/model.md);
   * the generation logits, but only at the supervised positions (`target_positions`), so no
     [batch, length, vocab] float32 tensor is ever built.
 The losses (METHOD.md 2-3) are computed on the global, sharded arrays: the contrastive similarity is
@@ -21,15 +22,25 @@ from notellm_jax.model.families import LlamaConfig
 from notellm_jax.model.llama import Llama, take_rows
 
 OBJECTIVES = ("notellm", "gcl_only", "csft_only")
+POOLINGS = ("emb", "mean", "attention")  # model.pooling
 
 
 class NoteLLM(nn.Module):
     llama: LlamaConfig
     emb_dim: int = 128
     log_logit_scale_init: float = 3.0
+    # model.prefix_bidirectional: decoder layers from this one on (the trained ones) let the prompt up to
+    # [EMB]'s read position attend in both directions; -1 = causal everywhere (the paper).
+    bidirectional_from: int = -1
+    # model.pooling: "emb" (the paper's [EMB] read-out), "mean" or "attention" over `note_token_mask`.
+    pooling: str = "emb"
 
     def setup(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r} not in {POOLINGS}")
         self.decoder = Llama(self.llama)
+        if self.pooling == "attention":
+            self.pooler = AttentionPool(self.llama.precision.param, name="pooler")
         # The [EMB] projection runs in the policy's output dtype (float32): it feeds the similarity logits.
         self.proj = nn.Dense(self.emb_dim, use_bias=False, dtype=self.llama.precision.output,
                              param_dtype=self.llama.precision.param,
@@ -48,15 +59,16 @@ class NoteLLM(nn.Module):
         read = batch["embed_read_pos"][:, None].astype(jnp.int32)
         if with_logits:
             read = jnp.concatenate([read, batch["target_positions"].astype(jnp.int32)], axis=1)  # [N, 1 + M]
-        if "hidden_in" in batch:
-            hidden = self.decoder(None, batch["attention_mask"], inputs_embeds=batch["hidden_in"],
-                                  first_layer=first_layer, last_layer=last_layer, read_positions=read)
+        pooled = self.pooling != "emb"
+        hidden = self._decode(batch, first_layer, last_layer, None if pooled else read)
+        if pooled:  # a pooling reads every row up to [EMB]'s: the last layer ran in full
+            rows = self._pool(hidden, batch["attention_mask"], batch["embed_read_pos"])
+            hidden = take_rows(hidden, read)
         else:
-            hidden = self.decoder(batch["input_ids"], batch["attention_mask"], first_layer=first_layer,
-                                  last_layer=last_layer, read_positions=read)
+            rows = hidden[:, 0]
         tau = self.param("log_logit_scale", nn.with_logical_partitioning(nn.initializers.constant(self.log_logit_scale_init), ()),
                          (), jnp.float32)
-        out = {"embedding": self.embed_rows(hidden[:, 0]), "log_logit_scale": tau}
+        out = {"embedding": self.embed_rows(rows), "log_logit_scale": tau}
         if with_logits:
             supervised = hidden[:, 1:]
             if "head_index" in batch:  # packed: [N x M, H] -> the C rows that hold a target
@@ -64,6 +76,27 @@ class NoteLLM(nn.Module):
             # [N, M, V] or [C, V], float32 (the policy's output dtype)
             out["gen_logits"] = self.decoder.logits(supervised)
         return out
+
+    def _decode(self, batch: dict[str, jax.Array], first_layer: int, last_layer: int | None,
+                read: jax.Array | None) -> jax.Array:
+        """The decoder's final hidden states (at `read` [N, P] only, when given), with the bidirectional
+        prefix [0, embed_read_pos] in layers from `bidirectional_from` on."""
+        prefix_end = None
+        if self.bidirectional_from >= 0:
+            prefix_end = batch["embed_read_pos"].astype(jnp.int32) + 1
+        inputs = ({"inputs_embeds": batch["hidden_in"]} if "hidden_in" in batch
+                  else {"input_ids": batch["input_ids"]})
+        return self.decoder(attention_mask=batch["attention_mask"], first_layer=first_layer, last_layer=last_layer,
+                            read_positions=read, prefix_end=prefix_end,
+                            prefix_from_layer=max(self.bidirectional_from, 0), **inputs)
+
+    def _pool(self, hidden: jax.Array, attention_mask: jax.Array, embed_read_pos: jax.Array) -> jax.Array:
+        """[N, T, H] final hidden states -> [N, H] pooled over `note_token_mask` ("mean" or "attention")."""
+        mask = note_token_mask(attention_mask, embed_read_pos)
+        hidden = hidden.astype(self.llama.precision.output)
+        if self.pooling == "mean":
+            return mean_pool(hidden, mask)
+        return self.pooler(hidden, mask)
 
     def embed_hidden(self, hidden: jax.Array, embed_read_pos: jax.Array) -> jax.Array:
         """[N, T, H] final hidden states -> [N, emb_dim] unit vectors taken at `embed_read_pos`."""
@@ -77,6 +110,34 @@ class NoteLLM(nn.Module):
     def bottom(self, input_ids: jax.Array, attention_mask: jax.Array, num_layers: int) -> jax.Array:
         """Hidden states after the first `num_layers` decoder layers (no final norm): frozen-layer features."""
         return self.decoder(input_ids, attention_mask, last_layer=num_layers, final_norm=False)
+
+
+def note_token_mask(attention_mask: jax.Array, embed_read_pos: jax.Array) -> jax.Array:
+    """[N, T] bool: the tokens a pooling reads, the real tokens in slots [0, embed_read_pos]: the instruction,
+    the note and the compression phrase, which is everything the [EMB] read-out sees and nothing after it,
+    so the generated output never reaches the embedding."""
+    slots = jnp.arange(attention_mask.shape[1])[None, :]
+    return (attention_mask > 0) & (slots <= embed_read_pos[:, None].astype(jnp.int32))
+
+
+def mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    """[N, T, H], [N, T] bool -> [N, H]: the mean of the masked rows."""
+    weights = mask.astype(hidden.dtype)
+    return jnp.einsum("nt,nth->nh", weights, hidden) / jnp.maximum(weights.sum(-1, keepdims=True), 1.0)
+
+
+class AttentionPool(nn.Module):
+    """A learned query q [H] (initialised at zero, so training starts from the mean): softmax over the masked
+    rows of h_t . q / sqrt(H), then the weighted mean of h_t."""
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
+        query = self.param("query", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                           (hidden.shape[-1],), self.param_dtype)
+        scores = jnp.einsum("nth,h->nt", hidden, query.astype(hidden.dtype)) * hidden.shape[-1] ** -0.5
+        weights = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(scores.dtype).min / 2), axis=-1)
+        return jnp.einsum("nt,nth->nh", weights, hidden)
 
 
 def pack_head_rows(target_mask: np.ndarray, target_ids: np.ndarray, rows_per_note: int) -> dict[str, np.ndarray] | None:

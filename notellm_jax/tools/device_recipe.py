@@ -42,7 +42,9 @@ BUNDLE_DATA = ("shards/meta.json", "shards/tokens.npz", "split.json")
 
 def pack(config: Config, bundle: Path) -> dict:
     """Copy the numpy-readable prepared data and pack the weights (a GGUF) into `bundle`."""
-    for name in BUNDLE_DATA:
+    # train.batch_by_category reads the notes' categories, train.self_positive_weight their fields
+    notes = config.train.batch_by_category or config.train.self_positive_weight > 0
+    for name in BUNDLE_DATA + (("notes.parquet",) if notes else ()):
         source = config.data_dir / name
         if not source.is_file():
             raise MissingInputError(f"{source} not found: run `notellm prepare` for this config first")

@@ -46,10 +46,11 @@ class LossConfig:
 
 
 def abstract_train_params(config: Config, model: NoteLLM) -> Any:
-    """`abstract_boxed_params` plus the LoRA adapters when the run has them."""
+    """`abstract_boxed_params` plus the LoRA adapters when the run has them (above a frozen bottom, if any)."""
     boxed = abstract_boxed_params(model)
     if config.model.lora_rank > 0:
-        boxed = {**boxed, "lora": boxed_lora(boxed["decoder"], config.model.lora_rank, config.model.lora_targets)}
+        first = frozen_layer_count(config.model.train_top_layers, model.llama)
+        boxed = {**boxed, "lora": boxed_lora(boxed["decoder"], config.model.lora_rank, config.model.lora_targets, first)}
     return boxed
 
 

@@ -21,6 +21,7 @@ from notellm_jax.model.notellm import NoteLLM
 from notellm_jax.model.params import abstract_params_on, unstack_layers
 from notellm_jax.sharding import make_mesh
 from notellm_jax.weights.hf import save_hf
+from notellm_jax.weights.loading import model_levers
 from notellm_jax.weights.tokenizer import tokenizer_source
 
 FORMAT = "notellm_jax.export/2"
@@ -47,7 +48,7 @@ def save_notellm(out_dir: Path, params: dict, llama_cfg: LlamaConfig, config: Co
     meta = {"format": FORMAT, "llama": dataclasses.asdict(llama_cfg), "emb_dim": config.model.emb_dim,
             "prompt": dataclasses.asdict(config.prompt), "tokenizer": tokenizer_source(config),
             "objective": config.train.objective, "run": config.name, "checkpoint": config.model.checkpoint,
-            "train_top_layers": config.model.train_top_layers}
+            "train_top_layers": config.model.train_top_layers, "levers": model_levers(config, llama_cfg)}
     if jax.process_index() == 0:
         (out_dir / "notellm.json").write_text(json.dumps(meta, indent=2))
     return out_dir
@@ -68,11 +69,16 @@ def load_notellm(path: str | Path, mesh=None) -> NoteLLMExport:
         raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
     llama_cfg = LlamaConfig(**meta["llama"])
     mesh = mesh or make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
-    target = abstract_params_on(NoteLLM(llama_cfg, emb_dim=meta["emb_dim"]), mesh)
+    target = abstract_params_on(NoteLLM(llama_cfg, emb_dim=meta["emb_dim"], **meta.get("levers", {})), mesh)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(path / "params", target)
     return NoteLLMExport(params=params, llama=llama_cfg, emb_dim=meta["emb_dim"],
                          prompt=PromptConfig(**meta["prompt"]), tokenizer=meta["tokenizer"], meta=meta)
+
+
+def export_model(export: NoteLLMExport) -> NoteLLM:
+    """The NoteLLM module of an export, with the attention and pooling it was trained with."""
+    return NoteLLM(export.llama, emb_dim=export.emb_dim, **export.meta.get("levers", {}))
 
 
 def save_hf_decoder(params: dict, llama_cfg: LlamaConfig, out_dir: Path) -> Path:

@@ -25,15 +25,23 @@ from notellm_jax.config import Config
 from notellm_jax.model.families import LlamaConfig, preset
 from notellm_jax.model.lora import init_lora
 from notellm_jax.model.notellm import NoteLLM
-from notellm_jax.model.params import (abstract_params_on, emb_growth, grow_vocab, init_params, stack_layers,
-                                      untie_head)
+from notellm_jax.model.params import (abstract_params_on, emb_growth, frozen_layer_count, grow_vocab, init_params,
+                                      stack_layers, untie_head)
 from notellm_jax.weights.formats import open_params, place_params
 from notellm_jax.weights.lazy import Transposed
 
 
 def make_model(config: Config, llama_cfg: LlamaConfig) -> NoteLLM:
     """The run's NoteLLM (decoder + [EMB] projection and logit scale) for the decoder config `llama_cfg`."""
-    return NoteLLM(llama_cfg, emb_dim=config.model.emb_dim, log_logit_scale_init=config.model.log_logit_scale_init)
+    return NoteLLM(llama_cfg, emb_dim=config.model.emb_dim, log_logit_scale_init=config.model.log_logit_scale_init,
+                   **model_levers(config, llama_cfg))
+
+
+def model_levers(config: Config, llama_cfg: LlamaConfig) -> dict[str, Any]:
+    """The NoteLLM fields of the attention and pooling levers (recorded in the export, `save_notellm`):
+    the bidirectional prefix starts at the first trained layer, so a frozen (cached) bottom stays causal."""
+    start = frozen_layer_count(config.model.train_top_layers, llama_cfg) if config.model.prefix_bidirectional else -1
+    return {"bidirectional_from": start, "pooling": config.model.pooling}
 
 
 def runtime_fields(config: Config) -> dict[str, Any]:
@@ -114,7 +122,11 @@ class InitialWeights:
                   "log_logit_scale": shd.host_to_global(np.asarray(config.model.log_logit_scale_init, np.float32),
                                                         abstract["log_logit_scale"])}
         if config.model.lora_rank > 0:  # host arrays (small); create_state places them
-            params["lora"] = init_lora(decoder, config.model.lora_rank, config.model.lora_targets, config.train.seed)
+            params["lora"] = init_lora(decoder, config.model.lora_rank, config.model.lora_targets, config.train.seed,
+                                       frozen_layer_count(config.model.train_top_layers, self.llama_cfg))
+        if "pooler" in abstract:  # model.pooling="attention": a zero query starts as the mean
+            params["pooler"] = {"query": shd.host_to_global(np.zeros((hidden,), np.float32),
+                                                            abstract["pooler"]["query"])}
         return params
 
 

@@ -49,7 +49,9 @@ def _run(config, mesh_shape):
 @pytest.mark.parametrize("extra,chunk,mesh_shape", [
     ({}, 4, (2, 4, 1)),
     ({"model.train_top_layers": 2}, 8, (1, 4, 2)),  # the frozen bottom runs inside each chunk; tensor axis
-], ids=["notellm_chunk4", "top2_chunk8"])
+    # 64 pairs (127 negatives per note) in chunks of 32 rows, with the attention and pooling levers on
+    ({"train.batch_pairs": 64, "model.prefix_bidirectional": True, "model.pooling": "attention"}, 32, (1, 8, 1)),
+], ids=["notellm_chunk4", "top2_chunk8", "levers_64pairs_chunk32"])
 def test_grad_cache_step_equals_full_batch_step(extra, chunk, mesh_shape):
     full = override(load_config(TINY, OVERRIDES), extra)
     cached = override(full, {"train.grad_cache_chunk": chunk})

@@ -16,8 +16,8 @@ import pytest
 
 import notellm_jax  # noqa: F401
 from notellm_jax.config import load_config, override
-from notellm_jax.errors import ConfigError
 from notellm_jax.data.input_pipeline import synthetic_batches
+from notellm_jax.infer.feature_cache import FeatureCache
 from notellm_jax.model.llama import Llama
 from notellm_jax.model.lora import lora_applied, lora_scale
 from notellm_jax.sharding import make_mesh
@@ -25,6 +25,7 @@ from notellm_jax.train.step import (apply_model, compile_steps, create_state, me
                                     make_train_setup, to_global_batch)
 from notellm_jax.weights.export import save_hf_decoder
 from notellm_jax.weights.loading import load_initial_params
+from step_compare import assert_same_grads, assert_same_metrics
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py") + ":random"
 OVERRIDES = ["train.synthetic_data=true", "prompt.max_length=16", "prompt.title_max_tokens=4",
@@ -143,7 +144,26 @@ def test_lora_merged_export_equals_unmerged_model(lora_run, tmp_path):
         np.testing.assert_allclose(np.asarray(got[key]), np.asarray(ref[key]), rtol=1e-5, atol=1e-5)
 
 
-def test_lora_and_train_top_layers_are_exclusive():
-    config = override(load_config(TINY, OVERRIDES), {"model.train_top_layers": 2, "model.lora_rank": 4})
-    with pytest.raises(ConfigError, match="alternatives"):
-        config.validate(8, training=True)
+@pytest.mark.slow  # compiles two train steps
+def test_lora_above_the_cached_bottom_equals_the_model_without_the_cache():
+    """LoRA on the top 2 of 5 layers: adapters there only; the step fed the FeatureCache's bottom features
+    gives the loss and gradients of the same model run from the tokens (adapters with a non-zero B)."""
+    config = override(load_config(TINY, OVERRIDES), {"model.train_top_layers": 2, "model.lora_rank": 4,
+                                                     "model.lora_alpha": 8.0})
+    config.validate(8, training=True)
+    params, llama_cfg = load_initial_params(config, None)
+    assert set(params["lora"]) == {"layers_3", "layers_4"}
+    rng = np.random.default_rng(1)
+    params["lora"] = jax.tree.map(lambda x: x + 0.05 * rng.normal(size=x.shape).astype(np.float32), params["lora"])
+    spec = make_train_setup(config, llama_cfg, make_mesh(1, 2, 1, devices=jax.devices()[:2]), 2)
+    local = next(synthetic_batches(config, llama_cfg, 0))
+    state = create_state(spec, params)
+    assert spec.frozen_layers == 3 and set(state.params["decoder"]) == {"lm_head"}
+    features = FeatureCache(spec.model, spec.mesh, spec.frozen_layers).features(
+        state.frozen, local["input_ids"], local["attention_mask"])
+    cached = {**{k: v for k, v in local.items() if k != "input_ids"}, "hidden_in": features}
+    step = jax.jit(partial(loss_and_grads, setup=spec))
+    want_metrics, want_grads = jax.device_get(step(state, to_global_batch(spec, local)))
+    got_metrics, got_grads = jax.device_get(step(state, to_global_batch(spec, cached)))
+    assert_same_metrics(got_metrics, want_metrics)
+    assert_same_grads(got_grads, want_grads)

@@ -62,8 +62,13 @@ def test_sweep_scores_two_settings_on_validation_pairs(prepared, shared_dir, tmp
     assert all(t["train.learning_rate"] == 1e-3 for t in trained)
 
 
+LEVERS = ("model.prefix_bidirectional=true", "model.pooling=attention", "train.batch_by_category=true",
+          "data.train_input=numpy")
+
+
 @pytest.mark.slow
-def test_device_recipe_runs_without_tensorflow_and_its_embeddings_score_here(prepared, shared_dir, tmp_path):
+@pytest.mark.parametrize("levers", [(), LEVERS], ids=["paper", "levers"])
+def test_device_recipe_runs_without_tensorflow_and_its_embeddings_score_here(prepared, shared_dir, tmp_path, levers):
     from notellm_jax.data.store import split_note_ids
     from notellm_jax.infer.embeddings import read_embeddings
     from notellm_jax.eval.recall import evaluate_embeddings
@@ -71,14 +76,16 @@ def test_device_recipe_runs_without_tensorflow_and_its_embeddings_score_here(pre
 
     config = tiny(prepared, shared_dir)
     bundle = tmp_path / "bundle"
-    packed = pack(config, bundle)
-    assert set(packed["files"]) == {"data/shards/meta.json", "data/shards/tokens.npz", "data/split.json"}
+    packed = pack(override(config, {"train.batch_by_category": bool(levers)}), bundle)
+    notes = {"data/notes.parquet"} if levers else set()
+    assert set(packed["files"]) == {"data/shards/meta.json", "data/shards/tokens.npz", "data/split.json"} | notes
+    extra = "".join(f", '--set', {item!r}" for item in levers)
     code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['gguf'] = None\n"
             "from notellm_jax.main import main\n"
             f"main(['device', 'run', '--config', {TINY!r}, '--bundle', {str(bundle)!r},"
             f" '--out', {str(tmp_path / 'out')!r},"
             f" '--set', 'paths.shared_dir={config.paths.shared_dir}', '--set', 'train.max_steps=3',"
-            " '--set', 'train.eval_batches=1'])")
+            f" '--set', 'train.eval_batches=1'{extra}])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

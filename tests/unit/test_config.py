@@ -11,7 +11,7 @@ from notellm_jax.tools import sweep
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SWEEPS = Path(__file__).resolve().parents[2] / "docs" / "results" / "sweeps"
-GRIDS = [CONFIGS / "sweep_example.json", *sorted(SWEEPS.glob("*/grid.json"))]
+GRIDS = [CONFIGS / "sweep_example.json", CONFIGS / "sweep_levers.json", *sorted(SWEEPS.glob("*/grid.json"))]
 
 
 PAPER_FAMILIES = ["llama2_7b", "llama3_8b", "qwen2_5_7b", "qwen3_8b", "mistral_7b", "gemma2_9b"]
