@@ -123,7 +123,9 @@ def run(args: argparse.Namespace, config) -> None:
         server.should_exit = True
 
     starting = Starting(loader(args, config, access, opened), on_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(starting, log_level="warning", lifespan="on"))
+    # log_config=None: uvicorn's loggers propagate to the root instead of handlers bound to the stderr of the
+    # moment (a caller that swaps sys.stderr, pytest's capture included, would leave them writing to a closed file).
+    server = uvicorn.Server(uvicorn.Config(starting, log_level="warning", lifespan="on", log_config=None))
     try:
         server.run(sockets=[sock])
     finally:

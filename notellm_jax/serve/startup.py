@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 from collections.abc import Callable
 
 from starlette.responses import JSONResponse
@@ -60,7 +59,7 @@ class Starting:
             await self._lifespan.__aenter__()
         except Exception as e:  # noqa: BLE001  (reported, and the server stops with it)
             self.failure = e
-            print(f"[serve] start-up failed: {e}", file=sys.stderr, flush=True)
+            self.report(f"start-up failed ({type(e).__name__}); the server stops")  # the caller raises it
             self.on_failure()
             return
         self.app = app

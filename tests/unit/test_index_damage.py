@@ -240,7 +240,7 @@ def test_the_service_start_refuses_a_damaged_index_with_one_line(tmp_path, capsy
     _truncate(folder / "snap-000001" / "vectors.npy")
     tiny = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py")
     with pytest.raises(SystemExit) as stopped:
-        main(["serve", "--config", tiny, "--index", str(folder), "--set", f"paths.work_dir={tmp_path}"])
+        main(["serve", "--config", tiny, "--index", str(folder), "--port", "0", "--set", f"paths.work_dir={tmp_path}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 2 and len(err) == 1
     assert err[0].startswith(f"notellm serve: error: {folder}/snap-000001/vectors.npy: unreadable")
