@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "for --topology, from this host")
     parser.add_argument("--topology", default="v5p-8", help="TPU slice (v5p-8, v4-32, v6e-8, ...) or GEN:AxBxC")
     parser.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (mesh.data spans them)")
+    parser.add_argument("--hlo-out", help="--target tpu: also write the compiled HLO text here (gzip if .gz)")
 
 
 def before_jax(args: argparse.Namespace) -> None:
@@ -116,8 +117,10 @@ def plan(config, num_layers: int | None = None) -> dict:
     return out
 
 
-def plan_tpu(config, topology: str, num_slices: int = 1, num_layers: int | None = None) -> dict:
-    """The train step compiled by the TPU compiler for `num_slices` slices of `topology` (tpu_plan)."""
+def plan_tpu(config, topology: str, num_slices: int = 1, num_layers: int | None = None,
+             hlo_out: str | None = None) -> dict:
+    """The train step compiled by the TPU compiler for `num_slices` slices of `topology` (tpu_plan); its HLO
+    text goes to `hlo_out` when given (the report can be recomputed from it without compiling again)."""
     from notellm_jax.tools import tpu_plan  # jax inside: only after before_jax
 
     generation, topo = tpu_plan.resolve_topology(topology)
@@ -132,11 +135,16 @@ def plan_tpu(config, topology: str, num_slices: int = 1, num_layers: int | None 
             raise
         return {**out, "fits": False, "compile_error": str(err).splitlines()[0][:2000]}
     out.update(memory_figures(compiled.memory_analysis()))
+    if hlo_out:
+        tpu_plan.write_text(hlo_out, compiled.as_text())
     return {**out, **tpu_plan.report(compiled, setup.mesh, generation, out, num_slices)}
 
 
 def run(args, config) -> dict:
     """`notellm plan`: compile the step ahead of time and print the memory and FLOP figures as JSON."""
-    result = plan_tpu(config, args.topology, args.num_slices) if args.target == "tpu" else plan(config)
+    if args.target == "tpu":
+        result = plan_tpu(config, args.topology, args.num_slices, hlo_out=args.hlo_out)
+    else:
+        result = plan(config)
     print(json.dumps(result))
     return result

@@ -63,6 +63,14 @@ def libtpu_version() -> str | None:
         return None
 
 
+def write_text(path: str, text: str) -> None:
+    """`text` to `path`, gzip-compressed when the name ends in .gz (a 7B step's HLO is tens of MB)."""
+    import gzip  # only when writing HLO
+
+    with (gzip.open(path, "wt") if path.endswith(".gz") else open(path, "w")) as f:
+        f.write(text)
+
+
 def resolve_topology(name: str) -> tuple[str, str]:
     """(chip generation, libtpu topology name) from `v5p-8` or `v5p:2x2x1`."""
     topology = SLICES.get(name, name)
@@ -157,6 +165,76 @@ def while_trips(line: str, computations: dict[str, list[str]]) -> int:
     bounds = [int(m) for text in lines for m in re.findall(r"s32\[\]\S* constant\((\d+)\)", text)]
     less_than = any("direction=LT" in text for text in lines)
     return bounds[0] if less_than and len(bounds) == 1 else 1
+
+
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
+               "after-all", "partition-id", "replica-id", "opt-barrier", "custom-call"}
+
+
+def _scheduled(computations: dict[str, list[str]], entry: str) -> set[str]:
+    """The computations that run as sequences of kernels (entry, loop bodies and conditions, branches,
+    calls), as opposed to fused computations and reducers, which run inside one kernel."""
+    found, todo = set(), [entry]
+    while todo:
+        name = todo.pop()
+        if name in found or name not in computations:
+            continue
+        found.add(name)
+        for line in computations[name]:
+            todo += re.findall(r"\b(?:body|condition)=%?([\w.\-]+)", line)
+            todo += [c.strip().lstrip("%") for g in _BRANCHES.findall(line) for c in g.split(",") if c.strip()]
+            if re.search(r" call\(", line):
+                todo += re.findall(r"to_apply=%?([\w.\-]+)", line)
+    return found
+
+
+def _kernel_bytes(op: str, result: list[int], operands: list[int], body: str) -> int:
+    """HBM bytes one kernel moves: operands read, results written. Two in-place forms move less: a
+    dynamic-update-slice writes only its update into a buffer that its result aliases (a scan stacking
+    per-layer residuals), and a dynamic slice reads only the slice (a scan reading one layer's weights)."""
+    if op == "dynamic-update-slice" or "dynamic-update-slice(" in body:
+        aliased = [size for size in operands if size in result]
+        rest = [size for size in operands if size not in result]
+        return 2 * sum(rest) + sum(size for size in result if size not in aliased)
+    if op == "dynamic-slice" or "dynamic-slice(" in body:
+        slices = [b for line in body.splitlines() if " dynamic-slice(" in line
+                  for b in shape_bytes(line.split("=", 1)[1].split(" dynamic-slice(")[0])]
+        cap = max([sum(result)] + slices)
+        operands = [min(size, cap) for size in operands]
+    return sum(result) + sum(operands)
+
+
+def _fused_text(name: str, bodies: dict[str, str], depth: int = 3) -> str:
+    """A fused computation's text with the fusions nested in it."""
+    text = bodies.get(name, "")
+    if depth:
+        text += "".join("\n" + _fused_text(c, bodies, depth - 1) for c in re.findall(r"calls=%?([\w.\-]+)", text))
+    return text
+
+
+def hbm_traffic(hlo: str) -> float:
+    """Bytes read from and written to HBM per step, summed over the kernels of a compiled program with loop
+    trips counted (XLA's own cost analysis counts a while body once): each kernel's operands and result."""
+    computations, entry = hlo_computations(hlo)
+    counts = execution_counts(computations, entry)
+    bodies = {name: "\n".join(lines) for name, lines in computations.items()}
+    total = 0.0
+    for name in _scheduled(computations, entry):
+        sizes: dict[str, int] = {}
+        for line in computations[name]:
+            found = _INSTRUCTION.match(line)
+            if not found:
+                continue
+            result = shape_bytes(found.group(2))
+            sizes[found.group(1)] = sum(result)
+            op = found.group(3)
+            if op in _NO_TRAFFIC or op.endswith("-done"):
+                continue
+            operands = [sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", found.group(4).split(")", 1)[0])]
+            callee = re.search(r"calls=%?([\w.\-]+)", line)
+            body = _fused_text(callee.group(1), bodies) if callee and op == "fusion" else ""
+            total += _kernel_bytes(op, result, operands, body) * counts.get(name, 1)
+    return total
 
 
 def shape_bytes(shape: str) -> list[int]:
@@ -284,17 +362,14 @@ def roofline(chip: Chip, model_flops: float, hbm_bytes: float, comm: dict, dcn_a
 
 
 def report(compiled, mesh, generation: str, figures: dict, num_slices: int = 1) -> dict:
-    """Memory against the chip's HBM, cost, collectives per step and the roofline of a compiled step.
-
-    HBM traffic is XLA's bytes-accessed scaled by the same factor that brings its loop-once FLOPs up to the
-    model's FLOPs (the layer loop hides both alike): an estimate, marked as such."""
+    """Memory against the chip's HBM, cost, collectives per step and the roofline of a compiled step (HBM
+    traffic: `hbm_traffic` of its HLO, loop trips counted)."""
     chip = CHIPS[generation]
-    devices = mesh.devices.size
     cost = cost_figures(compiled)
-    comm = collectives(compiled.as_text(), mesh)
-    model_flops = figures["model_tflops_per_step"] * 1e12 / devices
-    scale = max(1.0, model_flops / cost["xla_flops_loop_once"]) if cost["xla_flops_loop_once"] else 1.0
-    hbm_bytes = cost["xla_bytes_accessed_loop_once"] * scale
+    hlo = compiled.as_text()
+    comm = collectives(hlo, mesh)
+    model_flops = figures["model_tflops_per_step"] * 1e12 / mesh.devices.size
+    hbm_bytes = hbm_traffic(hlo)
     comm_bytes = sum(c["wire_bytes"] for c in comm.values())
     return {"chip": {**dataclasses.asdict(chip), "generation": generation}, "hbm_gib": chip.hbm_gib,
             "fits": figures["per_device_gib"] <= chip.hbm_gib,
@@ -303,3 +378,37 @@ def report(compiled, mesh, generation: str, figures: dict, num_slices: int = 1) 
             "collectives": comm, "collective_wire_bytes": comm_bytes,
             "collective_share_of_bytes": comm_bytes / (comm_bytes + hbm_bytes) if hbm_bytes else 0.0,
             "roofline": roofline(chip, model_flops, hbm_bytes, comm, "data" if num_slices > 1 else None)}
+
+
+def splash_lowering(topology: str, mesh_config, batch: int, length: int, heads: int, kv_heads: int,
+                    head_dim: int = 128, window: int | None = None) -> dict:
+    """Splash attention (forward and backward) under shard_map, compiled by the TPU compiler for `topology`:
+    how many Mosaic kernels (`tpu_custom_call`) and collectives the program has, or why it did not lower."""
+    import time  # timing only
+
+    import jax  # imports jax: after the command's before_jax hook
+    import jax.numpy as jnp  # as above
+    from jax.sharding import NamedSharding, PartitionSpec as P  # as above
+
+    from notellm_jax import sharding as shd  # as above
+    from notellm_jax.model.splash import splash_attention  # as above
+
+    mesh = topology_mesh(mesh_config, topology_devices(resolve_topology(topology)[1]))
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    shapes = [jax.ShapeDtypeStruct((batch, length, n, head_dim), jnp.bfloat16, sharding=rows)
+              for n in (heads, kv_heads, kv_heads)] + [jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows)]
+
+    def loss(q, k, v, key_mask):
+        with shd.axis_rules(mesh):
+            return splash_attention(q, k, v, key_mask, window=window).astype(jnp.float32).sum()
+
+    out = {"topology": topology, "mesh": dict(mesh.shape), "batch": batch, "length": length, "heads": heads,
+           "kv_heads": kv_heads, "head_dim": head_dim, "window": window}
+    start = time.time()
+    try:
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*shapes).compile().as_text()
+    except Exception as err:  # noqa: BLE001 - a kernel that does not lower is a finding: record why
+        return {**out, "lowered": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:500]}"}
+    return {**out, "lowered": True, "compile_s": round(time.time() - start, 1),
+            "mosaic_kernels": hlo.count("custom_call_target=\"tpu_custom_call\""),
+            "collectives": {k: v["count"] for k, v in collectives(hlo, mesh).items()}}

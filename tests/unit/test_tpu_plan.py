@@ -89,6 +89,9 @@ def test_tiny_step_compiled_for_v5p_8_reports_memory_and_the_mesh_collectives():
     roof = result["roofline"]
     assert roof["step_s"] == max(roof["compute_s"], roof["hbm_s"], roof["ici_s"], roof["dcn_s"]) > 0
     assert 0 < roof["mfu"] <= 1 and result["xla_flops_loop_once"] > 0
+    # Unscanned layers: no loop, so the HLO walk's HBM traffic and XLA's own bytes-accessed count the same
+    # kernels (they differ in what each counts of a fusion's inputs, not in order of magnitude).
+    assert 0.5 < result["hbm_bytes_estimate"] / result["xla_bytes_accessed_loop_once"] < 1.5
     assert math.isclose(result["model_flops_per_device"], result["model_tflops_per_step"] * 1e12 / 4)
 
 
@@ -103,3 +106,12 @@ def test_a_cpu_run_with_libtpu_installed_never_starts_the_tpu_backend():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert proc.stdout.strip() == "cpu"
     assert "tpu" not in proc.stderr.lower(), proc.stderr
+
+
+def test_a_kernel_moves_only_its_update_or_its_slice_of_a_stacked_buffer():
+    # dynamic-update-slice into a 1000-byte buffer its result aliases: reads 10 + 4 bytes, writes them back.
+    assert tpu_plan._kernel_bytes("dynamic-update-slice", [1000], [1000, 10, 4], "") == 2 * (10 + 4)
+    # A fusion reading a 12-byte dynamic slice of a 1000-byte operand: 12 read of it, 8 of the other, 8 written.
+    body = "%ds = bf16[6]{0} dynamic-slice(%p, %i)\n%m = bf16[4]{0} multiply(%ds, %q)"
+    assert tpu_plan._kernel_bytes("fusion", [8], [1000, 8], body) == 8 + 12 + 8
+    assert tpu_plan._kernel_bytes("fusion", [8], [1000, 8], "") == 8 + 1000 + 8
