@@ -85,8 +85,11 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
     """The TPU devices of `num_slices` slices of `topology`, described by libtpu (no TPU needed)."""
     from jax.experimental import topologies  # imports jax: after the command's before_jax hook
 
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                             num_slices=num_slices).devices)
+    # v4 and v5p chips have two TensorCores run as one "megacore" device (MaxText's chip_config_name); left to
+    # its default, libtpu describes v4 as one device per core (32 for v4-32) with half a chip's HBM each.
+    megacore = {"chip_config_name": "megacore"} if topology.split(":")[0] in ("v4", "v5p") else {}
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, num_slices=num_slices,
+                                             **megacore).devices)
 
 
 def topology_mesh(mesh_config, devices: list, num_slices: int = 1):
