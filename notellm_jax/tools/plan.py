@@ -30,15 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def before_jax(args: argparse.Namespace) -> None:
-    """`--devices N`: N fake CPU devices, before anything imports jax. `--target tpu` without libtpu falls
-    back to the CPU estimate on as many fake devices as the topology has chips."""
+    """`--devices N`: N fake CPU devices, before anything imports jax. `--target tpu` fakes as many CPU devices
+    as the slices have chips, so the config's mesh is checked against the target's device count; without
+    libtpu it falls back to the CPU backend's estimate on those devices."""
     from notellm_jax.tools import tpu_plan  # no jax at module level: safe before jax is imported
 
-    if args.target == "tpu" and tpu_plan.libtpu_version() is None:
+    if args.target == "tpu":
         chips = math.prod(int(d) for d in tpu_plan.resolve_topology(args.topology)[1].split(":")[1].split("x"))
-        print(f"[plan] libtpu is not installed: CPU-backend estimate on {chips * args.num_slices} fake devices "
-              "(pip install 'jax[tpu]' for the TPU compiler's figures)", file=sys.stderr)
-        args.target, args.devices = "cpu", chips * args.num_slices
+        args.devices = chips * args.num_slices
+        if tpu_plan.libtpu_version() is None:
+            print(f"[plan] libtpu is not installed: CPU-backend estimate on {args.devices} fake devices "
+                  "(pip install 'jax[tpu]' for the TPU compiler's figures)", file=sys.stderr)
+            args.target = "cpu"
     runtime.fake_devices(args.devices)
 
 
