@@ -98,7 +98,7 @@ def table(path: str) -> str:
     """The markdown table of docs/scaling.md from a plan_tpu JSON document."""
     cpu = cpu_estimates()
     lines = ["| row | slice | model | mesh (d×f×t) | remat | batch × seq | TPU compiler GiB / HBM | CPU-backend GiB | "
-             "collective GiB sent | bound | roofline MFU |", "|" + "---|" * 11]
+             "collective GiB sent | bound | MFU bound (no overlap) |", "|" + "---|" * 11]
     for row in json.loads(Path(path).read_text())["rows"]:
         if "error" in row:
             lines.append(f"| {row['row']} | failed: {row['error'][:80]} |" + " |" * 9)
@@ -117,7 +117,7 @@ def table(path: str) -> str:
         lines.append(f"| {row['row']} | {where} | {row['model']} | {mesh} | {row['remat_policy']} | {sized} | "
                      f"{row['per_device_gib']:.1f} / {row['hbm_gib']} ({fits}) | "
                      f"{f'{estimate:.1f}' if estimate else '-'} | {row['collective_wire_bytes'] / 1024 ** 3:.1f} | "
-                     f"{roof['bound_by']} | {100 * roof['mfu']:.0f}% |")
+                     f"{roof['bound_by']} | {100 * roof['mfu']:.0f}% ({100 * roof['mfu_no_overlap']:.0f}%) |")
     return "\n".join(lines)
 
 

@@ -322,14 +322,20 @@ def collectives(hlo: str, mesh) -> dict:
     for computation, lines in computations.items():
         for line in lines:
             found = _INSTRUCTION.match(line)
-            kind = found and _collective_kind(found.group(3), computation)
+            dcn = re.search(r'_xla_megascale_transfer_type="(\w+)"', line) if found and found.group(3) == "send" else None
+            kind = found and (dcn.group(1).lower().replace("_", "-") if dcn else _collective_kind(found.group(3), computation))
             if not kind or not counts.get(computation):
                 continue
-            group = device_group(found.group(4), math.prod(shape))
-            coords = np.array(np.unravel_index(group, shape)).T
-            axes = "+".join(n for i, n in enumerate(names) if len(set(coords[:, i])) > 1) or "none"
-            size, times = _payload(found.group(3), found.group(2)), counts[computation]
-            wire = _wire_bytes(kind, size, len(group))
+            if dcn:  # across slices: a host-transfer send to the Megascale (DCN) runtime, slices "{1,2}x{...}"
+                axes, size = "dcn", shape_bytes(found.group(2))[0]
+                n = len(re.search(r'_xla_megascale_target="\{([\d,]*)\}', line).group(1).split(","))
+            else:
+                group = device_group(found.group(4), math.prod(shape))
+                coords = np.array(np.unravel_index(group, shape)).T
+                axes = "+".join(n for i, n in enumerate(names) if len(set(coords[:, i])) > 1) or "none"
+                size, n = _payload(found.group(3), found.group(2)), len(group)
+            times = counts[computation]
+            wire = _wire_bytes(kind, size, n)
             entry_ = out.setdefault(kind, {"count": 0, "bytes": 0, "wire_bytes": 0.0, "by_axes": {}})
             axis_entry = entry_["by_axes"].setdefault(axes, {"count": 0, "bytes": 0, "wire_bytes": 0.0})
             for record in (entry_, axis_entry):
@@ -365,11 +371,14 @@ def roofline(chip: Chip, model_flops: float, hbm_bytes: float, comm: dict, dcn_a
 
 
 def report(compiled, mesh, generation: str, figures: dict, num_slices: int = 1) -> dict:
-    """Memory against the chip's HBM, cost, collectives per step and the roofline of a compiled step (HBM
-    traffic: `hbm_traffic` of its HLO, loop trips counted)."""
+    """Memory against the chip's HBM, cost, collectives per step and the roofline of a compiled step."""
+    return analyse(compiled.as_text(), mesh, generation, figures, cost_figures(compiled))
+
+
+def analyse(hlo: str, mesh, generation: str, figures: dict, cost: dict) -> dict:
+    """`report` from the HLO text (HBM traffic: `hbm_traffic`, loop trips counted; collectives across slices
+    go over DCN); `mesh` needs only `.devices.shape` and `.axis_names`, so a saved HLO can be re-read."""
     chip = CHIPS[generation]
-    cost = cost_figures(compiled)
-    hlo = compiled.as_text()
     comm = collectives(hlo, mesh)
     model_flops = figures["model_tflops_per_step"] * 1e12 / mesh.devices.size
     hbm_bytes = hbm_traffic(hlo)
@@ -380,38 +389,4 @@ def report(compiled, mesh, generation: str, figures: dict, num_slices: int = 1) 
             "model_flops_per_device": model_flops, "hbm_bytes_estimate": hbm_bytes,
             "collectives": comm, "collective_wire_bytes": comm_bytes,
             "collective_share_of_bytes": comm_bytes / (comm_bytes + hbm_bytes) if hbm_bytes else 0.0,
-            "roofline": roofline(chip, model_flops, hbm_bytes, comm, "data" if num_slices > 1 else None)}
-
-
-def splash_lowering(topology: str, mesh_config, batch: int, length: int, heads: int, kv_heads: int,
-                    head_dim: int = 128, window: int | None = None) -> dict:
-    """Splash attention (forward and backward) under shard_map, compiled by the TPU compiler for `topology`:
-    how many Mosaic kernels (`tpu_custom_call`) and collectives the program has, or why it did not lower."""
-    import time  # timing only
-
-    import jax  # imports jax: after the command's before_jax hook
-    import jax.numpy as jnp  # as above
-    from jax.sharding import NamedSharding, PartitionSpec as P  # as above
-
-    from notellm_jax import sharding as shd  # as above
-    from notellm_jax.model.splash import splash_attention  # as above
-
-    mesh = topology_mesh(mesh_config, topology_devices(resolve_topology(topology)[1]))
-    rows = NamedSharding(mesh, P(("data", "fsdp")))
-    shapes = [jax.ShapeDtypeStruct((batch, length, n, head_dim), jnp.bfloat16, sharding=rows)
-              for n in (heads, kv_heads, kv_heads)] + [jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows)]
-
-    def loss(q, k, v, key_mask):
-        with shd.axis_rules(mesh):
-            return splash_attention(q, k, v, key_mask, window=window).astype(jnp.float32).sum()
-
-    out = {"topology": topology, "mesh": dict(mesh.shape), "batch": batch, "length": length, "heads": heads,
-           "kv_heads": kv_heads, "head_dim": head_dim, "window": window}
-    start = time.time()
-    try:
-        hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*shapes).compile().as_text()
-    except Exception as err:  # noqa: BLE001 - a kernel that does not lower is a finding: record why
-        return {**out, "lowered": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:500]}"}
-    return {**out, "lowered": True, "compile_s": round(time.time() - start, 1),
-            "mosaic_kernels": hlo.count("custom_call_target=\"tpu_custom_call\""),
-            "collectives": {k: v["count"] for k, v in collectives(hlo, mesh).items()}}
+            "roofline": roofline(chip, model_flops, hbm_bytes, comm, "dcn")}

@@ -36,6 +36,7 @@ ENTRY %main (a: f32[8,128]) -> f32[8,128] {
   %w = (s32[], f32[8,128]) while(%init), condition=%cond, body=%body
   %rs = f32[16,16]{1,0} fusion(%y), kind=kCustom, calls=%all-reduce-scatter.3
   %ar = bf16[4,4]{1,0} all-reduce(%q), replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+  %send.1 = (bf16[8,128]{1,0}, u32[], token[]) send(%x, %tok), is_host_transfer=true, frontend_attributes={_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
   ROOT %r = f32[8,128] get-tuple-element(%w), index=1
 }
 """
@@ -58,6 +59,8 @@ def test_collectives_count_loop_trips_and_name_the_mesh_axes():
     assert found["reduce-scatter"]["by_axes"] == {"fsdp": {"count": 1, "bytes": 64 * 16 * 4,
                                                            "wire_bytes": 64 * 16 * 4 * 3 / 4}}
     assert found["all-reduce"]["by_axes"]["data+fsdp"]["wire_bytes"] == pytest.approx(2 * 32 * 7 / 8)
+    # Across slices: a send to the Megascale runtime, an all-reduce of 8 x 128 bf16 over 2 slices (DCN).
+    assert found["all-reduce"]["by_axes"]["dcn"] == {"count": 1, "bytes": 2048, "wire_bytes": 2048.0}
 
 
 def test_roofline_takes_the_largest_term_and_sends_the_dcn_axis_over_dcn():
