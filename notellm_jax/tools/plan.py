@@ -140,7 +140,7 @@ def plan_tpu(config, topology: str, num_slices: int = 1, num_layers: int | None 
     out.update(memory_figures(compiled.memory_analysis()))
     if hlo_out:
         tpu_plan.write_text(hlo_out, compiled.as_text())
-    return {**out, **tpu_plan.report(compiled, setup.mesh, generation, out, num_slices)}
+    return {**out, **tpu_plan.report(compiled, setup.mesh, generation, out)}
 
 
 def run(args, config) -> dict:

@@ -370,7 +370,7 @@ def roofline(chip: Chip, model_flops: float, hbm_bytes: float, comm: dict, dcn_a
             "mfu_no_overlap": terms["compute_s"] / sum(terms.values()) if step_s else 0.0}
 
 
-def report(compiled, mesh, generation: str, figures: dict, num_slices: int = 1) -> dict:
+def report(compiled, mesh, generation: str, figures: dict) -> dict:
     """Memory against the chip's HBM, cost, collectives per step and the roofline of a compiled step."""
     return analyse(compiled.as_text(), mesh, generation, figures, cost_figures(compiled))
 
@@ -390,3 +390,37 @@ def analyse(hlo: str, mesh, generation: str, figures: dict, cost: dict) -> dict:
             "collectives": comm, "collective_wire_bytes": comm_bytes,
             "collective_share_of_bytes": comm_bytes / (comm_bytes + hbm_bytes) if hbm_bytes else 0.0,
             "roofline": roofline(chip, model_flops, hbm_bytes, comm, "dcn")}
+
+
+def splash_lowering(topology: str, mesh_config, batch: int, length: int, heads: int, kv_heads: int,
+                    head_dim: int = 128, window: int | None = None) -> dict:
+    """Splash attention (forward and backward) under shard_map, compiled by the TPU compiler for `topology`:
+    how many Mosaic kernels (`tpu_custom_call`) and collectives the program has, or why it did not lower."""
+    import time  # timing only
+
+    import jax  # imports jax: after the command's before_jax hook
+    import jax.numpy as jnp  # as above
+    from jax.sharding import NamedSharding, PartitionSpec as P  # as above
+
+    from notellm_jax import sharding as shd  # as above
+    from notellm_jax.model.splash import splash_attention  # as above
+
+    mesh = topology_mesh(mesh_config, topology_devices(resolve_topology(topology)[1]))
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    shapes = [jax.ShapeDtypeStruct((batch, length, n, head_dim), jnp.bfloat16, sharding=rows)
+              for n in (heads, kv_heads, kv_heads)] + [jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows)]
+
+    def loss(q, k, v, key_mask):
+        with shd.axis_rules(mesh):
+            return splash_attention(q, k, v, key_mask, window=window).astype(jnp.float32).sum()
+
+    out = {"topology": topology, "mesh": dict(mesh.shape), "batch": batch, "length": length, "heads": heads,
+           "kv_heads": kv_heads, "head_dim": head_dim, "window": window}
+    start = time.time()
+    try:
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*shapes).compile().as_text()
+    except Exception as err:  # noqa: BLE001 - a kernel that does not lower is a finding: record why
+        return {**out, "lowered": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:500]}"}
+    return {**out, "lowered": True, "compile_s": round(time.time() - start, 1),
+            "mosaic_kernels": hlo.count("custom_call_target=\"tpu_custom_call\""),
+            "collectives": {k: v["count"] for k, v in collectives(hlo, mesh).items()}}
