@@ -130,7 +130,7 @@ def hlo_computations(hlo: str) -> tuple[dict[str, list[str]], str]:
             current = header.group(2)
             computations[current] = []
             entry = current if header.group(1) else entry
-        elif line.startswith("}"):
+        elif line.rstrip() == "}":  # a custom call's payload may hold lines that start with "}"
             current = None
         elif current is not None:
             computations[current].append(line)

@@ -17,6 +17,8 @@ WHILE_HLO = """HloModule m
 %body (p: (s32[], f32[8,128])) -> (s32[], f32[8,128]) {
   %p = (s32[], f32[8,128]) parameter(0)
   %x = f32[8,128]{1,0:T(8,128)} get-tuple-element(%p), index=1
+  %k = f32[8,128]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", backend_config="{payload
+}, more payload"
   %all-gather-start.1 = (f32[2,128]{1,0}, f32[8,128]{1,0}) all-gather-start(%x), replica_groups=[2,4]<=[4,2]T(1,0), dimensions={0}
   ROOT %t = (s32[], f32[8,128]) tuple(%i, %x)
 }
@@ -49,8 +51,9 @@ class _Mesh:  # what collectives() reads of a jax Mesh: a (data=2, fsdp=4) devic
 
 def test_collectives_count_loop_trips_and_name_the_mesh_axes():
     found = tpu_plan.collectives(WHILE_HLO, _Mesh())
-    # The gather sits in a 32-trip loop (bound 32, direction LT); iota groups [2,4]<=[4,2]T(1,0) make the first
-    # group ids 0,2,4,6 = mesh coordinates (0,0),(0,2),(1,0),(1,2): it spans both axes.
+    # The gather sits in a 32-trip loop (bound 32, direction LT), after a Mosaic kernel whose payload spans
+    # lines (one starts with "}"); iota groups [2,4]<=[4,2]T(1,0) make the first group ids 0,2,4,6 = mesh
+    # coordinates (0,0),(0,2),(1,0),(1,2): it spans both axes.
     gather = found["all-gather"]
     assert gather["count"] == 32 and gather["bytes"] == 32 * 8 * 128 * 4
     assert gather["wire_bytes"] == pytest.approx(32 * 8 * 128 * 4 * 3 / 4)
