@@ -2,6 +2,8 @@
 the host facts that reports and benchmarks record beside their figures."""
 from __future__ import annotations
 
+import glob
+import importlib.util
 import logging
 import os
 import platform
@@ -17,6 +19,20 @@ def set_environment_defaults() -> None:
     """Before anything imports transformers or TensorFlow; variables already set win."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    skip_absent_tpu()
+
+
+def skip_absent_tpu() -> None:
+    """With libtpu installed (dev requirements: `notellm plan --target tpu`) on a machine without TPU chips,
+    jax would try the TPU backend first: a libtpu error on stderr and a lock on /tmp/libtpu_lockfile that
+    blocks the next process. Pin JAX_PLATFORMS to the backends that exist here; a value already set wins,
+    and planning for a TPU topology needs only the CPU backend (it never initialises the TPU one)."""
+    if importlib.util.find_spec("libtpu") is None or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu" if cuda else "cpu")
+    # Topology descriptions still load libtpu: let several planning processes share it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def configure_logging() -> None:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from notellm_jax.model.precision import Precision
+from notellm_jax.model.splash import splash_attention
 
 IMPLEMENTATIONS = ("einsum", "dot_product", "splash")
 SPLASH_BLOCK = 128  # splash tiles the sequence into blocks of this many tokens (BlockSizes minimum)
@@ -89,31 +90,6 @@ def _log_once(message: str) -> None:
     logger.warning(message)
 
 
-@functools.cache
-def _splash_kernel(length: int, groups: int, interpret: bool):
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # Pallas TPU: splash only
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # Pallas TPU: splash only
-    mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(groups)])
-    block = max(b for b in (512, 256, SPLASH_BLOCK) if length % b == 0)
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    with jax.ensure_compile_time_eval():  # concrete mask-info arrays: the kernel is cached across traces
-        kernel = sk.make_splash_mqa(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
-    return kernel, sk
-
-
 def _splash(q, k, v, key_mask):
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    kernel, sk = _splash_kernel(t, h // kv, jax.default_backend() != "tpu")
-    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
-    k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))              # [B, K, S, D]
-    segments = (key_mask > 0).astype(jnp.int32)
-
-    def one_row(q_row, k_row, v_row, seg):  # [K, G, T, D], [K, S, D], [K, S, D], [T]
-        ids = sk.SegmentIds(q=seg, kv=seg)
-        return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(q_row, k_row, v_row)
-
-    out = jax.vmap(one_row)(q, k, v, segments)  # [B, K, G, T, D]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
-
+    """Splash under shard_map over the context mesh (model/splash.py)."""
+    return splash_attention(q, k, v, key_mask).astype(q.dtype)
