@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import platform
+import sys
 from pathlib import Path
 
 # transformers / sentence-transformers must not import TensorFlow's Keras 3 (it breaks them), no model
@@ -31,6 +32,9 @@ def skip_absent_tpu() -> None:
         return
     cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
     os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu" if cuda else "cpu")
+    jax = sys.modules.get("jax")  # imported before us: its config read the environment already
+    if jax is not None and not jax.config.jax_platforms:
+        jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
     # Topology descriptions still load libtpu: let several planning processes share it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
