@@ -106,8 +106,10 @@ def test_sbert_finetuned_moves_and_records(work_dir, tmp_path):
 
 
 def test_bad_baseline_input(work_dir, tmp_path):
-    with pytest.raises(ValueError, match="unknown baseline 'bm25'"):
-        embed_baseline(config_for(work_dir), "bm25", tmp_path)
+    with pytest.raises(ValueError, match="unknown baseline 'tfidf'"):
+        embed_baseline(config_for(work_dir), "tfidf", tmp_path)
+    with pytest.raises(ValueError, match="bm25 has no embeddings: score it with notellm recall --bm25"):
+        embed_baseline(config_for(work_dir), "bm25", tmp_path)  # lexical: scored, never embedded
     with pytest.raises(ValueError, match="not in notes.parquet: \\['nope'\\]"):
         embed_baseline(config_for(work_dir), "sbert_zeroshot", tmp_path, note_ids=["site/0", "nope"])
     with pytest.raises(ValueError, match="need pretrained weights"):

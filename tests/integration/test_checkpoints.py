@@ -237,7 +237,7 @@ def test_missing_shard(tmp_path):
         load_causal_lm(tmp_path)
 
 
-@pytest.mark.parametrize("field,value", [("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+@pytest.mark.parametrize("field,value", [("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}),
                                          ("mlp_bias", True), ("hidden_act", "gelu"),
                                          ("model_type", "gemma")])
 def test_unsupported_config_fields(tmp_path, field, value):
