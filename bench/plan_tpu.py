@@ -36,6 +36,7 @@ ROWS = {
     "v5p8-512-remat-full": (L2, "v5p-8", 1, {"prompt.max_length": 512, "model.remat_policy": "full"}),
     "v6e8-192-remat-full": (L2, "v6e-8", 1, {"model.remat_policy": "full"}),
     "v5p8-192-b256-remat-full": (L2, "v5p-8", 1, {"train.batch_pairs": 256, "model.remat_policy": "full"}),
+    "2xv5p8-192-dcn-b128": (L2, "v5p-8", 2, {"mesh.data": 2, "train.batch_pairs": 128}),
     "v5p8-192-b512": (L2, "v5p-8", 1, {"train.batch_pairs": 512}),
     "v5p8-512-splash": (L2, "v5p-8", 1, {"prompt.max_length": 512, "model.attention": "splash"}),
 }
