@@ -30,6 +30,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SITE = "coffee.stackexchange.com"
+TORCH_PATHS = ("torch_float32", "torch_bfloat16", "torch_bfloat16_compile")
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,6 +40,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", default="8,32", help="batch sizes of the project's paths")
     parser.add_argument("--torch-batch", type=int, default=32)
+    parser.add_argument("--torch-paths", default=",".join(TORCH_PATHS),
+                        help="which PyTorch paths run (torch.compile of bfloat16 can take many minutes on a CPU "
+                             "without fast bfloat16)")
     parser.add_argument("--out", help="also write the JSON here")
     return parser.parse_args()
 
@@ -107,7 +111,7 @@ def positions(tokens: list[list[int]], batch: int, bucket) -> float:
     return total / len(tokens)
 
 
-def torch_paths(hf_dir: Path, ids: list[list[int]], pad_id: int, batch: int) -> dict:
+def torch_paths(hf_dir: Path, ids: list[list[int]], pad_id: int, batch: int, names=TORCH_PATHS) -> dict:
     """{name: (vectors, seconds, positions per note)} for transformers on PyTorch."""
     import torch
     from safetensors.numpy import load_file
@@ -118,8 +122,8 @@ def torch_paths(hf_dir: Path, ids: list[list[int]], pad_id: int, batch: int) -> 
     lengths = [len(ids[i]) for i in order]
     spent = sum(len(order[s:s + batch]) * max(lengths[s:s + batch]) for s in range(0, len(order), batch))
     results = {}
-    for name, dtype, compile_ in (("torch_float32", torch.float32, False), ("torch_bfloat16", torch.bfloat16, False),
-                                  ("torch_bfloat16_compile", torch.bfloat16, True)):
+    for name in names:
+        dtype, compile_ = (torch.float32 if "float32" in name else torch.bfloat16), name.endswith("_compile")
         model = AutoModel.from_pretrained(str(hf_dir), dtype=dtype).eval()
         forward = torch.compile(model) if compile_ else model
 
@@ -184,7 +188,10 @@ def main() -> None:
                         "(see load_before / load_after); the paths ran one after another in one process",
               "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_before": uptime()}
     ids = token_ids(config, export_dir, notes)
-    paths = torch_paths(hf_dir, ids, tokenizer.pad_id, args.torch_batch)
+    unknown = set(args.torch_paths.split(",")) - set(TORCH_PATHS)
+    if unknown:
+        raise SystemExit(f"--torch-paths: unknown {sorted(unknown)}; choose from {', '.join(TORCH_PATHS)}")
+    paths = torch_paths(hf_dir, ids, tokenizer.pad_id, args.torch_batch, args.torch_paths.split(","))
     paths.update(project_paths(config, export_dir, notes, [int(b) for b in args.batches.split(",")]))
     reference = paths["jax_float32_b%s_noprefix" % args.batches.split(",")[0]][0]
     result["paths"] = {name: {"notes_per_s": round(len(notes) / seconds, 3), "seconds": round(seconds, 2),
