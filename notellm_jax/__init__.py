@@ -4,6 +4,6 @@ from notellm_jax.runtime import skip_absent_tpu
 __version__ = "0.2.0"
 
 # Before anything of ours imports jax: with libtpu installed (dev requirements) on a machine without TPU chips,
-# jax would try the TPU backend first (a libtpu error and a lock file). Benches and library users get the same
-# pin as the CLI (`runtime.set_environment_defaults`); a JAX_PLATFORMS already set wins.
+# jax would try the TPU backend first (a libtpu error and a lock file). The one place this runs: every entry
+# point (CLI, benches, library users) imports the package first; a JAX_PLATFORMS already set wins.
 skip_absent_tpu()

@@ -20,7 +20,6 @@ def set_environment_defaults() -> None:
     """Before anything imports transformers or TensorFlow; variables already set win."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    skip_absent_tpu()
 
 
 def skip_absent_tpu() -> None:
