@@ -35,11 +35,16 @@ class NoteTokenizer:
         self.hf = hf
         self.source = source
         self.emb_token = emb_token
-        existing = hf.convert_tokens_to_ids(emb_token) if emb_token in hf.get_vocab() else None
-        if existing is not None and existing != len(hf) - 1:
+        vocab = hf.get_vocab()
+        # The model's vocabulary is every id the tokenizer can produce: one past the largest id, not len(hf),
+        # which counts distinct token strings (Gemma 3's GGUF vocabulary converts its tab byte token <0x09> and
+        # its user-defined tab token to the same string, so len(hf) is one short of its 262,144 ids).
+        top = max(vocab.values()) + 1
+        existing = vocab.get(emb_token)
+        if existing is not None and existing != top - 1:
             raise ValueError(f"{source}: {emb_token!r} already exists at id {existing}, not at the end of the "
-                             f"vocabulary ({len(hf)} tokens); cannot use it as the appended [EMB] token")
-        self.base_vocab_size = len(hf) if existing is None else len(hf) - 1
+                             f"vocabulary ({top} ids); cannot use it as the appended [EMB] token")
+        self.base_vocab_size = top if existing is None else top - 1
         if existing is None:
             hf.add_special_tokens(
                 {"additional_special_tokens": [AddedToken(emb_token, special=True, normalized=False)]},
