@@ -4,7 +4,9 @@ Every format goes through a transformers 4.57 tokenizer so all of them behave al
 sentencepiece `.model` files (llama2.c, LLaMA-2) through the slow `LlamaTokenizer` in its
 non-legacy mode (it matches the `sentencepiece` library on plain text and does not insert a
 space after an added special token, so `is:"[EMB]".` keeps its quotes tight), Hugging Face
-folders through `AutoTokenizer`, GGUF files through transformers' GGUF tokenizer conversion.
+folders through `AutoTokenizer`, GGUF files through transformers' GGUF tokenizer conversion, except
+Gemma's (its sentencepiece BPE vocabulary rebuilt as a sentencepiece model and converted by transformers'
+Gemma converter: transformers 4.57 reads a Gemma GGUF vocabulary as a Unigram model, which splits words).
 `[EMB]` is appended as a special token at id == base vocabulary size, so the embedding table
 grows by exactly one row (`model.params.add_tokens`).
 
@@ -20,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from notellm_jax.errors import MissingInputError
+from notellm_jax.errors import CheckpointError, MissingInputError
 from notellm_jax.weights.gguf import gguf_field, open_gguf
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,8 @@ class NoteTokenizer:
         self.emb_token = emb_token
         vocab = hf.get_vocab()
         # The model's vocabulary is every id the tokenizer can produce: one past the largest id, not len(hf),
-        # which counts distinct token strings (Gemma 3's GGUF vocabulary converts its tab byte token <0x09> and
-        # its user-defined tab token to the same string, so len(hf) is one short of its 262,144 ids).
+        # which counts distinct token strings (transformers' GGUF conversion of Gemma 3 gives its tab byte token
+        # <0x09> and its user-defined tab token one string, so there len(hf) is one short of its 262,144 ids).
         top = max(vocab.values()) + 1
         existing = vocab.get(emb_token)
         if existing is not None and existing != top - 1:
@@ -106,20 +108,56 @@ def _is_transformers_folder(path: Path) -> bool:
 _GGUF_KEY_BYTES = 8 << 20
 
 
-def _gguf_cache_folder(path: Path, cache_dir: Path) -> Path:
+def _gguf_cache_folder(path: Path, cache_dir: Path, route: str) -> Path:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         digest.update(f.read(_GGUF_KEY_BYTES))
-    return cache_dir / "tokenizers" / f"{path.stem}-{path.stat().st_size}-{digest.hexdigest()[:16]}"
+    return cache_dir / "tokenizers" / f"{path.stem}-{path.stat().st_size}-{digest.hexdigest()[:16]}{route}"
+
+
+# GGUF architectures whose vocabulary is a sentencepiece BPE model (tokenizer.ggml.model "llama", no merges).
+_SENTENCEPIECE_GGUF = ("gemma2", "gemma3")
+
+
+def _gemma_gguf_tokenizer(path: Path, fields: dict):
+    """A Gemma GGUF's vocabulary as the sentencepiece BPE model it came from: its pieces (user-defined
+    whitespace runs keep their spaces, so transformers matches them as added tokens, as sentencepiece matches
+    them first), scores and types in a ModelProto, converted by transformers' Gemma converter (BPE, merges
+    from the scores, byte fallback). transformers 4.57's own GGUF conversion builds a Unigram model from these
+    scores, which splits words ("should" -> "sh" "ou" "ld")."""
+    from sentencepiece import sentencepiece_model_pb2  # the protobuf model format: only to build a tokenizer
+    from transformers import GemmaTokenizerFast  # transformers (torch with it): only to build a tokenizer
+
+    value = lambda key: gguf_field(fields, f"tokenizer.ggml.{key}", path)  # noqa: E731
+    if value("model") != "llama":
+        raise CheckpointError(f"{path}: Gemma GGUF with tokenizer model {value('model')!r}, expected 'llama'")
+    proto = sentencepiece_model_pb2.ModelProto()
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    spec.model_type, spec.byte_fallback = sentencepiece_model_pb2.TrainerSpec.BPE, True
+    spec.unk_id, spec.bos_id, spec.eos_id = (int(value(f"{k}_token_id")) for k in ("unknown", "bos", "eos"))
+    spec.pad_id = int(gguf_field(fields, "tokenizer.ggml.padding_token_id", path, default=-1))
+    norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces = "identity", False, False
+    for i, (piece, score, kind) in enumerate(zip(value("tokens"), value("scores"), value("token_type"))):
+        proto.pieces.add(piece=piece, score=score, type=2 if i == spec.unk_id else kind)  # 2: UNKNOWN
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(proto.SerializeToString())
+        hf = GemmaTokenizerFast(vocab_file=str(Path(tmp) / "tokenizer.model"))
+    hf.chat_template = gguf_field(fields, "tokenizer.chat_template", path, default=None)
+    return hf
 
 
 def _gguf_tokenizer(path: Path, cache_dir: Path | None):
     from transformers import AutoTokenizer  # transformers (torch with it): only to build a tokenizer
 
-    folder = _gguf_cache_folder(path, cache_dir) if cache_dir is not None else None
+    fields = open_gguf(path).fields
+    gemma = gguf_field(fields, "general.architecture", path, default=None) in _SENTENCEPIECE_GGUF
+    folder = _gguf_cache_folder(path, cache_dir, "-spm" if gemma else "") if cache_dir is not None else None
     if folder is not None and (folder / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    if gemma:
+        hf = _gemma_gguf_tokenizer(path, fields)
+    else:
+        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     if folder is not None:
         tmp = None
         try:  # written beside and renamed into place: a reader never sees half a folder
