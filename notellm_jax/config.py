@@ -328,7 +328,8 @@ class EmbedConfig:
     # > 0: batches cut to a token budget instead of batch_size rows and length buckets: as many length-sorted
     # notes as fit rows x padded length <= batch_tokens, lengths padded to a multiple of 16, rows from a short
     # list (1, 2, 3, 4, 6, 8, ... x the batch devices) so shapes stay few (infer/encoder.py BatchEmbedder).
-    # Offline embedding only: the service's batcher keeps batch_size rows. 0 = batch_size rows.
+    # A note too long for the budget runs in a batch of the fewest rows. Offline embedding only: the service's
+    # batcher keeps batch_size rows. 0 = batch_size rows.
     batch_tokens: int = 0
 
 
