@@ -6,13 +6,18 @@ One export of SmolLM2-135M (configs/smollm2_se.py: the GGUF's weights, the train
 `load_initial_params` + `save_notellm`) embeds the same real notes (the first questions of
 coffee.stackexchange.com) with the same token ids (the project's category prompt up to the read position):
 - the project's `note_encoder` embedder in float32 and bfloat16, batch 8 and 32, prefix cache on and off;
+  with token-budget batches (`embed.batch_tokens`, `--batch-tokens`) and the prefix cache; and the path a
+  top-k export's new notes take (`--top-layers` trained, the frozen bottom through the feature cache), with
+  and without the prefix cache, its store emptied before the timed pass (every note new, as in the service);
 - the same export converted by `notellm convert --to hf` (`infer.export_formats.write_hf_export`), run by
-  transformers' LlamaModel in float32, bfloat16 and bfloat16 + torch.compile, length-sorted right-padded
+  transformers' LlamaModel in float32, bfloat16, float32 + torch.compile and bfloat16 + torch.compile, length-sorted right-padded
   batches read at each row's last token, then the projection and L2 normalisation.
 Each path runs the notes once to warm up (compiles every shape), then once timed; notes/s is of the timed
 pass. Vectors are compared with the project's float32 embedder without prefix cache (the reference): max abs
 difference and the lowest cosine. The machine's load (`uptime`) is recorded before and after: the CPUs may
-be shared with other jobs.
+be shared with other jobs. positions_per_note: token positions each path computes per note (rows x padded
+length of its calls), shapes: how many (rows, length) shapes it compiled. `--small` checks the script in a few
+minutes (12 notes, batch 8, one budget, PyTorch float32 only): not a measurement.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SITE = "coffee.stackexchange.com"
-TORCH_PATHS = ("torch_float32", "torch_bfloat16", "torch_bfloat16_compile")
+TORCH_PATHS = ("torch_float32", "torch_bfloat16", "torch_float32_compile", "torch_bfloat16_compile")
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,8 +48,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--torch-paths", default=",".join(TORCH_PATHS),
                         help="which PyTorch paths run (torch.compile of bfloat16 can take many minutes on a CPU "
                              "without fast bfloat16)")
+    parser.add_argument("--batch-tokens", default="2048,4096", help="token budgets of the project's token-budget "
+                        "paths (float32 and, for the first, bfloat16; prefix cache on)")
+    parser.add_argument("--top-layers", type=int, default=4, help="trained top layers of the feature-cache paths' "
+                        "export (configs/smollm2_se.py trains 4; 0 = no such paths)")
+    parser.add_argument("--small", action="store_true", help="a quick check of the script (not a measurement)")
     parser.add_argument("--out", help="also write the JSON here")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.small:
+        args.notes, args.batches, args.torch_paths = 12, "8", "torch_float32"
+        args.batch_tokens, args.torch_batch = args.batch_tokens.split(",")[0], 8
+    return args
 
 
 def real_notes(config, count: int):
@@ -79,40 +93,55 @@ def token_ids(config, export_dir: Path, notes) -> list[list[int]]:
     return [encoder.tokens(n) for n in notes]
 
 
-def project_paths(config, export_dir: Path, notes, batches: list[int]) -> dict:
-    """{name: (vectors, seconds, positions computed per note)} for the project's embedder."""
+def run_encoder(encoder, notes, name: str, results: dict) -> None:
+    """Time one project path after a warm-up pass over the same notes (it compiles every shape the timed pass
+    meets); a feature cache is emptied before the timed pass, so every note is new to it, as in the service."""
+    tokens = [encoder.tokens(n) for n in notes]
+    encoder.embedder(tokens)
+    if encoder.cache is not None:
+        encoder.cache.clear()
+    start = time.perf_counter()
+    vectors = encoder.embedder(tokens)
+    seconds = time.perf_counter() - start
+    plan = encoder.embedder.plan([len(t) for t in tokens])
+    # the prefix runs once for every note
+    spent = (sum(rows * length for _, rows, length in plan) + len(encoder.prefix)) / len(tokens)
+    results[name] = (vectors, seconds, spent, len({(rows, length) for _, rows, length in plan}))
+    print(f"{name}: {len(notes) / seconds:.2f} notes/s", file=sys.stderr, flush=True)
+
+
+def project_paths(config, export_dir: Path, notes, args, top_export: Path | None) -> dict:
+    """{name: (vectors, seconds, positions computed per note, shapes)} for the project's embedder."""
     from notellm_jax.config import override
     from notellm_jax.infer.encoder import note_encoder
     from notellm_jax.weights.export import load_notellm
 
     results = {}
+    budgets = [int(b) for b in args.batch_tokens.split(",") if b]
     for dtype in ("float32", "bfloat16"):
         export = load_notellm(export_dir)
         export.llama = export.llama.replace(compute_dtype=dtype)
-        for batch in batches:
+        for batch in [int(b) for b in args.batches.split(",")]:
             for prefix in (False, True):
                 if dtype == "bfloat16" and not prefix:
                     continue
                 encoder = note_encoder(override(config, {"embed.prefix_cache": prefix}), export, batch_size=batch)
-                tokens = [encoder.tokens(n) for n in notes]
-                one_per_bucket = list({encoder.embedder.bucket(len(t)): t for t in tokens}.values())
-                vectors, seconds = timed(encoder.embedder, one_per_bucket, tokens)
-                name = f"jax_{dtype}_b{batch}_{'prefix' if prefix else 'noprefix'}"
-                results[name] = (vectors, seconds, positions(tokens, batch, encoder.embedder.bucket))
-                print(f"{name}: {len(notes) / seconds:.2f} notes/s", file=sys.stderr, flush=True)
+                run_encoder(encoder, notes, f"jax_{dtype}_b{batch}_{'prefix' if prefix else 'noprefix'}", results)
+        for budget in budgets[:1] if dtype == "bfloat16" else budgets:
+            encoder = note_encoder(override(config, {"embed.batch_tokens": budget}), export)
+            run_encoder(encoder, notes, f"jax_{dtype}_tok{budget}_prefix", results)
+    if top_export is not None:
+        batch = int(args.batches.split(",")[0])
+        for prefix in (False, True):
+            encoder = note_encoder(override(config, {"embed.prefix_cache": prefix}), top_export, batch_size=batch)
+            assert encoder.cache is not None, "the top-k export should embed through the feature cache"
+            run_encoder(encoder, notes, f"jax_float32_b{batch}_featurecache_{'prefix' if prefix else 'noprefix'}",
+                        results)
     return results
 
 
-def positions(tokens: list[list[int]], batch: int, bucket) -> float:
-    """Token positions the fixed-shape embedder computes per note: length-sorted batches of `batch` rows
-    (the last one filled to `batch`), each padded to its bucket."""
-    lengths = sorted(len(t) for t in tokens)
-    total = sum(batch * bucket(max(lengths[i:i + batch])) for i in range(0, len(lengths), batch))
-    return total / len(tokens)
-
-
 def torch_paths(hf_dir: Path, ids: list[list[int]], pad_id: int, batch: int, names=TORCH_PATHS) -> dict:
-    """{name: (vectors, seconds, positions per note)} for transformers on PyTorch."""
+    """{name: (vectors, seconds, positions per note, shapes)} for transformers on PyTorch."""
     import torch
     from safetensors.numpy import load_file
     from transformers import AutoModel
@@ -149,7 +178,7 @@ def torch_paths(hf_dir: Path, ids: list[list[int]], pad_id: int, batch: int, nam
         middle = len(by_length) // 2
         warm = by_length[:batch] + by_length[middle:middle + batch] + by_length[-batch:]
         vectors, seconds = timed(run, warm, ids)
-        results[name] = (vectors, seconds, spent / len(ids))
+        results[name] = (vectors, seconds, spent / len(ids), None)
         print(f"{name}: {len(ids) / seconds:.2f} notes/s", file=sys.stderr, flush=True)
     return results
 
@@ -168,7 +197,7 @@ def main() -> None:
     os.environ.setdefault("USE_TF", "0")
     import torch
     torch.set_num_threads(args.threads)
-    from notellm_jax.config import load_config
+    from notellm_jax.config import load_config, override
     from notellm_jax.infer.export_formats import write_hf_export
     from notellm_jax.runtime import cpu_model
     from notellm_jax.weights.export import load_notellm, save_notellm
@@ -192,11 +221,16 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--torch-paths: unknown {sorted(unknown)}; choose from {', '.join(TORCH_PATHS)}")
     paths = torch_paths(hf_dir, ids, tokenizer.pad_id, args.torch_batch, args.torch_paths.split(","))
-    paths.update(project_paths(config, export_dir, notes, [int(b) for b in args.batches.split(",")]))
+    top_export = None
+    if args.top_layers:
+        top_config = override(config, {"model.train_top_layers": args.top_layers})
+        top_export = save_notellm(work / "export_top", params, llama_cfg, top_config)
+    paths.update(project_paths(config, export_dir, notes, args, top_export))
     reference = paths["jax_float32_b%s_noprefix" % args.batches.split(",")[0]][0]
     result["paths"] = {name: {"notes_per_s": round(len(notes) / seconds, 3), "seconds": round(seconds, 2),
-                              "positions_per_note": round(spent, 1), **agreement(vectors, reference)}
-                       for name, (vectors, seconds, spent) in paths.items()}
+                              "positions_per_note": round(spent, 1), "shapes": shapes,
+                              **agreement(vectors, reference)}
+                       for name, (vectors, seconds, spent, shapes) in paths.items()}
     result["tokens_per_note"] = round(float(np.mean([len(t) for t in ids])), 1)
     best = lambda prefix: max((v["notes_per_s"], k) for k, v in result["paths"].items() if k.startswith(prefix))  # noqa: E731
     result["best_project"], result["best_torch"] = best("jax"), best("torch")

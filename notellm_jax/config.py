@@ -323,8 +323,14 @@ class EmbedConfig:
     # (one compile per length; short notes do not pay for the longest).
     length_buckets: int = 4
     # Every category prompt starts with the same instruction tokens: compute their key/value cache once and
-    # run only each note's own tokens on top of it (same embeddings; not with a frozen-bottom feature cache).
+    # run only each note's own tokens on top of it (same embeddings; the frozen-bottom feature cache too).
     prefix_cache: bool = True
+    # > 0: batches cut to a token budget instead of batch_size rows and length buckets: as many length-sorted
+    # notes as fit rows x padded length <= batch_tokens, lengths padded to a multiple of 16, rows from a short
+    # list (1, 2, 3, 4, 6, 8, ... x the batch devices) so shapes stay few (infer/encoder.py BatchEmbedder).
+    # A note too long for the budget runs in a batch of the fewest rows. Offline embedding only: the service's
+    # batcher keeps batch_size rows. 0 = batch_size rows.
+    batch_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -510,6 +516,7 @@ class Config:
              f"train.grad_cache_chunk={self.train.grad_cache_chunk} must divide the 2 x {self.train.batch_pairs} "
              "notes of a batch"),
             *self._serve_rules(),
+            (self.embed.batch_tokens >= 0, f"embed.batch_tokens={self.embed.batch_tokens} must be >= 0 (0 = off)"),
             (0 <= self.train.head_rows_per_note <= self.prompt.max_targets,
              f"train.head_rows_per_note={self.train.head_rows_per_note} must be in [0, prompt.max_targets]"),
             (not (self.train.head_rows_per_note > 0 and self.train.grad_cache_chunk > 0),

@@ -5,8 +5,9 @@ one prompt builder) and its embedding is read at the token just before `[EMB]`. 
 nothing after that token can change it: only the prefix up to it is fed, and the read position is then
 always the last real token. Notes are embedded in fixed-shape, jitted batches: sorted by length within a
 chunk and padded to the smallest of a few bucket lengths (one compile each), the batch axis sharded over
-the mesh's data x fsdp devices, the parameters laid out by the logical sharding rules. The prompt prefix
-every note shares can run once into a key/value cache (`prefix_kv`, `prefix_apply`).
+the mesh's data x fsdp devices, the parameters laid out by the logical sharding rules (or, with
+`embed.batch_tokens`, cut to a token budget: `BatchEmbedder.plan`). The prompt prefix every note shares can
+run once into a key/value cache (`infer.prefix`, `prefix_apply`), the frozen bottom's feature cache included.
 Used by `notellm embed` (`infer.embed`), the baselines (`eval.baselines`) and the service (`serve`); what it
 produces is written in the embeddings format of `infer.embeddings`.
 """
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax.traverse_util import flatten_dict
@@ -30,12 +30,14 @@ from notellm_jax.config import Config
 from notellm_jax.data.prompts import Note, PromptTooLongError, build_example, example_from_tokens, pad_batch
 from notellm_jax.infer.embeddings import ChunkEmbedder
 from notellm_jax.infer.feature_cache import FeatureCache, cache_path
-from notellm_jax.model.llama import init_cache
+from notellm_jax.infer.prefix import prefix_decode, prefix_kv
 from notellm_jax.model.params import abstract_boxed_params, frozen_layer_count, split_params
 from notellm_jax.weights.export import export_model, load_notellm
 from notellm_jax.weights.tokenizer import resolve_tokenizer
 
 CHUNK_BATCHES = 16  # batches per length-sorted chunk (also the progress-report interval)
+TOKEN_STEP = 16  # with embed.batch_tokens, sequences are padded to a multiple of this many tokens
+CALL_COST = 256  # token positions one call costs beyond its rows x length (so fewer calls win a tie)
 
 # The two embedder kinds: a BatchEmbedder maps token lists to vectors (fixed shapes on the mesh); a
 # ChunkEmbedder (`infer.embeddings`, what its writers stream) maps a chunk of notes to (ids of the embedded
@@ -55,6 +57,13 @@ def bucket_lengths(max_length: int, count: int) -> list[int]:
     return sorted({8 * ceil_div(ceil_div(max_length * (i + 1), count), 8) for i in range(count)})
 
 
+def token_rows(shards: int, batch_tokens: int) -> list[int]:
+    """Row counts of token-budget batches: `shards` x 1, 2, 3, 4, 6, 8, 12, ... (powers of two and 1.5 times
+    them, so the one partial batch is less than half filler rows) while rows x TOKEN_STEP fits `batch_tokens`."""
+    multiples = sorted({2 ** j for j in range(24)} | {3 * 2 ** j for j in range(23)})
+    return [shards * m for m in multiples if m == 1 or shards * m * TOKEN_STEP <= batch_tokens]
+
+
 def _check_params(params: Any, boxed_abstract: Any, source: str) -> None:
     """Every parameter the model needs is present with its shape, and nothing else: else the weights
     belong to another model."""
@@ -72,31 +81,40 @@ def _check_params(params: Any, boxed_abstract: Any, source: str) -> None:
 class BatchEmbedder:
     """token lists -> [n, d] vectors through `apply(params, input_ids, attention_mask, read_index)`.
 
-    The vector of a sequence is read at its last real token (`read_index`). Batches have a bucket length
-    and `batch_size` rows, or with `row_buckets` the fewest of those row counts that hold them (the service:
-    a lone request must not pay for a full batch of padding rows), so the jitted function compiles once per
-    (length, rows) bucket.
+    The vector of a sequence is read at its last real token (`read_index`). Sequences are sorted by length and
+    cut into batches (`plan`). By default a batch has a bucket length and `batch_size` rows, or with
+    `row_buckets` the fewest of those row counts that hold them (the service: a lone request must not pay for
+    a full batch of padding rows), so the jitted function compiles once per (length, rows) bucket. With
+    `batch_tokens` > 0 a batch instead has rows x length <= batch_tokens, its length its longest member
+    rounded up to TOKEN_STEP and its rows one of `token_rows`; the cut is the one that computes the fewest
+    token positions (`_token_plan`), and only one batch, of the shortest notes, has filler rows: at most
+    (longest bucket / TOKEN_STEP) x len(token_rows) shapes, in practice a few per length step reached.
     """
 
     def __init__(self, apply: Callable, params: Any, boxed_abstract: Any, mesh, batch_size: int,
                  buckets: Sequence[int], pad_id: int, padding_side: str, source: str,
                  features: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, extra: Any = None,
-                 row_buckets: Sequence[int] = ()):
+                 row_buckets: Sequence[int] = (), batch_tokens: int = 0, prefix: Sequence[int] = ()):
         """`features`, if given, maps (input_ids, attention_mask) to [B, T, H] inputs on the host (the frozen
         bottom's cached features); `apply` then receives those instead of the token ids. `extra`, if given,
         is a pytree placed once on every device and passed to `apply` as a fifth argument (the prompt
         prefix's key/value cache). `row_buckets` that are not multiples of the batch shards or exceed
-        `batch_size` are left out; `batch_size` is always one."""
+        `batch_size` are left out; `batch_size` is always one. `batch_tokens`: see the class (0 = fixed rows). `prefix`: the tokens `extra` holds
+        the key/value cache of (the callers strip them from every sequence)."""
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if batch_size < 1 or batch_size % shards:
             raise ValueError(f"embed.batch_size={batch_size} must be a positive multiple of the "
                              f"{shards} devices on the mesh's data x fsdp axes")
+        if batch_tokens < 0:
+            raise ValueError(f"embed.batch_tokens={batch_tokens} must be >= 0 (0 = batches of batch_size rows)")
         _check_params(params, boxed_abstract, source)
         param_shardings = shd.logical_shardings(boxed_abstract, mesh)
         self.params = jax.device_put(params, param_shardings)
         self.batch_size, self.buckets, self.devices = batch_size, sorted(buckets), mesh.devices.size
         self.pad_id, self.padding_side = pad_id, padding_side
         self.row_buckets = sorted({r for r in row_buckets if 0 < r <= batch_size and r % shards == 0} | {batch_size})
+        self.batch_tokens, self.prefix = batch_tokens, list(prefix)
+        self.token_rows = token_rows(shards, batch_tokens) if batch_tokens else []
 
         def sharded_apply(p, input_ids, attention_mask, read_index, extra_in):
             with shd.axis_rules(mesh):
@@ -111,18 +129,48 @@ class BatchEmbedder:
                            out_shardings=matrix)
 
     def bucket(self, length: int) -> int:
-        """The padded length a sequence of `length` tokens runs at."""
-        for bucket in self.buckets:
-            if length <= bucket:
-                return bucket
-        raise ValueError(f"a sequence of {length} tokens exceeds the longest bucket ({self.buckets[-1]})")
+        """The padded length a sequence of `length` tokens runs at (its bucket, or with `batch_tokens` its
+        length rounded up to TOKEN_STEP)."""
+        if length > self.buckets[-1]:
+            raise ValueError(f"a sequence of {length} tokens exceeds the longest bucket ({self.buckets[-1]})")
+        if self.batch_tokens:
+            return -(-length // TOKEN_STEP) * TOKEN_STEP
+        return next(bucket for bucket in self.buckets if length <= bucket)
 
-    def _batch(self, token_lists: list[list[int]]) -> dict[str, np.ndarray]:
+    def plan(self, lengths: Sequence[int]) -> list[tuple[np.ndarray, int, int]]:
+        """(indices of the members, rows, padded length) of each call that embeds sequences of `lengths`."""
+        order = np.argsort(lengths, kind="stable")
+        if not self.batch_tokens:
+            cuts = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+            return [(rows, next(r for r in self.row_buckets if r >= len(rows)),
+                     self.bucket(max(lengths[i] for i in rows))) for rows in cuts]
+        return self._token_plan(order, [self.bucket(lengths[i]) for i in order])
+
+    def _token_plan(self, order: np.ndarray, padded: list[int]) -> list[tuple[np.ndarray, int, int]]:
+        """The cheapest cut of length-sorted sequences (`padded`: their lengths on the TOKEN_STEP grid) into
+        calls of `token_rows` rows within the budget, a call costing its rows x length plus CALL_COST: full
+        calls, and one call whose filler rows pad it to a row count, holding the shortest sequences."""
+        rows_of = lambda n: next((r for r in self.token_rows if r >= n), None)  # noqa: E731
+        fits = lambda r, length: r == self.token_rows[0] or r * length <= self.batch_tokens  # noqa: E731
+        best: list[tuple[float, int]] = [(0.0, 0)]  # (cost of the first i sequences, size of their last call)
+        for i in range(1, len(padded) + 1):
+            rows = rows_of(i)
+            first = ((rows * padded[i - 1] + CALL_COST, i) if rows and fits(rows, padded[i - 1])
+                     else (float("inf"), i))
+            best.append(min([first] + [(best[i - r][0] + r * padded[i - 1] + CALL_COST, r)
+                                       for r in self.token_rows if r <= i and fits(r, padded[i - 1])]))
+        calls, end = [], len(padded)
+        while end:
+            size = best[end][1]
+            calls.append((order[end - size:end], rows_of(size), padded[end - 1]))
+            end -= size
+        return calls[::-1]
+
+    def _batch(self, token_lists: list[list[int]], rows: int, length: int) -> dict[str, np.ndarray]:
         """Padded arrays (the read index travels in pad_batch's embed_read_pos); filler rows are all padding."""
-        length = self.bucket(max(len(t) for t in token_lists))
         examples = [example_from_tokens(t, len(t) - 1, len(t), "category") for t in token_lists]
         padded = pad_batch(examples, length, self.padding_side, self.pad_id, max_targets=0)
-        fill = next(r for r in self.row_buckets if r >= len(token_lists)) - len(token_lists)
+        fill = rows - len(token_lists)
         out = {k: np.pad(padded[k], [(0, fill)] + [(0, 0)] * (padded[k].ndim - 1))
                for k in ("input_ids", "attention_mask", "embed_read_pos")}
         out["input_ids"][len(token_lists):] = self.pad_id
@@ -132,11 +180,9 @@ class BatchEmbedder:
         empty = [i for i, t in enumerate(token_lists) if not t]
         if empty:
             raise ValueError(f"empty token sequences at positions {empty[:5]}")
-        order = np.argsort([len(t) for t in token_lists], kind="stable")
         out: np.ndarray | None = None
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            batch = self._batch([token_lists[r] for r in rows])
+        for rows, row_count, length in self.plan([len(t) for t in token_lists]):
+            batch = self._batch([token_lists[r] for r in rows], row_count, length)
             inputs = batch["input_ids"]
             if self._features is not None:
                 inputs = self._features(inputs, batch["attention_mask"])
@@ -184,67 +230,51 @@ def check_export(export, tokenizer, source: str) -> None:
 def notellm_batch_embedder(export, mesh, batch_size: int, max_length: int, bucket_count: int, pad_id: int,
                            padding_side: str, source: str, cache_dir: Path | None = None,
                            prefix: Sequence[int] = (), cache_max_bytes: float = float("inf"),
-                           row_buckets: Sequence[int] = (), cache_lru: bool = False) -> tuple[BatchEmbedder, Any]:
+                           row_buckets: Sequence[int] = (), cache_lru: bool = False,
+                           batch_tokens: int = 0) -> tuple[BatchEmbedder, Any]:
     """(embedder, feature cache or None). With `cache_dir` and an export trained with frozen lower layers,
     the frozen bottom runs through the shared FeatureCache (every fine-tuned variant of one base model
-    embeds the same test prompts: the bottom runs once for all of them). Otherwise, with `prefix` (the
-    tokens every prompt starts with), their key/value cache is computed once here and the embedder takes
-    each note's tokens after the prefix only (`prefix_apply`; its buckets then cover max_length less the
-    prefix). `row_buckets`: see `BatchEmbedder`; `cache_lru`: the feature cache evicts (`FeatureCache`)."""
+    embeds the same test prompts: the bottom runs once for all of them). With `prefix` (the tokens every
+    prompt starts with), their key/value cache is computed once here and the embedder takes each note's
+    tokens after the prefix only (`embedder.prefix`; its buckets then cover max_length less the prefix): the
+    whole model (`prefix_apply`), or the frozen bottom (its features are then those of the tokens after the
+    prefix) and the trained top. Not where the prefix is not shared: a bidirectional prefix sees the note's
+    tokens, a pooling reads the prefix rows (`embedder.prefix` is then empty). `row_buckets`, `batch_tokens`:
+    see `BatchEmbedder`; `cache_lru`: the feature cache evicts (`FeatureCache`)."""
     model = export_model(export)
     frozen_layers = frozen_layer_count(export.meta.get("train_top_layers", 0), export.llama)
+    boxed = abstract_boxed_params(model)
+    prefix = list(prefix) if model.bidirectional_from < 0 and model.pooling == "emb" else []
+    kv = None
+    if prefix:
+        _check_params(export.params, boxed, source)  # before the prefix runs through them
+        kv = prefix_kv(model, export.params, prefix)
     cache = None
     if cache_dir is not None and frozen_layers:
         frozen = split_params(export.params, frozen_layers)[1]
         cache = FeatureCache(model, mesh, frozen_layers, max_bytes=cache_max_bytes, lru=cache_lru,
-                             path=cache_path(cache_dir, export.meta.get("checkpoint", "model"), frozen_layers, frozen))
-    boxed = abstract_boxed_params(model)
-    if prefix and cache is None and model.bidirectional_from < 0 and model.pooling == "emb":
-        # (a bidirectional prefix sees the note's tokens, a pooling reads the prefix rows: neither is shared)
-        _check_params(export.params, boxed, source)  # before the prefix runs through them
-        kv = prefix_kv(model, export.params, prefix)
-        buckets = bucket_lengths(max_length - len(prefix), bucket_count)
-        return BatchEmbedder(partial(prefix_apply, model), export.params, boxed, mesh, batch_size, buckets, pad_id,
-                             padding_side, source, extra=kv, row_buckets=row_buckets), None
-    buckets = bucket_lengths(max_length, bucket_count)
+                             path=cache_path(cache_dir, export.meta.get("checkpoint", "model"), frozen_layers, frozen),
+                             prefix=prefix, prefix_kv=None if kv is None else jax.tree.map(lambda x: x[:frozen_layers], kv))
+    first = frozen_layers if cache is not None else 0
 
     def apply(params, inputs, attention_mask, read_index):
         key = "hidden_in" if cache is not None else "input_ids"
         batch = {key: inputs, "attention_mask": attention_mask, "embed_read_pos": read_index}
-        first = frozen_layers if cache is not None else 0
         return model.apply({"params": params}, batch, first_layer=first, with_logits=False)["embedding"]
 
     features = (lambda ids, mask: cache.features(frozen, ids, mask)) if cache is not None else None
-    embedder = BatchEmbedder(apply, export.params, boxed, mesh, batch_size, buckets, pad_id,
-                             padding_side, source, features=features, row_buckets=row_buckets)
+    embedder = BatchEmbedder(partial(prefix_apply, model, first_layer=first) if prefix else apply, export.params,
+                             boxed, mesh, batch_size, bucket_lengths(max_length - len(prefix), bucket_count), pad_id,
+                             padding_side, source, features=features, extra=kv, row_buckets=row_buckets,
+                             batch_tokens=batch_tokens, prefix=prefix)
     return embedder, cache
 
 
-def prefix_kv(model, params: Any, prefix: Sequence[int]) -> dict[str, Any]:
-    """Keys and values [layers, 1, P, kv_heads, head_dim] of the decoder over the prompt prefix, run once."""
-    ids = jnp.asarray([list(prefix)], jnp.int32)
-    cache = init_cache(model.llama, 1, len(prefix))
-    _, cache = model.apply({"params": params}, ids, jnp.ones_like(ids), cache=cache,
-                           method=lambda m, *a, **kw: m.decoder(*a, **kw))
-    return {"k": cache["k"], "v": cache["v"]}
-
-
-def prefix_apply(model, params: Any, input_ids, attention_mask, read_index, kv: dict[str, Any]):
-    """Embeddings of [B, T] note tokens that follow the cached prefix: the decoder's cache holds the prefix
-    in slots [0, P) for every row, the notes go to slots [P, P + T); positions continue from P."""
-    layers, _, p, heads, dim = kv["k"].shape
-    b, t = input_ids.shape
-
-    def filled(x):
-        return jnp.concatenate([jnp.broadcast_to(x, (layers, b, p, heads, dim)),
-                                jnp.zeros((layers, b, t, heads, dim), x.dtype)], axis=2)
-
-    cache = {"k": filled(kv["k"]), "v": filled(kv["v"]), "index": jnp.int32(p),
-             "mask": jnp.concatenate([jnp.ones((b, p), jnp.int32), jnp.zeros((b, t), jnp.int32)], axis=1)}
-
+def prefix_apply(model, params: Any, inputs, attention_mask, read_index, kv: dict[str, Any], first_layer: int = 0):
+    """Embeddings of [B, T] note tokens (or, from `first_layer` on, the frozen bottom's [B, T, H] features of
+    them) that follow the cached prefix (`infer.prefix`)."""
     def run(m):
-        hidden, _ = m.decoder(input_ids, attention_mask, cache=cache)
-        return m.embed_hidden(hidden, read_index)
+        return m.embed_hidden(prefix_decode(m.decoder, inputs, attention_mask, kv, first_layer), read_index)
 
     return model.apply({"params": params}, method=run)
 
@@ -319,12 +349,12 @@ def note_encoder(config: Config, export, mesh=None, batch_size: int | None = Non
     tokenizer = resolve_tokenizer(config, export.tokenizer, prompt.emb_token)
     check_export(export, tokenizer, source)
     prefix = shared_prefix(tokenizer, prompt) if config.embed.prefix_cache else []
+    # The service's batcher plans its calls by length bucket and row count: it keeps the fixed-row batches.
+    batch_tokens = 0 if serving else config.embed.batch_tokens
     cache_dir = config.data_dir if config.model.cache_frozen_features and config.model.persist_feature_cache else None
     embedder, cache = notellm_batch_embedder(
         export, mesh, batch_size or config.embed.batch_size, prompt.max_length, config.embed.length_buckets,
         tokenizer.pad_id, prompt.padding_side, source, cache_dir=cache_dir, prefix=prefix,
         cache_max_bytes=config.serve.feature_cache_max_mb * 1e6 if serving else config.model.feature_cache_max_gb * 1e9,
-        row_buckets=row_buckets, cache_lru=serving)
-    if cache is not None:  # the frozen bottom's features cover whole prompts: no prefix cache there
-        prefix = []
-    return NoteEncoder(export, embedder, cache, tokenizer, prompt, embedder.buckets, source, prefix)
+        row_buckets=row_buckets, cache_lru=serving, batch_tokens=batch_tokens)
+    return NoteEncoder(export, embedder, cache, tokenizer, prompt, embedder.buckets, source, embedder.prefix)

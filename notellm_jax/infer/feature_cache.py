@@ -18,6 +18,8 @@ the bottom in one call whose row count is a bucket: the smallest of `min_rows`, 
 (a multiple of the mesh's batch devices) that holds them, capped at the batch's rows. So the cost follows
 the misses, not the batch (a 64-row batch with 3 new sequences runs 8 rows, not 64), with at most
 log2(batch / min_rows) + 1 compilations per batch length. The cache can
+follow the prompt prefix's key/value cache (`infer.prefix`: the embedder's notes then run only their own
+tokens through the bottom; their keys name the prefix). The cache can
 persist to a folder, named by a fingerprint of the frozen parameters, that grows by one .npz part per
 `save()` holding only the sequences added since the last one (no rewrite, no whole-store copy).
 """
@@ -27,12 +29,14 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from notellm_jax import sharding as shd
+from notellm_jax.infer.prefix import prefix_decode
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +55,10 @@ class FeatureCache:
     """`cache(frozen_params, batch)` swaps `input_ids` for `hidden_in` = features after the frozen layers."""
 
     def __init__(self, model, mesh, frozen_layers: int, path: Path | None = None, max_bytes: float = float("inf"),
-                 min_rows: int = 8, lru: bool = False):
+                 min_rows: int = 8, lru: bool = False, prefix: Sequence[int] = (), prefix_kv: dict | None = None):
+        """With `prefix` and its keys and values `prefix_kv` (`infer.prefix`, the frozen layers' only), the
+        sequences given are what follows that prefix: their features are computed on top of its cache, and
+        stored under keys that name the prefix (a sequence's features then differ from its own, alone)."""
         if min_rows < 1:
             raise ValueError(f"min_rows must be >= 1, got {min_rows}")
         if not max_bytes > 0:
@@ -68,18 +75,27 @@ class FeatureCache:
         self.misses = 0
         self.uncached = 0  # misses not stored because the store was full
         self._unsaved: list[bytes] = []
+        if bool(prefix) != (prefix_kv is not None):
+            raise ValueError("a feature cache after a prompt prefix needs both the prefix and its key/value cache")
+        self._salt = b"prefix:" + np.asarray(prefix, np.int32).tobytes() + b"|" if prefix else b""
+        self._prefix_kv = prefix_kv
 
-        def bottom(frozen, ids, mask):
+        def bottom(frozen, ids, mask, kv):
             with shd.axis_rules(mesh):
-                out = model.apply({"params": frozen}, ids, mask, frozen_layers, method=type(model).bottom)
+                if kv is None:
+                    out = model.apply({"params": frozen}, ids, mask, frozen_layers, method=type(model).bottom)
+                else:
+                    out = model.apply({"params": frozen}, method=lambda m: prefix_decode(
+                        m.decoder, ids, mask, kv, last_layer=frozen_layers, final_norm=False))
             return out.astype(self.dtype)
         self._bottom = jax.jit(bottom)
         if path is not None and path.is_dir():
             self._load(path)
 
     @staticmethod
-    def key(ids: np.ndarray, mask: np.ndarray) -> bytes:
-        return hashlib.blake2b(np.ascontiguousarray(ids[mask > 0], np.int32).tobytes(), digest_size=16).digest()
+    def key(ids: np.ndarray, mask: np.ndarray, salt: bytes = b"") -> bytes:
+        """The store's key of one sequence: a digest of its real tokens (after `salt`, the prefix if any)."""
+        return hashlib.blake2b(salt + np.ascontiguousarray(ids[mask > 0], np.int32).tobytes(), digest_size=16).digest()
 
     @property
     def size_bytes(self) -> int:
@@ -110,7 +126,7 @@ class FeatureCache:
 
     def features(self, frozen: dict, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """[N, T, H] features after the frozen layers in the compute dtype (zeros at padded positions)."""
-        keys = [self.key(i, m) for i, m in zip(input_ids, attention_mask)]
+        keys = [self.key(i, m, self._salt) for i, m in zip(input_ids, attention_mask)]
         # Hits are read (and, with `lru`, marked used) before any miss is stored: storing may evict.
         values = {k: self._get(k) for k in dict.fromkeys(keys) if k in self.store}
         first_rows: dict[bytes, int] = {}
@@ -121,7 +137,7 @@ class FeatureCache:
         self.hits += len(keys) - len(missing)
         if missing:
             padded = missing + [missing[-1]] * (self.bucket(len(missing), len(keys)) - len(missing))
-            out = np.asarray(self._bottom(frozen, input_ids[padded], attention_mask[padded]))
+            out = np.asarray(self._bottom(frozen, input_ids[padded], attention_mask[padded], self._prefix_kv))
             for i, row in enumerate(missing):
                 values[keys[row]] = out[i][attention_mask[row] > 0]
                 if self._add(keys[row], values[keys[row]]):
@@ -147,6 +163,11 @@ class FeatureCache:
         out = {k: v for k, v in batch.items() if k != "input_ids"}
         out["hidden_in"] = self.features(frozen, batch["input_ids"], batch["attention_mask"])
         return out
+
+    def clear(self) -> None:
+        """Forget every held sequence (not the saved parts); counters stay."""
+        self.store.clear()
+        self.bytes, self._unsaved = 0, []
 
     def hit_rate(self) -> float:
         return self.hits / max(1, self.hits + self.misses)

@@ -191,3 +191,81 @@ def test_prefix_cache_gives_the_full_prompt_embeddings(export_dir, tmp_path, pad
         assert cached.prefix + cached.tokens(note) == full.tokens(note)
     np.testing.assert_allclose(cached.embedder([cached.tokens(n) for n in notes]),
                                full.embedder([full.tokens(n) for n in notes]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_token_budget_batches_equal_the_fixed_rows(export_dir, tmp_path):
+    """embed.batch_tokens: batches cut to rows x padded length <= the budget, filler rows only in the first one
+    (the shortest notes), lengths on a 16-token step, fewer positions than the fixed rows; the vectors equal
+    the fixed-row embedder's and the one-note forward pass."""
+    from notellm_jax.config import override
+    from notellm_jax.infer.encoder import TOKEN_STEP, note_encoder
+
+    config = tiny_config(tmp_path, "embed.batch_tokens=3000")
+    mesh = make_mesh(1, -1, 1)  # 8 batch devices: rows are multiples of 8
+    budget = note_encoder(config, export_dir, mesh)
+    fixed = note_encoder(override(config, {"embed.batch_tokens": 0}), export_dir, mesh)
+    lengths = [int(n) for n in np.random.default_rng(0).integers(5, budget.buckets[-1], 100)]
+    calls = budget.embedder.plan(lengths)
+    assert sorted(i for members, _, _ in calls for i in members) == list(range(100))
+    for k, (members, rows, length) in enumerate(calls):
+        assert rows % 8 == 0 and length % TOKEN_STEP == 0 and rows * length <= 3000
+        assert length - TOKEN_STEP < max(lengths[i] for i in members) <= length
+        assert len(members) == rows or (k == 0 and len(members) > rows // 2)
+    per_note = lambda plan: sum(rows * length for _, rows, length in plan) / len(lengths)  # noqa: E731
+    assert per_note(calls) < per_note(fixed.embedder.plan(lengths))
+
+    notes = make_notes(9)
+    tokens = [budget.tokens(n) for n in notes]
+    assert tokens == [fixed.tokens(n) for n in notes]
+    vectors = budget.embedder(tokens)
+    np.testing.assert_allclose(vectors, fixed.embedder(tokens), atol=2e-6, rtol=0)
+    expected = np.stack([direct_embedding(budget.export, budget.tokenizer, n) for n in notes])
+    np.testing.assert_allclose(vectors, expected, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_prefix_cache_on_the_frozen_bottom_feature_cache(tmp_path):
+    """A top-k export's feature-cache path with the prompt prefix cached: the bottom and the top run each note's
+    own tokens on the prefix's keys and values; same vectors as without the prefix and as the one-note forward
+    pass; both kinds of features live in one store under different keys, and a second pass is all hits."""
+    from notellm_jax.config import override
+    from notellm_jax.infer.encoder import note_encoder
+
+    config = tiny_config(tmp_path, "model.train_top_layers=2", "embed.length_buckets=2")
+    tokenizer = resolve_tokenizer(config)
+    params, llama_cfg = load_initial_params(config, tokenizer.vocab_size)
+    export_path = save_notellm(tmp_path / "export", params, llama_cfg, config)
+    mesh = make_mesh(1, -1, 1)
+    full = note_encoder(override(config, {"embed.prefix_cache": False}), export_path, mesh)
+    cached = note_encoder(config, export_path, mesh)
+    assert full.cache is not None and cached.cache is not None and cached.prefix and not full.prefix
+    notes = make_notes(9)
+    for note in notes:
+        assert cached.prefix + cached.tokens(note) == full.tokens(note)
+    without = full.embedder([full.tokens(n) for n in notes])
+    with_prefix = cached.embedder([cached.tokens(n) for n in notes])
+    np.testing.assert_allclose(with_prefix, without, atol=2e-6, rtol=0)
+    expected = np.stack([direct_embedding(cached.export, tokenizer, n) for n in notes])
+    np.testing.assert_allclose(with_prefix, expected, atol=2e-5)
+    # the stored features are the notes' own tokens only (after the prefix)
+    assert cached.cache.size_bytes < full.cache.size_bytes
+    misses, hits = cached.cache.misses, cached.cache.hits
+    np.testing.assert_array_equal(cached.embedder([cached.tokens(n) for n in notes]), with_prefix)
+    rows = sum(rows for _, rows, _ in cached.embedder.plan([len(cached.tokens(n)) for n in notes]))  # fillers too
+    assert (cached.cache.misses, cached.cache.hits - hits) == (misses, rows)
+
+
+def test_prefix_cache_stays_off_for_a_pooled_export(tmp_path):
+    """A mean-pooled export reads every row of the prompt, the prefix's too: no prefix cache, whole prompts."""
+    from notellm_jax.infer.encoder import note_encoder
+
+    config = tiny_config(tmp_path, "model.pooling=mean", "embed.length_buckets=2")
+    tokenizer = resolve_tokenizer(config)
+    params, llama_cfg = load_initial_params(config, tokenizer.vocab_size)
+    export_path = save_notellm(tmp_path / "export", params, llama_cfg, config)
+    encoder = note_encoder(config, export_path, make_mesh(1, -1, 1))
+    assert encoder.prefix == [] and encoder.export.meta["levers"]["pooling"] == "mean"
+    notes = make_notes(3)
+    example = build_example(notes[0], tokenizer, encoder.prompt, "category", with_output=False)
+    assert encoder.tokens(notes[0]) == example.input_ids[:example.embed_read_pos + 1]

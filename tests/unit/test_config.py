@@ -133,6 +133,7 @@ def test_validate_rejects_inconsistent_settings(updates, devices, message):
     ({"train.loss_window": 0}, "train.loss_window must be >= 1"),
     ({"train.max_abs_log_logit_scale": 2.0}, r"must exceed \|model\.log_logit_scale_init\|=3\.0"),
     ({"train.max_grad_norm": -1.0}, "train.max_grad_norm and train.max_zero_grad_steps must be >= 0"),
+    ({"embed.batch_tokens": -1}, r"^embed\.batch_tokens=-1 must be >= 0 \(0 = off\)$"),
 ])
 def test_validate_rejects_nonfinite_floats_and_bad_rates_naming_the_field(updates, message):
     """Every float field anywhere in the config is walked (a NaN learning rate used to pass until step 2)."""
