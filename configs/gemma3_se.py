@@ -9,8 +9,10 @@ Gemma 3 is not fetched by default: `bash launch/setup.sh --gemma3` downloads the
 What differs from SmolLM2's default recipe, and why:
 - the checkpoint (18 layers, d 640, 4 query heads of 256 and one KV head, every 6th layer global, a tied
   262,144-token table);
-- the same trained depth (the top 4 layers on the cached frozen bottom), the same pairs, batch, prompt
-  budget, steps and loss weights, taken over from SmolLM2's validation sweep, not swept again at this depth;
+- the learning rate, 3e-4 (SmolLM2's 3e-3 / 10), chosen on validation pairs by `notellm sweep` over 3e-3,
+  1e-3 and 3e-4 (docs/results.md, Gemma-3-270M learning rate; the best was the grid's lowest value);
+- the same trained depth (the top 4 layers on the cached frozen bottom), pairs, batch, prompt budget, steps,
+  alpha and r as SmolLM2's default, taken over from SmolLM2's validation sweeps, not swept again here;
 - the LM head packed at 5 rows per note (`train.head_rows_per_note`): at 262k rows the head at every one of
   the 16 target slots costs more than the trained layers (docs/benchmarks.md, the Gemma head-cost row);
   the loss and gradients are the same.
@@ -32,4 +34,5 @@ def get_config(arg: str = "") -> Config:
     suffix = "_quick" if args.quick else ""
     return override(base, {
         "name": f"gemma3_se{suffix}", "paths.work_dir": f"runs/gemma3_se{suffix}",
-        "model.checkpoint": CHECKPOINT, "train.head_rows_per_note": 5})
+        "model.checkpoint": CHECKPOINT, "train.head_rows_per_note": 5,
+        "train.learning_rate": 3e-4})  # chosen on validation pairs (docs/results.md)
