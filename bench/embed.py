@@ -10,8 +10,8 @@ coffee.stackexchange.com) with the same token ids (the project's category prompt
   top-k export's new notes take (`--top-layers` trained, the frozen bottom through the feature cache), with
   and without the prefix cache, its store emptied before the timed pass (every note new, as in the service);
 - the same export converted by `notellm convert --to hf` (`infer.export_formats.write_hf_export`), run by
-  transformers' LlamaModel in float32, bfloat16, float32 + torch.compile and bfloat16 + torch.compile, length-sorted right-padded
-  batches read at each row's last token, then the projection and L2 normalisation.
+  transformers' LlamaModel in float32, bfloat16, float32 + torch.compile and bfloat16 + torch.compile,
+  length-sorted right-padded batches read at each row's last token, then the projection and L2 normalisation.
 Each path runs the notes once to warm up (compiles every shape), then once timed; notes/s is of the timed
 pass. Vectors are compared with the project's float32 embedder without prefix cache (the reference): max abs
 difference and the lowest cosine. The machine's load (`uptime`) is recorded before and after: the CPUs may

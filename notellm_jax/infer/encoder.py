@@ -99,8 +99,8 @@ class BatchEmbedder:
         bottom's cached features); `apply` then receives those instead of the token ids. `extra`, if given,
         is a pytree placed once on every device and passed to `apply` as a fifth argument (the prompt
         prefix's key/value cache). `row_buckets` that are not multiples of the batch shards or exceed
-        `batch_size` are left out; `batch_size` is always one. `batch_tokens`: see the class (0 = fixed rows). `prefix`: the tokens `extra` holds
-        the key/value cache of (the callers strip them from every sequence)."""
+        `batch_size` are left out; `batch_size` is always one. `batch_tokens`: see the class (0 = fixed rows).
+        `prefix`: the tokens `extra` holds the key/value cache of (the callers strip them from every sequence)."""
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if batch_size < 1 or batch_size % shards:
             raise ValueError(f"embed.batch_size={batch_size} must be a positive multiple of the "
